@@ -1,0 +1,459 @@
+//! `refract bench`: throughput, latency, disk and memory figures on a fresh data directory.
+//!
+//! The server runs in this process (the clients too, sharing the same cores), except for the
+//! startup measurement, which starts the real binary on the many-streams store.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use tokio::sync::oneshot;
+
+use crate::client::{Client, NewEvent, ReadOptions};
+use crate::http::{ServeConfig, Tokens};
+use crate::metrics::Metrics;
+use crate::store::{AllFilter, DATABASE_FILE, Direction, ExpectedRevision, Store, StoreOptions};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Directory for the benchmark's stores (default: a temporary directory, removed afterwards).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Seconds each append scenario runs.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Streams written in the many-streams scenario (3 events each).
+    #[arg(long, default_value_t = 1_000_000)]
+    streams: u64,
+    /// Run only these scenarios (comma-separated): single, batch, read, streams.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+impl BenchArgs {
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|only| only == scenario)
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let temporary;
+    let dir = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temporary = tempfile::tempdir().context("cannot create a temporary directory")?;
+            temporary.path().to_path_buf()
+        }
+    };
+    println!(
+        "refract bench: {} cores, data in {}",
+        num_cpus(),
+        dir.display()
+    );
+    println!(
+        "{:<44} {:>12} {:>10} {:>10} {:>12} {:>10}",
+        "scenario", "events/s", "p50", "p99", "disk B/ev", "peak RSS"
+    );
+    let server = BenchServer::start(&dir.join("appends")).await?;
+    if args.wants("single") {
+        for clients in [1, 16, 64] {
+            let label = format!("append 1 event/request, {clients} clients");
+            appends(&server, &label, clients, 1, args.seconds).await?;
+        }
+    }
+    if args.wants("batch") {
+        for batch in [100, 1000] {
+            let label = format!("append {batch} events/request, 4 clients");
+            appends(&server, &label, 4, batch, args.seconds).await?;
+        }
+    }
+    if args.wants("read") {
+        reads(&server).await?;
+    }
+    let data_dir = server.data_dir.clone();
+    server.stop().await?;
+    if args.wants("read") {
+        // In-process: the same store opened directly once the server has let go of it.
+        let store = Store::open(&data_dir, StoreOptions::default(), Arc::new(Metrics::new()))?;
+        for (label, stream) in [
+            ("read one stream in-process", Some(READ_STREAM)),
+            ("read $all in-process", None),
+        ] {
+            let started = Instant::now();
+            let (events, mut latencies) =
+                tokio::task::block_in_place(|| read_in_process(&store, stream))?;
+            report(label, events, started.elapsed(), &mut latencies, None);
+        }
+        store.shutdown().await;
+    }
+    if args.wants("streams") {
+        many_streams(&dir.join("streams"), args.streams).await?;
+    }
+    Ok(())
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A server in this process on a free port.
+struct BenchServer {
+    address: SocketAddr,
+    data_dir: PathBuf,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl BenchServer {
+    async fn start(data_dir: &Path) -> anyhow::Result<Self> {
+        let config = ServeConfig {
+            data_dir: data_dir.to_path_buf(),
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            tokens: Tokens::default(),
+            store: StoreOptions::default(),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (ready, address) = oneshot::channel();
+        let task = tokio::spawn(crate::http::serve_until(
+            config,
+            async move {
+                let _ = stopped.await;
+            },
+            move |address| {
+                let _ = ready.send(address);
+            },
+        ));
+        let address = address
+            .await
+            .context("the benchmark server did not start")?;
+        Ok(BenchServer {
+            address,
+            data_dir: data_dir.to_path_buf(),
+            stop,
+            task,
+        })
+    }
+
+    fn client(&self) -> anyhow::Result<Client> {
+        Client::new(&format!("http://{}", self.address), None)
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        file_size(&self.data_dir.join(DATABASE_FILE))
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.context("the benchmark server panicked")?
+    }
+}
+
+fn file_size(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |metadata| metadata.len())
+}
+
+/// Latency samples in microseconds.
+#[derive(Default)]
+struct Latencies(Vec<u64>);
+
+impl Latencies {
+    fn percentile(&mut self, percent: usize) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        self.0.sort_unstable();
+        let index = (self.0.len() * percent / 100).min(self.0.len() - 1);
+        Duration::from_micros(self.0[index])
+    }
+}
+
+fn report(
+    label: &str,
+    events: u64,
+    elapsed: Duration,
+    latencies: &mut Latencies,
+    disk: Option<u64>,
+) {
+    let disk = disk.map_or_else(
+        || "-".to_owned(),
+        |bytes| format!("{:.0}", bytes as f64 / events.max(1) as f64),
+    );
+    println!(
+        "{label:<44} {:>12.0} {:>10} {:>10} {:>12} {:>10}",
+        events as f64 / elapsed.as_secs_f64(),
+        format!("{:.2?}", latencies.percentile(50)),
+        format!("{:.2?}", latencies.percentile(99)),
+        disk,
+        format!("{} MiB", peak_rss_kib() / 1024),
+    );
+    reset_peak_rss();
+}
+
+fn sample_event(index: u64) -> NewEvent {
+    // ~200 bytes of data, the size the design's figures use.
+    NewEvent::json(
+        "OrderPlaced",
+        serde_json::json!({
+            "order_id": index,
+            "customer_id": format!("customer-{}", index % 1000),
+            "total_cents": index * 7 % 100_000,
+            "lines": [{"sku": "SKU-0001", "qty": 2}, {"sku": "SKU-0042", "qty": 1}],
+            "note": "benchmark event payload, padded to about two hundred bytes...",
+        }),
+    )
+}
+
+async fn appends(
+    server: &BenchServer,
+    label: &str,
+    clients: usize,
+    batch: u64,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let disk_before = server.disk_bytes();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client_index in 0..clients {
+        let client = server.client()?;
+        let stream_prefix = format!("bench{batch}x{clients}-{client_index}");
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut sent = 0u64;
+            while Instant::now() < deadline {
+                let events: Vec<NewEvent> = (sent..sent + batch).map(sample_event).collect();
+                // Single events spread over many streams; batches go to one stream per client.
+                let stream = if batch == 1 {
+                    format!("{stream_prefix}_{}", sent % 1000)
+                } else {
+                    stream_prefix.clone()
+                };
+                let request_started = Instant::now();
+                client
+                    .append(&stream, ExpectedRevision::Any, &events)
+                    .await?;
+                latencies.push(request_started.elapsed().as_micros() as u64);
+                sent += batch;
+            }
+            anyhow::Ok((sent, latencies))
+        }));
+    }
+    let mut events = 0;
+    let mut latencies = Latencies::default();
+    for task in tasks {
+        let (sent, samples) = task.await??;
+        events += sent;
+        latencies.0.extend(samples);
+    }
+    let elapsed = started.elapsed();
+    let disk = server.disk_bytes().saturating_sub(disk_before);
+    report(label, events, elapsed, &mut latencies, Some(disk));
+    Ok(())
+}
+
+/// The stream the read scenarios read: 50,000 events.
+const READ_STREAM: &str = "bench-read";
+
+async fn reads(server: &BenchServer) -> anyhow::Result<()> {
+    let stream = READ_STREAM;
+    let client = server.client()?;
+    for chunk in 0..50u64 {
+        let events: Vec<NewEvent> = (chunk * 1000..(chunk + 1) * 1000)
+            .map(sample_event)
+            .collect();
+        client
+            .append(stream, ExpectedRevision::Any, &events)
+            .await?;
+    }
+
+    let mut latencies = Latencies::default();
+    let started = Instant::now();
+    let mut events = 0u64;
+    let mut options = ReadOptions {
+        limit: Some(4096),
+        ..ReadOptions::default()
+    };
+    loop {
+        let request_started = Instant::now();
+        let page = client.read(stream, &options).await?;
+        latencies
+            .0
+            .push(request_started.elapsed().as_micros() as u64);
+        events += page.events.len() as u64;
+        match page.next {
+            Some(next) => options.from = Some(next),
+            None => break,
+        }
+    }
+    report(
+        "read one stream over HTTP (4096/page)",
+        events,
+        started.elapsed(),
+        &mut latencies,
+        None,
+    );
+
+    let mut latencies = Latencies::default();
+    let started = Instant::now();
+    let mut events = 0u64;
+    let mut options = ReadOptions {
+        limit: Some(4096),
+        ..ReadOptions::default()
+    };
+    loop {
+        let request_started = Instant::now();
+        let page = client.read("$all", &options).await?;
+        latencies
+            .0
+            .push(request_started.elapsed().as_micros() as u64);
+        events += page.events.len() as u64;
+        match page.next {
+            Some(next) => options.from = Some(next),
+            None => break,
+        }
+    }
+    report(
+        "read $all over HTTP (4096/page)",
+        events,
+        started.elapsed(),
+        &mut latencies,
+        None,
+    );
+
+    Ok(())
+}
+
+/// Reads a whole store in-process, page by page, as a projection's catch-up would.
+fn read_in_process(store: &Store, stream: Option<&str>) -> anyhow::Result<(u64, Latencies)> {
+    let mut latencies = Latencies::default();
+    let mut events = 0u64;
+    let mut from = Some(0);
+    let filter = AllFilter::default();
+    while let Some(at) = from {
+        let started = Instant::now();
+        let slice = match stream {
+            Some(stream) => store.read_stream(stream, Some(at), Direction::Forward, 4096, true)?,
+            None => store.read_all(Some(at), Direction::Forward, 4096, &filter)?,
+        };
+        latencies.0.push(started.elapsed().as_micros() as u64);
+        events += slice.events.len() as u64;
+        from = slice.next;
+    }
+    Ok((events, latencies))
+}
+
+async fn many_streams(dir: &Path, streams: u64) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::open(dir, StoreOptions::default(), metrics)?;
+    let started = Instant::now();
+    let writers = 512u64;
+    let mut tasks = Vec::new();
+    for writer in 0..writers {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut index = writer;
+            while index < streams {
+                let events = (0..3)
+                    .map(|n| {
+                        let event = sample_event(index * 3 + n);
+                        crate::store::NewEvent {
+                            id: uuid::Uuid::new_v4(),
+                            event_type: event.event_type,
+                            data: serde_json::to_vec(&event.data).expect("JSON"),
+                            binary: false,
+                            metadata: Vec::new(),
+                        }
+                    })
+                    .collect();
+                let request_started = Instant::now();
+                store
+                    .append(format!("order-{index}"), ExpectedRevision::NoStream, events)
+                    .await?;
+                latencies.push(request_started.elapsed().as_micros() as u64);
+                index += writers;
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Latencies::default();
+    for task in tasks {
+        latencies.0.extend(task.await??);
+    }
+    let elapsed = started.elapsed();
+    let label = format!("{streams} streams x 3 events (in-process)");
+    let disk = file_size(&dir.join(DATABASE_FILE));
+    report(&label, streams * 3, elapsed, &mut latencies, Some(disk));
+    store.shutdown().await;
+
+    println!(
+        "  disk: {:.0} bytes per stream ({} MiB for {streams} streams)",
+        disk as f64 / streams as f64,
+        disk / (1024 * 1024)
+    );
+    let (startup, rss_kib) = startup_time(dir).await?;
+    println!(
+        "  server start on this store: {startup:.2?} to answer /health; RSS then {} MiB",
+        rss_kib / 1024
+    );
+    Ok(())
+}
+
+/// Starts the real binary on `dir` and times it until it answers `/health`.
+async fn startup_time(dir: &Path) -> anyhow::Result<(Duration, u64)> {
+    let binary = std::env::current_exe().context("cannot find the refract binary")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(binary)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the server")?;
+    let client = Client::new(&format!("http://127.0.0.1:{port}"), None)?;
+    while !client.healthy().await {
+        if started.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!("the server did not start within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let startup = started.elapsed();
+    let rss = child.id().map_or(0, |pid| {
+        status_kib(&format!("/proc/{pid}/status"), "VmRSS:")
+    });
+    child.kill().await.ok();
+    Ok((startup, rss))
+}
+
+fn status_kib(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with(field))
+                .and_then(|line| {
+                    line.split_whitespace()
+                        .nth(1)
+                        .and_then(|kib| kib.parse().ok())
+                })
+        })
+        .unwrap_or(0)
+}
+
+/// This process's peak resident memory since the last reset, in KiB (Linux; 0 elsewhere).
+fn peak_rss_kib() -> u64 {
+    status_kib("/proc/self/status", "VmHWM:")
+}
+
+fn reset_peak_rss() {
+    // Writing 5 to clear_refs resets the peak (Linux); elsewhere this does nothing.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}

@@ -1,0 +1,385 @@
+//! The `refract` command line: the server, client commands for a running server, and benchmarks.
+
+mod bench;
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use serde_json::Value;
+
+use crate::client::{
+    AppendResult, Client, Event, NewEvent, ReadOptions, SubscribeFrom, SubscriptionMessage,
+};
+use crate::http::{ServeConfig, Tokens};
+use crate::store::{ExpectedRevision, StoreOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "refract",
+    version,
+    about = "An event store with durable streams, projections and consumer groups"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Append events to a stream: one from the flags, or JSON lines (one event each) on stdin.
+    Append(AppendArgs),
+    /// Read a stream or `$all`; with --follow, keep printing live events.
+    Read(ReadArgs),
+    /// Delete a stream (soft by default; --hard tombstones it for good).
+    Delete(DeleteArgs),
+    /// Measure appends, reads and startup on a fresh data directory and print the figures.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Data directory (created when missing).
+    #[arg(long, env = "REFRACT_DATA", default_value = "./refract-data")]
+    data: PathBuf,
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, env = "REFRACT_LISTEN", default_value = "127.0.0.1:2113")]
+    listen: SocketAddr,
+    /// A bearer token as ROLE:TOKEN (roles: reader, writer, admin); repeatable.
+    #[arg(long = "token", value_name = "ROLE:TOKEN")]
+    tokens: Vec<String>,
+    /// A file of ROLE:TOKEN lines.
+    #[arg(long, value_name = "FILE")]
+    tokens_file: Option<PathBuf>,
+    /// Acknowledge appends without waiting for fsync (faster; the last second of writes can be
+    /// lost on power failure, the database stays consistent).
+    #[arg(long)]
+    no_fsync: bool,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+/// Options of every client command.
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// The server to talk to.
+    #[arg(
+        long,
+        env = "REFRACT_SERVER",
+        default_value = "http://127.0.0.1:2113",
+        global = true
+    )]
+    server: String,
+    /// Bearer token.
+    #[arg(long, env = "REFRACT_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Print the server's JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct AppendArgs {
+    stream: String,
+    /// Event type; without it, events are read as JSON lines from stdin.
+    #[arg(long = "type", value_name = "TYPE")]
+    event_type: Option<String>,
+    /// Event data as JSON.
+    #[arg(long, requires = "event_type")]
+    data: Option<String>,
+    /// Event metadata as a JSON object.
+    #[arg(long, requires = "event_type")]
+    metadata: Option<String>,
+    /// Event id (a UUID); generated when absent.
+    #[arg(long, requires = "event_type")]
+    id: Option<String>,
+    /// any, no_stream, stream_exists or a revision.
+    #[arg(long, default_value = "any")]
+    expected_revision: ExpectedRevision,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+struct ReadArgs {
+    /// A stream name, or `$all`.
+    stream: String,
+    /// First revision (position for `$all`) to read.
+    #[arg(long)]
+    from: Option<u64>,
+    /// Read from the end towards the start.
+    #[arg(long, conflicts_with = "follow")]
+    backward: bool,
+    /// Most events to print (default: all).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// After the history, keep printing events as they are written.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Print links as links instead of the events they point at.
+    #[arg(long)]
+    no_resolve_links: bool,
+    /// `$all` only: comma-separated stream name prefixes.
+    #[arg(long)]
+    stream_prefix: Option<String>,
+    /// `$all` only: comma-separated event type prefixes.
+    #[arg(long)]
+    type_prefix: Option<String>,
+    /// `$all` only: include events of `$`-streams.
+    #[arg(long)]
+    include_system: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+struct DeleteArgs {
+    stream: String,
+    /// Tombstone: reads and appends fail for good.
+    #[arg(long)]
+    hard: bool,
+    #[arg(long, default_value = "any")]
+    expected_revision: ExpectedRevision,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+/// Runs the command line and turns any error into a one-line message and a non-zero exit.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", one_line(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn one_line(error: &anyhow::Error) -> String {
+    error
+        .chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Append(args) => append(args).await,
+        Command::Read(args) => read(args).await,
+        Command::Delete(args) => delete(args).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_json);
+    let mut tokens = Tokens::default();
+    for spec in &args.tokens {
+        tokens
+            .add(spec)
+            .map_err(anyhow::Error::msg)
+            .context("--token")?;
+    }
+    if let Some(file) = &args.tokens_file {
+        tokens.add_file(file).map_err(anyhow::Error::msg)?;
+    }
+    let config = ServeConfig {
+        data_dir: args.data,
+        listen: args.listen,
+        tokens,
+        store: StoreOptions {
+            durable: !args.no_fsync,
+        },
+    };
+    crate::http::serve(config).await
+}
+
+impl ClientArgs {
+    fn client(&self) -> anyhow::Result<Client> {
+        Client::new(&self.server, self.token.clone())
+    }
+}
+
+fn parse_json(flag: &str, text: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(text).with_context(|| format!("{flag} is not valid JSON"))
+}
+
+async fn append(args: AppendArgs) -> anyhow::Result<()> {
+    let events = match &args.event_type {
+        Some(event_type) => vec![NewEvent {
+            id: args.id.clone(),
+            event_type: event_type.clone(),
+            data: args
+                .data
+                .as_deref()
+                .map(|data| parse_json("--data", data))
+                .transpose()?,
+            metadata: args
+                .metadata
+                .as_deref()
+                .map(|metadata| parse_json("--metadata", metadata))
+                .transpose()?,
+            ..NewEvent::default()
+        }],
+        None => events_from_stdin()?,
+    };
+    let result = args
+        .client
+        .client()?
+        .append(&args.stream, args.expected_revision, &events)
+        .await?;
+    if args.client.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        let AppendResult {
+            first_revision,
+            last_revision,
+            first_position,
+            last_position,
+        } = result;
+        println!(
+            "appended {} event(s) to {}: revisions {first_revision}..={last_revision}, positions {first_position}..={last_position}",
+            last_revision - first_revision + 1,
+            args.stream
+        );
+    }
+    Ok(())
+}
+
+fn events_from_stdin() -> anyhow::Result<Vec<NewEvent>> {
+    let mut events = Vec::new();
+    for (number, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line.context("cannot read stdin")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let event = serde_json::from_str(&line)
+            .with_context(|| format!("stdin line {}: not an event object", number + 1))?;
+        events.push(event);
+    }
+    if events.is_empty() {
+        anyhow::bail!("no events: give --type (and --data), or JSON lines on stdin");
+    }
+    Ok(events)
+}
+
+async fn read(args: ReadArgs) -> anyhow::Result<()> {
+    let client = args.client.client()?;
+    let mut options = ReadOptions {
+        from: args.from,
+        backward: args.backward,
+        limit: None,
+        resolve_links: args.no_resolve_links.then_some(false),
+        stream_prefix: args.stream_prefix.clone(),
+        type_prefix: args.type_prefix.clone(),
+        include_system: args.include_system,
+    };
+    let mut output = std::io::stdout().lock();
+    let mut remaining = args.limit.unwrap_or(usize::MAX);
+    if args.follow {
+        let from = args.from.map_or(SubscribeFrom::Start, SubscribeFrom::At);
+        let mut messages = Box::pin(client.subscribe(&args.stream, from, &options).await?);
+        while remaining > 0 {
+            match messages.next().await {
+                Some(Ok(SubscriptionMessage::Event { event, .. })) => {
+                    print_event(&mut output, &event, args.client.json)?;
+                    remaining -= 1;
+                }
+                Some(Ok(SubscriptionMessage::CaughtUp)) => {
+                    if !args.client.json {
+                        eprintln!("-- caught up; following live events (Ctrl-C to stop)");
+                    }
+                }
+                Some(Err(error)) => return Err(error),
+                None => anyhow::bail!("the server closed the subscription"),
+            }
+        }
+        return Ok(());
+    }
+    while remaining > 0 {
+        options.limit = Some(remaining.min(4096));
+        let page = client.read(&args.stream, &options).await?;
+        for event in &page.events {
+            print_event(&mut output, event, args.client.json)?;
+        }
+        remaining -= page.events.len().min(remaining);
+        match page.next {
+            Some(next) => options.from = Some(next),
+            None => break,
+        }
+    }
+    Ok(())
+}
+
+fn print_event(output: &mut impl Write, event: &Event, json: bool) -> anyhow::Result<()> {
+    if json {
+        writeln!(output, "{}", serde_json::to_string(event)?)?;
+        return Ok(());
+    }
+    let data = match (&event.data, &event.data_base64) {
+        (Some(data), _) => data.to_string(),
+        (None, Some(base64)) => format!("base64:{base64}"),
+        (None, None) => String::new(),
+    };
+    let via = event
+        .link
+        .as_ref()
+        .map(|link| format!(" (via {}@{})", link.revision, link.stream))
+        .unwrap_or_default();
+    writeln!(
+        output,
+        "{}@{}  #{}  {}  {}  {data}{via}",
+        event.revision, event.stream, event.position, event.created, event.event_type
+    )?;
+    Ok(())
+}
+
+async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
+    let client = args.client.client()?;
+    client
+        .delete(&args.stream, args.expected_revision, args.hard)
+        .await?;
+    if args.client.json {
+        println!(
+            "{}",
+            serde_json::json!({"stream": args.stream, "deleted": true, "hard": args.hard})
+        );
+    } else {
+        let how = if args.hard { "tombstoned" } else { "deleted" };
+        println!("{how} {}", args.stream);
+    }
+    Ok(())
+}

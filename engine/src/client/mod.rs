@@ -1,0 +1,325 @@
+//! A typed async client for Refract's HTTP API.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use refract::client::{Client, NewEvent, ReadOptions};
+//! use refract::store::ExpectedRevision;
+//!
+//! let client = Client::new("http://127.0.0.1:2113", None)?;
+//! let event = NewEvent::json("OrderPlaced", serde_json::json!({"total": 42}));
+//! client.append("order-1", ExpectedRevision::NoStream, &[event]).await?;
+//! let page = client.read("order-1", &ReadOptions::default()).await?;
+//! assert_eq!(page.events[0].event_type, "OrderPlaced");
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use anyhow::Context;
+use eventsource_stream::Eventsource;
+use futures::{Stream, StreamExt};
+use reqwest::{Method, RequestBuilder, StatusCode, Url};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::store::ExpectedRevision;
+
+/// An error answer from the server, with the contract's code.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message} ({code}, HTTP {status})")]
+pub struct ApiFailure {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    /// The whole error body, for fields such as `actual` on `wrong_expected_revision`.
+    pub body: Value,
+}
+
+/// An event to append.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NewEvent {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+}
+
+impl NewEvent {
+    pub fn json(event_type: impl Into<String>, data: Value) -> Self {
+        NewEvent {
+            event_type: event_type.into(),
+            data: Some(data),
+            ..NewEvent::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AppendResult {
+    pub first_revision: u64,
+    pub last_revision: u64,
+    pub first_position: u64,
+    pub last_position: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Link {
+    pub stream: String,
+    pub revision: u64,
+}
+
+/// An event as read.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    pub stream: String,
+    pub revision: u64,
+    pub position: u64,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    #[serde(default)]
+    pub data: Option<Value>,
+    #[serde(default)]
+    pub data_base64: Option<String>,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    pub metadata: Value,
+    pub created: String,
+    #[serde(default)]
+    pub link: Option<Link>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReadPage {
+    pub stream: String,
+    pub events: Vec<Event>,
+    pub last_revision: Option<u64>,
+    pub next: Option<u64>,
+}
+
+/// Options of a read; `None` leaves the server's default.
+#[derive(Debug, Clone, Default)]
+pub struct ReadOptions {
+    pub from: Option<u64>,
+    pub backward: bool,
+    pub limit: Option<usize>,
+    pub resolve_links: Option<bool>,
+    /// `$all` only: comma-separated prefixes.
+    pub stream_prefix: Option<String>,
+    pub type_prefix: Option<String>,
+    pub include_system: bool,
+}
+
+impl ReadOptions {
+    fn query(&self) -> Vec<(&'static str, String)> {
+        let mut query = Vec::new();
+        if let Some(from) = self.from {
+            query.push(("from", from.to_string()));
+        }
+        if self.backward {
+            query.push(("direction", "backward".into()));
+        }
+        if let Some(limit) = self.limit {
+            query.push(("limit", limit.to_string()));
+        }
+        if let Some(resolve) = self.resolve_links {
+            query.push(("resolve_links", resolve.to_string()));
+        }
+        if let Some(prefix) = &self.stream_prefix {
+            query.push(("stream_prefix", prefix.clone()));
+        }
+        if let Some(prefix) = &self.type_prefix {
+            query.push(("type_prefix", prefix.clone()));
+        }
+        if self.include_system {
+            query.push(("include_system", "true".into()));
+        }
+        query
+    }
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeFrom {
+    Start,
+    End,
+    /// This revision (or position for `$all`), inclusive.
+    At(u64),
+}
+
+/// One message of a subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubscriptionMessage {
+    /// An event and its id: the revision in the subscribed stream, or the position in `$all`.
+    Event {
+        id: u64,
+        event: Box<Event>,
+    },
+    CaughtUp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client for the server at `base` (e.g. `http://127.0.0.1:2113`).
+    pub fn new(base: &str, token: Option<String>) -> anyhow::Result<Self> {
+        let base = Url::parse(base).with_context(|| format!("invalid server URL {base:?}"))?;
+        if base.cannot_be_a_base() {
+            anyhow::bail!("invalid server URL {base}");
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Client { http, base, token })
+    }
+
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    /// The URL of `segments` below the base, each segment percent-encoded.
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .expect("checked in new")
+            .pop_if_empty()
+            .extend(segments);
+        url
+    }
+
+    fn request(&self, method: Method, segments: &[&str]) -> RequestBuilder {
+        let request = self.http.request(method, self.url(segments));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    async fn send(&self, request: RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let response = request.send().await.map_err(|error| {
+            anyhow::anyhow!("cannot reach {}: {}", self.base, with_causes(&error))
+        })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let text = |field: &str| body.get(field).and_then(Value::as_str).map(str::to_owned);
+        Err(ApiFailure {
+            status: status.as_u16(),
+            code: text("error").unwrap_or_else(|| "unknown".into()),
+            message: text("message")
+                .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned()),
+            body,
+        }
+        .into())
+    }
+
+    pub async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedRevision,
+        events: &[NewEvent],
+    ) -> anyhow::Result<AppendResult> {
+        let request = self
+            .request(Method::POST, &["streams", stream])
+            .header("expected-revision", expected.to_string())
+            .json(events);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    pub async fn read(&self, stream: &str, options: &ReadOptions) -> anyhow::Result<ReadPage> {
+        let request = self
+            .request(Method::GET, &["streams", stream])
+            .query(&options.query());
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    pub async fn delete(
+        &self,
+        stream: &str,
+        expected: ExpectedRevision,
+        hard: bool,
+    ) -> anyhow::Result<()> {
+        let request = self
+            .request(Method::DELETE, &["streams", stream])
+            .header("expected-revision", expected.to_string())
+            .query(&[("hard", hard)]);
+        self.send(request).await?;
+        Ok(())
+    }
+
+    /// Catch-up then live events of a stream or of `$all` (filters from `options`).
+    pub async fn subscribe(
+        &self,
+        stream: &str,
+        from: SubscribeFrom,
+        options: &ReadOptions,
+    ) -> anyhow::Result<impl Stream<Item = anyhow::Result<SubscriptionMessage>> + use<>> {
+        let from = match from {
+            SubscribeFrom::Start => "start".to_owned(),
+            SubscribeFrom::End => "end".to_owned(),
+            SubscribeFrom::At(at) => at.to_string(),
+        };
+        let mut query = options.query();
+        query.retain(|(name, _)| !matches!(*name, "from" | "direction" | "limit"));
+        query.push(("from", from));
+        let request = self
+            .request(Method::GET, &["streams", stream, "subscribe"])
+            .query(&query);
+        let response = self.send(request).await?;
+        Ok(response
+            .bytes_stream()
+            .eventsource()
+            .filter_map(|message| async move {
+                let message = match message {
+                    Ok(message) => message,
+                    Err(error) => return Some(Err(anyhow::anyhow!("subscription broke: {error}"))),
+                };
+                match message.event.as_str() {
+                    "event" => Some(parse_event_message(&message.id, &message.data)),
+                    "caught_up" => Some(Ok(SubscriptionMessage::CaughtUp)),
+                    "error" => Some(Err(anyhow::anyhow!("subscription ended: {}", message.data))),
+                    _ => None,
+                }
+            }))
+    }
+
+    /// `true` when the server answers `/health`.
+    pub async fn healthy(&self) -> bool {
+        let request = self.request(Method::GET, &["health"]);
+        matches!(request.send().await, Ok(response) if response.status() == StatusCode::OK)
+    }
+}
+
+fn parse_event_message(id: &str, data: &str) -> anyhow::Result<SubscriptionMessage> {
+    let id = id.parse().with_context(|| format!("bad event id {id:?}"))?;
+    let event = serde_json::from_str(data).context("bad event JSON")?;
+    Ok(SubscriptionMessage::Event {
+        id,
+        event: Box::new(event),
+    })
+}
+
+/// reqwest's own message hides the cause ("connection refused"); spell out the chain.
+fn with_causes(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
+}

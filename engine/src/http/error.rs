@@ -1,0 +1,184 @@
+//! The one error type of the HTTP API: a status, a stable code and a sentence, as JSON.
+
+use axum::Json;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Query};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::store::{ExpectedRevision, StoreError};
+
+/// The body of every error response.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// A stable code: `invalid_request`, `unauthorized`, `forbidden`, `not_found`,
+    /// `stream_not_found`, `wrong_expected_revision`, `stream_deleted`, `payload_too_large`,
+    /// `unsupported_media_type`, `internal`.
+    pub error: String,
+    /// What went wrong, for a person.
+    pub message: String,
+    /// With `wrong_expected_revision`: the expected revision as sent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub expected: Option<Value>,
+    /// With `wrong_expected_revision`: the stream's last revision, `null` when it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub actual: Option<Value>,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Map<String, Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            details: Map::new(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+fn expected_json(expected: ExpectedRevision) -> Value {
+    match expected {
+        ExpectedRevision::Exact(revision) => Value::from(revision),
+        other => Value::from(other.to_string()),
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        let message = error.to_string();
+        match error {
+            StoreError::WrongExpectedRevision { expected, actual } => {
+                let mut error =
+                    ApiError::new(StatusCode::CONFLICT, "wrong_expected_revision", message);
+                error
+                    .details
+                    .insert("expected".into(), expected_json(expected));
+                error
+                    .details
+                    .insert("actual".into(), actual.map_or(Value::Null, Value::from));
+                error
+            }
+            StoreError::StreamNotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "stream_not_found", message)
+            }
+            StoreError::StreamDeleted(_) => {
+                ApiError::new(StatusCode::GONE, "stream_deleted", message)
+            }
+            StoreError::InvalidRequest(_) => ApiError::invalid(message),
+            StoreError::ShuttingDown => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            }
+            StoreError::Storage(_) => {
+                tracing::error!(%message, "storage failure");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+            }
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large("the request body exceeds the limit of 64 MiB")
+        } else {
+            ApiError::invalid(format!(
+                "cannot read the request body: {}",
+                rejection.body_text()
+            ))
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = Map::new();
+        body.insert("error".into(), Value::from(self.code));
+        body.insert("message".into(), Value::from(self.message));
+        body.extend(self.details);
+        (self.status, Json(Value::Object(body))).into_response()
+    }
+}
+
+/// `Query` whose rejection is an [`ApiError`].
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(value)| ApiQuery(value))
+            .map_err(|rejection: QueryRejection| {
+                ApiError::invalid(format!("invalid query: {}", rejection.body_text()))
+            })
+    }
+}
+
+/// `Path` whose rejection is an [`ApiError`].
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(value)| ApiPath(value))
+            .map_err(|rejection: PathRejection| {
+                ApiError::invalid(format!("invalid path: {}", rejection.body_text()))
+            })
+    }
+}
+
+/// Answers routes that do not exist.
+pub async fn no_route() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+/// Answers known routes called with a method they do not have.
+pub async fn wrong_method() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}

@@ -1,0 +1,229 @@
+//! The HTTP API: axum routes over the store, JSON errors, auth, SSE, OpenAPI and metrics.
+//!
+//! Every route is registered through `utoipa_axum`, so the router and the OpenAPI document are
+//! built from the same list and cannot drift apart.
+
+pub mod auth;
+pub mod error;
+mod operations;
+mod streams;
+mod subscriptions;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::metrics::{Metrics, RouteLabels};
+use crate::store::{Store, StoreOptions};
+pub use auth::{Role, Tokens};
+pub use streams::{EventJson, format_timestamp, parse_events};
+
+/// Largest request body.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+/// How long shutdown waits for open requests before it closes the store anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the server shuts down; ends long-lived responses such as SSE.
+    pub shutdown: CancellationToken,
+    pub data_dir: PathBuf,
+    openapi: Arc<String>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Refract", description = "An event store with durable streams, projections and \
+        consumer groups. Errors are `{\"error\": code, \"message\": sentence}`."),
+    tags(
+        (name = "events", description = "Append, read, metadata, delete"),
+        (name = "subscriptions", description = "Catch-up then live, as Server-Sent Events"),
+        (name = "operations", description = "Health, info, metrics, this document"),
+    ),
+    components(schemas(error::ErrorBody))
+)]
+struct ApiDoc;
+
+/// The routes and the OpenAPI document describing exactly them.
+fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(streams::read_all))
+        .routes(routes!(
+            streams::read_stream,
+            streams::append,
+            streams::delete_stream
+        ))
+        .routes(routes!(streams::get_metadata, streams::put_metadata))
+        .routes(routes!(subscriptions::subscribe_all))
+        .routes(routes!(subscriptions::subscribe_stream))
+        .routes(routes!(operations::health))
+        .routes(routes!(operations::info))
+        .routes(routes!(operations::metrics))
+        .routes(routes!(operations::openapi))
+        .split_for_parts()
+}
+
+/// The OpenAPI document of the API, as served at `/openapi.json`.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    routes().1
+}
+
+/// Builds the application: routes, fallbacks, limits, auth and request metrics.
+pub fn app(
+    store: Store,
+    metrics: Arc<Metrics>,
+    tokens: Tokens,
+    shutdown: CancellationToken,
+    data_dir: PathBuf,
+) -> Router {
+    let (router, document) = routes();
+    let openapi = Arc::new(
+        document
+            .to_pretty_json()
+            .expect("the OpenAPI document serialises"),
+    );
+    let state = AppState {
+        store,
+        metrics: metrics.clone(),
+        shutdown,
+        data_dir,
+        openapi,
+    };
+    router
+        .fallback(error::no_route)
+        .method_not_allowed_fallback(error::wrong_method)
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(tokens),
+            auth::authorize,
+        ))
+        .layer(middleware::from_fn_with_state(metrics, record_request))
+        .with_state(state)
+}
+
+async fn record_request(
+    State(metrics): State<Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let response = next.run(request).await;
+    let labels = RouteLabels {
+        method,
+        route,
+        status: response.status().as_u16(),
+    };
+    metrics.record_request(&labels, started.elapsed());
+    response
+}
+
+/// What `refract serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub tokens: Tokens,
+    pub store: StoreOptions,
+}
+
+/// Runs the server until SIGTERM or Ctrl-C, then drains requests and closes the store.
+pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    serve_until(config, shutdown_signal(), |_| ()).await
+}
+
+/// Runs the server until `stop` completes. `ready` is called with the bound address.
+pub async fn serve_until(
+    config: ServeConfig,
+    stop: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::open(&config.data_dir, config.store.clone(), metrics.clone())
+        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let address = listener.local_addr()?;
+    if config.tokens.is_empty() {
+        tracing::warn!("no tokens configured: only loopback clients are accepted");
+    }
+    if !config.store.durable {
+        tracing::warn!("fsync is off: acknowledged appends can be lost on a power failure");
+    }
+    tracing::info!(
+        %address,
+        data_dir = %config.data_dir.display(),
+        head_position = store.head(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "refract is listening"
+    );
+    let shutdown = CancellationToken::new();
+    let app = app(
+        store.clone(),
+        metrics,
+        config.tokens,
+        shutdown.clone(),
+        config.data_dir,
+    );
+    ready(address);
+    let stopping = shutdown.clone();
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        stop.await;
+        tracing::info!("shutting down: finishing open requests");
+        stopping.cancel();
+    });
+    tokio::select! {
+        result = server => result.context("the HTTP server failed")?,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::warn!("open requests did not finish in time; closing anyway");
+        }
+    }
+    store.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,71 @@
+//! Health, server information, Prometheus metrics and the OpenAPI document.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::error::{ApiError, ErrorBody};
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok` while the server answers.
+    pub status: &'static str,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Info {
+    pub version: &'static str,
+    /// Position the next event will get: the number of events in `$all`.
+    pub head_position: u64,
+    /// Streams ever created.
+    pub streams: u64,
+    pub data_dir: String,
+}
+
+/// Liveness.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, body = Health)))]
+pub async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Server version and store figures.
+#[utoipa::path(get, path = "/info", tag = "operations",
+    responses((status = 200, body = Info), (status = 500, body = ErrorBody)))]
+pub async fn info(State(state): State<AppState>) -> Result<Json<Info>, ApiError> {
+    let streams = state.store.blocking(|store| store.stream_count()).await?;
+    Ok(Json(Info {
+        version: env!("CARGO_PKG_VERSION"),
+        head_position: state.store.head(),
+        streams,
+        data_dir: state.data_dir.display().to_string(),
+    }))
+}
+
+/// Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format",
+        content_type = "text/plain", body = String)))]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.encode(state.store.head()),
+    )
+}
+
+/// This document: every route with its request and response schemas (OpenAPI 3.1).
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", body = Object)))]
+pub async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi.as_str().to_owned(),
+    )
+}

@@ -1,0 +1,181 @@
+//! Catch-up then live subscriptions over Server-Sent Events.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use super::AppState;
+use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody};
+use super::streams::{ALL, EventJson, all_filter};
+use crate::store::validate_stream_name;
+use crate::subscribe::{Item, Source, Start, Subscription};
+
+const HEARTBEAT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SubscribeAllQuery {
+    /// `start` (default), `end`, or the first position to deliver.
+    /// A `Last-Event-ID` header resumes after that id instead.
+    pub from: Option<String>,
+    /// Comma-separated stream name prefixes; an event matching any is delivered.
+    pub stream_prefix: Option<String>,
+    /// Comma-separated event type prefixes; an event matching any is delivered.
+    pub type_prefix: Option<String>,
+    /// Also deliver events of `$`-streams.
+    pub include_system: Option<bool>,
+}
+
+/// Both query shapes, for `$all` reached through a percent-encoded stream name.
+#[derive(Debug, Deserialize)]
+pub struct AnySubscribeQuery {
+    from: Option<String>,
+    resolve_links: Option<bool>,
+    stream_prefix: Option<String>,
+    type_prefix: Option<String>,
+    include_system: Option<bool>,
+}
+
+fn start(from: Option<&str>, headers: &HeaderMap) -> Result<Start, ApiError> {
+    if let Some(last) = headers.get("last-event-id") {
+        let last: u64 = last
+            .to_str()
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .ok_or_else(|| ApiError::invalid("Last-Event-ID must be a revision or position"))?;
+        return Ok(Start::At(last + 1));
+    }
+    match from {
+        None | Some("start") => Ok(Start::Beginning),
+        Some("end") => Ok(Start::End),
+        Some(number) => number.parse().map(Start::At).map_err(|_| {
+            ApiError::invalid(format!(
+                "from must be start, end or a number, not {number:?}"
+            ))
+        }),
+    }
+}
+
+/// Subscribe to a stream: its history, a `caught_up` event, then live events.
+#[utoipa::path(
+    get,
+    path = "/streams/{stream}/subscribe",
+    tag = "subscriptions",
+    params(("stream" = String, Path, description = "Stream name"),
+           ("from" = Option<String>, Query,
+               description = "start (default), end, or the first revision to deliver"),
+           ("resolve_links" = Option<bool>, Query,
+               description = "Deliver the events links point at (default true) instead of the links"),
+           ("Last-Event-ID" = Option<String>, Header, description = "Resume after this revision")),
+    responses(
+        (status = 200, description = "Server-Sent Events: `event: event` with `id:` the revision \
+            and `data:` the event JSON; one `event: caught_up`; comment heartbeats every 15 s",
+            content_type = "text/event-stream", body = String),
+        (status = 400, body = ErrorBody), (status = 410, body = ErrorBody),
+    )
+)]
+pub async fn subscribe_stream(
+    State(state): State<AppState>,
+    ApiPath(stream): ApiPath<String>,
+    ApiQuery(query): ApiQuery<AnySubscribeQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if stream == ALL {
+        let AnySubscribeQuery {
+            from,
+            stream_prefix,
+            type_prefix,
+            include_system,
+            ..
+        } = query;
+        let query = SubscribeAllQuery {
+            from,
+            stream_prefix,
+            type_prefix,
+            include_system,
+        };
+        return subscribe_all_events(state, query, &headers).await;
+    }
+    validate_stream_name(&stream).map_err(ApiError::invalid)?;
+    let start = start(query.from.as_deref(), &headers)?;
+    let source = Source::Stream {
+        name: stream,
+        resolve_links: query.resolve_links.unwrap_or(true),
+    };
+    let subscription = Subscription::start(state.store.clone(), source, start).await?;
+    Ok(sse(subscription, &state))
+}
+
+/// Subscribe to `$all`, with optional prefix filters; ids are positions.
+#[utoipa::path(
+    get,
+    path = "/streams/$all/subscribe",
+    tag = "subscriptions",
+    params(SubscribeAllQuery,
+           ("Last-Event-ID" = Option<String>, Header, description = "Resume after this position")),
+    responses(
+        (status = 200, description = "Server-Sent Events as for a stream, with positions as ids",
+            content_type = "text/event-stream", body = String),
+        (status = 400, body = ErrorBody),
+    )
+)]
+pub async fn subscribe_all(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<SubscribeAllQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    subscribe_all_events(state, query, &headers).await
+}
+
+async fn subscribe_all_events(
+    state: AppState,
+    query: SubscribeAllQuery,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let start = start(query.from.as_deref(), headers)?;
+    let filter = all_filter(
+        query.stream_prefix.as_deref(),
+        query.type_prefix.as_deref(),
+        query.include_system,
+    );
+    let subscription =
+        Subscription::start(state.store.clone(), Source::All { filter }, start).await?;
+    Ok(sse(subscription, &state))
+}
+
+fn sse(subscription: Subscription, state: &AppState) -> Response {
+    let events = futures::stream::unfold(Some(subscription), |subscription| async move {
+        let mut subscription = subscription?;
+        let message = match subscription.next().await {
+            Ok(Item::Event { id, event }) => {
+                let json = serde_json::to_string(&EventJson::new(&event)).expect("serialisable");
+                Event::default()
+                    .id(id.to_string())
+                    .event("event")
+                    .data(json)
+            }
+            Ok(Item::CaughtUp) => Event::default().event("caught_up").data("{}"),
+            Err(error) => {
+                // The stream ends after telling the client why.
+                let error = ApiError::from(error);
+                let body = serde_json::json!({"error": error.code(), "message": error.message()});
+                return Some((
+                    Ok::<_, Infallible>(Event::default().event("error").data(body.to_string())),
+                    None,
+                ));
+            }
+        };
+        Some((Ok(message), Some(subscription)))
+    })
+    .take_until(state.shutdown.clone().cancelled_owned());
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"))
+        .into_response()
+}

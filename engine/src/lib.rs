@@ -1,0 +1,22 @@
+//! Refract: an event store with durable streams, built-in and WebAssembly projections, and
+//! consumer groups.
+//!
+//! # Layout
+//!
+//! - [`store`]: the log and its stream index in redb; one writer with group commit, lock-free
+//!   readers. Knows nothing of HTTP.
+//! - [`subscribe`]: catch-up then live reading of a stream or `$all`, built on store reads and
+//!   the head position.
+//! - [`http`]: the HTTP API (axum on hyper): routes, errors, auth, SSE, OpenAPI, metrics.
+//! - [`client`]: a typed async client for that API, used by the CLI and the benchmarks.
+//! - [`cli`]: the `refract` command line: `serve`, client commands and `bench`.
+//! - [`metrics`]: the Prometheus registry every part records into.
+//!
+//! Dependencies point one way: `cli` → `http`/`client` → `subscribe` → `store`.
+
+pub mod cli;
+pub mod client;
+pub mod http;
+pub mod metrics;
+pub mod store;
+pub mod subscribe;

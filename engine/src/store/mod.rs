@@ -1,0 +1,464 @@
+//! The stream store: an append-only log of events in an embedded redb database, indexed by stream.
+//!
+//! Why it looks like this:
+//! - One writer thread owns every write transaction ([`writer`]). Appends queue up while a commit
+//!   is in flight and the next commit takes all of them at once (group commit), so a single fsync
+//!   acknowledges many requests. Positions are assigned there, in order, so `$all` has no gaps.
+//! - Readers ([`read`]) open redb read transactions: they see a committed snapshot and never wait
+//!   for the writer, and the writer never waits for them.
+//! - A stream costs one row in `streams` plus one index entry per event; nothing per stream stays
+//!   in memory, so millions of streams are cheap.
+//!
+//! Tables (all keys big-endian-ordered by redb's tuple encoding):
+//! - `log`: position → [`record::EventRecord`] bytes.
+//! - `streams`: name → [`record::StreamState`] bytes.
+//! - `stream_index`: (stream id, revision) → position. A link from a system stream into another
+//!   stream's event is just such an entry: no copy of the event.
+//! - `event_ids`: (stream id, event id) → revision, for idempotent appends.
+//! - `meta`: counters that must survive restarts (the next stream id).
+
+mod read;
+pub mod record;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use redb::{Database, ReadableDatabase, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use crate::metrics::Metrics;
+pub use read::{AllFilter, Slice};
+
+pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+pub(crate) const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("streams");
+pub(crate) const STREAM_INDEX: TableDefinition<(u64, u64), u64> =
+    TableDefinition::new("stream_index");
+pub(crate) const EVENT_IDS: TableDefinition<(u64, u128), u64> = TableDefinition::new("event_ids");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(crate) const NEXT_STREAM_ID: &str = "next_stream_id";
+
+/// The name of the database file inside the data directory.
+pub const DATABASE_FILE: &str = "refract.redb";
+
+/// Largest event (type, data and metadata together) the store accepts.
+pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+/// Longest stream name, in bytes.
+pub const MAX_STREAM_NAME_BYTES: usize = 1024;
+/// Longest event type, in bytes.
+pub const MAX_EVENT_TYPE_BYTES: usize = 1024;
+
+/// How a write states what it expects the stream to look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpectedRevision {
+    #[default]
+    Any,
+    NoStream,
+    StreamExists,
+    Exact(u64),
+}
+
+impl ExpectedRevision {
+    fn admits(self, current: Option<u64>) -> bool {
+        match self {
+            ExpectedRevision::Any => true,
+            ExpectedRevision::NoStream => current.is_none(),
+            ExpectedRevision::StreamExists => current.is_some(),
+            ExpectedRevision::Exact(revision) => current == Some(revision),
+        }
+    }
+}
+
+impl std::str::FromStr for ExpectedRevision {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "any" => Ok(ExpectedRevision::Any),
+            "no_stream" => Ok(ExpectedRevision::NoStream),
+            "stream_exists" => Ok(ExpectedRevision::StreamExists),
+            number => number.parse().map(ExpectedRevision::Exact).map_err(|_| {
+                format!(
+                    "expected revision must be any, no_stream, stream_exists or a revision number, not {number:?}"
+                )
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for ExpectedRevision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExpectedRevision::Any => f.write_str("any"),
+            ExpectedRevision::NoStream => f.write_str("no_stream"),
+            ExpectedRevision::StreamExists => f.write_str("stream_exists"),
+            ExpectedRevision::Exact(revision) => write!(f, "{revision}"),
+        }
+    }
+}
+
+/// An event to append. `data` is JSON text unless `binary`; `metadata` is a JSON object's text
+/// or empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub id: Uuid,
+    pub event_type: String,
+    pub data: Vec<u8>,
+    pub binary: bool,
+    pub metadata: Vec<u8>,
+}
+
+impl NewEvent {
+    pub fn size(&self) -> usize {
+        self.event_type.len() + self.data.len() + self.metadata.len()
+    }
+}
+
+/// Where an append landed: revisions in the stream and positions in `$all`, both inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendOutcome {
+    pub first_revision: u64,
+    pub last_revision: u64,
+    pub first_position: u64,
+    pub last_position: u64,
+}
+
+/// A stream's metadata. Unset limits are `None`; `custom` is the user's own JSON object.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamMetadata {
+    /// Only the last `max_count` events are readable.
+    pub max_count: Option<u64>,
+    /// Events older than this many seconds are not readable.
+    pub max_age_seconds: Option<u64>,
+    /// Events with a revision below this are not readable.
+    pub truncate_before: Option<u64>,
+    /// Free-form JSON object for the application.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub custom: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Backward,
+}
+
+/// An event as read. When reached through a link (a system stream's entry), `stream` and
+/// `revision` are the original event's and `link` says where the link lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedEvent {
+    pub stream: String,
+    pub revision: u64,
+    pub position: u64,
+    pub id: Uuid,
+    pub event_type: String,
+    pub data: Vec<u8>,
+    pub binary: bool,
+    pub metadata: Vec<u8>,
+    pub created_ms: i64,
+    pub link: Option<LinkInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub stream: String,
+    pub revision: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("expected revision {expected} but the stream is at {}", describe_revision(*.actual))]
+    WrongExpectedRevision {
+        expected: ExpectedRevision,
+        actual: Option<u64>,
+    },
+    #[error("stream {0:?} does not exist")]
+    StreamNotFound(String),
+    #[error("stream {0:?} has been deleted permanently")]
+    StreamDeleted(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("the store is shutting down")]
+    ShuttingDown,
+    #[error("storage failure: {0}")]
+    Storage(String),
+}
+
+fn describe_revision(revision: Option<u64>) -> String {
+    revision.map_or_else(|| "no stream".to_owned(), |r| format!("revision {r}"))
+}
+
+impl StoreError {
+    fn storage(error: impl std::fmt::Display) -> Self {
+        StoreError::Storage(error.to_string())
+    }
+}
+
+macro_rules! impl_from_redb {
+    ($($error:ty),*) => {$(
+        impl From<$error> for StoreError {
+            fn from(error: $error) -> Self { StoreError::storage(error) }
+        }
+    )*};
+}
+impl_from_redb!(
+    redb::Error,
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
+    redb::DatabaseError,
+    record::CorruptRecord
+);
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Fsync every commit before acknowledging it. Turning this off trades the last moments of
+    /// writes on a power loss for throughput; the database itself stays consistent either way.
+    pub durable: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { durable: true }
+    }
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    path: PathBuf,
+    requests: mpsc::Sender<writer::Request>,
+    head: watch::Receiver<u64>,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `data_dir` and starts its writer.
+    pub fn open(
+        data_dir: &Path,
+        options: StoreOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|error| {
+            StoreError::Storage(format!("cannot create {}: {error}", data_dir.display()))
+        })?;
+        let path = data_dir.join(DATABASE_FILE);
+        let db = Arc::new(Database::create(&path)?);
+        let (next_position, next_stream_id) = writer::initialize(&db)?;
+        let (head_sender, head) = watch::channel(next_position);
+        let (requests, queue) = mpsc::channel(writer::QUEUE_CAPACITY);
+        let writer = writer::Writer::new(
+            db.clone(),
+            options,
+            metrics,
+            head_sender,
+            next_position,
+            next_stream_id,
+        );
+        let writer_thread = std::thread::Builder::new()
+            .name("refract-writer".into())
+            .spawn(move || writer.run(queue))
+            .map_err(StoreError::storage)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                path,
+                requests,
+                head,
+                writer_thread: Mutex::new(Some(writer_thread)),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The position the next event will get: the number of events in `$all`.
+    pub fn head(&self) -> u64 {
+        *self.inner.head.borrow()
+    }
+
+    /// A receiver that changes whenever a commit makes new events visible.
+    pub fn watch_head(&self) -> watch::Receiver<u64> {
+        self.inner.head.clone()
+    }
+
+    pub async fn append(
+        &self,
+        stream: String,
+        expected: ExpectedRevision,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, StoreError> {
+        self.submit(|reply| writer::Request::Append {
+            stream,
+            expected,
+            events,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn set_metadata(
+        &self,
+        stream: String,
+        metadata: StreamMetadata,
+    ) -> Result<(), StoreError> {
+        self.submit(|reply| writer::Request::SetMetadata {
+            stream,
+            metadata,
+            reply,
+        })
+        .await
+    }
+
+    /// Soft delete (`hard == false`): reads answer "not found" and a later append continues the
+    /// numbering. Hard delete: the stream is tombstoned for good.
+    pub async fn delete(
+        &self,
+        stream: String,
+        expected: ExpectedRevision,
+        hard: bool,
+    ) -> Result<(), StoreError> {
+        self.submit(|reply| writer::Request::Delete {
+            stream,
+            expected,
+            hard,
+            reply,
+        })
+        .await
+    }
+
+    async fn submit<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> writer::Request,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .requests
+            .send(request(reply))
+            .await
+            .map_err(|_| StoreError::ShuttingDown)?;
+        answer.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    /// Reads a stream. Blocking: call from a blocking context.
+    pub fn read_stream(
+        &self,
+        stream: &str,
+        from: Option<u64>,
+        direction: Direction,
+        limit: usize,
+        resolve_links: bool,
+    ) -> Result<Slice, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        read::read_stream(&txn, stream, from, direction, limit, resolve_links)
+    }
+
+    /// Reads `$all`. Blocking: call from a blocking context.
+    pub fn read_all(
+        &self,
+        from: Option<u64>,
+        direction: Direction,
+        limit: usize,
+        filter: &AllFilter,
+    ) -> Result<Slice, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        read::read_all(&txn, from, direction, limit, filter)
+    }
+
+    /// The last revision of a stream as writers see it: `None` when it does not exist or was
+    /// soft-deleted; an error when it was tombstoned. Blocking.
+    pub fn last_revision(&self, stream: &str) -> Result<Option<u64>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        match read::stream_state(&txn, stream)? {
+            Some(state) if state.tombstoned => Err(StoreError::StreamDeleted(stream.to_owned())),
+            Some(state) => Ok(state.current_revision()),
+            None => Ok(None),
+        }
+    }
+
+    /// Runs blocking store work (the reads above) on the runtime's blocking pool.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .map_err(|error| StoreError::Storage(format!("read task failed: {error}")))?
+    }
+
+    /// The metadata of a stream, or `None` when it has none. Blocking.
+    pub fn metadata(&self, stream: &str) -> Result<Option<StreamMetadata>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let state = read::stream_state(&txn, stream)?;
+        match state {
+            Some(state) if state.tombstoned => Err(StoreError::StreamDeleted(stream.to_owned())),
+            Some(state) => read::parse_metadata(&state.metadata).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The number of streams ever written. Blocking.
+    pub fn stream_count(&self) -> Result<u64, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta.get(NEXT_STREAM_ID)?.map_or(0, |id| id.value()))
+    }
+
+    /// Stops the writer after it has committed and answered everything queued before this call.
+    /// Appends submitted afterwards fail with [`StoreError::ShuttingDown`].
+    pub async fn shutdown(&self) {
+        let (reply, stopped) = oneshot::channel();
+        if self
+            .inner
+            .requests
+            .send(writer::Request::Shutdown { reply })
+            .await
+            .is_ok()
+        {
+            let _ = stopped.await;
+        }
+        let thread = self
+            .inner
+            .writer_thread
+            .lock()
+            .expect("writer handle")
+            .take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Checks a stream name against the contract: 1..=1024 bytes of UTF-8, no control characters.
+pub fn validate_stream_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("stream name must not be empty".into());
+    }
+    if name.len() > MAX_STREAM_NAME_BYTES {
+        return Err(format!(
+            "stream name is {} bytes long; the limit is {MAX_STREAM_NAME_BYTES}",
+            name.len()
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err("stream name must not contain control characters".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

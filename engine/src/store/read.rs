@@ -1,0 +1,357 @@
+//! Reads of streams and of `$all` from a committed snapshot (a redb read transaction).
+
+use std::collections::HashMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{ReadTransaction, ReadableTable};
+
+use super::record::{EventRecord, StreamState};
+use super::{
+    Direction, LOG, LinkInfo, RecordedEvent, STREAM_INDEX, STREAMS, StoreError, StreamMetadata,
+};
+
+/// Most log records one `$all` read looks at, so a filter that matches little cannot make one
+/// request scan the whole log; the caller continues from `next`.
+const MAX_SCAN: usize = 100_000;
+
+/// One page of a read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Slice {
+    pub events: Vec<RecordedEvent>,
+    /// The stream's last revision (for `$all`, the last position), `None` when empty.
+    pub last_revision: Option<u64>,
+    /// Where to continue reading in the same direction, `None` at the end.
+    pub next: Option<u64>,
+    /// For forward reads: the revision (or position) after everything this read looked at,
+    /// including hidden entries. A live reader continues from here.
+    pub cursor: u64,
+}
+
+/// Which `$all` records a read returns. Prefix lists are alternatives; empty lists match all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllFilter {
+    pub stream_prefixes: Vec<String>,
+    pub type_prefixes: Vec<String>,
+    /// Also return records of `$`-streams.
+    pub include_system: bool,
+}
+
+impl AllFilter {
+    pub fn matches(&self, stream: &str, event_type: &str) -> bool {
+        (self.include_system || !stream.starts_with('$'))
+            && (self.stream_prefixes.is_empty()
+                || self
+                    .stream_prefixes
+                    .iter()
+                    .any(|prefix| stream.starts_with(prefix.as_str())))
+            && (self.type_prefixes.is_empty()
+                || self
+                    .type_prefixes
+                    .iter()
+                    .any(|prefix| event_type.starts_with(prefix.as_str())))
+    }
+}
+
+pub(super) fn stream_state(
+    txn: &ReadTransaction,
+    stream: &str,
+) -> Result<Option<StreamState>, StoreError> {
+    let streams = txn.open_table(STREAMS)?;
+    match streams.get(stream)? {
+        Some(bytes) => Ok(Some(StreamState::decode(bytes.value())?)),
+        None => Ok(None),
+    }
+}
+
+pub(super) fn parse_metadata(bytes: &[u8]) -> Result<StreamMetadata, StoreError> {
+    if bytes.is_empty() {
+        return Ok(StreamMetadata::default());
+    }
+    serde_json::from_slice(bytes).map_err(StoreError::storage)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+/// Which revisions of a stream a reader may see, after deletes, truncation and expiry.
+#[derive(Debug, Clone, Copy)]
+struct Visibility {
+    first_revision: u64,
+    /// `None` when the stream currently has nothing to show (deleted, never written).
+    last_revision: Option<u64>,
+    min_created_ms: Option<i64>,
+}
+
+impl Visibility {
+    fn of(state: &StreamState, now_ms: i64) -> Result<Self, StoreError> {
+        let metadata = parse_metadata(&state.metadata)?;
+        let by_count = metadata
+            .max_count
+            .map_or(0, |count| state.next_revision.saturating_sub(count));
+        let first_revision = state
+            .deleted_before
+            .max(metadata.truncate_before.unwrap_or(0))
+            .max(by_count);
+        let last_revision = if state.tombstoned || state.soft_deleted {
+            None
+        } else {
+            state.last_revision()
+        };
+        let min_created_ms = metadata
+            .max_age_seconds
+            .map(|seconds| now_ms.saturating_sub(seconds.saturating_mul(1000) as i64));
+        Ok(Visibility {
+            first_revision,
+            last_revision,
+            min_created_ms,
+        })
+    }
+
+    fn shows(&self, revision: u64, created_ms: i64) -> bool {
+        revision >= self.first_revision
+            && self.last_revision.is_some_and(|last| revision <= last)
+            && self.min_created_ms.is_none_or(|min| created_ms >= min)
+    }
+}
+
+pub(super) fn read_stream(
+    txn: &ReadTransaction,
+    stream: &str,
+    from: Option<u64>,
+    direction: Direction,
+    limit: usize,
+    resolve_links: bool,
+) -> Result<Slice, StoreError> {
+    let state =
+        stream_state(txn, stream)?.ok_or_else(|| StoreError::StreamNotFound(stream.to_owned()))?;
+    if state.tombstoned {
+        return Err(StoreError::StreamDeleted(stream.to_owned()));
+    }
+    let Some(last) = state.current_revision() else {
+        return Err(StoreError::StreamNotFound(stream.to_owned()));
+    };
+    let now_ms = now_ms();
+    let visibility = Visibility::of(&state, now_ms)?;
+    let first = visibility.first_revision;
+    let index = txn.open_table(STREAM_INDEX)?;
+    let mut reader = EventReader::new(txn, resolve_links, now_ms)?;
+    let mut slice = Slice {
+        last_revision: Some(last),
+        ..Slice::default()
+    };
+    match direction {
+        Direction::Forward => {
+            let start = from.unwrap_or(0).max(first);
+            slice.cursor = start;
+            if start <= last {
+                for entry in index.range((state.id, start)..=(state.id, last))? {
+                    let (key, position) = entry?;
+                    let revision = key.value().1;
+                    slice.cursor = revision + 1;
+                    if let Some(event) =
+                        reader.load(stream, revision, position.value(), &visibility)?
+                    {
+                        slice.events.push(event);
+                        if slice.events.len() >= limit {
+                            break;
+                        }
+                    }
+                }
+            }
+            slice.next = (slice.cursor <= last).then_some(slice.cursor);
+        }
+        Direction::Backward => {
+            let start = from.unwrap_or(last).min(last);
+            let mut lowest_scanned = None;
+            if start >= first {
+                for entry in index.range((state.id, first)..=(state.id, start))?.rev() {
+                    let (key, position) = entry?;
+                    let revision = key.value().1;
+                    lowest_scanned = Some(revision);
+                    if let Some(event) =
+                        reader.load(stream, revision, position.value(), &visibility)?
+                    {
+                        slice.events.push(event);
+                        if slice.events.len() >= limit {
+                            break;
+                        }
+                    }
+                }
+            }
+            slice.next = lowest_scanned
+                .filter(|revision| *revision > first)
+                .map(|r| r - 1);
+            slice.cursor = last + 1;
+        }
+    }
+    Ok(slice)
+}
+
+pub(super) fn read_all(
+    txn: &ReadTransaction,
+    from: Option<u64>,
+    direction: Direction,
+    limit: usize,
+    filter: &AllFilter,
+) -> Result<Slice, StoreError> {
+    let log = txn.open_table(LOG)?;
+    let Some(last) = log.last()?.map(|(position, _)| position.value()) else {
+        return Ok(Slice {
+            cursor: from.unwrap_or(0),
+            ..Slice::default()
+        });
+    };
+    let mut slice = Slice {
+        last_revision: Some(last),
+        ..Slice::default()
+    };
+    let mut scanned = 0;
+    let mut take = |position: u64, bytes: &[u8], slice: &mut Slice| -> Result<bool, StoreError> {
+        scanned += 1;
+        let record = EventRecord::decode(bytes)?;
+        if filter.matches(record.stream, record.event_type) {
+            slice.events.push(recorded(&record, position, None));
+        }
+        Ok(slice.events.len() < limit && scanned < MAX_SCAN)
+    };
+    match direction {
+        Direction::Forward => {
+            let start = from.unwrap_or(0);
+            slice.cursor = start;
+            if start <= last {
+                for entry in log.range(start..=last)? {
+                    let (position, bytes) = entry?;
+                    slice.cursor = position.value() + 1;
+                    if !take(position.value(), bytes.value(), &mut slice)? {
+                        break;
+                    }
+                }
+            }
+            slice.next = (slice.cursor <= last).then_some(slice.cursor);
+        }
+        Direction::Backward => {
+            let start = from.unwrap_or(last).min(last);
+            let mut lowest_scanned = None;
+            for entry in log.range(..=start)?.rev() {
+                let (position, bytes) = entry?;
+                lowest_scanned = Some(position.value());
+                if !take(position.value(), bytes.value(), &mut slice)? {
+                    break;
+                }
+            }
+            slice.next = lowest_scanned
+                .filter(|position| *position > 0)
+                .map(|p| p - 1);
+            slice.cursor = last + 1;
+        }
+    }
+    Ok(slice)
+}
+
+fn recorded(record: &EventRecord, position: u64, link: Option<LinkInfo>) -> RecordedEvent {
+    RecordedEvent {
+        stream: record.stream.to_owned(),
+        revision: record.revision,
+        position,
+        id: record.id,
+        event_type: record.event_type.to_owned(),
+        data: record.data.to_vec(),
+        binary: record.binary,
+        metadata: record.metadata.to_vec(),
+        created_ms: record.created_ms,
+        link,
+    }
+}
+
+/// Loads the events a stream's index points at, resolving links into other streams.
+struct EventReader<'txn> {
+    txn: &'txn ReadTransaction,
+    log: redb::ReadOnlyTable<u64, &'static [u8]>,
+    resolve_links: bool,
+    now_ms: i64,
+    /// Visibility of the streams that links of this read point into.
+    linked_streams: HashMap<String, Visibility>,
+}
+
+impl<'txn> EventReader<'txn> {
+    fn new(
+        txn: &'txn ReadTransaction,
+        resolve_links: bool,
+        now_ms: i64,
+    ) -> Result<Self, StoreError> {
+        Ok(EventReader {
+            txn,
+            log: txn.open_table(LOG)?,
+            resolve_links,
+            now_ms,
+            linked_streams: HashMap::new(),
+        })
+    }
+
+    /// The event at `revision` of `stream` (stored at `position`), or `None` when hidden.
+    fn load(
+        &mut self,
+        stream: &str,
+        revision: u64,
+        position: u64,
+        visibility: &Visibility,
+    ) -> Result<Option<RecordedEvent>, StoreError> {
+        let bytes = self
+            .log
+            .get(position)?
+            .ok_or_else(|| StoreError::Storage(format!("log entry {position} is missing")))?;
+        let record = EventRecord::decode(bytes.value())?;
+        if !visibility.shows(revision, record.created_ms) {
+            return Ok(None);
+        }
+        if record.stream == stream {
+            return Ok(Some(recorded(&record, position, None)));
+        }
+        if !self.resolve_links {
+            return Ok(Some(RecordedEvent {
+                stream: stream.to_owned(),
+                revision,
+                position,
+                id: record.id,
+                event_type: "$>".to_owned(),
+                data: serde_json::to_vec(&format!("{}@{}", record.revision, record.stream))
+                    .expect("a string serialises"),
+                binary: false,
+                metadata: Vec::new(),
+                created_ms: record.created_ms,
+                link: None,
+            }));
+        }
+        // A link shows its target only while the target itself is readable in its own stream.
+        if !self
+            .linked_stream(record.stream)?
+            .shows(record.revision, record.created_ms)
+        {
+            return Ok(None);
+        }
+        let link = LinkInfo {
+            stream: stream.to_owned(),
+            revision,
+        };
+        Ok(Some(recorded(&record, position, Some(link))))
+    }
+
+    fn linked_stream(&mut self, stream: &str) -> Result<Visibility, StoreError> {
+        if let Some(visibility) = self.linked_streams.get(stream) {
+            return Ok(*visibility);
+        }
+        let visibility = match stream_state(self.txn, stream)? {
+            Some(state) => Visibility::of(&state, self.now_ms)?,
+            None => Visibility {
+                first_revision: 0,
+                last_revision: None,
+                min_created_ms: None,
+            },
+        };
+        self.linked_streams.insert(stream.to_owned(), visibility);
+        Ok(visibility)
+    }
+}

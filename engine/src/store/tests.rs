@@ -1,0 +1,526 @@
+use std::sync::Arc;
+
+use super::*;
+
+fn open(dir: &Path) -> Store {
+    Store::open(dir, StoreOptions::default(), Arc::new(Metrics::new())).unwrap()
+}
+
+fn event(event_type: &str) -> NewEvent {
+    NewEvent {
+        id: Uuid::new_v4(),
+        event_type: event_type.into(),
+        data: br#"{"n":1}"#.to_vec(),
+        binary: false,
+        metadata: Vec::new(),
+    }
+}
+
+fn events(count: usize) -> Vec<NewEvent> {
+    (0..count).map(|n| event(&format!("Type{n}"))).collect()
+}
+
+fn read(store: &Store, stream: &str) -> Result<Slice, StoreError> {
+    store.read_stream(stream, None, Direction::Forward, 4096, true)
+}
+
+fn revisions(slice: &Slice) -> Vec<u64> {
+    slice.events.iter().map(|event| event.revision).collect()
+}
+
+#[tokio::test]
+async fn appends_get_gap_free_positions_and_per_stream_revisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = store
+        .append("a-1".into(), ExpectedRevision::Any, events(2))
+        .await
+        .unwrap();
+    let b = store
+        .append("b-1".into(), ExpectedRevision::Any, events(1))
+        .await
+        .unwrap();
+    let c = store
+        .append("a-1".into(), ExpectedRevision::Any, events(3))
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            a.first_revision,
+            a.last_revision,
+            a.first_position,
+            a.last_position
+        ),
+        (0, 1, 0, 1)
+    );
+    assert_eq!((b.first_revision, b.first_position), (0, 2));
+    assert_eq!(
+        (
+            c.first_revision,
+            c.last_revision,
+            c.first_position,
+            c.last_position
+        ),
+        (2, 4, 3, 5)
+    );
+    assert_eq!(store.head(), 6);
+
+    let slice = read(&store, "a-1").unwrap();
+    assert_eq!(revisions(&slice), vec![0, 1, 2, 3, 4]);
+    let positions: Vec<u64> = slice.events.iter().map(|event| event.position).collect();
+    assert_eq!(positions, vec![0, 1, 3, 4, 5]);
+    assert_eq!(slice.last_revision, Some(4));
+    assert_eq!(slice.next, None);
+
+    let all = store
+        .read_all(None, Direction::Forward, 100, &AllFilter::default())
+        .unwrap();
+    let positions: Vec<u64> = all.events.iter().map(|event| event.position).collect();
+    assert_eq!(positions, (0..6).collect::<Vec<_>>());
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn expected_revisions_are_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let wrong = |result: Result<AppendOutcome, StoreError>| match result {
+        Err(StoreError::WrongExpectedRevision { actual, .. }) => actual,
+        other => panic!("expected a conflict, got {other:?}"),
+    };
+    assert_eq!(
+        wrong(
+            store
+                .append("s".into(), ExpectedRevision::StreamExists, events(1))
+                .await
+        ),
+        None
+    );
+    assert_eq!(
+        wrong(
+            store
+                .append("s".into(), ExpectedRevision::Exact(0), events(1))
+                .await
+        ),
+        None
+    );
+    store
+        .append("s".into(), ExpectedRevision::NoStream, events(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        wrong(
+            store
+                .append("s".into(), ExpectedRevision::NoStream, events(1))
+                .await
+        ),
+        Some(0)
+    );
+    assert_eq!(
+        wrong(
+            store
+                .append("s".into(), ExpectedRevision::Exact(1), events(1))
+                .await
+        ),
+        Some(0)
+    );
+    store
+        .append("s".into(), ExpectedRevision::Exact(0), events(2))
+        .await
+        .unwrap();
+    store
+        .append("s".into(), ExpectedRevision::StreamExists, events(1))
+        .await
+        .unwrap();
+    assert_eq!(read(&store, "s").unwrap().last_revision, Some(3));
+    // Rejected appends wrote nothing: positions stayed gap-free.
+    assert_eq!(store.head(), 4);
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn resent_appends_are_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .append("s".into(), ExpectedRevision::Any, events(1))
+        .await
+        .unwrap();
+    let batch = events(3);
+    let first = store
+        .append("s".into(), ExpectedRevision::Exact(0), batch.clone())
+        .await
+        .unwrap();
+    let again = store
+        .append("s".into(), ExpectedRevision::Exact(0), batch.clone())
+        .await
+        .unwrap();
+    assert_eq!(first, again);
+    let any = store
+        .append("s".into(), ExpectedRevision::Any, batch.clone())
+        .await
+        .unwrap();
+    assert_eq!(first, any);
+    assert_eq!(store.head(), 4);
+
+    // Some of the ids with others, or the ids at another place: rejected, nothing written.
+    let mut mixed = events(1);
+    mixed.push(batch[1].clone());
+    assert!(matches!(
+        store.append("s".into(), ExpectedRevision::Any, mixed).await,
+        Err(StoreError::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        store
+            .append("s".into(), ExpectedRevision::Exact(3), batch.clone())
+            .await,
+        Err(StoreError::InvalidRequest(_))
+    ));
+    // The same ids in another stream are new events there.
+    store
+        .append("t".into(), ExpectedRevision::Any, batch)
+        .await
+        .unwrap();
+    assert_eq!(store.head(), 7);
+
+    let twice = [event("A"), event("B")];
+    let twice = vec![twice[0].clone(), twice[1].clone(), twice[0].clone()];
+    assert!(matches!(
+        store.append("u".into(), ExpectedRevision::Any, twice).await,
+        Err(StoreError::InvalidRequest(_))
+    ));
+    store.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_share_commits_and_reject_only_the_losers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .append("contended".into(), ExpectedRevision::Any, events(1))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for writer in 0..64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mine = store.append(
+                format!("own-{writer}"),
+                ExpectedRevision::NoStream,
+                events(2),
+            );
+            let contended = store.append("contended".into(), ExpectedRevision::Exact(0), events(1));
+            (mine.await, contended.await)
+        }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        let (mine, contended) = task.await.unwrap();
+        mine.unwrap();
+        match contended {
+            Ok(outcome) => {
+                assert_eq!(outcome.first_revision, 1);
+                winners += 1;
+            }
+            Err(StoreError::WrongExpectedRevision {
+                actual: Some(1), ..
+            }) => {}
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(winners, 1);
+    assert_eq!(store.head(), 1 + 64 * 2 + 1);
+    let all = store
+        .read_all(None, Direction::Forward, 4096, &AllFilter::default())
+        .unwrap();
+    let positions: Vec<u64> = all.events.iter().map(|event| event.position).collect();
+    assert_eq!(positions, (0..store.head()).collect::<Vec<_>>());
+    for writer in 0..64 {
+        assert_eq!(
+            revisions(&read(&store, &format!("own-{writer}")).unwrap()),
+            vec![0, 1]
+        );
+    }
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn reads_page_in_both_directions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .append("s".into(), ExpectedRevision::Any, events(10))
+        .await
+        .unwrap();
+    let page = store
+        .read_stream("s", Some(3), Direction::Forward, 4, true)
+        .unwrap();
+    assert_eq!(revisions(&page), vec![3, 4, 5, 6]);
+    assert_eq!(page.next, Some(7));
+    let page = store
+        .read_stream("s", Some(7), Direction::Forward, 4, true)
+        .unwrap();
+    assert_eq!(revisions(&page), vec![7, 8, 9]);
+    assert_eq!(page.next, None);
+    let page = store
+        .read_stream("s", None, Direction::Backward, 4, true)
+        .unwrap();
+    assert_eq!(revisions(&page), vec![9, 8, 7, 6]);
+    assert_eq!(page.next, Some(5));
+    let page = store
+        .read_stream("s", Some(2), Direction::Backward, 4, true)
+        .unwrap();
+    assert_eq!(revisions(&page), vec![2, 1, 0]);
+    assert_eq!(page.next, None);
+    let page = store
+        .read_stream("s", Some(50), Direction::Forward, 4, true)
+        .unwrap();
+    assert!(page.events.is_empty());
+    assert_eq!(page.next, None);
+    assert!(matches!(
+        read(&store, "missing"),
+        Err(StoreError::StreamNotFound(_))
+    ));
+
+    let page = store
+        .read_all(None, Direction::Backward, 3, &AllFilter::default())
+        .unwrap();
+    let positions: Vec<u64> = page.events.iter().map(|event| event.position).collect();
+    assert_eq!(positions, vec![9, 8, 7]);
+    assert_eq!(page.next, Some(6));
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn all_filters_match_prefixes_and_hide_system_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .append(
+            "order-1".into(),
+            ExpectedRevision::Any,
+            vec![event("OrderPlaced")],
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            "cart-1".into(),
+            ExpectedRevision::Any,
+            vec![event("ItemAdded")],
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            "$internal".into(),
+            ExpectedRevision::Any,
+            vec![event("Tick")],
+        )
+        .await
+        .unwrap();
+    store
+        .append(
+            "user-1".into(),
+            ExpectedRevision::Any,
+            vec![event("OrderNoted")],
+        )
+        .await
+        .unwrap();
+    let streams = |filter: AllFilter| -> Vec<String> {
+        let slice = store
+            .read_all(None, Direction::Forward, 100, &filter)
+            .unwrap();
+        slice.events.into_iter().map(|event| event.stream).collect()
+    };
+    assert_eq!(
+        streams(AllFilter::default()),
+        vec!["order-1", "cart-1", "user-1"]
+    );
+    assert_eq!(
+        streams(AllFilter {
+            include_system: true,
+            ..AllFilter::default()
+        }),
+        vec!["order-1", "cart-1", "$internal", "user-1"]
+    );
+    let by_stream = AllFilter {
+        stream_prefixes: vec!["order".into(), "user".into()],
+        ..AllFilter::default()
+    };
+    assert_eq!(streams(by_stream), vec!["order-1", "user-1"]);
+    let by_type = AllFilter {
+        type_prefixes: vec!["Order".into()],
+        ..AllFilter::default()
+    };
+    assert_eq!(streams(by_type), vec!["order-1", "user-1"]);
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn metadata_hides_events_from_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .append("s".into(), ExpectedRevision::Any, events(10))
+        .await
+        .unwrap();
+    let set = |metadata: StreamMetadata| store.set_metadata("s".into(), metadata);
+    set(StreamMetadata {
+        max_count: Some(3),
+        ..StreamMetadata::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(revisions(&read(&store, "s").unwrap()), vec![7, 8, 9]);
+    set(StreamMetadata {
+        truncate_before: Some(5),
+        ..StreamMetadata::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(revisions(&read(&store, "s").unwrap()), vec![5, 6, 7, 8, 9]);
+    let backward = store
+        .read_stream("s", None, Direction::Backward, 100, true)
+        .unwrap();
+    assert_eq!(revisions(&backward), vec![9, 8, 7, 6, 5]);
+    assert_eq!(backward.next, None);
+    set(StreamMetadata {
+        max_age_seconds: Some(3600),
+        ..StreamMetadata::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(read(&store, "s").unwrap().events.len(), 10);
+    let custom = serde_json::json!({"owner": "team-a"}).as_object().cloned();
+    set(StreamMetadata {
+        custom: custom.clone(),
+        ..StreamMetadata::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(store.metadata("s").unwrap().unwrap().custom, custom);
+    // Metadata may precede the stream's first event.
+    store
+        .set_metadata("later".into(), StreamMetadata::default())
+        .await
+        .unwrap();
+    assert!(matches!(
+        read(&store, "later"),
+        Err(StoreError::StreamNotFound(_))
+    ));
+    store
+        .append("later".into(), ExpectedRevision::NoStream, events(1))
+        .await
+        .unwrap();
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn deletes_soft_and_hard() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .append("s".into(), ExpectedRevision::Any, events(3))
+        .await
+        .unwrap();
+    store
+        .delete("s".into(), ExpectedRevision::Exact(2), false)
+        .await
+        .unwrap();
+    assert!(matches!(
+        read(&store, "s"),
+        Err(StoreError::StreamNotFound(_))
+    ));
+    assert_eq!(store.last_revision("s").unwrap(), None);
+    assert!(matches!(
+        store.delete("s".into(), ExpectedRevision::Any, false).await,
+        Err(StoreError::StreamNotFound(_))
+    ));
+    let outcome = store
+        .append("s".into(), ExpectedRevision::NoStream, events(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome.first_revision, 3,
+        "numbering continues after a soft delete"
+    );
+    assert_eq!(revisions(&read(&store, "s").unwrap()), vec![3]);
+
+    store
+        .delete("s".into(), ExpectedRevision::Any, true)
+        .await
+        .unwrap();
+    assert!(matches!(
+        read(&store, "s"),
+        Err(StoreError::StreamDeleted(_))
+    ));
+    assert!(matches!(
+        store
+            .append("s".into(), ExpectedRevision::Any, events(1))
+            .await,
+        Err(StoreError::StreamDeleted(_))
+    ));
+    assert!(matches!(
+        store.delete("s".into(), ExpectedRevision::Any, true).await,
+        Err(StoreError::StreamDeleted(_))
+    ));
+    assert!(matches!(
+        store
+            .delete("never".into(), ExpectedRevision::Any, false)
+            .await,
+        Err(StoreError::StreamNotFound(_))
+    ));
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn reopening_continues_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .append("a".into(), ExpectedRevision::Any, events(2))
+        .await
+        .unwrap();
+    store
+        .append("b".into(), ExpectedRevision::Any, events(1))
+        .await
+        .unwrap();
+    store.shutdown().await;
+    drop(store);
+
+    let store = open(dir.path());
+    assert_eq!(store.head(), 3);
+    assert_eq!(store.stream_count().unwrap(), 2);
+    let outcome = store
+        .append("c".into(), ExpectedRevision::NoStream, events(1))
+        .await
+        .unwrap();
+    assert_eq!(outcome.first_position, 3);
+    assert_eq!(store.stream_count().unwrap(), 3);
+    assert_eq!(revisions(&read(&store, "a").unwrap()), vec![0, 1]);
+    // Stream ids are not reused: each stream still reads only its own events.
+    assert_eq!(read(&store, "c").unwrap().events.len(), 1);
+    store.shutdown().await;
+    assert!(matches!(
+        store
+            .append("a".into(), ExpectedRevision::Any, events(1))
+            .await,
+        Err(StoreError::ShuttingDown)
+    ));
+}
+
+#[test]
+fn stream_names_follow_the_contract() {
+    assert!(validate_stream_name("order-1").is_ok());
+    assert!(validate_stream_name(&"x".repeat(1024)).is_ok());
+    assert!(validate_stream_name(&"x".repeat(1025)).is_err());
+    assert!(validate_stream_name("").is_err());
+    assert!(validate_stream_name("a\nb").is_err());
+    assert!(validate_stream_name("zürich-1").is_ok());
+    assert_eq!(
+        "12".parse::<ExpectedRevision>(),
+        Ok(ExpectedRevision::Exact(12))
+    );
+    assert!("-1".parse::<ExpectedRevision>().is_err());
+}

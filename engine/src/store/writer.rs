@@ -1,0 +1,513 @@
+//! The single writer: group commit of queued requests, one redb write transaction and one fsync
+//! per batch.
+//!
+//! Every request in a batch is validated against the state the transaction sees so far (so two
+//! appends to one stream in one batch see each other) before it writes anything, which keeps a
+//! rejected request from leaving a partial write. A storage failure aborts the whole transaction
+//! and fails every request of the batch: nothing of it is visible, nothing is acknowledged.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::record::{EventRecord, StreamState};
+use super::{
+    AppendOutcome, EVENT_IDS, ExpectedRevision, LOG, META, NEXT_STREAM_ID, NewEvent, STREAM_INDEX,
+    STREAMS, StoreError, StoreOptions, StreamMetadata,
+};
+use crate::metrics::Metrics;
+
+/// Requests waiting for the writer; senders wait when it is full, which is the backpressure.
+pub(super) const QUEUE_CAPACITY: usize = 8192;
+/// A batch stops taking queued requests once it holds this many payload bytes.
+const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
+/// With fsync turned off, still make the database durable this often.
+const NON_DURABLE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+pub(super) enum Request {
+    Append {
+        stream: String,
+        expected: ExpectedRevision,
+        events: Vec<NewEvent>,
+        reply: Reply<AppendOutcome>,
+    },
+    SetMetadata {
+        stream: String,
+        metadata: StreamMetadata,
+        reply: Reply<()>,
+    },
+    Delete {
+        stream: String,
+        expected: ExpectedRevision,
+        hard: bool,
+        reply: Reply<()>,
+    },
+    Shutdown {
+        reply: Reply<()>,
+    },
+}
+
+impl Request {
+    fn payload_bytes(&self) -> usize {
+        match self {
+            Request::Append { events, .. } => events.iter().map(NewEvent::size).sum(),
+            _ => 0,
+        }
+    }
+
+    fn answer(self, answer: Result<Answer, StoreError>) {
+        // A caller that went away no longer needs its answer; the write stands regardless.
+        match self {
+            Request::Append { reply, .. } => {
+                let _ = reply.send(answer.map(|answer| match answer {
+                    Answer::Appended(outcome) => outcome,
+                    Answer::Done => unreachable!("an append answers with its outcome"),
+                }));
+            }
+            Request::SetMetadata { reply, .. }
+            | Request::Delete { reply, .. }
+            | Request::Shutdown { reply } => {
+                let _ = reply.send(answer.map(|_| ()));
+            }
+        }
+    }
+}
+
+enum Answer {
+    Appended(AppendOutcome),
+    Done,
+}
+
+/// Creates the tables of a new store and reads the counters the writer continues from.
+pub(super) fn initialize(db: &Database) -> Result<(u64, u64), StoreError> {
+    let txn = db.begin_write()?;
+    let counters = {
+        let tables = Tables::open(&txn)?;
+        let next_position = tables
+            .log
+            .last()?
+            .map_or(0, |(position, _)| position.value() + 1);
+        let next_stream_id = tables.meta.get(NEXT_STREAM_ID)?.map_or(0, |id| id.value());
+        (next_position, next_stream_id)
+    };
+    txn.commit()?;
+    Ok(counters)
+}
+
+struct Tables<'txn> {
+    log: Table<'txn, u64, &'static [u8]>,
+    streams: Table<'txn, &'static str, &'static [u8]>,
+    stream_index: Table<'txn, (u64, u64), u64>,
+    event_ids: Table<'txn, (u64, u128), u64>,
+    meta: Table<'txn, &'static str, u64>,
+}
+
+impl<'txn> Tables<'txn> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Tables {
+            log: txn.open_table(LOG)?,
+            streams: txn.open_table(STREAMS)?,
+            stream_index: txn.open_table(STREAM_INDEX)?,
+            event_ids: txn.open_table(EVENT_IDS)?,
+            meta: txn.open_table(META)?,
+        })
+    }
+
+    fn stream_state(&self, stream: &str) -> Result<Option<StreamState>, StoreError> {
+        match self.streams.get(stream)? {
+            Some(bytes) => Ok(Some(StreamState::decode(bytes.value())?)),
+            None => Ok(None),
+        }
+    }
+}
+
+pub(super) struct Writer {
+    db: Arc<Database>,
+    options: StoreOptions,
+    metrics: Arc<Metrics>,
+    head: watch::Sender<u64>,
+    next_position: u64,
+    next_stream_id: u64,
+    last_durable_commit: Instant,
+    record_buffer: Vec<u8>,
+}
+
+impl Writer {
+    pub(super) fn new(
+        db: Arc<Database>,
+        options: StoreOptions,
+        metrics: Arc<Metrics>,
+        head: watch::Sender<u64>,
+        next_position: u64,
+        next_stream_id: u64,
+    ) -> Self {
+        Writer {
+            db,
+            options,
+            metrics,
+            head,
+            next_position,
+            next_stream_id,
+            last_durable_commit: Instant::now(),
+            record_buffer: Vec::new(),
+        }
+    }
+
+    pub(super) fn run(mut self, mut queue: mpsc::Receiver<Request>) {
+        let mut batch = Vec::new();
+        while let Some(first) = queue.blocking_recv() {
+            let mut shutdown = None;
+            let mut bytes = first.payload_bytes();
+            let mut next = Some(first);
+            while let Some(request) = next.take() {
+                if let Request::Shutdown { .. } = request {
+                    shutdown = Some(request);
+                    break;
+                }
+                batch.push(request);
+                if bytes < MAX_BATCH_BYTES {
+                    next = queue.try_recv().ok();
+                    bytes += next.as_ref().map_or(0, Request::payload_bytes);
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(&mut batch, shutdown.is_some());
+            }
+            if let Some(shutdown) = shutdown {
+                if !self.options.durable {
+                    // Non-durable commits only reach the disk with a later durable one.
+                    let result = self
+                        .db
+                        .begin_write()
+                        .map_err(StoreError::from)
+                        .and_then(|txn| txn.commit().map_err(StoreError::from));
+                    if let Err(error) = &result {
+                        tracing::error!(%error, "final durable commit failed");
+                    }
+                }
+                shutdown.answer(Ok(Answer::Done));
+                return;
+            }
+        }
+    }
+
+    fn commit(&mut self, batch: &mut Vec<Request>, force_durable: bool) {
+        let started = Instant::now();
+        let (position_before, stream_id_before) = (self.next_position, self.next_stream_id);
+        let events_before = position_before;
+        match self.write(batch, force_durable) {
+            Ok(answers) => {
+                let appends = answers
+                    .iter()
+                    .filter(|answer| matches!(answer, Ok(Answer::Appended(_))))
+                    .count();
+                let events = self.next_position - events_before;
+                self.metrics
+                    .record_commit(appends as u64, events, started.elapsed());
+                self.head.send_replace(self.next_position);
+                for (request, answer) in batch.drain(..).zip(answers) {
+                    request.answer(answer);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, requests = batch.len(), "commit failed; the batch is rejected");
+                self.next_position = position_before;
+                self.next_stream_id = stream_id_before;
+                for request in batch.drain(..) {
+                    request.answer(Err(StoreError::Storage(error.to_string())));
+                }
+            }
+        }
+    }
+
+    /// Writes the batch in one transaction. The outer error aborts everything; inner errors are
+    /// individual requests that were rejected without writing.
+    #[allow(clippy::type_complexity)]
+    fn write(
+        &mut self,
+        batch: &[Request],
+        force_durable: bool,
+    ) -> Result<Vec<Result<Answer, StoreError>>, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        let durable = self.options.durable
+            || force_durable
+            || self.last_durable_commit.elapsed() >= NON_DURABLE_SYNC_INTERVAL;
+        if !durable {
+            txn.set_durability(Durability::None)
+                .map_err(StoreError::storage)?;
+        }
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis() as i64);
+        let stream_id_before = self.next_stream_id;
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut bytes_written = 0u64;
+        {
+            let mut tables = Tables::open(&txn)?;
+            for request in batch {
+                let answer = match request {
+                    Request::Append {
+                        stream,
+                        expected,
+                        events,
+                        ..
+                    } => {
+                        bytes_written += request.payload_bytes() as u64;
+                        self.append(&mut tables, stream, *expected, events, now_ms)
+                            .map(Answer::Appended)
+                    }
+                    Request::SetMetadata {
+                        stream, metadata, ..
+                    } => self
+                        .set_metadata(&mut tables, stream, metadata)
+                        .map(|()| Answer::Done),
+                    Request::Delete {
+                        stream,
+                        expected,
+                        hard,
+                        ..
+                    } => self
+                        .delete(&mut tables, stream, *expected, *hard)
+                        .map(|()| Answer::Done),
+                    Request::Shutdown { .. } => unreachable!("shutdown ends a batch"),
+                };
+                if let Err(StoreError::Storage(_)) = answer {
+                    return Err(answer.err().expect("an error"));
+                }
+                answers.push(answer);
+            }
+            if self.next_stream_id != stream_id_before {
+                tables.meta.insert(NEXT_STREAM_ID, self.next_stream_id)?;
+            }
+        }
+        txn.commit()?;
+        if durable {
+            self.last_durable_commit = Instant::now();
+        }
+        self.metrics.record_bytes_written(bytes_written);
+        Ok(answers)
+    }
+
+    fn new_stream(&mut self) -> StreamState {
+        let id = self.next_stream_id;
+        self.next_stream_id += 1;
+        StreamState {
+            id,
+            ..StreamState::default()
+        }
+    }
+
+    fn append(
+        &mut self,
+        tables: &mut Tables,
+        stream: &str,
+        expected: ExpectedRevision,
+        events: &[NewEvent],
+        now_ms: i64,
+    ) -> Result<AppendOutcome, StoreError> {
+        if events.is_empty() {
+            return Err(StoreError::InvalidRequest(
+                "an append needs at least one event".into(),
+            ));
+        }
+        reject_repeated_ids(events)?;
+        let state = tables.stream_state(stream)?;
+        if let Some(state) = &state {
+            if state.tombstoned {
+                return Err(StoreError::StreamDeleted(stream.to_owned()));
+            }
+            if let Some(outcome) = replayed(tables, stream, state, expected, events)? {
+                return Ok(outcome);
+            }
+        }
+        let current = state.as_ref().and_then(StreamState::current_revision);
+        if !expected.admits(current) {
+            return Err(StoreError::WrongExpectedRevision {
+                expected,
+                actual: current,
+            });
+        }
+        let mut state = match state {
+            Some(state) => state,
+            None => self.new_stream(),
+        };
+        let first_revision = state.next_revision;
+        let first_position = self.next_position;
+        for (offset, event) in (0u64..).zip(events) {
+            let revision = first_revision + offset;
+            let position = first_position + offset;
+            self.record_buffer.clear();
+            EventRecord {
+                stream,
+                revision,
+                created_ms: now_ms,
+                id: event.id,
+                event_type: &event.event_type,
+                metadata: &event.metadata,
+                data: &event.data,
+                binary: event.binary,
+            }
+            .encode_into(&mut self.record_buffer);
+            tables.log.insert(position, self.record_buffer.as_slice())?;
+            tables.stream_index.insert((state.id, revision), position)?;
+            tables
+                .event_ids
+                .insert((state.id, event.id.as_u128()), revision)?;
+        }
+        let count = events.len() as u64;
+        state.next_revision += count;
+        state.soft_deleted = false;
+        tables.streams.insert(stream, state.encode().as_slice())?;
+        self.next_position += count;
+        Ok(AppendOutcome {
+            first_revision,
+            last_revision: first_revision + count - 1,
+            first_position,
+            last_position: first_position + count - 1,
+        })
+    }
+
+    fn set_metadata(
+        &mut self,
+        tables: &mut Tables,
+        stream: &str,
+        metadata: &StreamMetadata,
+    ) -> Result<(), StoreError> {
+        let mut state = match tables.stream_state(stream)? {
+            Some(state) if state.tombstoned => {
+                return Err(StoreError::StreamDeleted(stream.to_owned()));
+            }
+            Some(state) => state,
+            None => self.new_stream(),
+        };
+        state.metadata = serde_json::to_vec(metadata).map_err(StoreError::storage)?;
+        tables.streams.insert(stream, state.encode().as_slice())?;
+        Ok(())
+    }
+
+    fn delete(
+        &mut self,
+        tables: &mut Tables,
+        stream: &str,
+        expected: ExpectedRevision,
+        hard: bool,
+    ) -> Result<(), StoreError> {
+        let state = tables.stream_state(stream)?;
+        if state.as_ref().is_some_and(|state| state.tombstoned) {
+            return Err(StoreError::StreamDeleted(stream.to_owned()));
+        }
+        let current = state.as_ref().and_then(StreamState::current_revision);
+        if !expected.admits(current) {
+            return Err(StoreError::WrongExpectedRevision {
+                expected,
+                actual: current,
+            });
+        }
+        let mut state = match state {
+            Some(state) => state,
+            None if hard => self.new_stream(),
+            None => return Err(StoreError::StreamNotFound(stream.to_owned())),
+        };
+        if hard {
+            state.tombstoned = true;
+        } else {
+            if current.is_none() {
+                return Err(StoreError::StreamNotFound(stream.to_owned()));
+            }
+            state.soft_deleted = true;
+            state.deleted_before = state.next_revision;
+        }
+        tables.streams.insert(stream, state.encode().as_slice())?;
+        Ok(())
+    }
+}
+
+fn reject_repeated_ids(events: &[NewEvent]) -> Result<(), StoreError> {
+    if events.len() < 2 {
+        return Ok(());
+    }
+    let mut ids: Vec<u128> = events.iter().map(|event| event.id.as_u128()).collect();
+    ids.sort_unstable();
+    match ids.windows(2).find(|pair| pair[0] == pair[1]) {
+        Some(pair) => Err(StoreError::InvalidRequest(format!(
+            "event id {} appears twice in one append",
+            uuid::Uuid::from_u128(pair[0])
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Recognises a re-sent append: the same event ids already stored contiguously in this stream.
+/// Returns the original outcome, or an error when some ids are stored but not as that same append.
+fn replayed(
+    tables: &Tables,
+    stream: &str,
+    state: &StreamState,
+    expected: ExpectedRevision,
+    events: &[NewEvent],
+) -> Result<Option<AppendOutcome>, StoreError> {
+    let mut stored = Vec::with_capacity(events.len());
+    for event in events {
+        stored.push(
+            tables
+                .event_ids
+                .get((state.id, event.id.as_u128()))?
+                .map(|r| r.value()),
+        );
+    }
+    let Some(first_revision) = stored.iter().copied().flatten().next() else {
+        return Ok(None);
+    };
+    let same_place = stored[0] == Some(first_revision)
+        && (0u64..)
+            .zip(&stored)
+            .all(|(offset, revision)| *revision == Some(first_revision + offset));
+    if !same_place {
+        let (event, revision) = events
+            .iter()
+            .zip(&stored)
+            .find_map(|(event, revision)| revision.map(|revision| (event, revision)))
+            .expect("one id is stored");
+        return Err(StoreError::InvalidRequest(format!(
+            "event id {} was already appended to stream {stream:?} at revision {revision} by another append",
+            event.id
+        )));
+    }
+    let admitted = match expected {
+        ExpectedRevision::Any => true,
+        ExpectedRevision::NoStream => first_revision == 0 || first_revision == state.deleted_before,
+        ExpectedRevision::StreamExists => first_revision > 0,
+        ExpectedRevision::Exact(revision) => revision + 1 == first_revision,
+    };
+    if !admitted {
+        let actual = state.current_revision();
+        if expected.admits(actual) {
+            // Appending would store these ids a second time in the stream.
+            return Err(StoreError::InvalidRequest(format!(
+                "event id {} was already appended to stream {stream:?} at revision {first_revision}",
+                events[0].id
+            )));
+        }
+        return Err(StoreError::WrongExpectedRevision { expected, actual });
+    }
+    let last_revision = first_revision + events.len() as u64 - 1;
+    let position = |revision: u64| -> Result<u64, StoreError> {
+        tables
+            .stream_index
+            .get((state.id, revision))?
+            .map(|position| position.value())
+            .ok_or_else(|| {
+                StoreError::Storage(format!("index entry missing for {stream}@{revision}"))
+            })
+    };
+    Ok(Some(AppendOutcome {
+        first_revision,
+        last_revision,
+        first_position: position(first_revision)?,
+        last_position: position(last_revision)?,
+    }))
+}
