@@ -195,6 +195,32 @@ mod tests {
         );
     }
 
+    fn request_from(peer: &str, token: Option<&str>) -> Request {
+        let mut request = Request::builder().method(Method::GET).uri("/streams/a");
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let mut request = request.body(axum::body::Body::empty()).unwrap();
+        request.extensions_mut().insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+        request
+    }
+
+    #[test]
+    fn without_tokens_only_loopback_clients_pass() {
+        let none = Tokens::default();
+        assert!(check(&none, &request_from("127.0.0.1:5000", None)).is_ok());
+        assert!(check(&none, &request_from("[::1]:5000", None)).is_ok());
+        assert!(check(&none, &request_from("[::ffff:127.0.0.1]:5000", None)).is_ok());
+        let refused = check(&none, &request_from("192.0.2.7:5000", None)).unwrap_err();
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+
+        let mut tokens = Tokens::default();
+        tokens.add("reader:reader-token").unwrap();
+        assert!(check(&tokens, &request_from("192.0.2.7:5000", Some("reader-token"))).is_ok());
+        let refused = check(&tokens, &request_from("127.0.0.1:5000", None)).unwrap_err();
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    }
+
     #[test]
     fn tokens_parse_and_match() {
         let mut tokens = Tokens::default();

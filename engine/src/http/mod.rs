@@ -146,8 +146,12 @@ pub struct ServeConfig {
 }
 
 /// Runs the server until SIGTERM or Ctrl-C, then drains requests and closes the store.
+/// Prints `refract listening on http://ADDRESS` on stdout once it accepts connections.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
-    serve_until(config, shutdown_signal(), |_| ()).await
+    serve_until(config, shutdown_signal(), |address| {
+        println!("refract listening on http://{address}");
+    })
+    .await
 }
 
 /// Runs the server until `stop` completes. `ready` is called with the bound address.

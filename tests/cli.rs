@@ -1,0 +1,136 @@
+//! The command line's client commands against a running server.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use common::Server;
+use serde_json::{Value, json};
+
+fn refract(server: &Server, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(common::BINARY)
+        .args(args)
+        .args(["--server", &server.base])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(stdin) = stdin {
+        input.write_all(stdin.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn append_read_and_delete() {
+    let server = Server::start();
+    let output = refract(
+        &server,
+        &[
+            "append",
+            "order-1",
+            "--type",
+            "OrderPlaced",
+            "--data",
+            r#"{"total": 42}"#,
+            "--metadata",
+            r#"{"$correlationId": "c-1"}"#,
+            "--expected-revision",
+            "no_stream",
+        ],
+        None,
+    );
+    assert!(stdout(&output).contains("revisions 0..=0"));
+    let lines =
+        "{\"type\": \"ItemAdded\", \"data\": {\"sku\": \"a\"}}\n\n{\"type\": \"OrderShipped\"}\n";
+    let output = refract(&server, &["append", "order-1", "--json"], Some(lines));
+    let result: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(
+        result,
+        json!({"first_revision": 1, "last_revision": 2, "first_position": 1, "last_position": 2})
+    );
+
+    let output = refract(&server, &["read", "order-1"], None);
+    let text = stdout(&output);
+    assert_eq!(text.lines().count(), 3);
+    assert!(
+        text.lines().next().unwrap().starts_with("0@order-1"),
+        "{text}"
+    );
+    assert!(text.contains(r#"{"total":42}"#));
+
+    let output = refract(
+        &server,
+        &["read", "order-1", "--backward", "--limit", "1", "--json"],
+        None,
+    );
+    let event: Value = serde_json::from_str(stdout(&output).trim()).unwrap();
+    assert_eq!(
+        (event["revision"].clone(), event["type"].clone()),
+        (json!(2), json!("OrderShipped"))
+    );
+
+    let output = refract(&server, &["read", "$all", "--from", "1", "--json"], None);
+    assert_eq!(stdout(&output).lines().count(), 2);
+
+    let output = refract(
+        &server,
+        &["read", "order-1", "--follow", "--limit", "3"],
+        None,
+    );
+    assert_eq!(stdout(&output).lines().count(), 3);
+
+    assert!(stdout(&refract(&server, &["delete", "order-1"], None)).contains("deleted order-1"));
+    let output = refract(&server, &["read", "order-1"], None);
+    assert!(!output.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_are_one_line_with_a_non_zero_exit() {
+    let server = Server::start();
+    let cases: Vec<(Vec<&str>, Option<&str>, &str)> = vec![
+        (
+            vec!["append", "s-1", "--type", "T", "--data", "{not json"],
+            None,
+            "--data is not valid JSON",
+        ),
+        (
+            vec!["append", "s-1", "--type", "T", "--expected-revision", "5"],
+            None,
+            "wrong_expected_revision",
+        ),
+        (vec!["append", "$ce-x", "--type", "T"], None, "reserved"),
+        (vec!["append", "s-1"], Some("not json\n"), "stdin line 1"),
+        (vec!["append", "s-1"], Some(""), "no events"),
+        (vec!["read", "missing-1"], None, "stream_not_found"),
+    ];
+    for (args, stdin, expected) in cases {
+        let output = refract(&server, &args, stdin);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(expected),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    }
+    let output = Command::new(common::BINARY)
+        .args(["read", "s-1", "--server", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot reach"));
+}

@@ -1,0 +1,224 @@
+//! Starts the real `refract` binary on a temporary data directory and a free port.
+#![allow(dead_code)] // Each test file uses a different part of this harness.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use serde_json::{Value, json};
+
+pub const BINARY: &str = env!("CARGO_BIN_EXE_refract");
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub dir: PathBuf,
+    _temporary: Option<tempfile::TempDir>,
+    pub http: reqwest::Client,
+}
+
+impl Server {
+    /// A server on a fresh temporary data directory.
+    pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    pub fn start_with(args: &[&str]) -> Server {
+        let temporary = tempfile::tempdir().expect("temporary directory");
+        let dir = temporary.path().to_path_buf();
+        let mut server = Server::start_in(&dir, args);
+        server._temporary = Some(temporary);
+        server
+    }
+
+    /// A server on `dir`, which the caller keeps (for restarts).
+    pub fn start_in(dir: &Path, args: &[&str]) -> Server {
+        let mut child = Command::new(BINARY)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(dir)
+            .args(args)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start refract");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the ready line");
+        let base = line
+            .trim()
+            .strip_prefix("refract listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Server {
+            child,
+            base,
+            dir: dir.to_path_buf(),
+            _temporary: None,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the process to exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the server did not stop within 10 s of SIGTERM");
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        status_and_json(response).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self.http.get(self.url(path)).send().await.expect("GET");
+        status_and_json(response).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .http
+            .put(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("PUT");
+        status_and_json(response).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .delete(self.url(path))
+            .send()
+            .await
+            .expect("DELETE");
+        status_and_json(response).await
+    }
+
+    /// Appends `count` events of type `Test` with data `{"n": i}` and returns the response.
+    pub async fn append_n(&self, stream: &str, count: usize) -> Value {
+        let events: Vec<Value> = (0..count)
+            .map(|n| json!({"type": "Test", "data": {"n": n}}))
+            .collect();
+        let (status, body) = self
+            .post(&format!("/streams/{stream}"), json!(events))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Every event of a stream (or `$all`), following `next`.
+    pub async fn read_everything(&self, stream: &str) -> Vec<Value> {
+        let mut events = Vec::new();
+        let mut from = 0;
+        loop {
+            let (status, page) = self
+                .get(&format!("/streams/{stream}?from={from}&limit=4096"))
+                .await;
+            assert_eq!(status, 200, "{page}");
+            events.extend(page["events"].as_array().expect("events").iter().cloned());
+            match page["next"].as_u64() {
+                Some(next) => from = next,
+                None => return events,
+            }
+        }
+    }
+
+    /// Opens an SSE subscription at `path` with optional extra headers.
+    pub async fn subscribe(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> impl Stream<Item = Sse> + Unpin + use<> {
+        let mut request = self.http.get(self.url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("subscribe");
+        assert_eq!(response.status(), 200);
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        use eventsource_stream::Eventsource;
+        Box::pin(response.bytes_stream().eventsource().map(|message| {
+            let message = message.expect("SSE message");
+            Sse {
+                id: message.id,
+                event: message.event,
+                data: message.data,
+            }
+        }))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Sse {
+    pub id: String,
+    pub event: String,
+    pub data: String,
+}
+
+impl Sse {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).expect("SSE data is JSON")
+    }
+}
+
+pub async fn status_and_json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text:?}"))
+    };
+    (status, body)
+}
+
+/// Waits for the next SSE message, failing the test after 10 s.
+pub async fn next_message(stream: &mut (impl Stream<Item = Sse> + Unpin)) -> Sse {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("an SSE message within 10 s")
+        .expect("the subscription stays open")
+}

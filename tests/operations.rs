@@ -1,0 +1,285 @@
+//! Operations: health, info, metrics, the OpenAPI document, auth, graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Server;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn health_and_info() {
+    let server = Server::start();
+    assert_eq!(server.get("/health").await, (200, json!({"status": "ok"})));
+    server.append_n("a-1", 2).await;
+    server.append_n("b-1", 1).await;
+    let (status, info) = server.get("/info").await;
+    assert_eq!(status, 200);
+    assert_eq!(info["head_position"], 3);
+    assert_eq!(info["streams"], 2);
+    assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(info["data_dir"], server.dir.display().to_string());
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text() {
+    let server = Server::start();
+    server.append_n("a-1", 3).await;
+    server.get("/streams/a-1").await;
+    let response = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    for expected in [
+        "refract_appends_total 1",
+        "refract_events_written_total 3",
+        "refract_bytes_written_total ",
+        "refract_commit_batch_events_bucket{le=",
+        "refract_commit_seconds_bucket{le=",
+        "refract_head_position 3",
+        r#"refract_http_request_seconds_count{method="POST",route="/streams/{stream}",status="200"} 1"#,
+        r#"refract_http_request_seconds_count{method="GET",route="/streams/{stream}",status="200"} 1"#,
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+    }
+    assert!(text.trim_end().ends_with("# EOF"));
+}
+
+/// Every operation the document lists is routed (no 404 "no such route", no 405), and every
+/// operation documents its responses; writes document their request bodies.
+#[tokio::test]
+async fn openapi_document_matches_the_router() {
+    let server = Server::start();
+    let (status, document) = server.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    assert!(document["openapi"].as_str().unwrap().starts_with("3.1"));
+    let paths = document["paths"].as_object().unwrap();
+    for expected in [
+        "/streams/{stream}",
+        "/streams/$all",
+        "/streams/{stream}/metadata",
+        "/streams/{stream}/subscribe",
+        "/streams/$all/subscribe",
+        "/health",
+        "/info",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        assert!(paths.contains_key(expected), "{expected} is not documented");
+    }
+    let mut operations = 0;
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().unwrap() {
+            if !["get", "post", "put", "delete", "patch"].contains(&method.as_str()) {
+                continue;
+            }
+            operations += 1;
+            let responses = operation["responses"].as_object().unwrap();
+            assert!(
+                !responses.is_empty(),
+                "{method} {path} documents no responses"
+            );
+            let success = responses
+                .iter()
+                .find(|(status, _)| status.starts_with('2'))
+                .unwrap()
+                .1;
+            if method != "delete" {
+                assert!(
+                    success.get("content").is_some(),
+                    "{method} {path}: no response schema"
+                );
+            }
+            if method == "post" || method == "put" {
+                assert!(
+                    operation["requestBody"]["content"].is_object(),
+                    "{method} {path}: no request schema"
+                );
+            }
+            let concrete = path.replace("{stream}", "openapi-probe");
+            let request = server
+                .http
+                .request(
+                    method.to_uppercase().parse().unwrap(),
+                    server.url(&concrete),
+                )
+                .header("content-type", "application/json")
+                .body("{}");
+            let response = tokio::time::timeout(Duration::from_secs(5), request.send())
+                .await
+                .unwrap()
+                .unwrap();
+            let status = response.status().as_u16();
+            assert_ne!(status, 405, "{method} {path} is documented but not routed");
+            if status == 404 && !path.ends_with("subscribe") {
+                let body: Value = response.json().await.unwrap();
+                assert_ne!(
+                    body["error"], "not_found",
+                    "{method} {path} is documented but not routed"
+                );
+            }
+        }
+    }
+    assert!(operations >= 10, "only {operations} operations documented");
+    // Schemas for the shapes of the contract.
+    let schemas = document["components"]["schemas"].as_object().unwrap();
+    for schema in [
+        "EventBody",
+        "EventJson",
+        "ReadResponse",
+        "AppendResponse",
+        "ErrorBody",
+        "StreamMetadata",
+    ] {
+        assert!(schemas.contains_key(schema), "schema {schema} missing");
+    }
+}
+
+#[tokio::test]
+async fn bearer_tokens_and_roles() {
+    let tokens_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tokens_file.path(), "# team tokens\nadmin:admin-token-1\n\n").unwrap();
+    let server = Server::start_with(&[
+        "--token",
+        "reader:reader-token-1",
+        "--token",
+        "writer:writer-token-1",
+        "--tokens-file",
+        tokens_file.path().to_str().unwrap(),
+    ]);
+    let call = |method: &str, path: &str, token: Option<&str>| {
+        let mut request = server
+            .http
+            .request(method.parse().unwrap(), server.url(path))
+            .header("content-type", "application/json")
+            .body(r#"{"type": "T"}"#);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move { common::status_and_json(request.send().await.unwrap()).await }
+    };
+    assert_eq!(call("GET", "/health", None).await.0, 200);
+    assert_eq!(call("GET", "/openapi.json", None).await.0, 200);
+    let (status, body) = call("GET", "/streams/a-1", None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (status, body) = call("GET", "/streams/a-1", Some("wrong-token-1")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    assert_eq!(call("GET", "/info", Some("reader-token-1")).await.0, 200);
+    let (status, body) = call("POST", "/streams/a-1", Some("reader-token-1")).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")));
+    assert_eq!(
+        call("POST", "/streams/a-1", Some("writer-token-1")).await.0,
+        200
+    );
+    assert_eq!(
+        call("GET", "/streams/a-1", Some("reader-token-1")).await.0,
+        200
+    );
+    assert_eq!(
+        call("DELETE", "/streams/a-1", Some("writer-token-1"))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        call("DELETE", "/streams/a-1", Some("admin-token-1"))
+            .await
+            .0,
+        204
+    );
+}
+
+#[test]
+fn bad_token_configuration_fails_at_start() {
+    for args in [
+        vec!["--token", "owner:some-token-1"],
+        vec!["--token", "reader:short"],
+        vec!["--tokens-file", "/nonexistent/tokens"],
+    ] {
+        let output = std::process::Command::new(common::BINARY)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(tempfile::tempdir().unwrap().path())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.starts_with("error: "), "{stderr}");
+    }
+}
+
+/// SIGTERM while appends are in flight: the server exits cleanly and every acknowledged event is
+/// there after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn graceful_shutdown_keeps_every_acknowledged_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_in(dir.path(), &[]);
+    let base = server.base.clone();
+    let mut writers = Vec::new();
+    for writer in 0..16 {
+        let base = base.clone();
+        writers.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut acknowledged = Vec::new();
+            for n in 0..10_000 {
+                let id = format!("00000000-0000-4000-8000-{:06}{:06}", writer, n);
+                let result = client
+                    .post(format!("{base}/streams/shutdown-{writer}"))
+                    .json(&json!({"id": id, "type": "T"}))
+                    .send()
+                    .await;
+                match result {
+                    Ok(response) if response.status() == 200 => acknowledged.push(id),
+                    _ => break,
+                }
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(server.terminate(), "the server did not exit cleanly");
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        acknowledged.push(writer.await.unwrap());
+    }
+    assert!(
+        acknowledged.iter().any(|ids| !ids.is_empty()),
+        "nothing was appended before SIGTERM"
+    );
+    drop(server);
+
+    let server = Server::start_in(dir.path(), &[]);
+    for (writer, ids) in acknowledged.iter().enumerate() {
+        let stored: Vec<String> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            server
+                .read_everything(&format!("shutdown-{writer}"))
+                .await
+                .iter()
+                .map(|event| event["id"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            &stored[..ids.len()],
+            &ids[..],
+            "writer {writer} lost acknowledged events"
+        );
+    }
+}
