@@ -9,13 +9,15 @@ use std::time::Duration;
 use common::Server;
 use serde_json::{Value, json};
 
+/// A batch a writer sent: its stream, its event ids, and whether the server acknowledged it.
+type SentBatch = (String, Vec<String>, bool);
+
 /// Many writers, `kill -9` mid-load, restart: every acknowledged event is there, positions have no
 /// gaps, and every batch is either wholly present or wholly absent. Twice, on the same store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_loses_no_acknowledged_event_and_shows_no_partial_batch() {
     let dir = tempfile::tempdir().unwrap();
-    // Every batch sent: its ids, stream, and whether the server acknowledged it.
-    let batches: Arc<Mutex<Vec<(String, Vec<String>, bool)>>> = Arc::default();
+    let batches: Arc<Mutex<Vec<SentBatch>>> = Arc::default();
     for round in 0..2 {
         let mut server = Server::start_in(dir.path(), &[]);
         let mut writers = Vec::new();
@@ -82,7 +84,7 @@ async fn kill_9_loses_no_acknowledged_event_and_shows_no_partial_batch() {
         .collect();
     assert_eq!(stored.len(), all.len(), "an event is stored twice");
 
-    let batches = batches.lock().unwrap();
+    let batches = std::mem::take(&mut *batches.lock().unwrap());
     let acknowledged = batches.iter().filter(|batch| batch.2).count();
     assert!(
         acknowledged > 50,

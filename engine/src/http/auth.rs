@@ -201,7 +201,9 @@ mod tests {
             request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let mut request = request.body(axum::body::Body::empty()).unwrap();
-        request.extensions_mut().insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
+        request
+            .extensions_mut()
+            .insert(ConnectInfo(peer.parse::<SocketAddr>().unwrap()));
         request
     }
 
@@ -216,7 +218,13 @@ mod tests {
 
         let mut tokens = Tokens::default();
         tokens.add("reader:reader-token").unwrap();
-        assert!(check(&tokens, &request_from("192.0.2.7:5000", Some("reader-token"))).is_ok());
+        assert!(
+            check(
+                &tokens,
+                &request_from("192.0.2.7:5000", Some("reader-token"))
+            )
+            .is_ok()
+        );
         let refused = check(&tokens, &request_from("127.0.0.1:5000", None)).unwrap_err();
         assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
     }

@@ -14,7 +14,6 @@
 //! - `streams`: name → [`record::StreamState`] bytes.
 //! - `stream_index`: (stream id, revision) → position. A link from a system stream into another
 //!   stream's event is just such an entry: no copy of the event.
-//! - `event_ids`: (stream id, event id) → revision, for idempotent appends.
 //! - `meta`: counters that must survive restarts (the next stream id).
 
 mod read;
@@ -25,19 +24,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
 pub use read::{AllFilter, Slice};
+use record::StreamState;
 
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("streams");
 pub(crate) const STREAM_INDEX: TableDefinition<(u64, u64), u64> =
     TableDefinition::new("stream_index");
-pub(crate) const EVENT_IDS: TableDefinition<(u64, u128), u64> = TableDefinition::new("event_ids");
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const NEXT_STREAM_ID: &str = "next_stream_id";
 
@@ -441,6 +440,25 @@ impl Store {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
+}
+
+/// Loads a stream's state, with its next revision taken from its last index entry.
+pub(crate) fn load_stream(
+    streams: &impl ReadableTable<&'static str, &'static [u8]>,
+    index: &impl ReadableTable<(u64, u64), u64>,
+    name: &str,
+) -> Result<Option<StreamState>, StoreError> {
+    let Some(bytes) = streams.get(name)? else {
+        return Ok(None);
+    };
+    let mut state = StreamState::decode(bytes.value())?;
+    let last = index
+        .range((state.id, 0)..=(state.id, u64::MAX))?
+        .next_back()
+        .transpose()?;
+    let after_last = last.map_or(0, |(key, _)| key.value().1 + 1);
+    state.next_revision = after_last.max(state.deleted_before);
+    Ok(Some(state))
 }
 
 /// Checks a stream name against the contract: 1..=1024 bytes of UTF-8, no control characters.

@@ -8,6 +8,7 @@ use redb::{ReadTransaction, ReadableTable};
 use super::record::{EventRecord, StreamState};
 use super::{
     Direction, LOG, LinkInfo, RecordedEvent, STREAM_INDEX, STREAMS, StoreError, StreamMetadata,
+    load_stream,
 };
 
 /// Most log records one `$all` read looks at, so a filter that matches little cannot make one
@@ -56,11 +57,11 @@ pub(super) fn stream_state(
     txn: &ReadTransaction,
     stream: &str,
 ) -> Result<Option<StreamState>, StoreError> {
-    let streams = txn.open_table(STREAMS)?;
-    match streams.get(stream)? {
-        Some(bytes) => Ok(Some(StreamState::decode(bytes.value())?)),
-        None => Ok(None),
-    }
+    load_stream(
+        &txn.open_table(STREAMS)?,
+        &txn.open_table(STREAM_INDEX)?,
+        stream,
+    )
 }
 
 pub(super) fn parse_metadata(bytes: &[u8]) -> Result<StreamMetadata, StoreError> {

@@ -99,11 +99,16 @@ impl<'a> EventRecord<'a> {
     }
 }
 
-/// What the store knows about one stream. Kept small: it is read and rewritten on every append.
+/// What the store knows about one stream.
+///
+/// Appends do not rewrite it: the next revision is derived from the stream's last index entry
+/// when the state is loaded, so an append to an existing stream dirties one index page and the
+/// log's tail, not a third, random page of the `streams` table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamState {
     pub id: u64,
     /// The revision the next event gets; `0` while the stream has never had an event.
+    /// Not stored: filled in from the index by [`crate::store::load_stream`].
     pub next_revision: u64,
     /// Revisions below this were removed by a soft delete.
     pub deleted_before: u64,
@@ -133,7 +138,7 @@ impl StreamState {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(2 + 24 + self.metadata.len());
+        let mut out = Vec::with_capacity(2 + 16 + self.metadata.len());
         out.push(STATE_FORMAT);
         let mut flags = 0;
         if self.soft_deleted {
@@ -144,7 +149,6 @@ impl StreamState {
         }
         out.push(flags);
         out.extend_from_slice(&self.id.to_le_bytes());
-        out.extend_from_slice(&self.next_revision.to_le_bytes());
         out.extend_from_slice(&self.deleted_before.to_le_bytes());
         out.extend_from_slice(&self.metadata);
         out
@@ -158,7 +162,7 @@ impl StreamState {
         let flags = reader.u8()?;
         Ok(StreamState {
             id: reader.u64()?,
-            next_revision: reader.u64()?,
+            next_revision: 0,
             deleted_before: reader.u64()?,
             soft_deleted: flags & FLAG_SOFT_DELETED != 0,
             tombstoned: flags & FLAG_TOMBSTONED != 0,
@@ -274,13 +278,17 @@ mod tests {
     fn stream_state_round_trips() {
         let state = StreamState {
             id: 7,
-            next_revision: 12,
+            next_revision: 0,
             deleted_before: 3,
             soft_deleted: true,
             tombstoned: false,
             metadata: br#"{"max_count":5}"#.to_vec(),
         };
         assert_eq!(StreamState::decode(&state.encode()).unwrap(), state);
+        let state = StreamState {
+            next_revision: 12,
+            ..state
+        };
         assert_eq!(state.last_revision(), Some(11));
         assert_eq!(state.current_revision(), None);
         assert_eq!(StreamState::default().last_revision(), None);

@@ -163,25 +163,50 @@ async fn resent_appends_are_idempotent() {
     assert_eq!(first, any);
     assert_eq!(store.head(), 4);
 
-    // Some of the ids with others, or the ids at another place: rejected, nothing written.
-    let mut mixed = events(1);
-    mixed.push(batch[1].clone());
+    // A re-send after other appends, still at its own place (expected revision 0), is recognised.
+    store
+        .append("s".into(), ExpectedRevision::Any, events(1))
+        .await
+        .unwrap();
+    let late = store
+        .append("s".into(), ExpectedRevision::Exact(0), batch.clone())
+        .await
+        .unwrap();
+    assert_eq!(late, first);
+    // But not at the end of the stream any more: with `any` these are new events there.
+    let moved = store
+        .append("s".into(), ExpectedRevision::Any, batch.clone())
+        .await
+        .unwrap();
+    assert_eq!(moved.first_revision, 5);
+    // The first events of a stored append, at their place, are a re-send of those.
+    let prefix = store
+        .append("s".into(), ExpectedRevision::Exact(0), batch[..2].to_vec())
+        .await;
+    let prefix = prefix.unwrap();
+    assert_eq!((prefix.first_position, prefix.last_position), (1, 2));
+    // Other ids at a stored place are a conflict.
+    let other = store
+        .append("s".into(), ExpectedRevision::Exact(0), events(1))
+        .await;
     assert!(matches!(
-        store.append("s".into(), ExpectedRevision::Any, mixed).await,
-        Err(StoreError::InvalidRequest(_))
-    ));
-    assert!(matches!(
-        store
-            .append("s".into(), ExpectedRevision::Exact(3), batch.clone())
-            .await,
-        Err(StoreError::InvalidRequest(_))
+        other,
+        Err(StoreError::WrongExpectedRevision {
+            actual: Some(7),
+            ..
+        })
     ));
     // The same ids in another stream are new events there.
     store
-        .append("t".into(), ExpectedRevision::Any, batch)
+        .append("t".into(), ExpectedRevision::NoStream, batch.clone())
         .await
         .unwrap();
-    assert_eq!(store.head(), 7);
+    let again = store
+        .append("t".into(), ExpectedRevision::NoStream, batch)
+        .await
+        .unwrap();
+    assert_eq!(again.first_position, 8);
+    assert_eq!(store.head(), 11);
 
     let twice = [event("A"), event("B")];
     let twice = vec![twice[0].clone(), twice[1].clone(), twice[0].clone()];

@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::record::{EventRecord, StreamState};
 use super::{
-    AppendOutcome, EVENT_IDS, ExpectedRevision, LOG, META, NEXT_STREAM_ID, NewEvent, STREAM_INDEX,
-    STREAMS, StoreError, StoreOptions, StreamMetadata,
+    AppendOutcome, ExpectedRevision, LOG, META, NEXT_STREAM_ID, NewEvent, STREAM_INDEX, STREAMS,
+    StoreError, StoreOptions, StreamMetadata, load_stream,
 };
 use crate::metrics::Metrics;
 
@@ -102,7 +102,6 @@ struct Tables<'txn> {
     log: Table<'txn, u64, &'static [u8]>,
     streams: Table<'txn, &'static str, &'static [u8]>,
     stream_index: Table<'txn, (u64, u64), u64>,
-    event_ids: Table<'txn, (u64, u128), u64>,
     meta: Table<'txn, &'static str, u64>,
 }
 
@@ -112,16 +111,12 @@ impl<'txn> Tables<'txn> {
             log: txn.open_table(LOG)?,
             streams: txn.open_table(STREAMS)?,
             stream_index: txn.open_table(STREAM_INDEX)?,
-            event_ids: txn.open_table(EVENT_IDS)?,
             meta: txn.open_table(META)?,
         })
     }
 
     fn stream_state(&self, stream: &str) -> Result<Option<StreamState>, StoreError> {
-        match self.streams.get(stream)? {
-            Some(bytes) => Ok(Some(StreamState::decode(bytes.value())?)),
-            None => Ok(None),
-        }
+        load_stream(&self.streams, &self.stream_index, stream)
     }
 }
 
@@ -320,7 +315,7 @@ impl Writer {
             if state.tombstoned {
                 return Err(StoreError::StreamDeleted(stream.to_owned()));
             }
-            if let Some(outcome) = replayed(tables, stream, state, expected, events)? {
+            if let Some(outcome) = replayed(tables, state, expected, events)? {
                 return Ok(outcome);
             }
         }
@@ -331,9 +326,17 @@ impl Writer {
                 actual: current,
             });
         }
-        let mut state = match state {
-            Some(state) => state,
-            None => self.new_stream(),
+        // The state row changes only for a new stream or one coming back from a soft delete.
+        let (state, rewrite_state) = match state {
+            Some(state) if state.soft_deleted => (
+                StreamState {
+                    soft_deleted: false,
+                    ..state
+                },
+                true,
+            ),
+            Some(state) => (state, false),
+            None => (self.new_stream(), true),
         };
         let first_revision = state.next_revision;
         let first_position = self.next_position;
@@ -354,14 +357,11 @@ impl Writer {
             .encode_into(&mut self.record_buffer);
             tables.log.insert(position, self.record_buffer.as_slice())?;
             tables.stream_index.insert((state.id, revision), position)?;
-            tables
-                .event_ids
-                .insert((state.id, event.id.as_u128()), revision)?;
         }
         let count = events.len() as u64;
-        state.next_revision += count;
-        state.soft_deleted = false;
-        tables.streams.insert(stream, state.encode().as_slice())?;
+        if rewrite_state {
+            tables.streams.insert(stream, state.encode().as_slice())?;
+        }
         self.next_position += count;
         Ok(AppendOutcome {
             first_revision,
@@ -441,73 +441,51 @@ fn reject_repeated_ids(events: &[NewEvent]) -> Result<(), StoreError> {
     }
 }
 
-/// Recognises a re-sent append: the same event ids already stored contiguously in this stream.
-/// Returns the original outcome, or an error when some ids are stored but not as that same append.
+/// Recognises a re-sent append: the same event ids already stored, in order, at the place this
+/// append targets: right after the expected revision, or for `any` and `stream_exists` at the
+/// end of the stream. Returns the original outcome; `None` means "not a re-send".
 fn replayed(
     tables: &Tables,
-    stream: &str,
     state: &StreamState,
     expected: ExpectedRevision,
     events: &[NewEvent],
 ) -> Result<Option<AppendOutcome>, StoreError> {
-    let mut stored = Vec::with_capacity(events.len());
-    for event in events {
-        stored.push(
-            tables
-                .event_ids
-                .get((state.id, event.id.as_u128()))?
-                .map(|r| r.value()),
-        );
-    }
-    let Some(first_revision) = stored.iter().copied().flatten().next() else {
-        return Ok(None);
-    };
-    let same_place = stored[0] == Some(first_revision)
-        && (0u64..)
-            .zip(&stored)
-            .all(|(offset, revision)| *revision == Some(first_revision + offset));
-    if !same_place {
-        let (event, revision) = events
-            .iter()
-            .zip(&stored)
-            .find_map(|(event, revision)| revision.map(|revision| (event, revision)))
-            .expect("one id is stored");
-        return Err(StoreError::InvalidRequest(format!(
-            "event id {} was already appended to stream {stream:?} at revision {revision} by another append",
-            event.id
-        )));
-    }
-    let admitted = match expected {
-        ExpectedRevision::Any => true,
-        ExpectedRevision::NoStream => first_revision == 0 || first_revision == state.deleted_before,
-        ExpectedRevision::StreamExists => first_revision > 0,
-        ExpectedRevision::Exact(revision) => revision + 1 == first_revision,
-    };
-    if !admitted {
-        let actual = state.current_revision();
-        if expected.admits(actual) {
-            // Appending would store these ids a second time in the stream.
-            return Err(StoreError::InvalidRequest(format!(
-                "event id {} was already appended to stream {stream:?} at revision {first_revision}",
-                events[0].id
-            )));
+    let count = events.len() as u64;
+    let first_revision = match expected {
+        ExpectedRevision::Exact(revision) => revision + 1,
+        ExpectedRevision::NoStream => state.deleted_before,
+        ExpectedRevision::Any | ExpectedRevision::StreamExists => {
+            match state.next_revision.checked_sub(count) {
+                Some(first) => first,
+                None => return Ok(None),
+            }
         }
-        return Err(StoreError::WrongExpectedRevision { expected, actual });
-    }
-    let last_revision = first_revision + events.len() as u64 - 1;
-    let position = |revision: u64| -> Result<u64, StoreError> {
-        tables
-            .stream_index
-            .get((state.id, revision))?
-            .map(|position| position.value())
-            .ok_or_else(|| {
-                StoreError::Storage(format!("index entry missing for {stream}@{revision}"))
-            })
     };
+    let last_revision = first_revision + count - 1;
+    if last_revision >= state.next_revision {
+        return Ok(None);
+    }
+    // The last event first: for an ordinary append that is the only lookup.
+    let mut positions = vec![0; events.len()];
+    for (index, event) in events.iter().enumerate().rev() {
+        let revision = first_revision + index as u64;
+        let Some(position) = tables.stream_index.get((state.id, revision))? else {
+            return Ok(None);
+        };
+        let position = position.value();
+        let stored = tables
+            .log
+            .get(position)?
+            .ok_or_else(|| StoreError::Storage(format!("log entry {position} is missing")))?;
+        if EventRecord::decode(stored.value())?.id != event.id {
+            return Ok(None);
+        }
+        positions[index] = position;
+    }
     Ok(Some(AppendOutcome {
         first_revision,
         last_revision,
-        first_position: position(first_revision)?,
-        last_position: position(last_revision)?,
+        first_position: positions[0],
+        last_position: positions[events.len() - 1],
     }))
 }
