@@ -420,22 +420,33 @@ async fn many_streams(dir: &Path, streams: u64) -> anyhow::Result<()> {
     let disk = file_size(&dir.join(DATABASE_FILE));
     report(&label, streams * 3, elapsed, &mut latencies, Some(disk));
     store.shutdown().await;
+    // Close the database: the server started below must be able to lock it.
+    drop(store);
 
     println!(
         "  disk: {:.0} bytes per stream ({} MiB for {streams} streams)",
         disk as f64 / streams as f64,
         disk / (1024 * 1024)
     );
-    let (startup, rss_kib) = startup_time(dir).await?;
+    let (startup, rss_kib) = startup_time(dir, Stop::Gracefully).await?;
     println!(
         "  server start on this store: {startup:.2?} to answer /health; RSS then {} MiB",
         rss_kib / 1024
     );
+    startup_time(dir, Stop::Kill).await?;
+    // The server above was killed: this start recovers the database first.
+    let (startup, _) = startup_time(dir, Stop::Gracefully).await?;
+    println!("  server start after a kill -9: {startup:.2?} to answer /health");
     Ok(())
 }
 
-/// Starts the real binary on `dir` and times it until it answers `/health`.
-async fn startup_time(dir: &Path) -> anyhow::Result<(Duration, u64)> {
+enum Stop {
+    Gracefully,
+    Kill,
+}
+
+/// Starts the real binary on `dir`, times it until it answers `/health`, and stops it.
+async fn startup_time(dir: &Path, stop: Stop) -> anyhow::Result<(Duration, u64)> {
     let binary = std::env::current_exe().context("cannot find the refract binary")?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -445,12 +456,19 @@ async fn startup_time(dir: &Path) -> anyhow::Result<(Duration, u64)> {
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
         .arg(dir)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .context("cannot start the server")?;
     let client = Client::new(&format!("http://127.0.0.1:{port}"), None)?;
     while !client.healthy().await {
+        if child.try_wait()?.is_some() {
+            let output = child.wait_with_output().await?;
+            anyhow::bail!(
+                "the server exited: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
         if started.elapsed() > Duration::from_secs(60) {
             anyhow::bail!("the server did not start within 60 s");
         }
@@ -460,7 +478,17 @@ async fn startup_time(dir: &Path) -> anyhow::Result<(Duration, u64)> {
     let rss = child.id().map_or(0, |pid| {
         status_kib(&format!("/proc/{pid}/status"), "VmRSS:")
     });
-    child.kill().await.ok();
+    match stop {
+        Stop::Kill => child.kill().await?,
+        Stop::Gracefully => {
+            let pid = child.id().context("the server has no pid")?.to_string();
+            tokio::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .await?;
+            child.wait().await?;
+        }
+    }
     Ok((startup, rss))
 }
 

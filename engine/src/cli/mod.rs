@@ -61,6 +61,9 @@ struct ServeArgs {
     /// lost on power failure, the database stays consistent).
     #[arg(long)]
     no_fsync: bool,
+    /// Memory for the database's page cache, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    cache_mib: usize,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -222,6 +225,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokens,
         store: StoreOptions {
             durable: !args.no_fsync,
+            cache_bytes: args.cache_mib << 20,
         },
     };
     crate::http::serve(config).await

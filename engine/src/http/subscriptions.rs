@@ -45,12 +45,13 @@ pub struct AnySubscribeQuery {
 
 fn start(from: Option<&str>, headers: &HeaderMap) -> Result<Start, ApiError> {
     if let Some(last) = headers.get("last-event-id") {
-        let last: u64 = last
+        let next = last
             .to_str()
             .ok()
-            .and_then(|text| text.trim().parse().ok())
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .and_then(|last| last.checked_add(1))
             .ok_or_else(|| ApiError::invalid("Last-Event-ID must be a revision or position"))?;
-        return Ok(Start::At(last + 1));
+        return Ok(Start::At(next));
     }
     match from {
         None | Some("start") => Ok(Start::Beginning),

@@ -220,11 +220,16 @@ pub struct StoreOptions {
     /// Fsync every commit before acknowledging it. Turning this off trades the last moments of
     /// writes on a power loss for throughput; the database itself stays consistent either way.
     pub durable: bool,
+    /// Memory for redb's page cache.
+    pub cache_bytes: usize,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { durable: true }
+        StoreOptions {
+            durable: true,
+            cache_bytes: 1024 * 1024 * 1024,
+        }
     }
 }
 
@@ -253,7 +258,11 @@ impl Store {
             StoreError::Storage(format!("cannot create {}: {error}", data_dir.display()))
         })?;
         let path = data_dir.join(DATABASE_FILE);
-        let db = Arc::new(Database::create(&path)?);
+        let db = Arc::new(
+            redb::Builder::new()
+                .set_cache_size(options.cache_bytes)
+                .create(&path)?,
+        );
         let (next_position, next_stream_id) = writer::initialize(&db)?;
         let (head_sender, head) = watch::channel(next_position);
         let (requests, queue) = mpsc::channel(writer::QUEUE_CAPACITY);

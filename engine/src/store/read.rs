@@ -101,9 +101,10 @@ impl Visibility {
         } else {
             state.last_revision()
         };
-        let min_created_ms = metadata
-            .max_age_seconds
-            .map(|seconds| now_ms.saturating_sub(seconds.saturating_mul(1000) as i64));
+        let min_created_ms = metadata.max_age_seconds.map(|seconds| {
+            let max_age_ms = i64::try_from(seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
+            now_ms.saturating_sub(max_age_ms)
+        });
         Ok(Visibility {
             first_revision,
             last_revision,

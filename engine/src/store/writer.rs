@@ -194,7 +194,16 @@ impl Writer {
         let started = Instant::now();
         let (position_before, stream_id_before) = (self.next_position, self.next_stream_id);
         let events_before = position_before;
-        match self.write(batch, force_durable) {
+        // A bug must cost one batch, not the writer: a panic aborts the transaction like an error.
+        let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.write(batch, force_durable)
+        }))
+        .unwrap_or_else(|_| {
+            Err(StoreError::Storage(
+                "the writer panicked on this batch".into(),
+            ))
+        });
+        match written {
             Ok(answers) => {
                 let appends = answers
                     .iter()
@@ -452,16 +461,16 @@ fn replayed(
 ) -> Result<Option<AppendOutcome>, StoreError> {
     let count = events.len() as u64;
     let first_revision = match expected {
-        ExpectedRevision::Exact(revision) => revision + 1,
-        ExpectedRevision::NoStream => state.deleted_before,
+        ExpectedRevision::Exact(revision) => revision.checked_add(1),
+        ExpectedRevision::NoStream => Some(state.deleted_before),
         ExpectedRevision::Any | ExpectedRevision::StreamExists => {
-            match state.next_revision.checked_sub(count) {
-                Some(first) => first,
-                None => return Ok(None),
-            }
+            state.next_revision.checked_sub(count)
         }
     };
-    let last_revision = first_revision + count - 1;
+    let Some(first_revision) = first_revision else {
+        return Ok(None);
+    };
+    let last_revision = first_revision.saturating_add(count - 1);
     if last_revision >= state.next_revision {
         return Ok(None);
     }
