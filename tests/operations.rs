@@ -74,6 +74,12 @@ async fn openapi_document_matches_the_router() {
         "/info",
         "/metrics",
         "/openapi.json",
+        "/projections",
+        "/projections/{name}",
+        "/projections/{name}/start",
+        "/projections/{name}/stop",
+        "/projections/{name}/reset",
+        "/projections/{name}/config",
     ] {
         assert!(paths.contains_key(expected), "{expected} is not documented");
     }
@@ -106,7 +112,9 @@ async fn openapi_document_matches_the_router() {
                     "{method} {path}: no request schema"
                 );
             }
-            let concrete = path.replace("{stream}", "openapi-probe");
+            let concrete = path
+                .replace("{stream}", "openapi-probe")
+                .replace("{name}", "$by_category");
             let request = server
                 .http
                 .request(

@@ -5,6 +5,8 @@
 //!
 //! - [`store`]: the log and its stream index in redb; one writer with group commit, lock-free
 //!   readers. Knows nothing of HTTP.
+//! - [`projections`]: projections as users see them: list, status, start/stop/reset. The system
+//!   projections present the store's built-in indexes (`$ce-`, `$et-`, `$bc-`, `$category-`).
 //! - [`subscribe`]: catch-up then live reading of a stream or `$all`, built on store reads and
 //!   the head position.
 //! - [`http`]: the HTTP API (axum on hyper): routes, errors, auth, SSE, OpenAPI, metrics.
@@ -12,11 +14,12 @@
 //! - [`cli`]: the `refract` command line: `serve`, client commands and `bench`.
 //! - [`metrics`]: the Prometheus registry every part records into.
 //!
-//! Dependencies point one way: `cli` → `http`/`client` → `subscribe` → `store`.
+//! Dependencies point one way: `cli` → `http`/`client` → `projections`/`subscribe` → `store`.
 
 pub mod cli;
 pub mod client;
 pub mod http;
 pub mod metrics;
+pub mod projections;
 pub mod store;
 pub mod subscribe;

@@ -16,6 +16,7 @@ use crate::client::{
     AppendResult, Client, Event, NewEvent, ReadOptions, SubscribeFrom, SubscriptionMessage,
 };
 use crate::http::{ServeConfig, Tokens};
+use crate::store::indexes::{CategoryPosition, IndexConfig};
 use crate::store::{ExpectedRevision, StoreOptions};
 
 #[derive(Debug, Parser)]
@@ -64,9 +65,46 @@ struct ServeArgs {
     /// Memory for the database's page cache, in MiB.
     #[arg(long, default_value_t = 1024)]
     cache_mib: usize,
+    /// System projections: the separator between a stream's category and the rest of its name.
+    /// Giving any of the three index options sets all three (defaults for the others); a change
+    /// resets the projections it affects.
+    #[arg(long, value_name = "TEXT")]
+    category_separator: Option<String>,
+    /// System projections: cut the category at the first or the last separator.
+    #[arg(long, value_name = "first|last")]
+    category_position: Option<CategoryPosition>,
+    /// System projections: the metadata property holding the correlation id.
+    #[arg(long, value_name = "NAME")]
+    correlation_property: Option<String>,
+    /// Most events a system projection catches up on per commit.
+    #[arg(long, default_value_t = 100_000, hide = true)]
+    index_batch: u64,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+}
+
+impl ServeArgs {
+    fn index_config(&self) -> Option<IndexConfig> {
+        if self.category_separator.is_none()
+            && self.category_position.is_none()
+            && self.correlation_property.is_none()
+        {
+            return None;
+        }
+        let defaults = IndexConfig::default();
+        Some(IndexConfig {
+            category_separator: self
+                .category_separator
+                .clone()
+                .unwrap_or(defaults.category_separator),
+            category_position: self.category_position.unwrap_or(defaults.category_position),
+            correlation_property: self
+                .correlation_property
+                .clone()
+                .unwrap_or(defaults.correlation_property),
+        })
+    }
 }
 
 /// Options of every client command.
@@ -219,6 +257,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(file) = &args.tokens_file {
         tokens.add_file(file).map_err(anyhow::Error::msg)?;
     }
+    let index_config = args.index_config();
     let config = ServeConfig {
         data_dir: args.data,
         listen: args.listen,
@@ -226,6 +265,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store: StoreOptions {
             durable: !args.no_fsync,
             cache_bytes: args.cache_mib << 20,
+            index_batch: args.index_batch,
+            index_config,
         },
     };
     crate::http::serve(config).await

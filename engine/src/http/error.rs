@@ -1,11 +1,15 @@
 //! The one error type of the HTTP API: a status, a stable code and a sentence, as JSON.
 
 use axum::Json;
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequestParts, Path, Query};
+use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::StatusCode;
+use axum::http::header;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
+use bytes::BytesMut;
+use futures::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -114,19 +118,6 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<BytesRejection> for ApiError {
-    fn from(rejection: BytesRejection) -> Self {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large("the request body exceeds the limit of 64 MiB")
-        } else {
-            ApiError::invalid(format!(
-                "cannot read the request body: {}",
-                rejection.body_text()
-            ))
-        }
-    }
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = Map::new();
@@ -166,6 +157,49 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
             .map_err(|rejection: PathRejection| {
                 ApiError::invalid(format!("invalid path: {}", rejection.body_text()))
             })
+    }
+}
+
+/// A request body of at most [`super::MAX_REQUEST_BYTES`].
+///
+/// A larger body is still read to its end (up to [`DRAIN_LIMIT`]) before the `413` goes out: a
+/// client that sends its whole body before reading the answer then gets the answer instead of a
+/// connection reset.
+pub struct LimitedBody(pub Bytes);
+
+/// Beyond this much, an oversized body is no longer drained and the connection is dropped.
+const DRAIN_LIMIT: usize = 1024 * 1024 * 1024;
+
+impl<S: Send + Sync> FromRequest<S> for LimitedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
+        let limit = super::MAX_REQUEST_BYTES;
+        let announced = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<usize>().ok());
+        let mut body = BytesMut::with_capacity(announced.unwrap_or(0).min(limit));
+        let mut received = 0usize;
+        let mut chunks = request.into_body().into_data_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|error| {
+                ApiError::invalid(format!("cannot read the request body: {error}"))
+            })?;
+            received += chunk.len();
+            if received <= limit {
+                body.extend_from_slice(&chunk);
+            } else if received > DRAIN_LIMIT {
+                break;
+            }
+        }
+        if received > limit {
+            return Err(ApiError::too_large(
+                "the request body exceeds the limit of 64 MiB",
+            ));
+        }
+        Ok(LimitedBody(body.freeze()))
     }
 }
 

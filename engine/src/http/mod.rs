@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod error;
 mod operations;
+mod projections;
 mod streams;
 mod subscriptions;
 
@@ -26,6 +27,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::metrics::{Metrics, RouteLabels};
+use crate::projections::Projections;
 use crate::store::{Store, StoreOptions};
 pub use auth::{Role, Tokens};
 pub use streams::{EventJson, format_timestamp, parse_events};
@@ -38,6 +40,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
+    pub projections: Projections,
     pub metrics: Arc<Metrics>,
     /// Cancelled when the server shuts down; ends long-lived responses such as SSE.
     pub shutdown: CancellationToken,
@@ -52,6 +55,7 @@ pub struct AppState {
     tags(
         (name = "events", description = "Append, read, metadata, delete"),
         (name = "subscriptions", description = "Catch-up then live, as Server-Sent Events"),
+        (name = "projections", description = "System and user projections"),
         (name = "operations", description = "Health, info, metrics, this document"),
     ),
     components(schemas(error::ErrorBody))
@@ -70,6 +74,12 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(streams::get_metadata, streams::put_metadata))
         .routes(routes!(subscriptions::subscribe_all))
         .routes(routes!(subscriptions::subscribe_stream))
+        .routes(routes!(projections::list))
+        .routes(routes!(projections::status))
+        .routes(routes!(projections::start))
+        .routes(routes!(projections::stop))
+        .routes(routes!(projections::reset))
+        .routes(routes!(projections::get_config, projections::put_config))
         .routes(routes!(operations::health))
         .routes(routes!(operations::info))
         .routes(routes!(operations::metrics))
@@ -96,8 +106,10 @@ pub fn app(
             .to_pretty_json()
             .expect("the OpenAPI document serialises"),
     );
+    let projections = Projections::new(store.clone());
     let state = AppState {
         store,
+        projections,
         metrics: metrics.clone(),
         shutdown,
         data_dir,

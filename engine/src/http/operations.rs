@@ -21,7 +21,7 @@ pub struct Info {
     pub version: &'static str,
     /// Position the next event will get: the number of events in `$all`.
     pub head_position: u64,
-    /// Streams ever created.
+    /// Streams clients have created (system output streams such as `$ce-order` not counted).
     pub streams: u64,
     pub data_dir: String,
 }

@@ -1,9 +1,7 @@
 //! Events: append, read a stream, read `$all`, stream metadata, delete.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -14,7 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::AppState;
-use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody};
+use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody};
 use crate::store::{
     AllFilter, AppendOutcome, Direction, ExpectedRevision, MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES,
     NewEvent, RecordedEvent, Slice, StreamMetadata, validate_stream_name,
@@ -398,12 +396,12 @@ pub async fn append(
     ApiPath(stream): ApiPath<String>,
     ApiQuery(query): ApiQuery<AppendQuery>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Json<AppendResponse>, ApiError> {
     writable_stream(&stream)?;
     let expected = expected_revision(&headers, query.expected_revision.as_deref())?;
     check_content_type(&headers)?;
-    let events = parse_events(&body?)?;
+    let events = parse_events(&body)?;
     let AppendOutcome {
         first_revision,
         last_revision,
@@ -621,11 +619,11 @@ pub async fn put_metadata(
     State(state): State<AppState>,
     ApiPath(stream): ApiPath<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Json<StreamMetadata>, ApiError> {
     metadata_stream(&stream)?;
     check_content_type(&headers)?;
-    let metadata: StreamMetadata = serde_json::from_slice(&body?)
+    let metadata: StreamMetadata = serde_json::from_slice(&body)
         .map_err(|error| ApiError::invalid(format!("invalid metadata: {error}")))?;
     state.store.set_metadata(stream, metadata.clone()).await?;
     Ok(Json(metadata))

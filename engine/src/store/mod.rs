@@ -15,7 +15,10 @@
 //! - `stream_index`: (stream id, revision) → position. A link from a system stream into another
 //!   stream's event is just such an entry: no copy of the event.
 //! - `meta`: counters that must survive restarts (the next stream id).
+//! - `index_cursors`: per built-in index ([`indexes`]), whether it runs and its checkpoint.
+//! - `settings`: the indexes' configuration.
 
+pub mod indexes;
 mod read;
 pub mod record;
 mod writer;
@@ -30,6 +33,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
+use indexes::{IndexConfig, IndexProgress, SystemIndex};
 pub use read::{AllFilter, Slice};
 use record::StreamState;
 
@@ -39,6 +43,12 @@ pub(crate) const STREAM_INDEX: TableDefinition<(u64, u64), u64> =
     TableDefinition::new("stream_index");
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const NEXT_STREAM_ID: &str = "next_stream_id";
+/// Streams created by clients' writes, as opposed to the indexes' output streams.
+pub(crate) const CLIENT_STREAMS: &str = "client_streams";
+pub(crate) const INDEX_CURSORS: TableDefinition<&str, (bool, u64)> =
+    TableDefinition::new("index_cursors");
+pub(crate) const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("settings");
+pub(crate) const INDEX_CONFIG: &str = "index_config";
 
 /// The name of the database file inside the data directory.
 pub const DATABASE_FILE: &str = "refract.redb";
@@ -222,6 +232,12 @@ pub struct StoreOptions {
     pub durable: bool,
     /// Memory for redb's page cache.
     pub cache_bytes: usize,
+    /// Most events an index catches up on in one commit without appends; a commit with appends
+    /// takes a tenth of this beyond its own events.
+    pub index_batch: u64,
+    /// The indexes' configuration; `None` keeps the stored one. A change resets the indexes it
+    /// affects.
+    pub index_config: Option<IndexConfig>,
 }
 
 impl Default for StoreOptions {
@@ -229,6 +245,8 @@ impl Default for StoreOptions {
         StoreOptions {
             durable: true,
             cache_bytes: 1024 * 1024 * 1024,
+            index_batch: 100_000,
+            index_config: None,
         }
     }
 }
@@ -244,6 +262,7 @@ struct Inner {
     path: PathBuf,
     requests: mpsc::Sender<writer::Request>,
     head: watch::Receiver<u64>,
+    index_progress: Arc<Mutex<[IndexProgress; 4]>>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -263,16 +282,17 @@ impl Store {
                 .set_cache_size(options.cache_bytes)
                 .create(&path)?,
         );
-        let (next_position, next_stream_id) = writer::initialize(&db)?;
-        let (head_sender, head) = watch::channel(next_position);
+        let recovered = writer::initialize(&db, options.index_config.as_ref())?;
+        let (head_sender, head) = watch::channel(recovered.next_position);
         let (requests, queue) = mpsc::channel(writer::QUEUE_CAPACITY);
+        let index_progress = Arc::new(Mutex::new([IndexProgress::default(); 4]));
         let writer = writer::Writer::new(
             db.clone(),
             options,
             metrics,
             head_sender,
-            next_position,
-            next_stream_id,
+            recovered,
+            index_progress.clone(),
         );
         let writer_thread = std::thread::Builder::new()
             .name("refract-writer".into())
@@ -284,6 +304,7 @@ impl Store {
                 path,
                 requests,
                 head,
+                index_progress,
                 writer_thread: Mutex::new(Some(writer_thread)),
             }),
         })
@@ -346,6 +367,50 @@ impl Store {
             reply,
         })
         .await
+    }
+
+    /// How far each built-in index has got.
+    pub fn index_progress(&self, index: SystemIndex) -> IndexProgress {
+        self.inner
+            .index_progress
+            .lock()
+            .expect("index progress lock")[index as usize]
+    }
+
+    /// Starts or stops a built-in index. A started index catches up from its checkpoint.
+    pub async fn set_index_running(
+        &self,
+        index: SystemIndex,
+        running: bool,
+    ) -> Result<(), StoreError> {
+        self.submit(|reply| writer::Request::SetIndexRunning {
+            index,
+            running,
+            reply,
+        })
+        .await
+    }
+
+    /// Drops a built-in index's output streams; it then rebuilds them from position 0.
+    pub async fn reset_index(&self, index: SystemIndex) -> Result<(), StoreError> {
+        self.submit(|reply| writer::Request::ResetIndex { index, reply })
+            .await
+    }
+
+    /// Replaces the indexes' configuration, resetting the indexes whose output it changes.
+    pub async fn set_index_config(&self, config: IndexConfig) -> Result<(), StoreError> {
+        self.submit(|reply| writer::Request::SetIndexConfig { config, reply })
+            .await
+    }
+
+    /// The indexes' configuration. Blocking.
+    pub fn index_config(&self) -> Result<IndexConfig, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let settings = txn.open_table(SETTINGS)?;
+        match settings.get(INDEX_CONFIG)? {
+            Some(json) => serde_json::from_slice(json.value()).map_err(StoreError::storage),
+            None => Ok(IndexConfig::default()),
+        }
     }
 
     async fn submit<T>(
@@ -419,11 +484,11 @@ impl Store {
         }
     }
 
-    /// The number of streams ever written. Blocking.
+    /// The number of streams clients have created (not counting system output streams). Blocking.
     pub fn stream_count(&self) -> Result<u64, StoreError> {
         let txn = self.inner.db.begin_read()?;
         let meta = txn.open_table(META)?;
-        Ok(meta.get(NEXT_STREAM_ID)?.map_or(0, |id| id.value()))
+        Ok(meta.get(CLIENT_STREAMS)?.map_or(0, |count| count.value()))
     }
 
     /// Stops the writer after it has committed and answered everything queued before this call.

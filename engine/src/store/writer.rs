@@ -6,16 +6,19 @@
 //! rejected request from leaving a partial write. A storage failure aborts the whole transaction
 //! and fails every request of the batch: nothing of it is visible, nothing is acknowledged.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::indexes::{CursorTable, IndexConfig, IndexProgress, Indexer, SystemIndex};
 use super::record::{EventRecord, StreamState};
 use super::{
-    AppendOutcome, ExpectedRevision, LOG, META, NEXT_STREAM_ID, NewEvent, STREAM_INDEX, STREAMS,
-    StoreError, StoreOptions, StreamMetadata, load_stream,
+    AppendOutcome, CLIENT_STREAMS, ExpectedRevision, INDEX_CONFIG, INDEX_CURSORS, LOG, META,
+    NEXT_STREAM_ID, NewEvent, SETTINGS, STREAM_INDEX, STREAMS, StoreError, StoreOptions,
+    StreamMetadata, load_stream,
 };
 use crate::metrics::Metrics;
 
@@ -46,6 +49,19 @@ pub(super) enum Request {
         hard: bool,
         reply: Reply<()>,
     },
+    SetIndexRunning {
+        index: SystemIndex,
+        running: bool,
+        reply: Reply<()>,
+    },
+    ResetIndex {
+        index: SystemIndex,
+        reply: Reply<()>,
+    },
+    SetIndexConfig {
+        config: IndexConfig,
+        reply: Reply<()>,
+    },
     Shutdown {
         reply: Reply<()>,
     },
@@ -70,6 +86,9 @@ impl Request {
             }
             Request::SetMetadata { reply, .. }
             | Request::Delete { reply, .. }
+            | Request::SetIndexRunning { reply, .. }
+            | Request::ResetIndex { reply, .. }
+            | Request::SetIndexConfig { reply, .. }
             | Request::Shutdown { reply } => {
                 let _ = reply.send(answer.map(|_| ()));
             }
@@ -82,20 +101,65 @@ enum Answer {
     Done,
 }
 
-/// Creates the tables of a new store and reads the counters the writer continues from.
-pub(super) fn initialize(db: &Database) -> Result<(u64, u64), StoreError> {
+/// What the writer continues from when a store opens.
+pub(super) struct Recovered {
+    pub next_position: u64,
+    pub next_stream_id: u64,
+    pub indexer: Indexer,
+}
+
+/// Creates the tables of a new store and reads what the writer continues from. A `config` that
+/// differs from the stored one replaces it and resets the indexes it changes.
+pub(super) fn initialize(
+    db: &Database,
+    config: Option<&IndexConfig>,
+) -> Result<Recovered, StoreError> {
     let txn = db.begin_write()?;
-    let counters = {
-        let tables = Tables::open(&txn)?;
+    let recovered = {
+        let mut tables = Tables::open(&txn)?;
         let next_position = tables
             .log
             .last()?
             .map_or(0, |(position, _)| position.value() + 1);
         let next_stream_id = tables.meta.get(NEXT_STREAM_ID)?.map_or(0, |id| id.value());
-        (next_position, next_stream_id)
+        let stored_config = match tables.settings.get(INDEX_CONFIG)? {
+            Some(json) => serde_json::from_slice(json.value()).map_err(StoreError::storage)?,
+            None => IndexConfig::default(),
+        };
+        let cursors = Indexer::load_cursors(&tables.indexes)?;
+        let mut indexer = Indexer::new(stored_config, cursors);
+        if let Some(config) = config {
+            set_index_config(&mut indexer, &mut tables, config)?;
+        }
+        Recovered {
+            next_position,
+            next_stream_id,
+            indexer,
+        }
     };
     txn.commit()?;
-    Ok(counters)
+    Ok(recovered)
+}
+
+fn set_index_config(
+    indexer: &mut Indexer,
+    tables: &mut Tables,
+    config: &IndexConfig,
+) -> Result<(), StoreError> {
+    config.validate().map_err(StoreError::InvalidRequest)?;
+    let affected = indexer.indexes_affected_by(config);
+    indexer.config = config.clone();
+    let json = serde_json::to_vec(config).map_err(StoreError::storage)?;
+    tables.settings.insert(INDEX_CONFIG, json.as_slice())?;
+    for index in affected {
+        indexer.reset(
+            index,
+            &mut tables.streams,
+            &mut tables.stream_index,
+            &mut tables.indexes,
+        )?;
+    }
+    Ok(())
 }
 
 struct Tables<'txn> {
@@ -103,6 +167,8 @@ struct Tables<'txn> {
     streams: Table<'txn, &'static str, &'static [u8]>,
     stream_index: Table<'txn, (u64, u64), u64>,
     meta: Table<'txn, &'static str, u64>,
+    indexes: CursorTable<'txn>,
+    settings: Table<'txn, &'static str, &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -112,6 +178,8 @@ impl<'txn> Tables<'txn> {
             streams: txn.open_table(STREAMS)?,
             stream_index: txn.open_table(STREAM_INDEX)?,
             meta: txn.open_table(META)?,
+            indexes: txn.open_table(INDEX_CURSORS)?,
+            settings: txn.open_table(SETTINGS)?,
         })
     }
 
@@ -127,6 +195,9 @@ pub(super) struct Writer {
     head: watch::Sender<u64>,
     next_position: u64,
     next_stream_id: u64,
+    indexer: Indexer,
+    /// Where status queries read the indexes' progress.
+    index_progress: Arc<Mutex<[IndexProgress; 4]>>,
     last_durable_commit: Instant,
     record_buffer: Vec<u8>,
 }
@@ -137,27 +208,44 @@ impl Writer {
         options: StoreOptions,
         metrics: Arc<Metrics>,
         head: watch::Sender<u64>,
-        next_position: u64,
-        next_stream_id: u64,
+        recovered: Recovered,
+        index_progress: Arc<Mutex<[IndexProgress; 4]>>,
     ) -> Self {
-        Writer {
+        let mut writer = Writer {
             db,
             options,
             metrics,
             head,
-            next_position,
-            next_stream_id,
+            next_position: recovered.next_position,
+            next_stream_id: recovered.next_stream_id,
+            indexer: recovered.indexer,
+            index_progress,
             last_durable_commit: Instant::now(),
             record_buffer: Vec::new(),
-        }
+        };
+        writer.publish_index_progress();
+        writer
     }
 
     pub(super) fn run(mut self, mut queue: mpsc::Receiver<Request>) {
         let mut batch = Vec::new();
-        while let Some(first) = queue.blocking_recv() {
+        loop {
+            // While an index is behind, catching up is work to do between requests.
+            let first = if self.indexer.behind(self.next_position) {
+                match queue.try_recv() {
+                    Ok(request) => Some(request),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            } else {
+                match queue.blocking_recv() {
+                    Some(request) => Some(request),
+                    None => return,
+                }
+            };
             let mut shutdown = None;
-            let mut bytes = first.payload_bytes();
-            let mut next = Some(first);
+            let mut bytes = first.as_ref().map_or(0, Request::payload_bytes);
+            let mut next = first;
             while let Some(request) = next.take() {
                 if let Request::Shutdown { .. } = request {
                     shutdown = Some(request);
@@ -169,11 +257,11 @@ impl Writer {
                     bytes += next.as_ref().map_or(0, Request::payload_bytes);
                 }
             }
-            if !batch.is_empty() {
+            if shutdown.is_none() || !batch.is_empty() {
                 self.commit(&mut batch, shutdown.is_some());
             }
             if let Some(shutdown) = shutdown {
-                if !self.options.durable {
+                if !self.options.durable || self.indexer.behind(self.next_position) {
                     // Non-durable commits only reach the disk with a later durable one.
                     let result = self
                         .db
@@ -193,7 +281,7 @@ impl Writer {
     fn commit(&mut self, batch: &mut Vec<Request>, force_durable: bool) {
         let started = Instant::now();
         let (position_before, stream_id_before) = (self.next_position, self.next_stream_id);
-        let events_before = position_before;
+        let (cursors_before, config_before) = (self.indexer.cursors, self.indexer.config.clone());
         // A bug must cost one batch, not the writer: a panic aborts the transaction like an error.
         let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.write(batch, force_durable)
@@ -209,10 +297,13 @@ impl Writer {
                     .iter()
                     .filter(|answer| matches!(answer, Ok(Answer::Appended(_))))
                     .count();
-                let events = self.next_position - events_before;
-                self.metrics
-                    .record_commit(appends as u64, events, started.elapsed());
+                let events = self.next_position - position_before;
+                if !batch.is_empty() {
+                    self.metrics
+                        .record_commit(appends as u64, events, started.elapsed());
+                }
                 self.head.send_replace(self.next_position);
+                self.publish_index_progress();
                 for (request, answer) in batch.drain(..).zip(answers) {
                     request.answer(answer);
                 }
@@ -221,15 +312,27 @@ impl Writer {
                 tracing::error!(%error, requests = batch.len(), "commit failed; the batch is rejected");
                 self.next_position = position_before;
                 self.next_stream_id = stream_id_before;
+                self.indexer.cursors = cursors_before;
+                self.indexer.config = config_before;
                 for request in batch.drain(..) {
                     request.answer(Err(StoreError::Storage(error.to_string())));
+                }
+                if batch.is_empty() && self.indexer.behind(self.next_position) {
+                    // An index-only commit failed: do not spin on it.
+                    std::thread::sleep(Duration::from_millis(100));
                 }
             }
         }
     }
 
-    /// Writes the batch in one transaction. The outer error aborts everything; inner errors are
-    /// individual requests that were rejected without writing.
+    fn publish_index_progress(&mut self) {
+        let progress = self.indexer.progress();
+        *self.index_progress.lock().expect("index progress lock") = progress;
+    }
+
+    /// Writes the batch in one transaction, then lets the indexes catch up in the same one.
+    /// The outer error aborts everything; inner errors are individual requests that were
+    /// rejected without writing.
     #[allow(clippy::type_complexity)]
     fn write(
         &mut self,
@@ -237,7 +340,9 @@ impl Writer {
         force_durable: bool,
     ) -> Result<Vec<Result<Answer, StoreError>>, StoreError> {
         let mut txn = self.db.begin_write()?;
-        let durable = self.options.durable
+        // Index-only commits need no fsync of their own: links and checkpoints commit together,
+        // so a crash merely rewinds an index to its last durable checkpoint.
+        let durable = (self.options.durable && !batch.is_empty())
             || force_durable
             || self.last_durable_commit.elapsed() >= NON_DURABLE_SYNC_INTERVAL;
         if !durable {
@@ -247,7 +352,7 @@ impl Writer {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |elapsed| elapsed.as_millis() as i64);
-        let stream_id_before = self.next_stream_id;
+        let (position_before, stream_id_before) = (self.next_position, self.next_stream_id);
         let mut answers = Vec::with_capacity(batch.len());
         let mut bytes_written = 0u64;
         {
@@ -277,6 +382,26 @@ impl Writer {
                     } => self
                         .delete(&mut tables, stream, *expected, *hard)
                         .map(|()| Answer::Done),
+                    Request::SetIndexRunning { index, running, .. } => {
+                        let cursor = self.indexer.cursor_mut(*index);
+                        cursor.running = *running;
+                        let stored = (cursor.running, cursor.checkpoint);
+                        tables.indexes.insert(index.name(), stored)?;
+                        Ok(Answer::Done)
+                    }
+                    Request::ResetIndex { index, .. } => self
+                        .indexer
+                        .reset(
+                            *index,
+                            &mut tables.streams,
+                            &mut tables.stream_index,
+                            &mut tables.indexes,
+                        )
+                        .map(|()| Answer::Done),
+                    Request::SetIndexConfig { config, .. } => {
+                        set_index_config(&mut self.indexer, &mut tables, config)
+                            .map(|()| Answer::Done)
+                    }
                     Request::Shutdown { .. } => unreachable!("shutdown ends a batch"),
                 };
                 if let Err(StoreError::Storage(_)) = answer {
@@ -284,6 +409,24 @@ impl Writer {
                 }
                 answers.push(answer);
             }
+            // A caught-up index links all of this batch in its own commit; beyond that, a busy
+            // commit takes a smaller bite of any backlog than an idle one.
+            let appended = self.next_position - position_before;
+            let backlog = if batch.is_empty() {
+                self.options.index_batch
+            } else {
+                (self.options.index_batch / 10).max(1)
+            };
+            let limit = appended + backlog;
+            self.indexer.advance(
+                &tables.log,
+                &mut tables.streams,
+                &mut tables.stream_index,
+                &mut tables.indexes,
+                &mut self.next_stream_id,
+                self.next_position,
+                limit,
+            )?;
             if self.next_stream_id != stream_id_before {
                 tables.meta.insert(NEXT_STREAM_ID, self.next_stream_id)?;
             }
@@ -296,13 +439,19 @@ impl Writer {
         Ok(answers)
     }
 
-    fn new_stream(&mut self) -> StreamState {
+    /// A stream created by a client (system output streams are created by the indexes).
+    fn new_stream(&mut self, tables: &mut Tables) -> Result<StreamState, StoreError> {
+        let created = tables
+            .meta
+            .get(CLIENT_STREAMS)?
+            .map_or(0, |count| count.value());
+        tables.meta.insert(CLIENT_STREAMS, created + 1)?;
         let id = self.next_stream_id;
         self.next_stream_id += 1;
-        StreamState {
+        Ok(StreamState {
             id,
             ..StreamState::default()
-        }
+        })
     }
 
     fn append(
@@ -345,7 +494,7 @@ impl Writer {
                 true,
             ),
             Some(state) => (state, false),
-            None => (self.new_stream(), true),
+            None => (self.new_stream(tables)?, true),
         };
         let first_revision = state.next_revision;
         let first_position = self.next_position;
@@ -391,7 +540,7 @@ impl Writer {
                 return Err(StoreError::StreamDeleted(stream.to_owned()));
             }
             Some(state) => state,
-            None => self.new_stream(),
+            None => self.new_stream(tables)?,
         };
         state.metadata = serde_json::to_vec(metadata).map_err(StoreError::storage)?;
         tables.streams.insert(stream, state.encode().as_slice())?;
@@ -418,7 +567,7 @@ impl Writer {
         }
         let mut state = match state {
             Some(state) => state,
-            None if hard => self.new_stream(),
+            None if hard => self.new_stream(tables)?,
             None => return Err(StoreError::StreamNotFound(stream.to_owned())),
         };
         if hard {

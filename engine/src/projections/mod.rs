@@ -1,0 +1,202 @@
+//! Projections as users see them: a list, a status each, start/stop/reset.
+//!
+//! The system projections present the store's built-in indexes ([`crate::store::indexes`]):
+//! the index does the work inside the writer's commits, and this layer names it, reports it and
+//! steers it.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::store::indexes::{CategoryPosition, IndexConfig, SystemIndex};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ProjectionKind {
+    System,
+    Wasm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Stopped,
+    Faulted,
+    Completed,
+    Rebuilding,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Continuous,
+    OneTime,
+}
+
+/// Why a projection stopped on an event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Fault {
+    pub message: String,
+    pub position: u64,
+}
+
+/// A projection's status.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub kind: ProjectionKind,
+    pub status: RunStatus,
+    pub mode: Mode,
+    pub version: u64,
+    /// The uploaded component's hash; `null` for system projections.
+    pub wasm_sha256: Option<String>,
+    /// Every event below this position has been processed.
+    pub position: u64,
+    /// The position the next appended event will get.
+    pub head_position: u64,
+    pub events_processed: u64,
+    /// Processing rate over the last measured second.
+    pub events_per_second: f64,
+    /// `position / head_position`, 1 when caught up.
+    pub progress: f64,
+    pub fault: Option<Fault>,
+}
+
+/// Changes to the system projections' configuration; absent fields keep their value.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigChange {
+    /// `$by_category`, `$stream_by_category`: separator between category and the rest.
+    pub category_separator: Option<String>,
+    /// `$by_category`, `$stream_by_category`: cut at the `first` or `last` separator.
+    pub category_position: Option<CategoryPosition>,
+    /// `$by_correlation_id`: the metadata property holding the correlation id.
+    pub correlation_property: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("no projection is named {0:?}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The projections of one store.
+#[derive(Clone)]
+pub struct Projections {
+    store: Store,
+}
+
+impl Projections {
+    pub fn new(store: Store) -> Self {
+        Projections { store }
+    }
+
+    pub fn list(&self) -> Vec<ProjectionStatus> {
+        SystemIndex::ALL
+            .into_iter()
+            .map(|index| self.system_status(index))
+            .collect()
+    }
+
+    pub fn status(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
+        Ok(self.system_status(system(name)?))
+    }
+
+    pub async fn start(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
+        let index = system(name)?;
+        self.store.set_index_running(index, true).await?;
+        Ok(self.system_status(index))
+    }
+
+    pub async fn stop(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
+        let index = system(name)?;
+        self.store.set_index_running(index, false).await?;
+        Ok(self.system_status(index))
+    }
+
+    /// Drops the projection's output and reprocesses from position 0.
+    pub async fn reset(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
+        let index = system(name)?;
+        self.store.reset_index(index).await?;
+        Ok(self.system_status(index))
+    }
+
+    pub async fn config(&self, name: &str) -> Result<IndexConfig, ProjectionError> {
+        system(name)?;
+        Ok(self.store.blocking(|store| store.index_config()).await?)
+    }
+
+    /// Applies a configuration change; the projections whose output it changes are reset.
+    pub async fn configure(
+        &self,
+        name: &str,
+        change: ConfigChange,
+    ) -> Result<IndexConfig, ProjectionError> {
+        let index = system(name)?;
+        let category = change.category_separator.is_some() || change.category_position.is_some();
+        let correlation = change.correlation_property.is_some();
+        let allowed = match index {
+            SystemIndex::ByCategory | SystemIndex::StreamByCategory => !correlation,
+            SystemIndex::ByCorrelationId => !category,
+            SystemIndex::ByEventType => !category && !correlation,
+        };
+        if !allowed {
+            return Err(ProjectionError::Invalid(format!(
+                "{name} is not configured by these fields"
+            )));
+        }
+        let mut config = self.store.blocking(|store| store.index_config()).await?;
+        if let Some(separator) = change.category_separator {
+            config.category_separator = separator;
+        }
+        if let Some(position) = change.category_position {
+            config.category_position = position;
+        }
+        if let Some(property) = change.correlation_property {
+            config.correlation_property = property;
+        }
+        config.validate().map_err(ProjectionError::Invalid)?;
+        self.store.set_index_config(config.clone()).await?;
+        Ok(config)
+    }
+
+    fn system_status(&self, index: SystemIndex) -> ProjectionStatus {
+        let progress = self.store.index_progress(index);
+        let head_position = self.store.head();
+        ProjectionStatus {
+            name: index.name().to_owned(),
+            kind: ProjectionKind::System,
+            status: if progress.running {
+                RunStatus::Running
+            } else {
+                RunStatus::Stopped
+            },
+            mode: Mode::Continuous,
+            version: 1,
+            wasm_sha256: None,
+            position: progress.checkpoint,
+            head_position,
+            events_processed: progress.checkpoint,
+            events_per_second: progress.events_per_second(),
+            progress: fraction(progress.checkpoint, head_position),
+            fault: None,
+        }
+    }
+}
+
+fn system(name: &str) -> Result<SystemIndex, ProjectionError> {
+    SystemIndex::from_name(name).ok_or_else(|| ProjectionError::NotFound(name.to_owned()))
+}
+
+fn fraction(position: u64, head: u64) -> f64 {
+    if head == 0 {
+        1.0
+    } else {
+        (position.min(head) as f64 / head as f64).min(1.0)
+    }
+}

@@ -1,0 +1,556 @@
+//! The built-in indexes behind the system projections: `$ce-<category>`, `$et-<type>`,
+//! `$bc-<correlation id>` and `$category-<category>`.
+//!
+//! They are maintained by the writer, inside the same transactions as appends. Each index has a
+//! checkpoint (the position it has indexed up to) stored with its links, so links and checkpoint
+//! commit together: after a crash an index resumes exactly where its last commit left it, with no
+//! link missing or repeated. A caught-up index links a batch's events in the batch's own commit,
+//! so an acknowledged event is already visible in the output streams. An index that is behind
+//! (started after a stop, reset, or on an existing store) catches up in chunks, in commits of
+//! their own when no appends are waiting.
+//!
+//! A link is one `stream_index` entry in the output stream pointing at the event's position.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use redb::{ReadableTable, Table};
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+use super::record::{EventRecord, StreamState};
+use super::{StoreError, load_stream};
+
+/// A built-in index and the system projection that presents it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SystemIndex {
+    ByCategory,
+    ByCorrelationId,
+    ByEventType,
+    StreamByCategory,
+}
+
+impl SystemIndex {
+    pub const ALL: [SystemIndex; 4] = [
+        SystemIndex::ByCategory,
+        SystemIndex::ByCorrelationId,
+        SystemIndex::ByEventType,
+        SystemIndex::StreamByCategory,
+    ];
+
+    /// The projection's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SystemIndex::ByCategory => "$by_category",
+            SystemIndex::ByCorrelationId => "$by_correlation_id",
+            SystemIndex::ByEventType => "$by_event_type",
+            SystemIndex::StreamByCategory => "$stream_by_category",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        SystemIndex::ALL
+            .into_iter()
+            .find(|index| index.name() == name)
+    }
+
+    /// Every output stream of the index starts with this.
+    pub fn output_prefix(self) -> &'static str {
+        match self {
+            SystemIndex::ByCategory => "$ce-",
+            SystemIndex::ByCorrelationId => "$bc-",
+            SystemIndex::ByEventType => "$et-",
+            SystemIndex::StreamByCategory => "$category-",
+        }
+    }
+
+    fn slot(self) -> usize {
+        self as usize
+    }
+
+    /// Writes into `out` the output stream `event` is linked into, if any.
+    fn output_stream(self, event: &EventRecord, config: &IndexConfig, out: &mut String) -> bool {
+        out.clear();
+        let key = match self {
+            SystemIndex::ByCategory => config.category(event.stream),
+            SystemIndex::StreamByCategory if event.revision == 0 => config.category(event.stream),
+            SystemIndex::StreamByCategory => None,
+            SystemIndex::ByEventType => Some(event.event_type),
+            SystemIndex::ByCorrelationId => {
+                return match correlation_id(event.metadata, &config.correlation_property) {
+                    Some(id) if !id.is_empty() => {
+                        out.push_str(self.output_prefix());
+                        out.push_str(&id);
+                        true
+                    }
+                    _ => false,
+                };
+            }
+        };
+        match key {
+            Some(key) => {
+                out.push_str(self.output_prefix());
+                out.push_str(key);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Which end of the stream name the category is cut from.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum CategoryPosition {
+    /// The part before the first separator (`order-1-a` → `order`).
+    First,
+    /// The part before the last separator (`order-1-a` → `order-1`).
+    Last,
+}
+
+/// How the indexes read streams and metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IndexConfig {
+    /// Separates the category from the rest of a stream name. Default `-`.
+    pub category_separator: String,
+    /// Default `first`.
+    pub category_position: CategoryPosition,
+    /// The metadata property holding the correlation id. Default `$correlationId`.
+    pub correlation_property: String,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        IndexConfig {
+            category_separator: "-".into(),
+            category_position: CategoryPosition::First,
+            correlation_property: "$correlationId".into(),
+        }
+    }
+}
+
+impl IndexConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.category_separator.is_empty() {
+            return Err("category_separator must not be empty".into());
+        }
+        if self.correlation_property.is_empty() {
+            return Err("correlation_property must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// The category of a stream: none for `$`-streams, names without the separator, and names
+    /// where the category would be empty.
+    pub fn category<'a>(&self, stream: &'a str) -> Option<&'a str> {
+        if stream.starts_with('$') {
+            return None;
+        }
+        let at = match self.category_position {
+            CategoryPosition::First => stream.find(self.category_separator.as_str()),
+            CategoryPosition::Last => stream.rfind(self.category_separator.as_str()),
+        }?;
+        (at > 0).then(|| &stream[..at])
+    }
+
+    /// The indexes whose output depends on what changed between `self` and `other`.
+    fn affected_by(&self, other: &IndexConfig) -> Vec<SystemIndex> {
+        let mut affected = Vec::new();
+        if self.category_separator != other.category_separator
+            || self.category_position != other.category_position
+        {
+            affected.extend([SystemIndex::ByCategory, SystemIndex::StreamByCategory]);
+        }
+        if self.correlation_property != other.correlation_property {
+            affected.push(SystemIndex::ByCorrelationId);
+        }
+        affected
+    }
+}
+
+/// The string at `property` of a metadata JSON object, read without building the whole object.
+fn correlation_id<'a>(metadata: &'a [u8], property: &str) -> Option<std::borrow::Cow<'a, str>> {
+    // Most metadata does not mention the property at all: skip parsing it.
+    if metadata.is_empty() || !contains(metadata, property.as_bytes()) {
+        return None;
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(metadata);
+    PropertySeed(property)
+        .deserialize(&mut deserializer)
+        .ok()
+        .flatten()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+struct PropertySeed<'p>(&'p str);
+
+impl<'de> DeserializeSeed<'de> for PropertySeed<'_> {
+    type Value = Option<std::borrow::Cow<'de, str>>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PropertySeed<'_> {
+    type Value = Option<std::borrow::Cow<'de, str>>;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a metadata object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == self.0 && found.is_none() {
+                found = map
+                    .next_value::<Option<StringOrOther<'de>>>()?
+                    .and_then(|v| v.0);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// A JSON value that is kept only when it is a string.
+struct StringOrOther<'de>(Option<std::borrow::Cow<'de, str>>);
+
+impl<'de> Deserialize<'de> for StringOrOther<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        Ok(StringOrOther(match value {
+            serde_json::Value::String(text) => Some(std::borrow::Cow::Owned(text)),
+            _ => None,
+        }))
+    }
+}
+
+/// An index's position as persisted: whether it runs, and how far it has indexed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Cursor {
+    pub running: bool,
+    pub checkpoint: u64,
+}
+
+impl Default for Cursor {
+    /// A new store, or one created before an index existed, indexes everything from the start.
+    fn default() -> Self {
+        Cursor {
+            running: true,
+            checkpoint: 0,
+        }
+    }
+}
+
+/// An index's state as reported to status queries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IndexProgress {
+    pub running: bool,
+    /// Every event below this position has been indexed.
+    pub checkpoint: u64,
+    /// Indexing rate over the last measured window of at least a second.
+    rate: f64,
+    measured: Instant,
+}
+
+impl Default for IndexProgress {
+    fn default() -> Self {
+        IndexProgress {
+            running: false,
+            checkpoint: 0,
+            rate: 0.0,
+            measured: Instant::now(),
+        }
+    }
+}
+
+impl IndexProgress {
+    /// Events indexed per second recently; 0 when nothing was indexed for a while.
+    pub fn events_per_second(&self) -> f64 {
+        if self.measured.elapsed().as_secs_f64() > 2.0 {
+            0.0
+        } else {
+            self.rate
+        }
+    }
+}
+
+/// What the writer keeps for the indexes.
+pub(super) struct Indexer {
+    pub config: IndexConfig,
+    pub cursors: [Cursor; 4],
+    /// Per index: when the current rate window started, and the checkpoint then.
+    windows: [(Instant, u64); 4],
+    /// Per index: the last measured rate and when the window it covers ended.
+    rates: [(f64, Instant); 4],
+    output: String,
+}
+
+/// Table of cursors: index name → (running, checkpoint).
+pub(super) type CursorTable<'txn> = Table<'txn, &'static str, (bool, u64)>;
+
+impl Indexer {
+    pub fn new(config: IndexConfig, cursors: [Cursor; 4]) -> Self {
+        let now = Instant::now();
+        Indexer {
+            config,
+            cursors,
+            windows: cursors.map(|cursor| (now, cursor.checkpoint)),
+            rates: [(0.0, now); 4],
+            output: String::new(),
+        }
+    }
+
+    pub fn load_cursors(table: &CursorTable) -> Result<[Cursor; 4], StoreError> {
+        let mut cursors = [Cursor::default(); 4];
+        for index in SystemIndex::ALL {
+            if let Some(stored) = table.get(index.name())? {
+                let (running, checkpoint) = stored.value();
+                cursors[index.slot()] = Cursor {
+                    running,
+                    checkpoint,
+                };
+            }
+        }
+        Ok(cursors)
+    }
+
+    /// Whether some running index has events to catch up on.
+    pub fn behind(&self, head: u64) -> bool {
+        self.cursors
+            .iter()
+            .any(|cursor| cursor.running && cursor.checkpoint < head)
+    }
+
+    pub fn cursor_mut(&mut self, index: SystemIndex) -> &mut Cursor {
+        &mut self.cursors[index.slot()]
+    }
+
+    pub fn progress(&mut self) -> [IndexProgress; 4] {
+        let now = Instant::now();
+        for slot in 0..4 {
+            let (started, checkpoint) = self.windows[slot];
+            let elapsed = now.duration_since(started).as_secs_f64();
+            if elapsed >= 1.0 {
+                let indexed = self.cursors[slot].checkpoint.saturating_sub(checkpoint);
+                self.rates[slot] = (indexed as f64 / elapsed, now);
+                self.windows[slot] = (now, self.cursors[slot].checkpoint);
+            }
+        }
+        std::array::from_fn(|slot| IndexProgress {
+            running: self.cursors[slot].running,
+            checkpoint: self.cursors[slot].checkpoint,
+            rate: self.rates[slot].0,
+            measured: self.rates[slot].1,
+        })
+    }
+
+    /// Config changes that differ from the stored config: the indexes they affect must be reset.
+    pub fn indexes_affected_by(&self, config: &IndexConfig) -> Vec<SystemIndex> {
+        self.config.affected_by(config)
+    }
+
+    /// Indexes events from the lowest running checkpoint up to `head`, at most `limit` of them.
+    /// Returns how many log records were read.
+    #[allow(clippy::too_many_arguments)]
+    pub fn advance<'txn>(
+        &mut self,
+        log: &Table<'txn, u64, &'static [u8]>,
+        streams: &mut Table<'txn, &'static str, &'static [u8]>,
+        stream_index: &mut Table<'txn, (u64, u64), u64>,
+        cursor_table: &mut CursorTable<'txn>,
+        next_stream_id: &mut u64,
+        head: u64,
+        limit: u64,
+    ) -> Result<u64, StoreError> {
+        let Some(from) = self
+            .cursors
+            .iter()
+            .filter(|cursor| cursor.running && cursor.checkpoint < head)
+            .map(|cursor| cursor.checkpoint)
+            .min()
+        else {
+            return Ok(0);
+        };
+        let to = head.min(from.saturating_add(limit));
+        let active: Vec<SystemIndex> = SystemIndex::ALL
+            .into_iter()
+            .filter(|index| self.cursors[index.slot()].running)
+            .collect();
+        let mut links = Links {
+            streams,
+            stream_index,
+            next_stream_id,
+            known: HashMap::new(),
+        };
+        for entry in log.range(from..to)? {
+            let (position, bytes) = entry?;
+            let position = position.value();
+            let event = EventRecord::decode(bytes.value())?;
+            if event.stream.starts_with('$') {
+                continue;
+            }
+            for &index in &active {
+                if self.cursors[index.slot()].checkpoint > position {
+                    continue;
+                }
+                if index.output_stream(&event, &self.config, &mut self.output) {
+                    links.add(&self.output, position)?;
+                }
+            }
+        }
+        for index in active {
+            let cursor = &mut self.cursors[index.slot()];
+            if cursor.checkpoint < to {
+                cursor.checkpoint = to;
+                cursor_table.insert(index.name(), (cursor.running, cursor.checkpoint))?;
+            }
+        }
+        Ok(to - from)
+    }
+
+    /// Removes every output stream of `index` and rewinds it to position 0.
+    pub fn reset(
+        &mut self,
+        index: SystemIndex,
+        streams: &mut Table<&'static str, &'static [u8]>,
+        stream_index: &mut Table<(u64, u64), u64>,
+        cursor_table: &mut CursorTable,
+    ) -> Result<(), StoreError> {
+        let prefix = index.output_prefix();
+        let mut outputs = Vec::new();
+        for entry in streams.range(prefix..)? {
+            let (name, state) = entry?;
+            if !name.value().starts_with(prefix) {
+                break;
+            }
+            outputs.push((
+                name.value().to_owned(),
+                StreamState::decode(state.value())?.id,
+            ));
+        }
+        for (name, id) in outputs {
+            stream_index.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+            streams.remove(name.as_str())?;
+        }
+        let cursor = &mut self.cursors[index.slot()];
+        cursor.checkpoint = 0;
+        cursor_table.insert(index.name(), (cursor.running, 0))?;
+        self.windows[index.slot()] = (Instant::now(), 0);
+        Ok(())
+    }
+}
+
+/// Appends links to output streams, creating them on first use, within one transaction.
+struct Links<'a, 'txn> {
+    streams: &'a mut Table<'txn, &'static str, &'static [u8]>,
+    stream_index: &'a mut Table<'txn, (u64, u64), u64>,
+    next_stream_id: &'a mut u64,
+    /// Output streams seen in this transaction: id and next revision.
+    known: HashMap<String, (u64, u64)>,
+}
+
+impl Links<'_, '_> {
+    fn add(&mut self, stream: &str, position: u64) -> Result<(), StoreError> {
+        let (id, next_revision) = match self.known.get_mut(stream) {
+            Some(entry) => entry,
+            None => {
+                let entry = match load_stream(&*self.streams, &*self.stream_index, stream)? {
+                    Some(state) => (state.id, state.next_revision),
+                    None => {
+                        let id = *self.next_stream_id;
+                        *self.next_stream_id += 1;
+                        let state = StreamState {
+                            id,
+                            ..StreamState::default()
+                        };
+                        self.streams.insert(stream, state.encode().as_slice())?;
+                        (id, 0)
+                    }
+                };
+                self.known.entry(stream.to_owned()).or_insert(entry)
+            }
+        };
+        self.stream_index.insert((*id, *next_revision), position)?;
+        *next_revision += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn categories_follow_eventstoredb() {
+        let first = IndexConfig::default();
+        assert_eq!(first.category("order-123"), Some("order"));
+        assert_eq!(first.category("order-1-a"), Some("order"));
+        assert_eq!(first.category("order"), None);
+        assert_eq!(first.category("-order"), None);
+        assert_eq!(first.category("$ce-order"), None);
+        assert_eq!(first.category("order-"), Some("order"));
+        let last = IndexConfig {
+            category_position: CategoryPosition::Last,
+            ..IndexConfig::default()
+        };
+        assert_eq!(last.category("order-1-a"), Some("order-1"));
+        assert_eq!(last.category("order-123"), Some("order"));
+        let underscore = IndexConfig {
+            category_separator: "_".into(),
+            ..IndexConfig::default()
+        };
+        assert_eq!(underscore.category("order_1-a"), Some("order"));
+        assert_eq!(underscore.category("order-1"), None);
+        let long = IndexConfig {
+            category_separator: "::".into(),
+            ..IndexConfig::default()
+        };
+        assert_eq!(long.category("billing::inv-7"), Some("billing"));
+    }
+
+    #[test]
+    fn correlation_ids_are_read_from_the_configured_property() {
+        let property = "$correlationId";
+        assert_eq!(
+            correlation_id(br#"{"$correlationId":"c-1"}"#, property).as_deref(),
+            Some("c-1")
+        );
+        assert_eq!(
+            correlation_id(
+                br#"{"a":{"$correlationId":"nested"},"$correlationId":"top"}"#,
+                property
+            )
+            .as_deref(),
+            Some("top")
+        );
+        assert_eq!(
+            correlation_id(br#"{"$correlationId":"with \"quote\""}"#, property).as_deref(),
+            Some("with \"quote\"")
+        );
+        assert_eq!(correlation_id(br#"{"$correlationId":7}"#, property), None);
+        assert_eq!(
+            correlation_id(br#"{"$correlationId":null}"#, property),
+            None
+        );
+        assert_eq!(correlation_id(br#"{"other":"c-1"}"#, property), None);
+        assert_eq!(correlation_id(b"", property), None);
+        assert_eq!(
+            correlation_id(br#"{"corr":"x"}"#, "corr").as_deref(),
+            Some("x")
+        );
+    }
+}
