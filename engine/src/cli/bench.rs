@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use crate::client::{Client, NewEvent, ReadOptions};
 use crate::http::{ServeConfig, Tokens};
 use crate::metrics::Metrics;
+use crate::store::indexes::SystemIndex;
 use crate::store::{AllFilter, DATABASE_FILE, Direction, ExpectedRevision, Store, StoreOptions};
 
 #[derive(Debug, Args)]
@@ -28,7 +29,10 @@ pub struct BenchArgs {
     /// Streams written in the many-streams scenario (3 events each).
     #[arg(long, default_value_t = 1_000_000)]
     streams: u64,
-    /// Run only these scenarios (comma-separated): single, batch, read, streams.
+    /// Events written with the system projections stopped before they catch up on them.
+    #[arg(long, default_value_t = 10_000_000)]
+    catchup_events: u64,
+    /// Run only these scenarios (comma-separated): single, batch, read, streams, projections.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -91,6 +95,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.wants("streams") {
         many_streams(&dir.join("streams"), args.streams).await?;
+    }
+    if args.wants("projections") {
+        system_projections(&dir.join("projections"), args.seconds).await?;
+        catch_up(&dir.join("catch-up"), args.catchup_events).await?;
     }
     Ok(())
 }
@@ -166,7 +174,8 @@ impl Connection {
         Ok(Connection { sender })
     }
 
-    async fn post(&mut self, path: &str, body: bytes::Bytes) -> anyhow::Result<()> {
+    /// Posts `body` and returns the JSON answer.
+    async fn post(&mut self, path: &str, body: bytes::Bytes) -> anyhow::Result<serde_json::Value> {
         let request = hyper::Request::post(path)
             .header(hyper::header::HOST, "bench")
             .header(hyper::header::CONTENT_TYPE, "application/json")
@@ -174,9 +183,11 @@ impl Connection {
         let response = self.sender.send_request(request).await?;
         let status = response.status();
         // Read the whole answer so the connection can carry the next request.
-        http_body_util::BodyExt::collect(response.into_body()).await?;
+        let answer = http_body_util::BodyExt::collect(response.into_body())
+            .await?
+            .to_bytes();
         anyhow::ensure!(status.is_success(), "append failed: {status}");
-        Ok(())
+        Ok(serde_json::from_slice(&answer)?)
     }
 }
 
@@ -222,8 +233,9 @@ fn report(
 }
 
 fn sample_event(index: u64) -> NewEvent {
-    // ~200 bytes of data, the size the design's figures use.
-    NewEvent::json(
+    // ~200 bytes of data, the size the design's figures use, and a correlation id so that
+    // `$by_correlation_id` has work too (1,000 events per id).
+    let mut event = NewEvent::json(
         "OrderPlaced",
         serde_json::json!({
             "order_id": index,
@@ -232,7 +244,21 @@ fn sample_event(index: u64) -> NewEvent {
             "lines": [{"sku": "SKU-0001", "qty": 2}, {"sku": "SKU-0042", "qty": 1}],
             "note": "benchmark event payload, padded to about two hundred bytes...",
         }),
-    )
+    );
+    event.metadata = Some(serde_json::json!({"$correlationId": format!("c-{}", index / 1000)}));
+    event
+}
+
+/// The same event as the store takes it.
+fn stored_sample(index: u64) -> crate::store::NewEvent {
+    let event = sample_event(index);
+    crate::store::NewEvent {
+        id: uuid::Uuid::new_v4(),
+        event_type: event.event_type,
+        data: serde_json::to_vec(&event.data).expect("JSON"),
+        binary: false,
+        metadata: serde_json::to_vec(&event.metadata).expect("JSON"),
+    }
 }
 
 async fn appends(
@@ -241,7 +267,7 @@ async fn appends(
     clients: usize,
     batch: u64,
     seconds: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<f64> {
     let disk_before = server.disk_bytes();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
@@ -283,7 +309,7 @@ async fn appends(
     let elapsed = started.elapsed();
     let disk = server.disk_bytes().saturating_sub(disk_before);
     report(label, events, elapsed, &mut latencies, Some(disk));
-    Ok(())
+    Ok(events as f64 / elapsed.as_secs_f64())
 }
 
 /// The stream the read scenarios read: 50,000 events.
@@ -389,18 +415,7 @@ async fn many_streams(dir: &Path, streams: u64) -> anyhow::Result<()> {
             let mut latencies = Vec::new();
             let mut index = writer;
             while index < streams {
-                let events = (0..3)
-                    .map(|n| {
-                        let event = sample_event(index * 3 + n);
-                        crate::store::NewEvent {
-                            id: uuid::Uuid::new_v4(),
-                            event_type: event.event_type,
-                            data: serde_json::to_vec(&event.data).expect("JSON"),
-                            binary: false,
-                            metadata: Vec::new(),
-                        }
-                    })
-                    .collect();
+                let events = (0..3).map(|n| stored_sample(index * 3 + n)).collect();
                 let request_started = Instant::now();
                 store
                     .append(format!("order-{index}"), ExpectedRevision::NoStream, events)
@@ -516,4 +531,151 @@ fn peak_rss_kib() -> u64 {
 fn reset_peak_rss() {
     // Writing 5 to clear_refs resets the peak (Linux); elsewhere this does nothing.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Appends with the system projections running and stopped, and the lag from an append's
+/// acknowledgement to its link being readable in `$ce-…`.
+async fn system_projections(dir: &Path, seconds: u64) -> anyhow::Result<()> {
+    let server = BenchServer::start(dir).await?;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", server.address);
+    lag(&server, seconds).await?;
+    let mut rates = Vec::new();
+    for running in [true, false] {
+        for index in SystemIndex::ALL {
+            let action = if running { "start" } else { "stop" };
+            let url = format!("{base}/projections/{}/{action}", index.name());
+            anyhow::ensure!(
+                http.post(url).send().await?.status().is_success(),
+                "{action} failed"
+            );
+        }
+        let state = if running { "on" } else { "off" };
+        let label = format!("append 1 event/request, 64 clients, projections {state}");
+        let single = appends(&server, &label, 64, 1, seconds).await?;
+        let label = format!("append 1000 events/request, 4 clients, projections {state}");
+        let batched = appends(&server, &label, 4, 1000, seconds).await?;
+        rates.push((single, batched));
+    }
+    println!(
+        "  with the four system projections on, appends run at {:.0}% (single events) and {:.0}% (batches) of the rate with them off",
+        100.0 * rates[0].0 / rates[1].0,
+        100.0 * rates[0].1 / rates[1].1
+    );
+    server.stop().await
+}
+
+/// From an append's acknowledgement until `$ce-lag` shows its link: 16 clients, single events.
+async fn lag(server: &BenchServer, seconds: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..16 {
+        let address = server.address;
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let body = bytes::Bytes::from(serde_json::to_vec(&sample_event(client))?);
+            let mut connection = Connection::open(address).await?;
+            let mut lags = Vec::new();
+            while Instant::now() < deadline {
+                let answer = connection.post(&format!("/streams/lag-{client}"), body.clone()).await?;
+                let acknowledged = Instant::now();
+                let position = answer["last_position"].as_u64().context("no position")?;
+                let url = format!("http://{address}/streams/%24ce-lag?direction=backward&limit=100&resolve_links=false");
+                loop {
+                    let page: serde_json::Value = http.get(&url).send().await?.json().await?;
+                    let linked = page["events"].as_array().is_some_and(|events| {
+                        events.iter().any(|event| event["position"].as_u64() == Some(position))
+                    });
+                    if linked {
+                        break;
+                    }
+                }
+                lags.push(acknowledged.elapsed().as_micros() as u64);
+            }
+            anyhow::Ok(lags)
+        }));
+    }
+    let mut latencies = Latencies::default();
+    for task in tasks {
+        latencies.0.extend(task.await??);
+    }
+    let events = latencies.0.len() as u64;
+    report(
+        "lag: append ack -> visible in $ce- (16 clients)",
+        events,
+        started.elapsed(),
+        &mut latencies,
+        None,
+    );
+    Ok(())
+}
+
+/// Writes `events` with the system projections stopped, then times their catch-up and measures
+/// what their links cost on disk.
+async fn catch_up(dir: &Path, events: u64) -> anyhow::Result<()> {
+    let store = Store::open(dir, StoreOptions::default(), Arc::new(Metrics::new()))?;
+    for index in SystemIndex::ALL {
+        store.set_index_running(index, false).await?;
+    }
+    let started = Instant::now();
+    let writers = 8u64;
+    let per_request = 1000u64;
+    let requests = events.div_ceil(per_request);
+    let mut tasks = Vec::new();
+    for writer in 0..writers {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut request = writer;
+            while request < requests {
+                let events = (request * per_request..(request + 1) * per_request)
+                    .map(stored_sample)
+                    .collect();
+                store
+                    .append(
+                        format!("order-{}", request % 10_000),
+                        ExpectedRevision::Any,
+                        events,
+                    )
+                    .await?;
+                request += writers;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let written = store.head();
+    let write_time = started.elapsed();
+    println!(
+        "  wrote {written} events with the system projections stopped in {write_time:.2?} ({:.0} events/s)",
+        written as f64 / write_time.as_secs_f64()
+    );
+    let (entries_before, bytes_before) = store.blocking(|store| store.links_footprint()).await?;
+    let started = Instant::now();
+    for index in SystemIndex::ALL {
+        store.set_index_running(index, true).await?;
+    }
+    while SystemIndex::ALL
+        .iter()
+        .any(|index| store.index_progress(*index).checkpoint < written)
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    let (entries_after, bytes_after) = store.blocking(|store| store.links_footprint()).await?;
+    let links = entries_after - entries_before;
+    println!(
+        "  catch-up of all four system projections: {written} events in {elapsed:.2?} = {:.0} events/s, {links} links",
+        written as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  disk per link: {:.1} bytes (links table: {} MiB before, {} MiB after)",
+        (bytes_after - bytes_before) as f64 / links.max(1) as f64,
+        bytes_before >> 20,
+        bytes_after >> 20
+    );
+    store.shutdown().await;
+    Ok(())
 }

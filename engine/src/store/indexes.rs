@@ -19,7 +19,7 @@ use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::record::{EventRecord, StreamState};
-use super::{StoreError, load_stream};
+use super::{LINKS_PER_CHUNK, StoreError, load_stream};
 
 /// A built-in index and the system projection that presents it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -365,13 +365,9 @@ impl Indexer {
 
     /// Indexes events from the lowest running checkpoint up to `head`, at most `limit` of them.
     /// Returns how many log records were read.
-    #[allow(clippy::too_many_arguments)]
-    pub fn advance<'txn>(
+    pub fn advance(
         &mut self,
-        log: &Table<'txn, u64, &'static [u8]>,
-        streams: &mut Table<'txn, &'static str, &'static [u8]>,
-        stream_index: &mut Table<'txn, (u64, u64), u64>,
-        cursor_table: &mut CursorTable<'txn>,
+        tables: &mut IndexTables,
         next_stream_id: &mut u64,
         head: u64,
         limit: u64,
@@ -390,12 +386,8 @@ impl Indexer {
             .into_iter()
             .filter(|index| self.cursors[index.slot()].running)
             .collect();
-        let mut links = Links {
-            streams,
-            stream_index,
-            next_stream_id,
-            known: HashMap::new(),
-        };
+        let mut outputs = Outputs::default();
+        let log = tables.log;
         for entry in log.range(from..to)? {
             let (position, bytes) = entry?;
             let position = position.value();
@@ -408,15 +400,18 @@ impl Indexer {
                     continue;
                 }
                 if index.output_stream(&event, &self.config, &mut self.output) {
-                    links.add(&self.output, position)?;
+                    outputs.add(tables, next_stream_id, &self.output, position)?;
                 }
             }
         }
+        outputs.flush(tables)?;
         for index in active {
             let cursor = &mut self.cursors[index.slot()];
             if cursor.checkpoint < to {
                 cursor.checkpoint = to;
-                cursor_table.insert(index.name(), (cursor.running, cursor.checkpoint))?;
+                tables
+                    .cursors
+                    .insert(index.name(), (cursor.running, cursor.checkpoint))?;
             }
         }
         Ok(to - from)
@@ -426,13 +421,11 @@ impl Indexer {
     pub fn reset(
         &mut self,
         index: SystemIndex,
-        streams: &mut Table<&'static str, &'static [u8]>,
-        stream_index: &mut Table<(u64, u64), u64>,
-        cursor_table: &mut CursorTable,
+        tables: &mut IndexTables,
     ) -> Result<(), StoreError> {
         let prefix = index.output_prefix();
         let mut outputs = Vec::new();
-        for entry in streams.range(prefix..)? {
+        for entry in tables.streams.range(prefix..)? {
             let (name, state) = entry?;
             if !name.value().starts_with(prefix) {
                 break;
@@ -443,49 +436,132 @@ impl Indexer {
             ));
         }
         for (name, id) in outputs {
-            stream_index.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
-            streams.remove(name.as_str())?;
+            tables
+                .links
+                .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+            tables.streams.remove(name.as_str())?;
         }
         let cursor = &mut self.cursors[index.slot()];
         cursor.checkpoint = 0;
-        cursor_table.insert(index.name(), (cursor.running, 0))?;
+        tables.cursors.insert(index.name(), (cursor.running, 0))?;
         self.windows[index.slot()] = (Instant::now(), 0);
         Ok(())
     }
 }
 
-/// Appends links to output streams, creating them on first use, within one transaction.
-struct Links<'a, 'txn> {
-    streams: &'a mut Table<'txn, &'static str, &'static [u8]>,
-    stream_index: &'a mut Table<'txn, (u64, u64), u64>,
-    next_stream_id: &'a mut u64,
-    /// Output streams seen in this transaction: id and next revision.
-    known: HashMap<String, (u64, u64)>,
+/// The tables the indexes work on, borrowed from the writer's transaction.
+pub(super) struct IndexTables<'a, 'txn> {
+    pub log: &'a Table<'txn, u64, &'static [u8]>,
+    pub streams: &'a mut Table<'txn, &'static str, &'static [u8]>,
+    pub stream_index: &'a Table<'txn, (u64, u64), u64>,
+    pub links: &'a mut Table<'txn, (u64, u64), &'static [u8]>,
+    pub cursors: &'a mut CursorTable<'txn>,
 }
 
-impl Links<'_, '_> {
-    fn add(&mut self, stream: &str, position: u64) -> Result<(), StoreError> {
-        let (id, next_revision) = match self.known.get_mut(stream) {
-            Some(entry) => entry,
+/// An output stream being appended to in this transaction.
+struct Output {
+    id: u64,
+    next_revision: u64,
+    /// The positions of the stream's last, unfinished chunk, as stored in `links`.
+    chunk: Vec<u8>,
+}
+
+/// Appends links to output streams, creating them on first use. Links are packed 64 to a
+/// `links` row, and a row is written once per transaction (or when it fills), not per link.
+#[derive(Default)]
+struct Outputs {
+    streams: HashMap<String, Output>,
+}
+
+impl Outputs {
+    fn add(
+        &mut self,
+        tables: &mut IndexTables,
+        next_stream_id: &mut u64,
+        stream: &str,
+        position: u64,
+    ) -> Result<(), StoreError> {
+        let output = match self.streams.get_mut(stream) {
+            Some(output) => output,
             None => {
-                let entry = match load_stream(&*self.streams, &*self.stream_index, stream)? {
-                    Some(state) => (state.id, state.next_revision),
-                    None => {
-                        let id = *self.next_stream_id;
-                        *self.next_stream_id += 1;
-                        let state = StreamState {
-                            id,
-                            ..StreamState::default()
-                        };
-                        self.streams.insert(stream, state.encode().as_slice())?;
-                        (id, 0)
-                    }
-                };
-                self.known.entry(stream.to_owned()).or_insert(entry)
+                let output = Self::open(tables, next_stream_id, stream)?;
+                self.streams.entry(stream.to_owned()).or_insert(output)
             }
         };
-        self.stream_index.insert((*id, *next_revision), position)?;
-        *next_revision += 1;
+        output.chunk.extend_from_slice(&position.to_le_bytes());
+        output.next_revision += 1;
+        if output.next_revision % LINKS_PER_CHUNK == 0 {
+            let chunk = (output.next_revision - 1) / LINKS_PER_CHUNK;
+            tables
+                .links
+                .insert((output.id, chunk), output.chunk.as_slice())?;
+            output.chunk.clear();
+        }
+        Ok(())
+    }
+
+    fn open(
+        tables: &mut IndexTables,
+        next_stream_id: &mut u64,
+        stream: &str,
+    ) -> Result<Output, StoreError> {
+        let state = load_stream(
+            &*tables.streams,
+            tables.stream_index,
+            &*tables.links,
+            stream,
+        )?;
+        let state = match state {
+            Some(state) if state.links => state,
+            // Metadata set before the first link made a plain stream: it becomes a links stream.
+            Some(state) if state.next_revision == 0 => {
+                let state = StreamState {
+                    links: true,
+                    ..state
+                };
+                tables.streams.insert(stream, state.encode().as_slice())?;
+                state
+            }
+            Some(_) => {
+                return Err(StoreError::Storage(format!(
+                    "{stream} holds events of its own and cannot take links"
+                )));
+            }
+            None => {
+                let state = StreamState {
+                    id: *next_stream_id,
+                    links: true,
+                    ..StreamState::default()
+                };
+                *next_stream_id += 1;
+                tables.streams.insert(stream, state.encode().as_slice())?;
+                state
+            }
+        };
+        let mut chunk = Vec::with_capacity((LINKS_PER_CHUNK * 8) as usize);
+        if state.next_revision % LINKS_PER_CHUNK != 0 {
+            let key = (state.id, state.next_revision / LINKS_PER_CHUNK);
+            if let Some(stored) = tables.links.get(key)? {
+                chunk.extend_from_slice(stored.value());
+            }
+        }
+        Ok(Output {
+            id: state.id,
+            next_revision: state.next_revision,
+            chunk,
+        })
+    }
+
+    /// Writes every unfinished chunk touched in this transaction.
+    fn flush(self, tables: &mut IndexTables) -> Result<(), StoreError> {
+        for output in self.streams.values() {
+            if !output.chunk.is_empty() {
+                let chunk = output.next_revision / LINKS_PER_CHUNK;
+                tables
+                    .links
+                    .insert((output.id, chunk), output.chunk.as_slice())?;
+            }
+        }
         Ok(())
     }
 }

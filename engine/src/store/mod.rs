@@ -12,8 +12,9 @@
 //! Tables (all keys big-endian-ordered by redb's tuple encoding):
 //! - `log`: position → [`record::EventRecord`] bytes.
 //! - `streams`: name → [`record::StreamState`] bytes.
-//! - `stream_index`: (stream id, revision) → position. A link from a system stream into another
-//!   stream's event is just such an entry: no copy of the event.
+//! - `stream_index`: (stream id, revision) → position, for streams clients write.
+//! - `links`: (stream id, chunk) → up to 64 positions, for the output streams of the built-in
+//!   indexes (`$ce-…`, `$et-…`): a link is 8 bytes pointing at the original event, no copy of it.
 //! - `meta`: counters that must survive restarts (the next stream id).
 //! - `index_cursors`: per built-in index ([`indexes`]), whether it runs and its checkpoint.
 //! - `settings`: the indexes' configuration.
@@ -27,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -41,6 +42,9 @@ pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("streams");
 pub(crate) const STREAM_INDEX: TableDefinition<(u64, u64), u64> =
     TableDefinition::new("stream_index");
+pub(crate) const LINKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("links");
+/// Links per `links` row: the positions of revisions `chunk * 64 .. chunk * 64 + 63`.
+pub(crate) const LINKS_PER_CHUNK: u64 = 64;
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const NEXT_STREAM_ID: &str = "next_stream_id";
 /// Streams created by clients' writes, as opposed to the indexes' output streams.
@@ -484,6 +488,23 @@ impl Store {
         }
     }
 
+    /// How many links the built-in indexes hold and the bytes of the pages holding them.
+    /// Blocking; reads every `links` row.
+    pub fn links_footprint(&self) -> Result<(u64, u64), StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let links = txn.open_table(LINKS)?;
+        let mut count = 0;
+        for chunk in links.iter()? {
+            count += (chunk?.1.value().len() / 8) as u64;
+        }
+        let stats = links.stats()?;
+        const PAGE_BYTES: u64 = 4096;
+        Ok((
+            count,
+            (stats.leaf_pages() + stats.branch_pages()) * PAGE_BYTES,
+        ))
+    }
+
     /// The number of streams clients have created (not counting system output streams). Blocking.
     pub fn stream_count(&self) -> Result<u64, StoreError> {
         let txn = self.inner.db.begin_read()?;
@@ -516,21 +537,32 @@ impl Store {
     }
 }
 
-/// Loads a stream's state, with its next revision taken from its last index entry.
+/// Loads a stream's state, with its next revision taken from its last index or links entry.
 pub(crate) fn load_stream(
     streams: &impl ReadableTable<&'static str, &'static [u8]>,
     index: &impl ReadableTable<(u64, u64), u64>,
+    links: &impl ReadableTable<(u64, u64), &'static [u8]>,
     name: &str,
 ) -> Result<Option<StreamState>, StoreError> {
     let Some(bytes) = streams.get(name)? else {
         return Ok(None);
     };
     let mut state = StreamState::decode(bytes.value())?;
-    let last = index
-        .range((state.id, 0)..=(state.id, u64::MAX))?
-        .next_back()
-        .transpose()?;
-    let after_last = last.map_or(0, |(key, _)| key.value().1 + 1);
+    let after_last = if state.links {
+        let last = links
+            .range((state.id, 0)..=(state.id, u64::MAX))?
+            .next_back()
+            .transpose()?;
+        last.map_or(0, |(key, chunk)| {
+            key.value().1 * LINKS_PER_CHUNK + (chunk.value().len() / 8) as u64
+        })
+    } else {
+        let last = index
+            .range((state.id, 0)..=(state.id, u64::MAX))?
+            .next_back()
+            .transpose()?;
+        last.map_or(0, |(key, _)| key.value().1 + 1)
+    };
     state.next_revision = after_last.max(state.deleted_before);
     Ok(Some(state))
 }

@@ -3,12 +3,12 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{ReadTransaction, ReadableTable};
+use redb::{AccessGuard, ReadTransaction, ReadableTable};
 
 use super::record::{EventRecord, StreamState};
 use super::{
-    Direction, LOG, LinkInfo, RecordedEvent, STREAM_INDEX, STREAMS, StoreError, StreamMetadata,
-    load_stream,
+    Direction, LINKS, LINKS_PER_CHUNK, LOG, LinkInfo, RecordedEvent, STREAM_INDEX, STREAMS,
+    StoreError, StreamMetadata, load_stream,
 };
 
 /// Most log records one `$all` read looks at, so a filter that matches little cannot make one
@@ -60,6 +60,7 @@ pub(super) fn stream_state(
     load_stream(
         &txn.open_table(STREAMS)?,
         &txn.open_table(STREAM_INDEX)?,
+        &txn.open_table(LINKS)?,
         stream,
     )
 }
@@ -138,51 +139,41 @@ pub(super) fn read_stream(
     let now_ms = now_ms();
     let visibility = Visibility::of(&state, now_ms)?;
     let first = visibility.first_revision;
-    let index = txn.open_table(STREAM_INDEX)?;
     let mut reader = EventReader::new(txn, resolve_links, now_ms)?;
     let mut slice = Slice {
         last_revision: Some(last),
         ..Slice::default()
     };
+    let mut take = |revision: u64, position: u64, slice: &mut Slice| -> Result<bool, StoreError> {
+        if let Some(event) = reader.load(stream, revision, position, &visibility)? {
+            slice.events.push(event);
+        }
+        Ok(slice.events.len() < limit)
+    };
     match direction {
         Direction::Forward => {
             let start = from.unwrap_or(0).max(first);
             slice.cursor = start;
-            if start <= last {
-                for entry in index.range((state.id, start)..=(state.id, last))? {
-                    let (key, position) = entry?;
-                    let revision = key.value().1;
-                    slice.cursor = revision + 1;
-                    if let Some(event) =
-                        reader.load(stream, revision, position.value(), &visibility)?
-                    {
-                        slice.events.push(event);
-                        if slice.events.len() >= limit {
-                            break;
-                        }
-                    }
-                }
-            }
+            for_each_entry(txn, &state, start, last, direction, |revision, position| {
+                slice.cursor = revision + 1;
+                take(revision, position, &mut slice)
+            })?;
             slice.next = (slice.cursor <= last).then_some(slice.cursor);
         }
         Direction::Backward => {
             let start = from.unwrap_or(last).min(last);
             let mut lowest_scanned = None;
-            if start >= first {
-                for entry in index.range((state.id, first)..=(state.id, start))?.rev() {
-                    let (key, position) = entry?;
-                    let revision = key.value().1;
+            for_each_entry(
+                txn,
+                &state,
+                first,
+                start,
+                direction,
+                |revision, position| {
                     lowest_scanned = Some(revision);
-                    if let Some(event) =
-                        reader.load(stream, revision, position.value(), &visibility)?
-                    {
-                        slice.events.push(event);
-                        if slice.events.len() >= limit {
-                            break;
-                        }
-                    }
-                }
-            }
+                    take(revision, position, &mut slice)
+                },
+            )?;
             slice.next = lowest_scanned
                 .filter(|revision| *revision > first)
                 .map(|r| r - 1);
@@ -190,6 +181,101 @@ pub(super) fn read_stream(
         }
     }
     Ok(slice)
+}
+
+/// Calls `visit` with (revision, position) for each entry of a stream with a revision in
+/// `first..=last`, in `direction` order, until it returns `false`.
+fn for_each_entry(
+    txn: &ReadTransaction,
+    state: &StreamState,
+    first: u64,
+    last: u64,
+    direction: Direction,
+    mut visit: impl FnMut(u64, u64) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    if first > last {
+        return Ok(());
+    }
+    if !state.links {
+        let index = txn.open_table(STREAM_INDEX)?;
+        let entries = index.range((state.id, first)..=(state.id, last))?;
+        let mut visit_entry = |entry: Result<(AccessGuard<(u64, u64)>, AccessGuard<u64>), _>| {
+            let (key, position) = entry?;
+            visit(key.value().1, position.value())
+        };
+        match direction {
+            Direction::Forward => {
+                for entry in entries {
+                    if !visit_entry(entry)? {
+                        break;
+                    }
+                }
+            }
+            Direction::Backward => {
+                for entry in entries.rev() {
+                    if !visit_entry(entry)? {
+                        break;
+                    }
+                }
+            }
+        }
+        return Ok(());
+    }
+    let links = txn.open_table(LINKS)?;
+    let chunks =
+        links.range((state.id, first / LINKS_PER_CHUNK)..=(state.id, last / LINKS_PER_CHUNK))?;
+    let mut visit_chunk = |chunk: u64, positions: &[u8]| -> Result<bool, StoreError> {
+        let base = chunk * LINKS_PER_CHUNK;
+        let mut entries = positions
+            .chunks_exact(8)
+            .enumerate()
+            .map(|(offset, position)| (base + offset as u64, position));
+        let mut visit_one = |(revision, position): (u64, &[u8])| -> Result<bool, StoreError> {
+            if revision < first || revision > last {
+                return Ok(true);
+            }
+            visit(
+                revision,
+                u64::from_le_bytes(position.try_into().expect("8 bytes")),
+            )
+        };
+        match direction {
+            Direction::Forward => {
+                for entry in entries.by_ref() {
+                    if !visit_one(entry)? {
+                        return Ok(false);
+                    }
+                }
+            }
+            Direction::Backward => {
+                for entry in entries.rev() {
+                    if !visit_one(entry)? {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(true)
+    };
+    match direction {
+        Direction::Forward => {
+            for chunk in chunks {
+                let (key, positions) = chunk?;
+                if !visit_chunk(key.value().1, positions.value())? {
+                    break;
+                }
+            }
+        }
+        Direction::Backward => {
+            for chunk in chunks.rev() {
+                let (key, positions) = chunk?;
+                if !visit_chunk(key.value().1, positions.value())? {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn read_all(

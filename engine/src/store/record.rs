@@ -116,12 +116,15 @@ pub struct StreamState {
     pub soft_deleted: bool,
     /// Hard-deleted: reads and writes answer "deleted" forever.
     pub tombstoned: bool,
+    /// An output stream of a built-in index: its entries live, packed, in the `links` table.
+    pub links: bool,
     /// The stream's metadata as JSON text (see [`crate::store::StreamMetadata`]), or empty.
     pub metadata: Vec<u8>,
 }
 
 const FLAG_SOFT_DELETED: u8 = 1;
 const FLAG_TOMBSTONED: u8 = 2;
+const FLAG_LINKS: u8 = 4;
 
 impl StreamState {
     pub fn last_revision(&self) -> Option<u64> {
@@ -147,6 +150,9 @@ impl StreamState {
         if self.tombstoned {
             flags |= FLAG_TOMBSTONED;
         }
+        if self.links {
+            flags |= FLAG_LINKS;
+        }
         out.push(flags);
         out.extend_from_slice(&self.id.to_le_bytes());
         out.extend_from_slice(&self.deleted_before.to_le_bytes());
@@ -166,6 +172,7 @@ impl StreamState {
             deleted_before: reader.u64()?,
             soft_deleted: flags & FLAG_SOFT_DELETED != 0,
             tombstoned: flags & FLAG_TOMBSTONED != 0,
+            links: flags & FLAG_LINKS != 0,
             metadata: reader.rest().to_vec(),
         })
     }
@@ -282,6 +289,7 @@ mod tests {
             deleted_before: 3,
             soft_deleted: true,
             tombstoned: false,
+            links: true,
             metadata: br#"{"max_count":5}"#.to_vec(),
         };
         assert_eq!(StreamState::decode(&state.encode()).unwrap(), state);

@@ -549,3 +549,81 @@ fn stream_names_follow_the_contract() {
     );
     assert!("-1".parse::<ExpectedRevision>().is_err());
 }
+
+#[tokio::test]
+async fn link_streams_read_across_chunks_in_both_directions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // Several commits, so chunks are reopened and extended; an unrelated stream interleaves.
+    for round in 0..7 {
+        store
+            .append("order-1".into(), ExpectedRevision::Any, events(23))
+            .await
+            .unwrap();
+        store
+            .append(format!("cart-{round}"), ExpectedRevision::Any, events(1))
+            .await
+            .unwrap();
+    }
+    let all = store
+        .read_all(None, Direction::Forward, 4096, &AllFilter::default())
+        .unwrap();
+    let expected: Vec<u64> = all
+        .events
+        .iter()
+        .filter(|event| event.stream == "order-1")
+        .map(|event| event.position)
+        .collect();
+    assert_eq!(expected.len(), 161);
+    let positions =
+        |slice: &Slice| -> Vec<u64> { slice.events.iter().map(|e| e.position).collect() };
+    let links = |slice: &Slice| -> Vec<u64> {
+        slice
+            .events
+            .iter()
+            .map(|e| e.link.as_ref().unwrap().revision)
+            .collect()
+    };
+
+    let whole = store
+        .read_stream("$ce-order", None, Direction::Forward, 4096, true)
+        .unwrap();
+    assert_eq!(positions(&whole), expected);
+    assert_eq!(links(&whole), (0..161).collect::<Vec<_>>());
+    assert_eq!(whole.last_revision, Some(160));
+
+    let page = store
+        .read_stream("$ce-order", Some(60), Direction::Forward, 10, true)
+        .unwrap();
+    assert_eq!(links(&page), (60..70).collect::<Vec<_>>());
+    assert_eq!(page.next, Some(70));
+    let page = store
+        .read_stream("$ce-order", Some(130), Direction::Backward, 70, true)
+        .unwrap();
+    assert_eq!(links(&page), (61..=130).rev().collect::<Vec<_>>());
+    assert_eq!(page.next, Some(60));
+    assert_eq!(
+        positions(&page),
+        expected[61..=130].iter().rev().copied().collect::<Vec<_>>()
+    );
+    let page = store
+        .read_stream("$ce-order", None, Direction::Backward, 3, false)
+        .unwrap();
+    assert_eq!(page.events[0].event_type, "$>");
+    assert_eq!(page.events[0].revision, 160);
+
+    // Reopened, the next revision of a link stream comes from its last chunk.
+    store.shutdown().await;
+    drop(store);
+    let store = open(dir.path());
+    store
+        .append("order-2".into(), ExpectedRevision::Any, events(1))
+        .await
+        .unwrap();
+    let tail = store
+        .read_stream("$ce-order", None, Direction::Backward, 1, true)
+        .unwrap();
+    assert_eq!(links(&tail), vec![161]);
+    assert_eq!(tail.events[0].stream, "order-2");
+    store.shutdown().await;
+}

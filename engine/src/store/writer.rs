@@ -13,10 +13,10 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::indexes::{CursorTable, IndexConfig, IndexProgress, Indexer, SystemIndex};
+use super::indexes::{CursorTable, IndexConfig, IndexProgress, IndexTables, Indexer, SystemIndex};
 use super::record::{EventRecord, StreamState};
 use super::{
-    AppendOutcome, CLIENT_STREAMS, ExpectedRevision, INDEX_CONFIG, INDEX_CURSORS, LOG, META,
+    AppendOutcome, CLIENT_STREAMS, ExpectedRevision, INDEX_CONFIG, INDEX_CURSORS, LINKS, LOG, META,
     NEXT_STREAM_ID, NewEvent, SETTINGS, STREAM_INDEX, STREAMS, StoreError, StoreOptions,
     StreamMetadata, load_stream,
 };
@@ -152,12 +152,7 @@ fn set_index_config(
     let json = serde_json::to_vec(config).map_err(StoreError::storage)?;
     tables.settings.insert(INDEX_CONFIG, json.as_slice())?;
     for index in affected {
-        indexer.reset(
-            index,
-            &mut tables.streams,
-            &mut tables.stream_index,
-            &mut tables.indexes,
-        )?;
+        indexer.reset(index, &mut tables.for_indexes())?;
     }
     Ok(())
 }
@@ -166,6 +161,7 @@ struct Tables<'txn> {
     log: Table<'txn, u64, &'static [u8]>,
     streams: Table<'txn, &'static str, &'static [u8]>,
     stream_index: Table<'txn, (u64, u64), u64>,
+    links: Table<'txn, (u64, u64), &'static [u8]>,
     meta: Table<'txn, &'static str, u64>,
     indexes: CursorTable<'txn>,
     settings: Table<'txn, &'static str, &'static [u8]>,
@@ -177,14 +173,25 @@ impl<'txn> Tables<'txn> {
             log: txn.open_table(LOG)?,
             streams: txn.open_table(STREAMS)?,
             stream_index: txn.open_table(STREAM_INDEX)?,
+            links: txn.open_table(LINKS)?,
             meta: txn.open_table(META)?,
             indexes: txn.open_table(INDEX_CURSORS)?,
             settings: txn.open_table(SETTINGS)?,
         })
     }
 
+    fn for_indexes(&mut self) -> IndexTables<'_, 'txn> {
+        IndexTables {
+            log: &self.log,
+            streams: &mut self.streams,
+            stream_index: &self.stream_index,
+            links: &mut self.links,
+            cursors: &mut self.indexes,
+        }
+    }
+
     fn stream_state(&self, stream: &str) -> Result<Option<StreamState>, StoreError> {
-        load_stream(&self.streams, &self.stream_index, stream)
+        load_stream(&self.streams, &self.stream_index, &self.links, stream)
     }
 }
 
@@ -391,12 +398,7 @@ impl Writer {
                     }
                     Request::ResetIndex { index, .. } => self
                         .indexer
-                        .reset(
-                            *index,
-                            &mut tables.streams,
-                            &mut tables.stream_index,
-                            &mut tables.indexes,
-                        )
+                        .reset(*index, &mut tables.for_indexes())
                         .map(|()| Answer::Done),
                     Request::SetIndexConfig { config, .. } => {
                         set_index_config(&mut self.indexer, &mut tables, config)
@@ -419,10 +421,7 @@ impl Writer {
             };
             let limit = appended + backlog;
             self.indexer.advance(
-                &tables.log,
-                &mut tables.streams,
-                &mut tables.stream_index,
-                &mut tables.indexes,
+                &mut tables.for_indexes(),
                 &mut self.next_stream_id,
                 self.next_position,
                 limit,
