@@ -199,7 +199,8 @@ fn for_each_entry(
     if !state.links {
         let index = txn.open_table(STREAM_INDEX)?;
         let entries = index.range((state.id, first)..=(state.id, last))?;
-        let mut visit_entry = |entry: Result<(AccessGuard<(u64, u64)>, AccessGuard<u64>), _>| {
+        type Entry<'a> = (AccessGuard<'a, (u64, u64)>, AccessGuard<'a, u64>);
+        let mut visit_entry = |entry: Result<Entry, redb::StorageError>| {
             let (key, position) = entry?;
             visit(key.value().1, position.value())
         };
