@@ -434,14 +434,17 @@ async fn many_streams(dir: &Path, streams: u64) -> anyhow::Result<()> {
     let label = format!("{streams} streams x 3 events (in-process)");
     let disk = file_size(&dir.join(DATABASE_FILE));
     report(&label, streams * 3, elapsed, &mut latencies, Some(disk));
+    let used = store.blocking(|store| store.used_bytes()).await?;
     store.shutdown().await;
     // Close the database: the server started below must be able to lock it.
     drop(store);
 
     println!(
-        "  disk: {:.0} bytes per stream ({} MiB for {streams} streams)",
+        "  disk: {:.0} bytes per stream in pages in use ({} MiB), file {} MiB, {:.0} bytes per stream",
+        used as f64 / streams as f64,
+        used >> 20,
+        disk >> 20,
         disk as f64 / streams as f64,
-        disk / (1024 * 1024)
     );
     let (startup, rss_kib) = startup_time(dir, Stop::Gracefully).await?;
     println!(

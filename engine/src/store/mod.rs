@@ -505,6 +505,19 @@ impl Store {
         ))
     }
 
+    /// Bytes of the database pages in use by every table (the file itself grows in larger
+    /// steps). Blocking.
+    pub fn used_bytes(&self) -> Result<u64, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let mut pages = 0;
+        for table in txn.list_tables()? {
+            let stats = txn.open_untyped_table(table)?.stats()?;
+            pages += stats.leaf_pages() + stats.branch_pages();
+        }
+        const PAGE_BYTES: u64 = 4096;
+        Ok(pages * PAGE_BYTES)
+    }
+
     /// The number of streams clients have created (not counting system output streams). Blocking.
     pub fn stream_count(&self) -> Result<u64, StoreError> {
         let txn = self.inner.db.begin_read()?;
