@@ -49,6 +49,9 @@ async fn metrics_are_prometheus_text() {
         "refract_head_position 3",
         r#"refract_http_request_seconds_count{method="POST",route="/streams/{stream}",status="200"} 1"#,
         r#"refract_http_request_seconds_count{method="GET",route="/streams/{stream}",status="200"} 1"#,
+        r#"refract_projection_position{projection="$by_category"} 3"#,
+        r#"refract_projection_lag_events{projection="$by_event_type"} 0"#,
+        r#"refract_projection_events_per_second{projection="$by_correlation_id"} "#,
     ] {
         assert!(text.contains(expected), "missing {expected:?} in\n{text}");
     }

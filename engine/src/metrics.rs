@@ -1,5 +1,6 @@
 //! Prometheus metrics. Every part records into one [`Metrics`]; `/metrics` encodes it.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -8,6 +9,19 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProjectionLabels {
+    pub projection: String,
+}
+
+/// A projection's figures at scrape time.
+pub struct ProjectionSample {
+    pub name: String,
+    pub position: u64,
+    pub head_position: u64,
+    pub events_per_second: f64,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -30,6 +44,9 @@ pub struct Metrics {
     commit_seconds: Histogram,
     head_position: Gauge,
     http_requests: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    projection_position: Family<ProjectionLabels, Gauge>,
+    projection_lag: Family<ProjectionLabels, Gauge>,
+    projection_rate: Family<ProjectionLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -75,6 +92,24 @@ impl Metrics {
             "Position the next event will get (events in $all)",
             head_position.clone(),
         );
+        let projection_position = Family::default();
+        let projection_lag = Family::default();
+        let projection_rate = Family::default();
+        registry.register(
+            "projection_position",
+            "Position below which a projection has processed every event",
+            projection_position.clone(),
+        );
+        registry.register(
+            "projection_lag_events",
+            "Events appended that a projection has not processed yet",
+            projection_lag.clone(),
+        );
+        registry.register(
+            "projection_events_per_second",
+            "A projection's recent processing rate",
+            projection_rate.clone(),
+        );
         registry.register(
             "http_request_seconds",
             "HTTP request latency by route",
@@ -89,6 +124,9 @@ impl Metrics {
             commit_seconds,
             head_position,
             http_requests,
+            projection_position,
+            projection_lag,
+            projection_rate,
         }
     }
 
@@ -112,8 +150,21 @@ impl Metrics {
     }
 
     /// The registry in Prometheus text format.
-    pub fn encode(&self, head_position: u64) -> String {
+    pub fn encode(&self, head_position: u64, projections: &[ProjectionSample]) -> String {
         self.head_position.set(head_position as i64);
+        for sample in projections {
+            let labels = ProjectionLabels {
+                projection: sample.name.clone(),
+            };
+            self.projection_position
+                .get_or_create(&labels)
+                .set(sample.position as i64);
+            let lag = sample.head_position.saturating_sub(sample.position);
+            self.projection_lag.get_or_create(&labels).set(lag as i64);
+            self.projection_rate
+                .get_or_create(&labels)
+                .set(sample.events_per_second);
+        }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");

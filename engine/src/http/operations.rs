@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
+use crate::metrics::ProjectionSample;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
@@ -56,8 +57,23 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.encode(state.store.head()),
+        state
+            .metrics
+            .encode(state.store.head(), &projection_samples(&state)),
     )
+}
+
+fn projection_samples(state: &AppState) -> Vec<ProjectionSample> {
+    let projections = state.projections.list();
+    projections
+        .into_iter()
+        .map(|status| ProjectionSample {
+            name: status.name,
+            position: status.position,
+            head_position: status.head_position,
+            events_per_second: status.events_per_second,
+        })
+        .collect()
 }
 
 /// This document: every route with its request and response schemas (OpenAPI 3.1).
