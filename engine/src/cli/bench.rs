@@ -327,60 +327,31 @@ async fn reads(server: &BenchServer) -> anyhow::Result<()> {
             .await?;
     }
 
-    let mut latencies = Latencies::default();
-    let started = Instant::now();
-    let mut events = 0u64;
-    let mut options = ReadOptions {
-        limit: Some(4096),
-        ..ReadOptions::default()
-    };
-    loop {
-        let request_started = Instant::now();
-        let page = client.read(stream, &options).await?;
-        latencies
-            .0
-            .push(request_started.elapsed().as_micros() as u64);
-        events += page.events.len() as u64;
-        match page.next {
-            Some(next) => options.from = Some(next),
-            None => break,
+    for (label, stream) in [
+        ("read one stream over HTTP (4096/page)", stream),
+        ("read $all over HTTP (4096/page)", "$all"),
+    ] {
+        let mut latencies = Latencies::default();
+        let started = Instant::now();
+        let mut events = 0u64;
+        let mut options = ReadOptions {
+            limit: Some(4096),
+            ..ReadOptions::default()
+        };
+        loop {
+            let request_started = Instant::now();
+            let page = client.read(stream, &options).await?;
+            latencies
+                .0
+                .push(request_started.elapsed().as_micros() as u64);
+            events += page.events.len() as u64;
+            match page.next {
+                Some(next) => options.from = Some(next),
+                None => break,
+            }
         }
+        report(label, events, started.elapsed(), &mut latencies, None);
     }
-    report(
-        "read one stream over HTTP (4096/page)",
-        events,
-        started.elapsed(),
-        &mut latencies,
-        None,
-    );
-
-    let mut latencies = Latencies::default();
-    let started = Instant::now();
-    let mut events = 0u64;
-    let mut options = ReadOptions {
-        limit: Some(4096),
-        ..ReadOptions::default()
-    };
-    loop {
-        let request_started = Instant::now();
-        let page = client.read("$all", &options).await?;
-        latencies
-            .0
-            .push(request_started.elapsed().as_micros() as u64);
-        events += page.events.len() as u64;
-        match page.next {
-            Some(next) => options.from = Some(next),
-            None => break,
-        }
-    }
-    report(
-        "read $all over HTTP (4096/page)",
-        events,
-        started.elapsed(),
-        &mut latencies,
-        None,
-    );
-
     Ok(())
 }
 
