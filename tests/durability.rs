@@ -16,10 +16,20 @@ type SentBatch = (String, Vec<String>, bool);
 /// gaps, and every batch is either wholly present or wholly absent. Twice, on the same store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_loses_no_acknowledged_event_and_shows_no_partial_batch() {
+    crash_and_check(&[]).await;
+}
+
+/// The same with redb's quick repair, which changes how a crashed file is reopened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_with_quick_repair_loses_nothing_either() {
+    crash_and_check(&["--quick-repair"]).await;
+}
+
+async fn crash_and_check(args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let batches: Arc<Mutex<Vec<SentBatch>>> = Arc::default();
     for round in 0..2 {
-        let mut server = Server::start_in(dir.path(), &[]);
+        let mut server = Server::start_in(dir.path(), args);
         let mut writers = Vec::new();
         for writer in 0..24 {
             let base = server.base.clone();
@@ -58,7 +68,7 @@ async fn kill_9_loses_no_acknowledged_event_and_shows_no_partial_batch() {
         }
     }
 
-    let server = Server::start_in(dir.path(), &[]);
+    let server = Server::start_in(dir.path(), args);
     let all = server.read_everything("$all").await;
     let positions: Vec<u64> = all
         .iter()

@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Streams written in the many-streams scenario (3 events each).
     #[arg(long, default_value_t = 1_000_000)]
     streams: u64,
+    /// Many-streams scenario: write and restart with `--quick-repair`.
+    #[arg(long)]
+    quick_repair: bool,
     /// Events written with the system projections stopped before they catch up on them.
     #[arg(long, default_value_t = 10_000_000)]
     catchup_events: u64,
@@ -94,7 +97,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         store.shutdown().await;
     }
     if args.wants("streams") {
-        many_streams(&dir.join("streams"), args.streams).await?;
+        many_streams(&dir.join("streams"), args.streams, args.quick_repair).await?;
     }
     if args.wants("projections") {
         system_projections(&dir.join("projections"), args.seconds).await?;
@@ -374,9 +377,13 @@ fn read_in_process(store: &Store, stream: Option<&str>) -> anyhow::Result<(u64, 
     Ok((events, latencies))
 }
 
-async fn many_streams(dir: &Path, streams: u64) -> anyhow::Result<()> {
+async fn many_streams(dir: &Path, streams: u64, quick_repair: bool) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let store = Store::open(dir, StoreOptions::default(), metrics)?;
+    let options = StoreOptions {
+        quick_repair,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(dir, options, metrics)?;
     let started = Instant::now();
     let writers = 512u64;
     let mut tasks = Vec::new();
@@ -417,14 +424,14 @@ async fn many_streams(dir: &Path, streams: u64) -> anyhow::Result<()> {
         disk >> 20,
         disk as f64 / streams as f64,
     );
-    let (startup, rss_kib) = startup_time(dir, Stop::Gracefully).await?;
+    let (startup, rss_kib) = startup_time(dir, quick_repair, Stop::Gracefully).await?;
     println!(
         "  server start on this store: {startup:.2?} to answer /health; RSS then {} MiB",
         rss_kib / 1024
     );
-    startup_time(dir, Stop::Kill).await?;
+    startup_time(dir, quick_repair, Stop::Kill).await?;
     // The server above was killed: this start recovers the database first.
-    let (startup, _) = startup_time(dir, Stop::Gracefully).await?;
+    let (startup, _) = startup_time(dir, quick_repair, Stop::Gracefully).await?;
     println!("  server start after a kill -9: {startup:.2?} to answer /health");
     Ok(())
 }
@@ -435,7 +442,11 @@ enum Stop {
 }
 
 /// Starts the real binary on `dir`, times it until it answers `/health`, and stops it.
-async fn startup_time(dir: &Path, stop: Stop) -> anyhow::Result<(Duration, u64)> {
+async fn startup_time(
+    dir: &Path,
+    quick_repair: bool,
+    stop: Stop,
+) -> anyhow::Result<(Duration, u64)> {
     let binary = std::env::current_exe().context("cannot find the refract binary")?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -444,6 +455,7 @@ async fn startup_time(dir: &Path, stop: Stop) -> anyhow::Result<(Duration, u64)>
     let mut child = tokio::process::Command::new(binary)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
         .arg(dir)
+        .args(quick_repair.then_some("--quick-repair"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -236,6 +236,10 @@ pub struct StoreOptions {
     pub durable: bool,
     /// Memory for redb's page cache.
     pub cache_bytes: usize,
+    /// Save redb's allocator state with every commit (and commit in two phases), so that opening
+    /// after a crash takes milliseconds instead of a walk over the whole file. Costs about 10%
+    /// of durable append throughput, 30% for a single writer.
+    pub quick_repair: bool,
     /// Most events an index catches up on in one commit without appends; a commit with appends
     /// takes a tenth of this beyond its own events.
     pub index_batch: u64,
@@ -249,6 +253,7 @@ impl Default for StoreOptions {
         StoreOptions {
             durable: true,
             cache_bytes: 1024 * 1024 * 1024,
+            quick_repair: false,
             index_batch: 100_000,
             index_config: None,
         }
@@ -286,7 +291,7 @@ impl Store {
                 .set_cache_size(options.cache_bytes)
                 .create(&path)?,
         );
-        let recovered = writer::initialize(&db, options.index_config.as_ref())?;
+        let recovered = writer::initialize(&db, &options)?;
         let (head_sender, head) = watch::channel(recovered.next_position);
         let (requests, queue) = mpsc::channel(writer::QUEUE_CAPACITY);
         let index_progress = Arc::new(Mutex::new([IndexProgress::default(); 4]));

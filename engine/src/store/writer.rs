@@ -110,11 +110,9 @@ pub(super) struct Recovered {
 
 /// Creates the tables of a new store and reads what the writer continues from. A `config` that
 /// differs from the stored one replaces it and resets the indexes it changes.
-pub(super) fn initialize(
-    db: &Database,
-    config: Option<&IndexConfig>,
-) -> Result<Recovered, StoreError> {
-    let txn = db.begin_write()?;
+pub(super) fn initialize(db: &Database, options: &StoreOptions) -> Result<Recovered, StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_quick_repair(options.quick_repair);
     let recovered = {
         let mut tables = Tables::open(&txn)?;
         let next_position = tables
@@ -128,7 +126,7 @@ pub(super) fn initialize(
         };
         let cursors = Indexer::load_cursors(&tables.indexes)?;
         let mut indexer = Indexer::new(stored_config, cursors);
-        if let Some(config) = config {
+        if let Some(config) = &options.index_config {
             set_index_config(&mut indexer, &mut tables, config)?;
         }
         Recovered {
@@ -270,11 +268,14 @@ impl Writer {
             if let Some(shutdown) = shutdown {
                 if !self.options.durable || self.indexer.behind(self.next_position) {
                     // Non-durable commits only reach the disk with a later durable one.
-                    let result = self
-                        .db
-                        .begin_write()
-                        .map_err(StoreError::from)
-                        .and_then(|txn| txn.commit().map_err(StoreError::from));
+                    let result =
+                        self.db
+                            .begin_write()
+                            .map_err(StoreError::from)
+                            .and_then(|mut txn| {
+                                txn.set_quick_repair(self.options.quick_repair);
+                                txn.commit().map_err(StoreError::from)
+                            });
                     if let Err(error) = &result {
                         tracing::error!(%error, "final durable commit failed");
                     }
@@ -347,6 +348,7 @@ impl Writer {
         force_durable: bool,
     ) -> Result<Vec<Result<Answer, StoreError>>, StoreError> {
         let mut txn = self.db.begin_write()?;
+        txn.set_quick_repair(self.options.quick_repair);
         // Index-only commits need no fsync of their own: links and checkpoints commit together,
         // so a crash merely rewinds an index to its last durable checkpoint.
         let durable = (self.options.durable && !batch.is_empty())
