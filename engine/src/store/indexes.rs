@@ -364,14 +364,13 @@ impl Indexer {
     }
 
     /// Indexes events from the lowest running checkpoint up to `head`, at most `limit` of them.
-    /// Returns how many log records were read.
     pub fn advance(
         &mut self,
         tables: &mut IndexTables,
         next_stream_id: &mut u64,
         head: u64,
         limit: u64,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(), StoreError> {
         let Some(from) = self
             .cursors
             .iter()
@@ -379,7 +378,7 @@ impl Indexer {
             .map(|cursor| cursor.checkpoint)
             .min()
         else {
-            return Ok(0);
+            return Ok(());
         };
         let to = head.min(from.saturating_add(limit));
         let active: Vec<SystemIndex> = SystemIndex::ALL
@@ -414,7 +413,7 @@ impl Indexer {
                     .insert(index.name(), (cursor.running, cursor.checkpoint))?;
             }
         }
-        Ok(to - from)
+        Ok(())
     }
 
     /// Removes every output stream of `index` and rewinds it to position 0.

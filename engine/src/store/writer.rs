@@ -310,7 +310,10 @@ impl Writer {
                     self.metrics
                         .record_commit(appends as u64, events, started.elapsed());
                 }
-                self.head.send_replace(self.next_position);
+                let head = self.next_position;
+                // Subscribers wake for new events only, not for index-only commits.
+                self.head
+                    .send_if_modified(|published| std::mem::replace(published, head) != head);
                 self.publish_index_progress();
                 for (request, answer) in batch.drain(..).zip(answers) {
                     request.answer(answer);
@@ -318,6 +321,7 @@ impl Writer {
             }
             Err(error) => {
                 tracing::error!(%error, requests = batch.len(), "commit failed; the batch is rejected");
+                let index_only = batch.is_empty();
                 self.next_position = position_before;
                 self.next_stream_id = stream_id_before;
                 self.indexer.cursors = cursors_before;
@@ -325,7 +329,7 @@ impl Writer {
                 for request in batch.drain(..) {
                     request.answer(Err(StoreError::Storage(error.to_string())));
                 }
-                if batch.is_empty() && self.indexer.behind(self.next_position) {
+                if index_only {
                     // An index-only commit failed: do not spin on it.
                     std::thread::sleep(Duration::from_millis(100));
                 }
