@@ -352,6 +352,18 @@ async fn configuration_by_api_and_by_flag() {
         );
     }
 
+    // The short names work too.
+    let (status, config) = server
+        .put(
+            "/projections/$by_category/config",
+            json!({"separator": "_", "position": "first"}),
+        )
+        .await;
+    assert_eq!(
+        (status, config["category_separator"].as_str()),
+        (200, Some("_"))
+    );
+
     let flagged = Server::start_with(&["--category-separator", "_"]);
     post(&flagged, "billing_invoice-7", json!({"type": "T"})).await;
     assert_eq!(

@@ -67,11 +67,17 @@ pub struct ProjectionStatus {
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigChange {
-    /// `$by_category`, `$stream_by_category`: separator between category and the rest.
+    /// `$by_category`, `$stream_by_category`: separator between category and the rest
+    /// (also accepted as `separator`).
+    #[serde(alias = "separator")]
     pub category_separator: Option<String>,
-    /// `$by_category`, `$stream_by_category`: cut at the `first` or `last` separator.
+    /// `$by_category`, `$stream_by_category`: cut at the `first` or `last` separator
+    /// (also accepted as `position`).
+    #[serde(alias = "position")]
     pub category_position: Option<CategoryPosition>,
-    /// `$by_correlation_id`: the metadata property holding the correlation id.
+    /// `$by_correlation_id`: the metadata property holding the correlation id (also accepted as
+    /// `property`).
+    #[serde(alias = "property")]
     pub correlation_property: Option<String>,
 }
 
