@@ -134,3 +134,37 @@ async fn errors_are_one_line_with_a_non_zero_exit() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot reach"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn projection_commands() {
+    let server = Server::start();
+    server.append_n("order-1", 3).await;
+    let text = stdout(&refract(&server, &["projection", "list"], None));
+    assert_eq!(text.lines().count(), 5, "{text}");
+    assert!(
+        text.lines().nth(1).unwrap().starts_with("$by_category"),
+        "{text}"
+    );
+    let output = refract(
+        &server,
+        &["projection", "stop", "$by_event_type", "--json"],
+        None,
+    );
+    let status: Value = serde_json::from_str(stdout(&output).trim()).unwrap();
+    assert_eq!(
+        (status["name"].clone(), status["status"].clone()),
+        (json!("$by_event_type"), json!("stopped"))
+    );
+    let output = refract(
+        &server,
+        &["projection", "start", "$by_event_type", "--json"],
+        None,
+    );
+    let status: Value = serde_json::from_str(stdout(&output).trim()).unwrap();
+    assert_eq!(status["status"], "running");
+    let output = refract(&server, &["projection", "reset", "$by_category"], None);
+    assert!(stdout(&output).contains("$by_category"));
+    let output = refract(&server, &["projection", "status", "$by_nothing"], None);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not_found"));
+}

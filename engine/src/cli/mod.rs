@@ -13,7 +13,7 @@ use futures::StreamExt;
 use serde_json::Value;
 
 use crate::client::{
-    AppendResult, Client, Event, NewEvent, ReadOptions, SubscribeFrom, SubscriptionMessage,
+    self, AppendResult, Client, Event, NewEvent, ReadOptions, SubscribeFrom, SubscriptionMessage,
 };
 use crate::http::{ServeConfig, Tokens};
 use crate::store::indexes::{CategoryPosition, IndexConfig};
@@ -40,6 +40,9 @@ enum Command {
     Read(ReadArgs),
     /// Delete a stream (soft by default; --hard tombstones it for good).
     Delete(DeleteArgs),
+    /// List, inspect and control projections.
+    #[command(subcommand)]
+    Projection(ProjectionCommand),
     /// Measure appends, reads and startup on a fresh data directory and print the figures.
     Bench(bench::BenchArgs),
 }
@@ -196,6 +199,34 @@ struct DeleteArgs {
     client: ClientArgs,
 }
 
+#[derive(Debug, Subcommand)]
+enum ProjectionCommand {
+    /// Every projection with its status and progress.
+    List(ProjectionListArgs),
+    /// One projection's status.
+    Status(ProjectionArgs),
+    /// Start a projection: it catches up from where it stopped.
+    Start(ProjectionArgs),
+    /// Stop a projection.
+    Stop(ProjectionArgs),
+    /// Drop a projection's output and reprocess from position 0.
+    Reset(ProjectionArgs),
+}
+
+#[derive(Debug, Args)]
+struct ProjectionListArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+struct ProjectionArgs {
+    /// The projection's name, e.g. `$by_category`.
+    name: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
 /// Runs the command line and turns any error into a one-line message and a non-zero exit.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -232,6 +263,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Append(args) => append(args).await,
         Command::Read(args) => read(args).await,
         Command::Delete(args) => delete(args).await,
+        Command::Projection(command) => projection(command).await,
         Command::Bench(args) => bench::run(args).await,
     }
 }
@@ -430,6 +462,57 @@ async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     } else {
         let how = if args.hard { "tombstoned" } else { "deleted" };
         println!("{how} {}", args.stream);
+    }
+    Ok(())
+}
+
+async fn projection(command: ProjectionCommand) -> anyhow::Result<()> {
+    let (client_args, statuses) = match &command {
+        ProjectionCommand::List(args) => (&args.client, args.client.client()?.projections().await?),
+        ProjectionCommand::Status(args) => (
+            &args.client,
+            vec![args.client.client()?.projection(&args.name).await?],
+        ),
+        ProjectionCommand::Start(args)
+        | ProjectionCommand::Stop(args)
+        | ProjectionCommand::Reset(args) => {
+            let action = match command {
+                ProjectionCommand::Start(_) => client::ProjectionCommand::Start,
+                ProjectionCommand::Stop(_) => client::ProjectionCommand::Stop,
+                _ => client::ProjectionCommand::Reset,
+            };
+            let status = args
+                .client
+                .client()?
+                .projection_command(&args.name, action)
+                .await?;
+            (&args.client, vec![status])
+        }
+    };
+    if client_args.json {
+        for status in &statuses {
+            println!("{}", serde_json::to_string(status)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<7} {:<11} {:>12} {:>12} {:>9} {:>12}",
+        "name", "kind", "status", "position", "head", "progress", "events/s"
+    );
+    for status in statuses {
+        println!(
+            "{:<24} {:<7} {:<11} {:>12} {:>12} {:>8.1}% {:>12.0}",
+            status.name,
+            status.kind,
+            status.status,
+            status.position,
+            status.head_position,
+            status.progress * 100.0,
+            status.events_per_second
+        );
+        if let Some(fault) = status.fault {
+            println!("  fault: {fault}");
+        }
     }
     Ok(())
 }

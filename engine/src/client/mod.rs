@@ -164,6 +164,30 @@ pub enum SubscriptionMessage {
     CaughtUp,
 }
 
+/// A projection's status, as the server reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub kind: String,
+    pub status: String,
+    pub mode: String,
+    pub version: u64,
+    pub wasm_sha256: Option<String>,
+    pub position: u64,
+    pub head_position: u64,
+    pub events_processed: u64,
+    pub events_per_second: f64,
+    pub progress: f64,
+    pub fault: Option<Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProjectionCommand {
+    Start,
+    Stop,
+    Reset,
+}
+
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -295,6 +319,32 @@ impl Client {
                     _ => None,
                 }
             }))
+    }
+
+    /// Every projection's status.
+    pub async fn projections(&self) -> anyhow::Result<Vec<ProjectionStatus>> {
+        let request = self.request(Method::GET, &["projections"]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    pub async fn projection(&self, name: &str) -> anyhow::Result<ProjectionStatus> {
+        let request = self.request(Method::GET, &["projections", name]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    /// Starts, stops or resets a projection.
+    pub async fn projection_command(
+        &self,
+        name: &str,
+        command: ProjectionCommand,
+    ) -> anyhow::Result<ProjectionStatus> {
+        let command = match command {
+            ProjectionCommand::Start => "start",
+            ProjectionCommand::Stop => "stop",
+            ProjectionCommand::Reset => "reset",
+        };
+        let request = self.request(Method::POST, &["projections", name, command]);
+        Ok(self.send(request).await?.json().await?)
     }
 
     /// `true` when the server answers `/health`.
