@@ -17,7 +17,7 @@ use crate::client::{
 };
 use crate::http::{ServeConfig, Tokens};
 use crate::store::indexes::{CategoryPosition, IndexConfig};
-use crate::store::{ExpectedRevision, StoreOptions};
+use crate::store::{ExpectedRevision, StoreOptions, default_cache_bytes};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -69,9 +69,9 @@ struct ServeArgs {
     /// at the cost of a second fsync per commit (about 10% of append throughput).
     #[arg(long)]
     quick_repair: bool,
-    /// Memory for the database's page cache, in MiB.
-    #[arg(long, default_value_t = 1024)]
-    cache_mib: usize,
+    /// Memory for the database's page cache, in MiB (default: a quarter of the machine's).
+    #[arg(long)]
+    cache_mib: Option<usize>,
     /// System projections: the separator between a stream's category and the rest of its name.
     /// Giving any of the three index options sets all three (defaults for the others); a change
     /// resets the projections it affects.
@@ -300,7 +300,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokens,
         store: StoreOptions {
             durable: !args.no_fsync,
-            cache_bytes: args.cache_mib << 20,
+            cache_bytes: args
+                .cache_mib
+                .map_or_else(default_cache_bytes, |mib| mib << 20),
             quick_repair: args.quick_repair,
             index_batch: args.index_batch,
             index_config,

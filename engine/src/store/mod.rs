@@ -248,11 +248,24 @@ pub struct StoreOptions {
     pub index_config: Option<IndexConfig>,
 }
 
+/// The page cache a store gets by default: a quarter of the machine's memory (1 GiB where that
+/// cannot be read). It is a bound, not an allocation: it fills as pages are read and written.
+pub fn default_cache_bytes() -> usize {
+    const FALLBACK: usize = 1 << 30;
+    let total_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|line| line.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<usize>().ok()
+        });
+    total_kib.map_or(FALLBACK, |kib| (kib * 1024 / 4).max(256 << 20))
+}
+
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             durable: true,
-            cache_bytes: 1024 * 1024 * 1024,
+            cache_bytes: default_cache_bytes(),
             quick_repair: false,
             index_batch: 100_000,
             index_config: None,
