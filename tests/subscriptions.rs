@@ -189,3 +189,31 @@ async fn history_to_live_switch_under_concurrent_appends_skips_and_repeats_nothi
         assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), total);
     }
 }
+
+#[tokio::test]
+async fn idle_subscriptions_get_comment_heartbeats() {
+    use futures::StreamExt;
+    let server = Server::start_with(&["--sse-heartbeat-seconds", "1"]);
+    let response = server
+        .http
+        .get(server.url("/streams/quiet-1/subscribe"))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    let mut received = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let heartbeat = |text: &str| {
+        text.lines()
+            .any(|line| line.starts_with(':') && line.contains("heartbeat"))
+    };
+    while !heartbeat(&received) {
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .expect("a heartbeat within 10 s")
+            .expect("the subscription stays open")
+            .unwrap();
+        received.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(received.starts_with("event: caught_up"), "{received}");
+}

@@ -125,6 +125,7 @@ impl BenchServer {
             listen: "127.0.0.1:0".parse().expect("valid address"),
             tokens: Tokens::default(),
             store: StoreOptions::default(),
+            sse_heartbeat: Duration::from_secs(15),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready, address) = oneshot::channel();

@@ -86,6 +86,9 @@ struct ServeArgs {
     /// Most events a system projection catches up on per commit.
     #[arg(long, default_value_t = 100_000, hide = true)]
     index_batch: u64,
+    /// Seconds between the comment lines that keep idle subscriptions alive through proxies.
+    #[arg(long, default_value_t = 15)]
+    sse_heartbeat_seconds: u64,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -307,6 +310,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             index_batch: args.index_batch,
             index_config,
         },
+        sse_heartbeat: std::time::Duration::from_secs(args.sse_heartbeat_seconds.max(1)),
     };
     crate::http::serve(config).await
 }

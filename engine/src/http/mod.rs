@@ -45,6 +45,8 @@ pub struct AppState {
     /// Cancelled when the server shuts down; ends long-lived responses such as SSE.
     pub shutdown: CancellationToken,
     pub data_dir: PathBuf,
+    /// Interval of the comment lines that keep idle SSE connections alive.
+    pub heartbeat: Duration,
     openapi: Arc<String>,
 }
 
@@ -96,9 +98,8 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 pub fn app(
     store: Store,
     metrics: Arc<Metrics>,
-    tokens: Tokens,
     shutdown: CancellationToken,
-    data_dir: PathBuf,
+    config: ServeConfig,
 ) -> Router {
     let (router, document) = routes();
     let openapi = Arc::new(
@@ -112,7 +113,8 @@ pub fn app(
         projections,
         metrics: metrics.clone(),
         shutdown,
-        data_dir,
+        data_dir: config.data_dir,
+        heartbeat: config.sse_heartbeat,
         openapi,
     };
     router
@@ -120,7 +122,7 @@ pub fn app(
         .method_not_allowed_fallback(error::wrong_method)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .layer(middleware::from_fn_with_state(
-            Arc::new(tokens),
+            Arc::new(config.tokens),
             auth::authorize,
         ))
         .layer(middleware::from_fn_with_state(metrics, record_request))
@@ -155,6 +157,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub tokens: Tokens,
     pub store: StoreOptions,
+    /// Interval of SSE heartbeat comments.
+    pub sse_heartbeat: Duration,
 }
 
 /// Runs the server until SIGTERM or Ctrl-C, then drains requests and closes the store.
@@ -194,13 +198,7 @@ pub async fn serve_until(
         "refract is listening"
     );
     let shutdown = CancellationToken::new();
-    let app = app(
-        store.clone(),
-        metrics,
-        config.tokens,
-        shutdown.clone(),
-        config.data_dir,
-    );
+    let app = app(store.clone(), metrics, shutdown.clone(), config);
     ready(address);
     let stopping = shutdown.clone();
     let server = axum::serve(

@@ -1,7 +1,6 @@
 //! Catch-up then live subscriptions over Server-Sent Events.
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -16,8 +15,6 @@ use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody};
 use super::streams::{ALL, EventJson, all_filter};
 use crate::store::validate_stream_name;
 use crate::subscribe::{Item, Source, Start, Subscription};
-
-const HEARTBEAT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -177,6 +174,6 @@ fn sse(subscription: Subscription, state: &AppState) -> Response {
     })
     .take_until(state.shutdown.clone().cancelled_owned());
     Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"))
+        .keep_alive(KeepAlive::new().interval(state.heartbeat).text("heartbeat"))
         .into_response()
 }
