@@ -517,7 +517,7 @@ async fn projection(command: ProjectionCommand) -> anyhow::Result<()> {
             status.events_per_second
         );
         if let Some(fault) = status.fault {
-            println!("  fault: {fault}");
+            println!("  fault at position {}: {}", fault.position, fault.message);
         }
     }
     Ok(())

@@ -22,6 +22,7 @@ use reqwest::{Method, RequestBuilder, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::projections::ProjectionStatus;
 use crate::store::ExpectedRevision;
 
 /// An error answer from the server, with the contract's code.
@@ -162,23 +163,6 @@ pub enum SubscriptionMessage {
         event: Box<Event>,
     },
     CaughtUp,
-}
-
-/// A projection's status, as the server reports it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ProjectionStatus {
-    pub name: String,
-    pub kind: String,
-    pub status: String,
-    pub mode: String,
-    pub version: u64,
-    pub wasm_sha256: Option<String>,
-    pub position: u64,
-    pub head_position: u64,
-    pub events_processed: u64,
-    pub events_per_second: f64,
-    pub progress: f64,
-    pub fault: Option<Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,14 +10,14 @@ use utoipa::ToSchema;
 use crate::store::indexes::{CategoryPosition, IndexConfig, SystemIndex};
 use crate::store::{Store, StoreError};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ProjectionKind {
     System,
     Wasm,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     Running,
@@ -27,7 +27,7 @@ pub enum RunStatus {
     Rebuilding,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     Continuous,
@@ -35,14 +35,14 @@ pub enum Mode {
 }
 
 /// Why a projection stopped on an event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Fault {
     pub message: String,
     pub position: u64,
 }
 
-/// A projection's status.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+/// A projection's status, as served by the API and read by the client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ProjectionStatus {
     pub name: String,
     pub kind: ProjectionKind,
@@ -79,6 +79,27 @@ pub struct ConfigChange {
     /// `property`).
     #[serde(alias = "property")]
     pub correlation_property: Option<String>,
+}
+
+impl std::fmt::Display for ProjectionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProjectionKind::System => "system",
+            ProjectionKind::Wasm => "wasm",
+        })
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RunStatus::Running => "running",
+            RunStatus::Stopped => "stopped",
+            RunStatus::Faulted => "faulted",
+            RunStatus::Completed => "completed",
+            RunStatus::Rebuilding => "rebuilding",
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
