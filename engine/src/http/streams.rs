@@ -149,23 +149,19 @@ const EMPTY_OBJECT: &str = "{}";
 
 impl<'a> EventJson<'a> {
     pub fn new(event: &'a RecordedEvent) -> Self {
-        let metadata: &RawValue = if event.metadata.is_empty() {
-            serde_json::from_str(EMPTY_OBJECT).expect("valid JSON")
-        } else {
-            serde_json::from_slice(&event.metadata).expect("stored metadata is JSON")
-        };
-        let (data, data_base64, content_type) = if event.binary {
-            (
+        let empty: &RawValue = serde_json::from_str(EMPTY_OBJECT).expect("valid JSON");
+        let metadata = serde_json::from_slice(&event.metadata).unwrap_or(empty);
+        // Data is stored as the JSON it arrived as; anything else reads back as bytes.
+        let json = (!event.binary)
+            .then(|| serde_json::from_slice(&event.data).ok())
+            .flatten();
+        let (data, data_base64, content_type) = match json {
+            Some(data) => (Some(data), None, None),
+            None => (
                 None,
                 Some(BASE64.encode(&event.data)),
                 Some("application/octet-stream"),
-            )
-        } else {
-            (
-                Some(serde_json::from_slice(&event.data).expect("stored data is JSON")),
-                None,
-                None,
-            )
+            ),
         };
         EventJson {
             stream: &event.stream,

@@ -101,6 +101,9 @@ enum Answer {
     Done,
 }
 
+/// One answer per request of a batch: rejected requests wrote nothing.
+type Answers = Vec<Result<Answer, StoreError>>;
+
 /// What the writer continues from when a store opens.
 pub(super) struct Recovered {
     pub next_position: u64,
@@ -345,12 +348,7 @@ impl Writer {
     /// Writes the batch in one transaction, then lets the indexes catch up in the same one.
     /// The outer error aborts everything; inner errors are individual requests that were
     /// rejected without writing.
-    #[allow(clippy::type_complexity)]
-    fn write(
-        &mut self,
-        batch: &[Request],
-        force_durable: bool,
-    ) -> Result<Vec<Result<Answer, StoreError>>, StoreError> {
+    fn write(&mut self, batch: &[Request], force_durable: bool) -> Result<Answers, StoreError> {
         let mut txn = self.db.begin_write()?;
         txn.set_quick_repair(self.options.quick_repair);
         // Index-only commits need no fsync of their own: links and checkpoints commit together,
