@@ -439,11 +439,7 @@ pub async fn read_stream(
     ApiQuery(query): ApiQuery<AnyReadQuery>,
 ) -> Result<Response, ApiError> {
     if stream == ALL {
-        if query.resolve_links.is_some() {
-            return Err(ApiError::invalid(
-                "$all has no links: resolve_links does not apply",
-            ));
-        }
+        // `$all` holds no links: `resolve_links` changes nothing there, as on `/streams/$all`.
         let AnyReadQuery {
             from,
             direction,
