@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use tokio::net::TcpListener;
@@ -30,9 +30,8 @@ use crate::metrics::{Metrics, RouteLabels};
 use crate::projections::Projections;
 use crate::store::{Store, StoreOptions};
 pub use auth::{Role, Tokens};
-pub use streams::{EventJson, format_timestamp, parse_events};
 
-/// Largest request body.
+/// Largest request body; [`error::LimitedBody`] enforces it.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 /// How long shutdown waits for open requests before it closes the store anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -89,11 +88,6 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
-/// The OpenAPI document of the API, as served at `/openapi.json`.
-pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    routes().1
-}
-
 /// Builds the application: routes, fallbacks, limits, auth and request metrics.
 pub fn app(
     store: Store,
@@ -120,7 +114,6 @@ pub fn app(
     router
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
-        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .layer(middleware::from_fn_with_state(
             Arc::new(config.tokens),
             auth::authorize,

@@ -182,7 +182,7 @@ impl<'a> EventJson<'a> {
     }
 }
 
-pub fn format_timestamp(created_ms: i64) -> String {
+fn format_timestamp(created_ms: i64) -> String {
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(created_ms.max(0) as u64);
     humantime::format_rfc3339_millis(time).to_string()
 }
@@ -279,7 +279,7 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Turns the request body into events, checking every rule before anything is written.
-pub fn parse_events(body: &[u8]) -> Result<Vec<NewEvent>, ApiError> {
+fn parse_events(body: &[u8]) -> Result<Vec<NewEvent>, ApiError> {
     // Raw JSON values cannot pass through serde's untagged enums, so pick the shape by hand.
     let first = body.iter().find(|byte| !byte.is_ascii_whitespace());
     let events = match first {

@@ -64,7 +64,8 @@ impl SystemIndex {
         }
     }
 
-    fn slot(self) -> usize {
+    /// Where this index sits in per-index arrays.
+    pub(crate) fn slot(self) -> usize {
         self as usize
     }
 
@@ -157,7 +158,7 @@ impl IndexConfig {
     }
 
     /// The indexes whose output depends on what changed between `self` and `other`.
-    fn affected_by(&self, other: &IndexConfig) -> Vec<SystemIndex> {
+    pub(super) fn affected_by(&self, other: &IndexConfig) -> Vec<SystemIndex> {
         let mut affected = Vec::new();
         if self.category_separator != other.category_separator
             || self.category_position != other.category_position
@@ -356,11 +357,6 @@ impl Indexer {
             rate: self.rates[slot].0,
             measured: self.rates[slot].1,
         })
-    }
-
-    /// Config changes that differ from the stored config: the indexes they affect must be reset.
-    pub fn indexes_affected_by(&self, config: &IndexConfig) -> Vec<SystemIndex> {
-        self.config.affected_by(config)
     }
 
     /// Indexes events from the lowest running checkpoint up to `head`, at most `limit` of them.

@@ -43,6 +43,8 @@ pub(crate) const STREAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("s
 pub(crate) const STREAM_INDEX: TableDefinition<(u64, u64), u64> =
     TableDefinition::new("stream_index");
 pub(crate) const LINKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("links");
+/// redb's page size: table statistics count pages.
+const PAGE_BYTES: u64 = 4096;
 /// Links per `links` row: the positions of revisions `chunk * 64 .. chunk * 64 + 63`.
 pub(crate) const LINKS_PER_CHUNK: u64 = 64;
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -396,7 +398,7 @@ impl Store {
         self.inner
             .index_progress
             .lock()
-            .expect("index progress lock")[index as usize]
+            .expect("index progress lock")[index.slot()]
     }
 
     /// Starts or stops a built-in index. A started index catches up from its checkpoint.
@@ -458,7 +460,8 @@ impl Store {
         resolve_links: bool,
     ) -> Result<Slice, StoreError> {
         let txn = self.inner.db.begin_read()?;
-        read::read_stream(&txn, stream, from, direction, limit, resolve_links)
+        let tables = read::ReadTables::open(&txn)?;
+        read::read_stream(&tables, stream, from, direction, limit, resolve_links)
     }
 
     /// Reads `$all`. Blocking: call from a blocking context.
@@ -477,7 +480,7 @@ impl Store {
     /// soft-deleted; an error when it was tombstoned. Blocking.
     pub fn last_revision(&self, stream: &str) -> Result<Option<u64>, StoreError> {
         let txn = self.inner.db.begin_read()?;
-        match read::stream_state(&txn, stream)? {
+        match read::ReadTables::open(&txn)?.stream_state(stream)? {
             Some(state) if state.tombstoned => Err(StoreError::StreamDeleted(stream.to_owned())),
             Some(state) => Ok(state.current_revision()),
             None => Ok(None),
@@ -498,7 +501,7 @@ impl Store {
     /// The metadata of a stream, or `None` when it has none. Blocking.
     pub fn metadata(&self, stream: &str) -> Result<Option<StreamMetadata>, StoreError> {
         let txn = self.inner.db.begin_read()?;
-        let state = read::stream_state(&txn, stream)?;
+        let state = read::ReadTables::open(&txn)?.stream_state(stream)?;
         match state {
             Some(state) if state.tombstoned => Err(StoreError::StreamDeleted(stream.to_owned())),
             Some(state) => read::parse_metadata(&state.metadata).map(Some),
@@ -516,7 +519,6 @@ impl Store {
             count += (chunk?.1.value().len() / 8) as u64;
         }
         let stats = links.stats()?;
-        const PAGE_BYTES: u64 = 4096;
         Ok((
             count,
             (stats.leaf_pages() + stats.branch_pages()) * PAGE_BYTES,
@@ -532,7 +534,6 @@ impl Store {
             let stats = txn.open_untyped_table(table)?.stats()?;
             pages += stats.leaf_pages() + stats.branch_pages();
         }
-        const PAGE_BYTES: u64 = 4096;
         Ok(pages * PAGE_BYTES)
     }
 

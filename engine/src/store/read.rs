@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{AccessGuard, ReadTransaction, ReadableTable};
+use redb::{AccessGuard, ReadOnlyTable, ReadTransaction, ReadableTable};
 
 use super::record::{EventRecord, StreamState};
 use super::{
@@ -53,16 +53,27 @@ impl AllFilter {
     }
 }
 
-pub(super) fn stream_state(
-    txn: &ReadTransaction,
-    stream: &str,
-) -> Result<Option<StreamState>, StoreError> {
-    load_stream(
-        &txn.open_table(STREAMS)?,
-        &txn.open_table(STREAM_INDEX)?,
-        &txn.open_table(LINKS)?,
-        stream,
-    )
+/// The tables a stream read uses, opened once per read.
+pub(super) struct ReadTables {
+    log: ReadOnlyTable<u64, &'static [u8]>,
+    streams: ReadOnlyTable<&'static str, &'static [u8]>,
+    index: ReadOnlyTable<(u64, u64), u64>,
+    links: ReadOnlyTable<(u64, u64), &'static [u8]>,
+}
+
+impl ReadTables {
+    pub(super) fn open(txn: &ReadTransaction) -> Result<Self, StoreError> {
+        Ok(ReadTables {
+            log: txn.open_table(LOG)?,
+            streams: txn.open_table(STREAMS)?,
+            index: txn.open_table(STREAM_INDEX)?,
+            links: txn.open_table(LINKS)?,
+        })
+    }
+
+    pub(super) fn stream_state(&self, stream: &str) -> Result<Option<StreamState>, StoreError> {
+        load_stream(&self.streams, &self.index, &self.links, stream)
+    }
 }
 
 pub(super) fn parse_metadata(bytes: &[u8]) -> Result<StreamMetadata, StoreError> {
@@ -121,15 +132,16 @@ impl Visibility {
 }
 
 pub(super) fn read_stream(
-    txn: &ReadTransaction,
+    tables: &ReadTables,
     stream: &str,
     from: Option<u64>,
     direction: Direction,
     limit: usize,
     resolve_links: bool,
 ) -> Result<Slice, StoreError> {
-    let state =
-        stream_state(txn, stream)?.ok_or_else(|| StoreError::StreamNotFound(stream.to_owned()))?;
+    let state = tables
+        .stream_state(stream)?
+        .ok_or_else(|| StoreError::StreamNotFound(stream.to_owned()))?;
     if state.tombstoned {
         return Err(StoreError::StreamDeleted(stream.to_owned()));
     }
@@ -139,7 +151,7 @@ pub(super) fn read_stream(
     let now_ms = now_ms();
     let visibility = Visibility::of(&state, now_ms)?;
     let first = visibility.first_revision;
-    let mut reader = EventReader::new(txn, resolve_links, now_ms)?;
+    let mut reader = EventReader::new(tables, resolve_links, now_ms);
     let mut slice = Slice {
         last_revision: Some(last),
         ..Slice::default()
@@ -154,17 +166,24 @@ pub(super) fn read_stream(
         Direction::Forward => {
             let start = from.unwrap_or(0).max(first);
             slice.cursor = start;
-            for_each_entry(txn, &state, start, last, direction, |revision, position| {
-                slice.cursor = revision + 1;
-                take(revision, position, &mut slice)
-            })?;
+            for_each_entry(
+                tables,
+                &state,
+                start,
+                last,
+                direction,
+                |revision, position| {
+                    slice.cursor = revision + 1;
+                    take(revision, position, &mut slice)
+                },
+            )?;
             slice.next = (slice.cursor <= last).then_some(slice.cursor);
         }
         Direction::Backward => {
             let start = from.unwrap_or(last).min(last);
             let mut lowest_scanned = None;
             for_each_entry(
-                txn,
+                tables,
                 &state,
                 first,
                 start,
@@ -186,7 +205,7 @@ pub(super) fn read_stream(
 /// Calls `visit` with (revision, position) for each entry of a stream with a revision in
 /// `first..=last`, in `direction` order, until it returns `false`.
 fn for_each_entry(
-    txn: &ReadTransaction,
+    tables: &ReadTables,
     state: &StreamState,
     first: u64,
     last: u64,
@@ -197,8 +216,7 @@ fn for_each_entry(
         return Ok(());
     }
     if !state.links {
-        let index = txn.open_table(STREAM_INDEX)?;
-        let entries = index.range((state.id, first)..=(state.id, last))?;
+        let entries = tables.index.range((state.id, first)..=(state.id, last))?;
         type Entry<'a> = (AccessGuard<'a, (u64, u64)>, AccessGuard<'a, u64>);
         let mut visit_entry = |entry: Result<Entry, redb::StorageError>| {
             let (key, position) = entry?;
@@ -222,9 +240,9 @@ fn for_each_entry(
         }
         return Ok(());
     }
-    let links = txn.open_table(LINKS)?;
-    let chunks =
-        links.range((state.id, first / LINKS_PER_CHUNK)..=(state.id, last / LINKS_PER_CHUNK))?;
+    let chunks = tables
+        .links
+        .range((state.id, first / LINKS_PER_CHUNK)..=(state.id, last / LINKS_PER_CHUNK))?;
     let mut visit_chunk = |chunk: u64, positions: &[u8]| -> Result<bool, StoreError> {
         let base = chunk * LINKS_PER_CHUNK;
         let mut entries = positions
@@ -356,28 +374,22 @@ fn recorded(record: &EventRecord, position: u64, link: Option<LinkInfo>) -> Reco
 }
 
 /// Loads the events a stream's index points at, resolving links into other streams.
-struct EventReader<'txn> {
-    txn: &'txn ReadTransaction,
-    log: redb::ReadOnlyTable<u64, &'static [u8]>,
+struct EventReader<'a> {
+    tables: &'a ReadTables,
     resolve_links: bool,
     now_ms: i64,
     /// Visibility of the streams that links of this read point into.
     linked_streams: HashMap<String, Visibility>,
 }
 
-impl<'txn> EventReader<'txn> {
-    fn new(
-        txn: &'txn ReadTransaction,
-        resolve_links: bool,
-        now_ms: i64,
-    ) -> Result<Self, StoreError> {
-        Ok(EventReader {
-            txn,
-            log: txn.open_table(LOG)?,
+impl<'a> EventReader<'a> {
+    fn new(tables: &'a ReadTables, resolve_links: bool, now_ms: i64) -> Self {
+        EventReader {
+            tables,
             resolve_links,
             now_ms,
             linked_streams: HashMap::new(),
-        })
+        }
     }
 
     /// The event at `revision` of `stream` (stored at `position`), or `None` when hidden.
@@ -389,6 +401,7 @@ impl<'txn> EventReader<'txn> {
         visibility: &Visibility,
     ) -> Result<Option<RecordedEvent>, StoreError> {
         let bytes = self
+            .tables
             .log
             .get(position)?
             .ok_or_else(|| StoreError::Storage(format!("log entry {position} is missing")))?;
@@ -432,7 +445,7 @@ impl<'txn> EventReader<'txn> {
         if let Some(visibility) = self.linked_streams.get(stream) {
             return Ok(*visibility);
         }
-        let visibility = match stream_state(self.txn, stream)? {
+        let visibility = match self.tables.stream_state(stream)? {
             Some(state) => Visibility::of(&state, self.now_ms)?,
             None => Visibility {
                 first_revision: 0,

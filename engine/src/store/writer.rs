@@ -148,7 +148,7 @@ fn set_index_config(
     config: &IndexConfig,
 ) -> Result<(), StoreError> {
     config.validate().map_err(StoreError::InvalidRequest)?;
-    let affected = indexer.indexes_affected_by(config);
+    let affected = indexer.config.affected_by(config);
     indexer.config = config.clone();
     let json = serde_json::to_vec(config).map_err(StoreError::storage)?;
     tables.settings.insert(INDEX_CONFIG, json.as_slice())?;
