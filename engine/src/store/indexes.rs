@@ -464,12 +464,12 @@ struct Output {
 /// Appends links to output streams, creating them on first use. Links are packed 64 to a
 /// `links` row, and a row is written once per transaction (or when it fills), not per link.
 #[derive(Default)]
-struct Outputs {
+pub(super) struct Outputs {
     streams: HashMap<String, Output>,
 }
 
 impl Outputs {
-    fn add(
+    pub(super) fn add(
         &mut self,
         tables: &mut IndexTables,
         next_stream_id: &mut u64,
@@ -548,7 +548,7 @@ impl Outputs {
     }
 
     /// Writes every unfinished chunk touched in this transaction.
-    fn flush(self, tables: &mut IndexTables) -> Result<(), StoreError> {
+    pub(super) fn flush(self, tables: &mut IndexTables) -> Result<(), StoreError> {
         for output in self.streams.values() {
             if !output.chunk.is_empty() {
                 let chunk = output.next_revision / LINKS_PER_CHUNK;

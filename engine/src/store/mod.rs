@@ -18,8 +18,10 @@
 //! - `meta`: counters that must survive restarts (the next stream id).
 //! - `index_cursors`: per built-in index ([`indexes`]), whether it runs and its checkpoint.
 //! - `settings`: the indexes' configuration.
+//! - projections' definitions, components, checkpoints, state and rows ([`projection_data`]).
 
 pub mod indexes;
+pub mod projection_data;
 mod read;
 pub mod record;
 mod writer;
@@ -35,6 +37,9 @@ use uuid::Uuid;
 
 use crate::metrics::Metrics;
 use indexes::{IndexConfig, IndexProgress, SystemIndex};
+use projection_data::{
+    COMPONENTS, DataChange, PROJECTIONS, ProjectionCommit, ProjectionView, StoredProjection,
+};
 pub use read::{AllFilter, Slice};
 use record::StreamState;
 
@@ -435,6 +440,95 @@ impl Store {
             Some(json) => serde_json::from_slice(json.value()).map_err(StoreError::storage),
             None => Ok(IndexConfig::default()),
         }
+    }
+
+    /// Creates or replaces a projection's definition and returns the id its data lives under.
+    /// `component_bytes` may be left out when the component is already stored.
+    pub async fn save_projection(
+        &self,
+        name: String,
+        component: String,
+        definition: serde_json::Value,
+        component_bytes: Option<Vec<u8>>,
+        data: DataChange,
+    ) -> Result<u64, StoreError> {
+        self.submit(|reply| writer::Request::SaveProjection {
+            name,
+            component,
+            definition,
+            component_bytes,
+            data,
+            reply,
+        })
+        .await
+    }
+
+    /// Removes a projection and its data; with `delete_outputs` also the streams it wrote.
+    pub async fn remove_projection(
+        &self,
+        name: String,
+        delete_outputs: bool,
+    ) -> Result<(), StoreError> {
+        self.submit(|reply| writer::Request::RemoveProjection {
+            name,
+            delete_outputs,
+            reply,
+        })
+        .await
+    }
+
+    /// Commits a projection's batch: its effects and checkpoint, all or nothing.
+    pub async fn commit_projection(&self, commit: ProjectionCommit) -> Result<(), StoreError> {
+        self.submit(|reply| writer::Request::CommitProjection { commit, reply })
+            .await
+    }
+
+    /// Every stored projection definition, by name. Blocking.
+    pub fn stored_projections(&self) -> Result<Vec<(String, StoredProjection)>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(PROJECTIONS)?;
+        let mut projections = Vec::new();
+        for entry in table.iter()? {
+            let (name, json) = entry?;
+            let stored = serde_json::from_slice(json.value()).map_err(StoreError::storage)?;
+            projections.push((name.value().to_owned(), stored));
+        }
+        Ok(projections)
+    }
+
+    /// A stored component's bytes. Blocking.
+    pub fn component(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(COMPONENTS)?;
+        Ok(table.get(sha256)?.map(|bytes| bytes.value().to_vec()))
+    }
+
+    /// A snapshot of a projection's data. Blocking.
+    pub fn projection_view(&self, data: u64) -> Result<ProjectionView, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        ProjectionView::open(&txn, data)
+    }
+
+    /// Visits the log's records in `from..to`, in order, until `visit` returns `false`.
+    /// Blocking.
+    pub fn scan_log(
+        &self,
+        from: u64,
+        to: u64,
+        mut visit: impl FnMut(u64, record::EventRecord<'_>) -> bool,
+    ) -> Result<(), StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let log = txn.open_table(LOG)?;
+        for entry in log.range(from..to)? {
+            let (position, bytes) = entry?;
+            if !visit(
+                position.value(),
+                record::EventRecord::decode(bytes.value())?,
+            ) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     async fn submit<T>(

@@ -13,12 +13,17 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::indexes::{CursorTable, IndexConfig, IndexProgress, IndexTables, Indexer, SystemIndex};
+use super::indexes::{
+    CursorTable, IndexConfig, IndexProgress, IndexTables, Indexer, Outputs, SystemIndex,
+};
+use super::projection_data::{
+    DataChange, NEXT_DATA_ID, ProjectionCommit, ProjectionTables, StoredProjection,
+};
 use super::record::{EventRecord, StreamState};
 use super::{
     AppendOutcome, CLIENT_STREAMS, ExpectedRevision, INDEX_CONFIG, INDEX_CURSORS, LINKS, LOG, META,
     NEXT_STREAM_ID, NewEvent, SETTINGS, STREAM_INDEX, STREAMS, StoreError, StoreOptions,
-    StreamMetadata, load_stream,
+    StreamMetadata, load_stream, validate_stream_name,
 };
 use crate::metrics::Metrics;
 
@@ -62,6 +67,24 @@ pub(super) enum Request {
         config: IndexConfig,
         reply: Reply<()>,
     },
+    SaveProjection {
+        name: String,
+        component: String,
+        definition: serde_json::Value,
+        /// The component's bytes, when it may not be stored yet.
+        component_bytes: Option<Vec<u8>>,
+        data: DataChange,
+        reply: Reply<u64>,
+    },
+    RemoveProjection {
+        name: String,
+        delete_outputs: bool,
+        reply: Reply<()>,
+    },
+    CommitProjection {
+        commit: ProjectionCommit,
+        reply: Reply<()>,
+    },
     Shutdown {
         reply: Reply<()>,
     },
@@ -71,7 +94,21 @@ impl Request {
     fn payload_bytes(&self) -> usize {
         match self {
             Request::Append { events, .. } => events.iter().map(NewEvent::size).sum(),
+            Request::SaveProjection {
+                component_bytes, ..
+            } => component_bytes.as_ref().map_or(0, Vec::len),
+            Request::CommitProjection { commit, .. } => commit.payload_bytes(),
             _ => 0,
+        }
+    }
+
+    /// Whether the commit holding this request must reach the disk before it is answered.
+    /// A projection's batch without emitted events needs no fsync of its own: its effects and
+    /// checkpoint commit together, so a crash merely rewinds it and it replays to the same result.
+    fn needs_fsync(&self) -> bool {
+        match self {
+            Request::CommitProjection { commit, .. } => !commit.emits.is_empty(),
+            _ => true,
         }
     }
 
@@ -81,7 +118,13 @@ impl Request {
             Request::Append { reply, .. } => {
                 let _ = reply.send(answer.map(|answer| match answer {
                     Answer::Appended(outcome) => outcome,
-                    Answer::Done => unreachable!("an append answers with its outcome"),
+                    _ => unreachable!("an append answers with its outcome"),
+                }));
+            }
+            Request::SaveProjection { reply, .. } => {
+                let _ = reply.send(answer.map(|answer| match answer {
+                    Answer::DataId(data) => data,
+                    _ => unreachable!("a saved projection answers with its data id"),
                 }));
             }
             Request::SetMetadata { reply, .. }
@@ -89,6 +132,8 @@ impl Request {
             | Request::SetIndexRunning { reply, .. }
             | Request::ResetIndex { reply, .. }
             | Request::SetIndexConfig { reply, .. }
+            | Request::RemoveProjection { reply, .. }
+            | Request::CommitProjection { reply, .. }
             | Request::Shutdown { reply } => {
                 let _ = reply.send(answer.map(|_| ()));
             }
@@ -98,6 +143,7 @@ impl Request {
 
 enum Answer {
     Appended(AppendOutcome),
+    DataId(u64),
     Done,
 }
 
@@ -132,6 +178,8 @@ pub(super) fn initialize(db: &Database, options: &StoreOptions) -> Result<Recove
         if let Some(config) = &options.index_config {
             set_index_config(&mut indexer, &mut tables, config)?;
         }
+        // Created here so readers can open them before the first projection exists.
+        ProjectionTables::open(&txn)?;
         Recovered {
             next_position,
             next_stream_id,
@@ -353,7 +401,7 @@ impl Writer {
         txn.set_quick_repair(self.options.quick_repair);
         // Index-only commits need no fsync of their own: links and checkpoints commit together,
         // so a crash merely rewinds an index to its last durable checkpoint.
-        let durable = (self.options.durable && !batch.is_empty())
+        let durable = (self.options.durable && batch.iter().any(Request::needs_fsync))
             || force_durable
             || self.last_durable_commit.elapsed() >= NON_DURABLE_SYNC_INTERVAL;
         if !durable {
@@ -408,6 +456,34 @@ impl Writer {
                         set_index_config(&mut self.indexer, &mut tables, config)
                             .map(|()| Answer::Done)
                     }
+                    Request::SaveProjection {
+                        name,
+                        component,
+                        definition,
+                        component_bytes,
+                        data,
+                        ..
+                    } => self
+                        .save_projection(
+                            &mut tables,
+                            &txn,
+                            name,
+                            component,
+                            definition,
+                            component_bytes.as_deref(),
+                            *data,
+                        )
+                        .map(Answer::DataId),
+                    Request::RemoveProjection {
+                        name,
+                        delete_outputs,
+                        ..
+                    } => self
+                        .remove_projection(&mut tables, &txn, name, *delete_outputs)
+                        .map(|()| Answer::Done),
+                    Request::CommitProjection { commit, .. } => self
+                        .commit_projection(&mut tables, &txn, commit, now_ms)
+                        .map(|()| Answer::Done),
                     Request::Shutdown { .. } => unreachable!("shutdown ends a batch"),
                 };
                 if let Err(StoreError::Storage(_)) = answer {
@@ -475,6 +551,11 @@ impl Writer {
         if let Some(state) = &state {
             if state.tombstoned {
                 return Err(StoreError::StreamDeleted(stream.to_owned()));
+            }
+            if state.links {
+                return Err(StoreError::InvalidRequest(format!(
+                    "{stream} is a stream of links a projection writes; it takes no events"
+                )));
             }
             if let Some(outcome) = replayed(tables, state, expected, events)? {
                 return Ok(outcome);
@@ -619,7 +700,8 @@ fn replayed(
             state.next_revision.checked_sub(count)
         }
     };
-    let Some(first_revision) = first_revision else {
+    // Deleted events are gone: sending their ids again appends anew.
+    let Some(first_revision) = first_revision.filter(|first| *first >= state.deleted_before) else {
         return Ok(None);
     };
     let last_revision = first_revision.saturating_add(count - 1);
@@ -649,4 +731,263 @@ fn replayed(
         first_position: positions[0],
         last_position: positions[events.len() - 1],
     }))
+}
+
+/// Projections' requests: definitions, and batches whose effects commit with their checkpoint.
+impl Writer {
+    #[allow(clippy::too_many_arguments)]
+    fn save_projection(
+        &mut self,
+        tables: &mut Tables,
+        txn: &WriteTransaction,
+        name: &str,
+        component: &str,
+        definition: &serde_json::Value,
+        component_bytes: Option<&[u8]>,
+        data: DataChange,
+    ) -> Result<u64, StoreError> {
+        let mut projection = ProjectionTables::open(txn)?;
+        let stored_component = projection.components.get(component)?.is_some();
+        if !stored_component && component_bytes.is_none() {
+            return Err(StoreError::InvalidRequest(format!(
+                "component {component} is not stored"
+            )));
+        }
+        let existing = projection.load(name)?;
+        let data = match (data, &existing) {
+            (DataChange::Keep, Some(existing)) => existing.data,
+            (DataChange::Keep, None) | (DataChange::Fresh { .. }, _) => {
+                if let Some(existing) = &existing {
+                    let outputs = projection.drop_data(existing.data)?;
+                    if data
+                        == (DataChange::Fresh {
+                            delete_outputs: true,
+                        })
+                    {
+                        self.delete_outputs(tables, outputs)?;
+                    }
+                }
+                let id = tables.meta.get(NEXT_DATA_ID)?.map_or(0, |id| id.value());
+                tables.meta.insert(NEXT_DATA_ID, id + 1)?;
+                projection.checkpoints.insert(id, (0, 0, 0))?;
+                id
+            }
+        };
+        if let (false, Some(bytes)) = (stored_component, component_bytes) {
+            projection.components.insert(component, bytes)?;
+        }
+        let stored = StoredProjection {
+            data,
+            component: component.to_owned(),
+            definition: definition.clone(),
+        };
+        let json = serde_json::to_vec(&stored).map_err(StoreError::storage)?;
+        projection.projections.insert(name, json.as_slice())?;
+        projection.collect_components()?;
+        Ok(data)
+    }
+
+    fn remove_projection(
+        &mut self,
+        tables: &mut Tables,
+        txn: &WriteTransaction,
+        name: &str,
+        delete_outputs: bool,
+    ) -> Result<(), StoreError> {
+        let mut projection = ProjectionTables::open(txn)?;
+        let Some(existing) = projection.load(name)? else {
+            return Err(StoreError::InvalidRequest(format!(
+                "no projection is named {name:?}"
+            )));
+        };
+        let outputs = projection.drop_data(existing.data)?;
+        if delete_outputs {
+            self.delete_outputs(tables, outputs)?;
+        }
+        projection.projections.remove(name)?;
+        projection.collect_components()
+    }
+
+    /// Soft-deletes the streams a projection emitted to and removes its streams of links.
+    fn delete_outputs(
+        &mut self,
+        tables: &mut Tables,
+        outputs: Vec<(String, bool)>,
+    ) -> Result<(), StoreError> {
+        for (stream, is_link) in outputs {
+            if is_link {
+                if let Some(state) = tables.stream_state(&stream)?
+                    && state.links
+                {
+                    let id = state.id;
+                    tables
+                        .links
+                        .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+                    tables.streams.remove(stream.as_str())?;
+                }
+            } else {
+                match self.delete(tables, &stream, ExpectedRevision::Any, false) {
+                    Ok(()) | Err(StoreError::StreamNotFound(_) | StoreError::StreamDeleted(_)) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn commit_projection(
+        &mut self,
+        tables: &mut Tables,
+        txn: &WriteTransaction,
+        commit: &ProjectionCommit,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut projection = ProjectionTables::open(txn)?;
+        match projection.checkpoints.get(commit.data)? {
+            Some(stored) if stored.value().0 == commit.from => {}
+            Some(_) => {
+                return Err(StoreError::InvalidRequest(
+                    "the projection's checkpoint moved on; the batch is discarded".into(),
+                ));
+            }
+            None => {
+                return Err(StoreError::InvalidRequest(
+                    "the projection was reset or deleted; the batch is discarded".into(),
+                ));
+            }
+        }
+        self.validate_outputs(tables, commit)?;
+        // Validated: from here on only storage can fail, and a failure must not leave part of
+        // the batch behind, so it fails the whole transaction.
+        self.write_projection_batch(tables, &mut projection, commit, now_ms)
+            .map_err(|error| match error {
+                StoreError::Storage(_) => error,
+                other => StoreError::Storage(format!(
+                    "a projection's batch failed after validation: {other}"
+                )),
+            })
+    }
+
+    /// Checks that every emitted event and link can be written, before anything is.
+    fn validate_outputs(
+        &self,
+        tables: &Tables,
+        commit: &ProjectionCommit,
+    ) -> Result<(), StoreError> {
+        let linked: std::collections::HashSet<&str> = commit
+            .links
+            .iter()
+            .map(|(stream, _)| stream.as_str())
+            .collect();
+        let invalid = |message: String| Err(StoreError::InvalidRequest(message));
+        for (stream, _) in &commit.emits {
+            validate_stream_name(stream).map_err(StoreError::InvalidRequest)?;
+            if stream.starts_with('$') {
+                return invalid(format!(
+                    "cannot emit to {stream}: $-streams belong to the system"
+                ));
+            }
+            if linked.contains(stream.as_str()) {
+                return invalid(format!("cannot both emit and link to {stream}"));
+            }
+            if let Some(state) = tables.stream_state(stream)? {
+                if state.tombstoned {
+                    return invalid(format!(
+                        "cannot emit to {stream}: it was deleted permanently"
+                    ));
+                }
+                if state.links {
+                    return invalid(format!("cannot emit to {stream}: it is a stream of links"));
+                }
+            }
+        }
+        for (stream, position) in &commit.links {
+            validate_stream_name(stream).map_err(StoreError::InvalidRequest)?;
+            if stream.starts_with('$') {
+                return invalid(format!(
+                    "cannot link to {stream}: $-streams belong to the system"
+                ));
+            }
+            if *position >= self.next_position {
+                return invalid(format!(
+                    "cannot link to position {position}: there is no such event"
+                ));
+            }
+            if let Some(state) = tables.stream_state(stream)?
+                && !state.links
+                && (state.next_revision > 0 || state.tombstoned)
+            {
+                return invalid(format!(
+                    "cannot link to {stream}: it holds events of its own"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn write_projection_batch(
+        &mut self,
+        tables: &mut Tables,
+        projection: &mut ProjectionTables,
+        commit: &ProjectionCommit,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let data = commit.data;
+        // Consecutive events to one stream are one append.
+        let mut rest = commit.emits.as_slice();
+        while let Some((stream, _)) = rest.first() {
+            let run = rest.iter().take_while(|(to, _)| to == stream).count();
+            let events: Vec<NewEvent> =
+                rest[..run].iter().map(|(_, event)| event.clone()).collect();
+            self.append(tables, stream, ExpectedRevision::Any, &events, now_ms)?;
+            projection.outputs.insert((data, stream.as_str()), false)?;
+            rest = &rest[run..];
+        }
+        if !commit.links.is_empty() {
+            let mut outputs = Outputs::default();
+            let mut index_tables = tables.for_indexes();
+            let mut recorded = std::collections::HashSet::new();
+            for (stream, position) in &commit.links {
+                outputs.add(
+                    &mut index_tables,
+                    &mut self.next_stream_id,
+                    stream,
+                    *position,
+                )?;
+                if recorded.insert(stream.as_str()) {
+                    projection.outputs.insert((data, stream.as_str()), true)?;
+                }
+            }
+            outputs.flush(&mut index_tables)?;
+        }
+        for (partition, state) in &commit.states {
+            projection
+                .states
+                .insert((data, partition.as_str()), state.as_slice())?;
+        }
+        for ((table, key), row) in &commit.rows {
+            match row {
+                Some(row) => {
+                    projection
+                        .rows
+                        .insert((data, table.as_str(), key.as_str()), row.as_slice())?;
+                }
+                None => {
+                    projection
+                        .rows
+                        .remove((data, table.as_str(), key.as_str()))?;
+                }
+            }
+        }
+        let checkpoint = commit.checkpoint;
+        projection.checkpoints.insert(
+            data,
+            (
+                checkpoint.position,
+                checkpoint.events_processed,
+                checkpoint.events_emitted,
+            ),
+        )?;
+        Ok(())
+    }
 }
