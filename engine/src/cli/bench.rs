@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use crate::client::{Client, NewEvent, ReadOptions};
 use crate::http::{ServeConfig, Tokens};
 use crate::metrics::Metrics;
+use crate::projections::component::Sandbox;
 use crate::store::indexes::SystemIndex;
 use crate::store::{AllFilter, DATABASE_FILE, Direction, ExpectedRevision, Store, StoreOptions};
 
@@ -126,6 +127,7 @@ impl BenchServer {
             tokens: Tokens::default(),
             store: StoreOptions::default(),
             sse_heartbeat: Duration::from_secs(15),
+            sandbox: Sandbox::default(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready, address) = oneshot::channel();

@@ -16,6 +16,7 @@ use crate::client::{
     self, AppendResult, Client, Event, NewEvent, ReadOptions, SubscribeFrom, SubscriptionMessage,
 };
 use crate::http::{ServeConfig, Tokens};
+use crate::projections::component::Sandbox;
 use crate::store::indexes::{CategoryPosition, IndexConfig};
 use crate::store::{ExpectedRevision, StoreOptions, default_cache_bytes};
 
@@ -89,6 +90,13 @@ struct ServeArgs {
     /// Seconds between the comment lines that keep idle subscriptions alive through proxies.
     #[arg(long, default_value_t = 15)]
     sse_heartbeat_seconds: u64,
+    /// Memory limit of each Wasm projection instance, in MiB.
+    #[arg(long, default_value_t = 256)]
+    guest_memory_mib: usize,
+    /// Longest a Wasm projection may run on one call (a batch of up to 512 events), in
+    /// milliseconds; past it the projection faults.
+    #[arg(long, default_value_t = 10_000)]
+    guest_timeout_ms: u64,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -311,6 +319,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             index_config,
         },
         sse_heartbeat: std::time::Duration::from_secs(args.sse_heartbeat_seconds.max(1)),
+        sandbox: Sandbox {
+            memory_bytes: args.guest_memory_mib.max(1) << 20,
+            call_timeout: std::time::Duration::from_millis(args.guest_timeout_ms.max(10)),
+        },
     };
     crate::http::serve(config).await
 }

@@ -28,6 +28,7 @@ use utoipa_axum::routes;
 
 use crate::metrics::{Metrics, RouteLabels};
 use crate::projections::Projections;
+use crate::projections::component::{Runtime, Sandbox};
 use crate::store::{Store, StoreOptions};
 pub use auth::{Role, Tokens};
 
@@ -76,7 +77,14 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(subscriptions::subscribe_all))
         .routes(routes!(subscriptions::subscribe_stream))
         .routes(routes!(projections::list))
-        .routes(routes!(projections::status))
+        .routes(routes!(
+            projections::status,
+            projections::deploy,
+            projections::delete
+        ))
+        .routes(routes!(projections::get_state))
+        .routes(routes!(projections::get_rows))
+        .routes(routes!(projections::get_row))
         .routes(routes!(projections::start))
         .routes(routes!(projections::stop))
         .routes(routes!(projections::reset))
@@ -91,6 +99,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 /// Builds the application: routes, fallbacks, limits, auth and request metrics.
 pub fn app(
     store: Store,
+    projections: Projections,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     config: ServeConfig,
@@ -101,7 +110,6 @@ pub fn app(
             .to_pretty_json()
             .expect("the OpenAPI document serialises"),
     );
-    let projections = Projections::new(store.clone());
     let state = AppState {
         store,
         projections,
@@ -152,6 +160,8 @@ pub struct ServeConfig {
     pub store: StoreOptions,
     /// Interval of SSE heartbeat comments.
     pub sse_heartbeat: Duration,
+    /// Limits for Wasm guests.
+    pub sandbox: Sandbox,
 }
 
 /// Runs the server until SIGTERM or Ctrl-C, then drains requests and closes the store.
@@ -173,6 +183,11 @@ pub async fn serve_until(
     let metrics = Arc::new(Metrics::new());
     let store = Store::open(&config.data_dir, config.store.clone(), metrics.clone())
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    let runtime = Runtime::new(config.data_dir.join("compiled"), config.sandbox)
+        .context("cannot start the WebAssembly runtime")?;
+    let projections = Projections::open(store.clone(), runtime)
+        .await
+        .context("cannot load the projections")?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -191,7 +206,13 @@ pub async fn serve_until(
         "refract is listening"
     );
     let shutdown = CancellationToken::new();
-    let app = app(store.clone(), metrics, shutdown.clone(), config);
+    let app = app(
+        store.clone(),
+        projections.clone(),
+        metrics,
+        shutdown.clone(),
+        config,
+    );
     ready(address);
     let stopping = shutdown.clone();
     let server = axum::serve(
@@ -209,6 +230,7 @@ pub async fn serve_until(
             tracing::warn!("open requests did not finish in time; closing anyway");
         }
     }
+    projections.shutdown().await;
     store.shutdown().await;
     tracing::info!("stopped");
     Ok(())

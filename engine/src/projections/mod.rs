@@ -1,14 +1,25 @@
 //! Projections as users see them: a list, a status each, start/stop/reset.
 //!
-//! The system projections present the store's built-in indexes ([`crate::store::indexes`]):
-//! the index does the work inside the writer's commits, and this layer names it, reports it and
-//! steers it.
+//! Two kinds share the list. The system projections (`$by_category`, …) present the store's
+//! built-in indexes ([`crate::store::indexes`]): the index does the work inside the writer's
+//! commits, and this layer names it, reports it and steers it. Wasm projections are components
+//! users upload ([`component`] hosts them, [`runner`] runs each, [`wasm`] manages them).
+
+pub mod component;
+mod runner;
+pub mod wasm;
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::store::indexes::{CategoryPosition, IndexConfig, SystemIndex};
+use crate::store::projection_data::RowPage;
 use crate::store::{Store, StoreError};
+use component::Runtime;
+pub use wasm::DeployOptions;
+use wasm::WasmProjections;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -108,6 +119,8 @@ pub enum ProjectionError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0} is a system projection: it has no state or tables; read its output streams")]
+    System(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -116,31 +129,48 @@ pub enum ProjectionError {
 #[derive(Clone)]
 pub struct Projections {
     store: Store,
+    wasm: Arc<WasmProjections>,
 }
 
 impl Projections {
-    pub fn new(store: Store) -> Self {
-        Projections { store }
+    /// Loads the Wasm projections and starts the enabled ones.
+    pub async fn open(store: Store, runtime: Runtime) -> anyhow::Result<Self> {
+        let wasm = WasmProjections::load(store.clone(), runtime).await?;
+        Ok(Projections {
+            store,
+            wasm: Arc::new(wasm),
+        })
     }
 
     pub fn list(&self) -> Vec<ProjectionStatus> {
-        SystemIndex::ALL
+        let mut list: Vec<ProjectionStatus> = SystemIndex::ALL
             .into_iter()
             .map(|index| self.system_status(index))
-            .collect()
+            .collect();
+        list.extend(self.wasm.list());
+        list
     }
 
     pub fn status(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
-        Ok(self.system_status(system(name)?))
+        if is_system(name) {
+            return Ok(self.system_status(system(name)?));
+        }
+        self.wasm.status(name)
     }
 
     pub async fn start(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
+        if !is_system(name) {
+            return self.wasm.start(name).await;
+        }
         let index = system(name)?;
         self.store.set_index_running(index, true).await?;
         Ok(self.system_status(index))
     }
 
     pub async fn stop(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
+        if !is_system(name) {
+            return self.wasm.stop(name).await;
+        }
         let index = system(name)?;
         self.store.set_index_running(index, false).await?;
         Ok(self.system_status(index))
@@ -148,9 +178,83 @@ impl Projections {
 
     /// Drops the projection's output and reprocesses from position 0.
     pub async fn reset(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
+        if !is_system(name) {
+            return self.wasm.reset(name).await;
+        }
         let index = system(name)?;
         self.store.reset_index(index).await?;
         Ok(self.system_status(index))
+    }
+
+    /// Deploys a component under `name`; returns whether the projection is new, and its status.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        component: Vec<u8>,
+        options: DeployOptions,
+    ) -> Result<(bool, ProjectionStatus), ProjectionError> {
+        if is_system(name) {
+            return Err(ProjectionError::Invalid(format!(
+                "{name}: names starting with $ belong to the system projections"
+            )));
+        }
+        self.wasm.deploy(name, component, options).await
+    }
+
+    /// Removes a Wasm projection with its state and tables; with `delete_emitted`, also the
+    /// streams it emitted to and linked into.
+    pub async fn delete(&self, name: &str, delete_emitted: bool) -> Result<(), ProjectionError> {
+        if is_system(name) {
+            return Err(ProjectionError::Invalid(format!(
+                "{name} is a system projection; stop it instead"
+            )));
+        }
+        self.wasm.delete(name, delete_emitted).await
+    }
+
+    /// A partition's state; `""` is the state of an unpartitioned projection.
+    pub async fn state(
+        &self,
+        name: &str,
+        partition: String,
+    ) -> Result<Option<Vec<u8>>, ProjectionError> {
+        self.reject_system(name)?;
+        self.wasm.state(name, partition).await
+    }
+
+    pub async fn row(
+        &self,
+        name: &str,
+        table: String,
+        key: String,
+    ) -> Result<Option<Vec<u8>>, ProjectionError> {
+        self.reject_system(name)?;
+        self.wasm.row(name, table, key).await
+    }
+
+    pub async fn rows(
+        &self,
+        name: &str,
+        table: String,
+        prefix: String,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<RowPage, ProjectionError> {
+        self.reject_system(name)?;
+        self.wasm.rows(name, table, prefix, after, limit).await
+    }
+
+    /// Stops the Wasm projections' runners.
+    pub async fn shutdown(&self) {
+        self.wasm.shutdown().await;
+    }
+
+    fn reject_system(&self, name: &str) -> Result<(), ProjectionError> {
+        if is_system(name) {
+            system(name)?;
+            return Err(ProjectionError::System(name.to_owned()));
+        }
+        Ok(())
     }
 
     pub async fn config(&self, name: &str) -> Result<IndexConfig, ProjectionError> {
@@ -214,6 +318,10 @@ impl Projections {
             fault: None,
         }
     }
+}
+
+fn is_system(name: &str) -> bool {
+    name.starts_with('$')
 }
 
 fn system(name: &str) -> Result<SystemIndex, ProjectionError> {

@@ -1,0 +1,443 @@
+//! The loop that runs one Wasm projection: read a batch of the log past its checkpoint, hand the
+//! events its source and types select to the guest, and commit the guest's writes with the new
+//! checkpoint in one writer request. Then again, or wait for the head to move.
+//!
+//! A failing batch (error result, trap, deadline, memory limit, or a commit the store refuses) is
+//! run again one event at a time on a fresh instance to find the event that fails; the events
+//! before it are committed and the projection faults at that event's position.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use super::component::{Compiled, Event, Instance, InstanceSetup, Runtime, Source};
+use super::{Fault, Mode};
+use crate::store::indexes::IndexConfig;
+use crate::store::projection_data::{Checkpoint, DataChange, ProjectionCommit};
+use crate::store::record::EventRecord;
+use crate::store::{Store, StoreError};
+
+/// Most events one commit covers.
+const BATCH_EVENTS: usize = 4096;
+/// Most payload bytes one commit covers.
+const BATCH_BYTES: usize = 16 << 20;
+/// Most log positions one batch scans, so a sparse source still checkpoints as it goes.
+const BATCH_SCAN: u64 = 100_000;
+/// Events per guest call.
+const CALL_EVENTS: usize = 512;
+
+/// What the projection's definition says about running it, persisted with the projection.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(super) struct Definition {
+    pub version: u64,
+    pub mode: Mode,
+    pub emit: bool,
+    pub enabled: bool,
+    pub fault: Option<Fault>,
+    pub completed: bool,
+}
+
+/// A projection's state shared between its runner and the API.
+pub(super) struct Live {
+    pub name: String,
+    pub state: Mutex<LiveState>,
+}
+
+pub(super) struct LiveState {
+    pub definition: Definition,
+    pub component: String,
+    pub data: u64,
+    pub checkpoint: Checkpoint,
+    /// A runner is working on it.
+    pub running: bool,
+    pub rate: Rate,
+}
+
+/// Events per second over the last second or so of work.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Rate {
+    window_start: Instant,
+    processed_at_start: u64,
+    last_progress: Instant,
+    per_second: f64,
+}
+
+impl Default for Rate {
+    fn default() -> Self {
+        let now = Instant::now();
+        Rate {
+            window_start: now,
+            processed_at_start: 0,
+            last_progress: now,
+            per_second: 0.0,
+        }
+    }
+}
+
+impl Rate {
+    fn record(&mut self, processed: u64) {
+        let now = Instant::now();
+        self.last_progress = now;
+        let elapsed = now - self.window_start;
+        if elapsed.as_secs_f64() >= 1.0 {
+            self.per_second =
+                processed.saturating_sub(self.processed_at_start) as f64 / elapsed.as_secs_f64();
+            self.window_start = now;
+            self.processed_at_start = processed;
+        }
+    }
+
+    fn restart(&mut self, processed: u64) {
+        *self = Rate {
+            processed_at_start: processed,
+            ..Rate::default()
+        };
+    }
+
+    pub fn per_second(&self) -> f64 {
+        if self.last_progress.elapsed().as_secs_f64() > 2.0 {
+            0.0
+        } else {
+            self.per_second
+        }
+    }
+}
+
+/// Everything a runner needs; it owns nothing else.
+pub(super) struct Runner {
+    pub live: Arc<Live>,
+    pub store: Store,
+    pub runtime: Runtime,
+    pub compiled: Compiled,
+    pub index_config: IndexConfig,
+    pub cancel: CancellationToken,
+    pub handle: Handle,
+}
+
+/// Which events the guest is handed.
+struct Filter {
+    source: Source,
+    types: HashSet<String>,
+    config: IndexConfig,
+}
+
+impl Filter {
+    fn selects(&self, event: &EventRecord) -> bool {
+        if event.stream.starts_with('$') {
+            return false;
+        }
+        if !self.types.is_empty() && !self.types.contains(event.event_type) {
+            return false;
+        }
+        match &self.source {
+            Source::All => true,
+            Source::Streams(streams) => streams.iter().any(|stream| stream == event.stream),
+            Source::Categories(categories) => self
+                .config
+                .category(event.stream)
+                .is_some_and(|category| categories.iter().any(|wanted| wanted == category)),
+        }
+    }
+}
+
+fn to_guest(position: u64, record: &EventRecord) -> Event {
+    Event {
+        stream: record.stream.to_owned(),
+        revision: record.revision,
+        position,
+        id: record.id.hyphenated().to_string(),
+        event_type: record.event_type.to_owned(),
+        data: record.data.to_vec(),
+        metadata: record.metadata.to_vec(),
+        created_ms: record.created_ms,
+    }
+}
+
+/// Why a batch did not commit.
+enum Failure {
+    /// The projection's fault: it stops at this event.
+    Fault(Fault),
+    /// The store is shutting down; the batch will be replayed after the restart.
+    ShuttingDown,
+}
+
+impl Runner {
+    /// Runs until cancelled, faulted, or (one-time mode) caught up.
+    pub fn run(self) {
+        let name = self.live.name.clone();
+        let (data, may_emit, mode, mut checkpoint) = {
+            let state = self.live.state.lock().expect("projection state");
+            (
+                state.data,
+                state.definition.emit,
+                state.definition.mode,
+                state.checkpoint,
+            )
+        };
+        let setup = InstanceSetup {
+            projection: name.clone(),
+            data,
+            may_emit,
+        };
+        let filter = Filter {
+            source: self.compiled.info.source.clone(),
+            types: self.compiled.info.event_types.iter().cloned().collect(),
+            config: self.index_config.clone(),
+        };
+        let mut head = self.store.watch_head();
+        let mut instance = match Instance::new(&self.runtime, self.compiled.pre(), setup.clone()) {
+            Ok(instance) => instance,
+            Err(error) => {
+                return self.fault(Fault {
+                    message: format!("{error:#}"),
+                    position: checkpoint.position,
+                });
+            }
+        };
+        loop {
+            if self.cancel.is_cancelled() {
+                return;
+            }
+            let head_position = *head.borrow_and_update();
+            if checkpoint.position >= head_position {
+                if mode == Mode::OneTime {
+                    return self.complete();
+                }
+                self.handle.block_on(async {
+                    tokio::select! {
+                        _ = head.changed() => {}
+                        _ = self.cancel.cancelled() => {}
+                    }
+                });
+                continue;
+            }
+            let (events, scanned_to) =
+                match read_batch(&self.store, &filter, checkpoint.position, head_position) {
+                    Ok(batch) => batch,
+                    Err(error) => {
+                        return self.fault(Fault {
+                            message: format!("cannot read the log: {error}"),
+                            position: checkpoint.position,
+                        });
+                    }
+                };
+            match self.process(&mut instance, &setup, checkpoint, &events, scanned_to) {
+                Ok(next) => {
+                    checkpoint = next;
+                    let mut state = self.live.state.lock().expect("projection state");
+                    state.checkpoint = next;
+                    state.rate.record(next.events_processed);
+                }
+                Err(Failure::ShuttingDown) => return,
+                Err(Failure::Fault(fault)) => return self.fault(fault),
+            }
+        }
+    }
+
+    /// Runs one batch and commits it; returns the new checkpoint.
+    fn process(
+        &self,
+        instance: &mut Instance,
+        setup: &InstanceSetup,
+        checkpoint: Checkpoint,
+        events: &[Event],
+        scanned_to: u64,
+    ) -> Result<Checkpoint, Failure> {
+        let outcome = self
+            .run_events(instance, checkpoint, events)
+            .and_then(|()| self.commit(instance, checkpoint, events.len(), scanned_to));
+        match outcome {
+            Ok(next) => Ok(next),
+            Err(Failure::ShuttingDown) => Err(Failure::ShuttingDown),
+            Err(Failure::Fault(fault)) => {
+                self.locate_fault(instance, setup, checkpoint, events, fault)
+            }
+        }
+    }
+
+    /// Starts a batch on `instance` that reads the data as committed now.
+    fn begin(&self, instance: &mut Instance, checkpoint: Checkpoint) -> Result<(), Failure> {
+        let view = self
+            .store
+            .projection_view(self.data())
+            .map_err(|error| storage_failure(error, checkpoint.position))?;
+        instance.begin(view, checkpoint.events_emitted);
+        Ok(())
+    }
+
+    fn run_events(
+        &self,
+        instance: &mut Instance,
+        checkpoint: Checkpoint,
+        events: &[Event],
+    ) -> Result<(), Failure> {
+        self.begin(instance, checkpoint)?;
+        for chunk in events.chunks(CALL_EVENTS) {
+            instance.handle(chunk).map_err(|error| {
+                Failure::Fault(Fault {
+                    message: format!("{error:#}"),
+                    position: chunk[0].position,
+                })
+            })?;
+        }
+        Ok(())
+    }
+
+    fn commit(
+        &self,
+        instance: &mut Instance,
+        checkpoint: Checkpoint,
+        processed: usize,
+        to: u64,
+    ) -> Result<Checkpoint, Failure> {
+        let writes = instance.take();
+        let next = Checkpoint {
+            position: to,
+            events_processed: checkpoint.events_processed + processed as u64,
+            events_emitted: checkpoint.events_emitted + writes.emits.len() as u64,
+        };
+        let commit = ProjectionCommit {
+            data: self.data(),
+            from: checkpoint.position,
+            checkpoint: next,
+            states: writes.states,
+            rows: writes.rows,
+            emits: writes.emits,
+            links: writes.links,
+        };
+        match self.handle.block_on(self.store.commit_projection(commit)) {
+            Ok(()) => Ok(next),
+            Err(StoreError::ShuttingDown) => Err(Failure::ShuttingDown),
+            Err(error) => Err(Failure::Fault(Fault {
+                message: format!("the store refused the projection's batch: {error}"),
+                position: checkpoint.position,
+            })),
+        }
+    }
+
+    /// Finds the event a failed batch fails on, commits the events before it, and returns the
+    /// fault at that event.
+    fn locate_fault(
+        &self,
+        instance: &mut Instance,
+        setup: &InstanceSetup,
+        checkpoint: Checkpoint,
+        events: &[Event],
+        batch_fault: Fault,
+    ) -> Result<Checkpoint, Failure> {
+        let fresh = || {
+            Instance::new(&self.runtime, self.compiled.pre(), setup.clone()).map_err(|error| {
+                Failure::Fault(Fault {
+                    message: format!("{error:#}"),
+                    position: batch_fault.position,
+                })
+            })
+        };
+        // A trapped instance is not trusted again.
+        *instance = fresh()?;
+        self.begin(instance, checkpoint)?;
+        let mut failing = None;
+        for (index, event) in events.iter().enumerate() {
+            if let Err(error) = instance.handle(std::slice::from_ref(event)) {
+                failing = Some((index, error));
+                break;
+            }
+        }
+        *instance = fresh()?;
+        let Some((index, error)) = failing else {
+            // Every event passes on its own: the store refused the batch's writes.
+            return Err(Failure::Fault(batch_fault));
+        };
+        let fault = Fault {
+            message: format!("{error:#}"),
+            position: events[index].position,
+        };
+        let before = &events[..index];
+        if !before.is_empty() {
+            self.run_events(instance, checkpoint, before)?;
+            let next = self.commit(instance, checkpoint, before.len(), fault.position)?;
+            let mut state = self.live.state.lock().expect("projection state");
+            state.checkpoint = next;
+            state.rate.record(next.events_processed);
+        }
+        Err(Failure::Fault(fault))
+    }
+
+    fn data(&self) -> u64 {
+        self.live.state.lock().expect("projection state").data
+    }
+
+    fn fault(&self, fault: Fault) {
+        tracing::warn!(projection = %self.live.name, position = fault.position, message = %fault.message, "projection faulted");
+        self.save(|definition| definition.fault = Some(fault));
+    }
+
+    fn complete(&self) {
+        tracing::info!(projection = %self.live.name, "one-time projection completed");
+        self.save(|definition| definition.completed = true);
+    }
+
+    /// Changes the definition and persists it.
+    fn save(&self, change: impl FnOnce(&mut Definition)) {
+        let (definition, component) = {
+            let mut state = self.live.state.lock().expect("projection state");
+            change(&mut state.definition);
+            (state.definition.clone(), state.component.clone())
+        };
+        let json = serde_json::to_value(&definition).expect("a definition is JSON");
+        let saved = self.handle.block_on(self.store.save_projection(
+            self.live.name.clone(),
+            component,
+            json,
+            None,
+            DataChange::Keep,
+        ));
+        if let Err(error) = saved {
+            tracing::error!(projection = %self.live.name, %error, "cannot save the projection's status");
+        }
+    }
+}
+
+fn storage_failure(error: StoreError, position: u64) -> Failure {
+    match error {
+        StoreError::ShuttingDown => Failure::ShuttingDown,
+        error => Failure::Fault(Fault {
+            message: format!("storage failure: {error}"),
+            position,
+        }),
+    }
+}
+
+/// The events past `from` that the filter selects, and the position the batch covers up to.
+fn read_batch(
+    store: &Store,
+    filter: &Filter,
+    from: u64,
+    head: u64,
+) -> Result<(Vec<Event>, u64), StoreError> {
+    let to = head.min(from.saturating_add(BATCH_SCAN));
+    let mut events = Vec::new();
+    let mut bytes = 0;
+    let mut scanned_to = to;
+    store.scan_log(from, to, |position, record| {
+        if filter.selects(&record) {
+            bytes += record.data.len() + record.metadata.len();
+            events.push(to_guest(position, &record));
+            if events.len() >= BATCH_EVENTS || bytes >= BATCH_BYTES {
+                scanned_to = position + 1;
+                return false;
+            }
+        }
+        true
+    })?;
+    Ok((events, scanned_to))
+}
+
+pub(super) fn restart_rate(live: &Live) {
+    let mut state = live.state.lock().expect("projection state");
+    let processed = state.checkpoint.events_processed;
+    state.rate.restart(processed);
+}
