@@ -308,6 +308,14 @@ pub mod __private {
 
     pub type Apply<S> = fn(&mut S, &Event, &mut Ctx) -> anyhow::Result<()>;
 
+    /// Sends panic messages to the host's log before the panic traps, so a fault can say why.
+    pub fn forward_panics(log: fn(&str)) {
+        static INSTALLED: std::sync::Once = std::sync::Once::new();
+        INSTALLED.call_once(|| {
+            std::panic::set_hook(Box::new(move |info| log(&info.to_string())));
+        });
+    }
+
     struct Loaded<S> {
         state: S,
         stored: Option<Vec<u8>>,

@@ -222,3 +222,91 @@ pub async fn next_message(stream: &mut (impl Stream<Item = Sse> + Unpin)) -> Sse
         .expect("an SSE message within 10 s")
         .expect("the subscription stays open")
 }
+
+/// The guest components of `projections/`, built for `wasm32-wasip2` once per test binary
+/// (cargo makes the later builds no-ops). A separate target directory keeps this build from
+/// waiting on the lock of the one running the tests.
+pub fn guest(package: &str) -> Vec<u8> {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let target_dir = workspace.join("target").join("guests");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut command = Command::new(cargo);
+        command
+            .current_dir(&workspace)
+            .args(["build", "--quiet", "--locked", "--profile", "guest"])
+            .args(["--target", "wasm32-wasip2", "--target-dir"])
+            .arg(&target_dir);
+        for package in GUESTS {
+            command.args(["-p", package]);
+        }
+        let status = command.status().expect("cargo runs");
+        assert!(status.success(), "building the guests failed");
+        target_dir.join("wasm32-wasip2").join("guest")
+    });
+    let file = dir.join(format!("{}.wasm", package.replace('-', "_")));
+    std::fs::read(&file).unwrap_or_else(|error| panic!("{}: {error}", file.display()))
+}
+
+const GUESTS: [&str; 7] = [
+    "order-summary",
+    "event-counter",
+    "shard-by-customer",
+    "fixture-trap",
+    "fixture-spin",
+    "fixture-balloon",
+    "fixture-linker",
+];
+
+impl Server {
+    /// `PUT /projections/{name}` with a component and query.
+    pub async fn deploy(&self, name: &str, component: Vec<u8>, query: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .put(self.url(&format!("/projections/{name}{query}")))
+            .header("content-type", "application/wasm")
+            .body(component)
+            .send()
+            .await
+            .expect("request");
+        status_and_json(response).await
+    }
+
+    /// Waits until projection `name` has processed everything written so far.
+    pub async fn caught_up(&self, name: &str) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, status) = self.get(&format!("/projections/{name}")).await;
+            assert_eq!(code, 200, "{status}");
+            if status["position"] == status["head_position"] && status["status"] == "running" {
+                return status;
+            }
+            assert!(
+                status["status"] == "running",
+                "{name} stopped before catching up: {status}"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} did not catch up: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until projection `name` reaches `status` (e.g. `faulted`).
+    pub async fn wait_status(&self, name: &str, wanted: &str) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, status) = self.get(&format!("/projections/{name}")).await;
+            if status["status"] == wanted {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} never became {wanted}: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

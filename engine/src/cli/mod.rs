@@ -13,7 +13,8 @@ use futures::StreamExt;
 use serde_json::Value;
 
 use crate::client::{
-    self, AppendResult, Client, Event, NewEvent, ReadOptions, SubscribeFrom, SubscriptionMessage,
+    self, AppendResult, Client, DeployOptions, Event, Mode, NewEvent, ReadOptions, RowsQuery,
+    SubscribeFrom, SubscriptionMessage,
 };
 use crate::http::{ServeConfig, Tokens};
 use crate::projections::component::Sandbox;
@@ -222,6 +223,76 @@ enum ProjectionCommand {
     Stop(ProjectionArgs),
     /// Drop a projection's output and reprocess from position 0.
     Reset(ProjectionArgs),
+    /// Deploy a WebAssembly component (built for wasm32-wasip2) as a projection.
+    Deploy(DeployArgs),
+    /// Print a projection's state (one partition's, with --partition).
+    State(StateArgs),
+    /// Print rows of a projection's read-model table: one by key, or a page in key order.
+    Table(TableArgs),
+    /// Delete a projection with its state and tables.
+    Delete(DeleteProjectionArgs),
+}
+
+#[derive(Debug, Args)]
+struct DeployArgs {
+    /// The projection's name.
+    name: String,
+    /// The component file (`.wasm`).
+    file: PathBuf,
+    /// Allow the projection to emit events.
+    #[arg(long)]
+    emit: bool,
+    /// `continuous`, or `one_time` to stop as completed at the head.
+    #[arg(long, value_enum, default_value = "continuous")]
+    mode: Mode,
+    /// Deploy without starting it.
+    #[arg(long)]
+    disabled: bool,
+    /// For an existing projection: keep its data and continue from its checkpoint with the new
+    /// code instead of starting from position 0.
+    #[arg(long)]
+    keep_data: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+struct StateArgs {
+    name: String,
+    /// The partition (for a projection partitioned by stream: the stream name).
+    #[arg(long)]
+    partition: Option<String>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+struct TableArgs {
+    name: String,
+    table: String,
+    /// One row's key; without it, a page of rows.
+    key: Option<String>,
+    /// Only keys starting with this.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Start after this key.
+    #[arg(long)]
+    after: Option<String>,
+    /// Rows per page.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+struct DeleteProjectionArgs {
+    name: String,
+    /// Also delete the streams it emitted to and its streams of links.
+    #[arg(long)]
+    delete_emitted: bool,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 #[derive(Debug, Args)]
@@ -236,6 +307,15 @@ struct ProjectionArgs {
     name: String,
     #[command(flatten)]
     client: ClientArgs,
+}
+
+/// Pretty JSON for people, one line with `--json`.
+fn render_json(value: &serde_json::Value, one_line: bool) -> anyhow::Result<String> {
+    Ok(if one_line {
+        serde_json::to_string(value)?
+    } else {
+        serde_json::to_string_pretty(value)?
+    })
 }
 
 /// Runs the command line and turns any error into a one-line message and a non-zero exit.
@@ -486,6 +566,70 @@ async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
 
 async fn projection(command: ProjectionCommand) -> anyhow::Result<()> {
     let (client_args, statuses) = match &command {
+        ProjectionCommand::Deploy(args) => {
+            let component = std::fs::read(&args.file)
+                .with_context(|| format!("cannot read {}", args.file.display()))?;
+            let options = DeployOptions {
+                mode: args.mode,
+                emit: args.emit,
+                enabled: !args.disabled,
+                rebuild: !args.keep_data,
+            };
+            let (created, status) = args
+                .client
+                .client()?
+                .deploy(&args.name, component, &options)
+                .await?;
+            if !args.client.json {
+                let what = if created { "deployed" } else { "updated" };
+                println!("{what} {} version {}", status.name, status.version);
+            }
+            (&args.client, vec![status])
+        }
+        ProjectionCommand::State(args) => {
+            let state = args
+                .client
+                .client()?
+                .projection_state(&args.name, args.partition.as_deref())
+                .await?;
+            println!("{}", render_json(&state, args.client.json)?);
+            return Ok(());
+        }
+        ProjectionCommand::Table(args) => {
+            let client = args.client.client()?;
+            if let Some(key) = &args.key {
+                let row = client.table_row(&args.name, &args.table, key).await?;
+                println!("{}", render_json(&row, args.client.json)?);
+                return Ok(());
+            }
+            let query = RowsQuery {
+                prefix: args.prefix.clone(),
+                after: args.after.clone(),
+                limit: Some(args.limit),
+            };
+            let page = client.table_rows(&args.name, &args.table, &query).await?;
+            for row in &page.rows {
+                let value = match &row.value_base64 {
+                    Some(base64) => serde_json::json!({ "value_base64": base64 }),
+                    None => row.value.clone(),
+                };
+                println!("{}\t{}", row.key, serde_json::to_string(&value)?);
+            }
+            if let Some(next) = page.next {
+                eprintln!("more rows follow: --after {next:?}");
+            }
+            return Ok(());
+        }
+        ProjectionCommand::Delete(args) => {
+            args.client
+                .client()?
+                .delete_projection(&args.name, args.delete_emitted)
+                .await?;
+            if !args.client.json {
+                println!("deleted {}", args.name);
+            }
+            return Ok(());
+        }
         ProjectionCommand::List(args) => (&args.client, args.client.client()?.projections().await?),
         ProjectionCommand::Status(args) => (
             &args.client,
@@ -511,6 +655,9 @@ async fn projection(command: ProjectionCommand) -> anyhow::Result<()> {
         for status in &statuses {
             println!("{}", serde_json::to_string(status)?);
         }
+        return Ok(());
+    }
+    if matches!(command, ProjectionCommand::Deploy(_)) {
         return Ok(());
     }
     println!(

@@ -22,7 +22,7 @@ use reqwest::{Method, RequestBuilder, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use crate::projections::ProjectionStatus;
+pub use crate::projections::{DeployOptions, Mode, ProjectionStatus};
 use crate::store::ExpectedRevision;
 
 /// An error answer from the server, with the contract's code.
@@ -170,6 +170,33 @@ pub enum ProjectionCommand {
     Start,
     Stop,
     Reset,
+}
+
+/// Which rows of a table to list.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RowsQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RowsPage {
+    pub rows: Vec<Row>,
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Row {
+    pub key: String,
+    /// The row's JSON; `null` when it is not JSON (then see `value_base64`).
+    #[serde(default)]
+    pub value: Value,
+    #[serde(default)]
+    pub value_base64: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -328,6 +355,73 @@ impl Client {
             ProjectionCommand::Reset => "reset",
         };
         let request = self.request(Method::POST, &["projections", name, command]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    /// Deploys a WebAssembly component as projection `name`. Returns whether it is new.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        component: Vec<u8>,
+        options: &DeployOptions,
+    ) -> anyhow::Result<(bool, ProjectionStatus)> {
+        let mode = match options.mode {
+            Mode::Continuous => "continuous",
+            Mode::OneTime => "one_time",
+        };
+        let request = self
+            .request(Method::PUT, &["projections", name])
+            .query(&[
+                ("mode", mode),
+                ("emit", &options.emit.to_string()),
+                ("enabled", &options.enabled.to_string()),
+                ("rebuild", &options.rebuild.to_string()),
+            ])
+            .header("content-type", "application/wasm")
+            .body(component);
+        let response = self.send(request).await?;
+        let created = response.status() == StatusCode::CREATED;
+        Ok((created, response.json().await?))
+    }
+
+    /// Deletes a projection; with `delete_emitted` also the streams it emitted to.
+    pub async fn delete_projection(&self, name: &str, delete_emitted: bool) -> anyhow::Result<()> {
+        let request = self
+            .request(Method::DELETE, &["projections", name])
+            .query(&[("delete_emitted", delete_emitted)]);
+        self.send(request).await?;
+        Ok(())
+    }
+
+    /// A partition's state (`None`: the unpartitioned state).
+    pub async fn projection_state(
+        &self,
+        name: &str,
+        partition: Option<&str>,
+    ) -> anyhow::Result<Value> {
+        let mut request = self.request(Method::GET, &["projections", name, "state"]);
+        if let Some(partition) = partition {
+            request = request.query(&[("partition", partition)]);
+        }
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    /// One row of a projection's table.
+    pub async fn table_row(&self, name: &str, table: &str, key: &str) -> anyhow::Result<Value> {
+        let request = self.request(Method::GET, &["projections", name, "tables", table, key]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    /// A page of a projection's table, in key order.
+    pub async fn table_rows(
+        &self,
+        name: &str,
+        table: &str,
+        query: &RowsQuery,
+    ) -> anyhow::Result<RowsPage> {
+        let request = self
+            .request(Method::GET, &["projections", name, "tables", table])
+            .query(query);
         Ok(self.send(request).await?.json().await?)
     }
 

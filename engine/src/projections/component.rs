@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use wasmtime::bail as trap;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Config, Engine, ResourceLimiter};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
 use crate::store::projection_data::ProjectionView;
@@ -260,10 +260,10 @@ impl Instance {
         let state = HostState {
             wasi,
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(sandbox.memory_bytes)
-                .instances(16)
-                .build(),
+            limits: Limits {
+                memory_bytes: sandbox.memory_bytes,
+                exceeded: false,
+            },
             batch: Batch::new(setup),
         };
         let mut store = wasmtime::Store::new(&runtime.inner.engine, state);
@@ -284,9 +284,10 @@ impl Instance {
 
     pub fn describe(&mut self) -> anyhow::Result<Info> {
         self.store.set_epoch_deadline(self.timeout_ticks);
-        self.bindings
-            .call_describe(&mut self.store)
-            .map_err(|error| describe_trap(error, self.timeout_ticks))
+        match self.bindings.call_describe(&mut self.store) {
+            Ok(info) => Ok(info),
+            Err(error) => Err(self.describe_trap(error)),
+        }
     }
 
     /// Hands events to the guest; its writes collect in the pending batch.
@@ -295,7 +296,35 @@ impl Instance {
         match self.bindings.call_handle(&mut self.store, events) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(anyhow!("the projection failed: {message}")),
-            Err(error) => Err(describe_trap(error, self.timeout_ticks)),
+            Err(error) => Err(self.describe_trap(error)),
+        }
+    }
+
+    /// A trap's message, with the sandbox's reasons and the guest's panic message spelled out.
+    fn describe_trap(&mut self, error: wasmtime::Error) -> anyhow::Error {
+        let state = self.store.data_mut();
+        if state.limits.exceeded {
+            return anyhow!(
+                "the projection exceeded its memory limit of {} MiB",
+                state.limits.memory_bytes >> 20
+            );
+        }
+        let panic = state
+            .batch
+            .panic
+            .take()
+            .map(|message| format!(" ({})", message.replace('\n', " ")))
+            .unwrap_or_default();
+        match error.downcast_ref::<wasmtime::Trap>().copied() {
+            Some(wasmtime::Trap::Interrupt) => anyhow!(
+                "the projection ran longer than its limit of {} ms for one call",
+                self.timeout_ticks * EPOCH_TICK.as_millis() as u64
+            ),
+            Some(trap) => anyhow!("the projection trapped: {trap}{panic}"),
+            None => anyhow!(
+                "the projection failed: {}{panic}",
+                anyhow::Error::from(error)
+            ),
         }
     }
 
@@ -321,21 +350,6 @@ impl Instance {
     }
 }
 
-/// A trap's message, with the sandbox's reasons spelled out.
-fn describe_trap(error: wasmtime::Error, timeout_ticks: u64) -> anyhow::Error {
-    match error.downcast_ref::<wasmtime::Trap>().copied() {
-        Some(wasmtime::Trap::Interrupt) => anyhow!(
-            "the projection ran longer than its limit of {} ms for one call",
-            timeout_ticks * EPOCH_TICK.as_millis() as u64
-        ),
-        Some(trap) => anyhow!(
-            "the projection trapped: {trap}: {:#}",
-            anyhow::Error::from(error)
-        ),
-        None => anyhow!("the projection failed: {:#}", anyhow::Error::from(error)),
-    }
-}
-
 /// What a batch wrote.
 #[derive(Debug, Default)]
 pub struct Writes {
@@ -343,6 +357,35 @@ pub struct Writes {
     pub rows: Vec<((String, String), Option<Vec<u8>>)>,
     pub emits: Vec<(String, NewEvent)>,
     pub links: Vec<(String, u64)>,
+}
+
+/// The memory limit, remembering whether a guest hit it (it then usually traps while
+/// handling the failed allocation, which would hide the cause).
+struct Limits {
+    memory_bytes: usize,
+    exceeded: bool,
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = desired <= self.memory_bytes;
+        self.exceeded |= !allowed;
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
 }
 
 struct FrozenClock;
@@ -368,7 +411,7 @@ impl HostMonotonicClock for FrozenClock {
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: Limits,
     batch: Batch,
 }
 
@@ -391,6 +434,8 @@ struct Batch {
     links: Vec<(String, u64)>,
     emitted_before: u64,
     bytes: usize,
+    /// The guest's last panic message, logged by the SDK just before the panic traps.
+    panic: Option<String>,
 }
 
 impl Batch {
@@ -404,6 +449,7 @@ impl Batch {
             links: Vec::new(),
             emitted_before: 0,
             bytes: 0,
+            panic: None,
         }
     }
 
@@ -535,6 +581,9 @@ impl refract::projection::host::Host for HostState {
     fn log(&mut self, message: String) -> wasmtime::Result<()> {
         let message: String = message.chars().take(4096).collect();
         tracing::info!(projection = %self.batch.setup.projection, "{message}");
+        if message.starts_with("panicked at") {
+            self.batch.panic = Some(message);
+        }
         Ok(())
     }
 }

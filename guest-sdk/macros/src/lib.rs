@@ -257,6 +257,7 @@ fn expand_projection(args: Tokens, function: &ItemFn) -> syn::Result<Tokens> {
                 }
 
                 fn handle(events: ::std::vec::Vec<Event>) -> ::std::result::Result<(), ::std::string::String> {
+                    ::refract_guest::__private::forward_panics(|message| host::log(message));
                     ::refract_guest::__private::handle::<super::#state_alias>(
                         &Host,
                         events.into_iter().map(event),
