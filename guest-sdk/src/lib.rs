@@ -329,34 +329,44 @@ pub mod __private {
         partitioning: Partitioning,
         apply: Apply<S>,
     ) -> Result<(), String> {
-        let mut states: HashMap<String, Loaded<S>> = HashMap::new();
         let mut ctx = Ctx { host };
+        let mut states: HashMap<String, Loaded<S>> = HashMap::new();
+        // The partition of the previous event, whose state is `current`: consecutive events of
+        // one partition (every event, when unpartitioned) skip the map.
+        let mut current: Option<(String, Loaded<S>)> = None;
         for event in events {
-            let Some(partition) = partitioning.key(&event) else {
-                continue;
+            let custom;
+            let partition: &str = match partitioning {
+                Partitioning::None => "",
+                Partitioning::ByStream => &event.stream,
+                Partitioning::Custom(key) => match key(&event) {
+                    Some(key) => {
+                        custom = key;
+                        &custom
+                    }
+                    None => continue,
+                },
             };
-            let loaded = match states.entry(partition) {
-                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-                std::collections::hash_map::Entry::Vacant(entry) => {
-                    let stored = host.get_state(entry.key());
-                    let state = match &stored {
-                        Some(bytes) => serde_json::from_slice(bytes).map_err(|error| {
-                            format!(
-                                "the stored state of partition {:?} does not parse: {error}",
-                                entry.key()
-                            )
-                        })?,
-                        None => S::default(),
-                    };
-                    entry.insert(Loaded { state, stored })
+            if current.as_ref().is_none_or(|(key, _)| key != partition) {
+                if let Some((key, loaded)) = current.take() {
+                    states.insert(key, loaded);
                 }
-            };
+                let loaded = match states.remove(partition) {
+                    Some(loaded) => loaded,
+                    None => load(host, partition)?,
+                };
+                current = Some((partition.to_owned(), loaded));
+            }
+            let (_, loaded) = current.as_mut().expect("loaded above");
             apply(&mut loaded.state, &event, &mut ctx).map_err(|error| {
                 format!(
                     "{} at position {} ({}@{}): {error:#}",
                     event.event_type, event.position, event.revision, event.stream
                 )
             })?;
+        }
+        if let Some((key, loaded)) = current {
+            states.insert(key, loaded);
         }
         let untouched = serde_json::to_vec(&S::default()).map_err(|error| error.to_string())?;
         for (partition, loaded) in states {
@@ -371,6 +381,20 @@ pub mod __private {
             }
         }
         Ok(())
+    }
+
+    fn load<S: Default + DeserializeOwned>(
+        host: &dyn HostApi,
+        partition: &str,
+    ) -> Result<Loaded<S>, String> {
+        let stored = host.get_state(partition);
+        let state = match &stored {
+            Some(bytes) => serde_json::from_slice(bytes).map_err(|error| {
+                format!("the stored state of partition {partition:?} does not parse: {error}")
+            })?,
+            None => S::default(),
+        };
+        Ok(Loaded { state, stored })
     }
 
     /// Shards a batch with a per-event function; a result out of range is folded into it.

@@ -3,6 +3,8 @@
 //! The server runs in this process (the clients too, sharing the same cores), except for the
 //! startup measurement, which starts the real binary on the many-streams store.
 
+mod wasm_projections;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,7 +38,15 @@ pub struct BenchArgs {
     /// Events written with the system projections stopped before they catch up on them.
     #[arg(long, default_value_t = 10_000_000)]
     catchup_events: u64,
-    /// Run only these scenarios (comma-separated): single, batch, read, streams, projections.
+    /// Events written for the Wasm projections scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    wasm_events: u64,
+    /// Where the built guests are (`cargo build --profile guest --target wasm32-wasip2 -p
+    /// event-counter -p order-summary`).
+    #[arg(long, default_value = "target/wasm32-wasip2/guest")]
+    guests: PathBuf,
+    /// Run only these scenarios (comma-separated): single, batch, read, streams, projections,
+    /// wasm.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -103,6 +113,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.wants("projections") {
         system_projections(&dir.join("projections"), args.seconds).await?;
         catch_up(&dir.join("catch-up"), args.catchup_events).await?;
+    }
+    if args.wants("wasm") {
+        println!("wasm projections, {} events:", args.wasm_events);
+        wasm_projections::run(&dir.join("wasm"), &args.guests, args.wasm_events).await?;
     }
     Ok(())
 }

@@ -94,7 +94,7 @@ struct ServeArgs {
     /// Memory limit of each Wasm projection instance, in MiB.
     #[arg(long, default_value_t = 256)]
     guest_memory_mib: usize,
-    /// Longest a Wasm projection may run on one call (a batch of up to 512 events), in
+    /// Longest a Wasm projection may run on one call (a batch of up to 2048 events), in
     /// milliseconds; past it the projection faults.
     #[arg(long, default_value_t = 10_000)]
     guest_timeout_ms: u64,
@@ -331,7 +331,11 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Work still blocked on the runtime (a projection waiting for events when a command
+    // failed) must not keep the process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {}", one_line(&error));

@@ -183,15 +183,15 @@ pub async fn serve_until(
     let metrics = Arc::new(Metrics::new());
     let store = Store::open(&config.data_dir, config.store.clone(), metrics.clone())
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let address = listener.local_addr()?;
     let runtime = Runtime::new(config.data_dir.join("compiled"), config.sandbox)
         .context("cannot start the WebAssembly runtime")?;
     let projections = Projections::open(store.clone(), runtime)
         .await
         .context("cannot load the projections")?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let address = listener.local_addr()?;
     if config.tokens.is_empty() {
         tracing::warn!("no tokens configured: only loopback clients are accepted");
     }

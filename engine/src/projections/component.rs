@@ -20,7 +20,7 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
-use crate::store::projection_data::ProjectionView;
+use crate::store::projection_data::{ProjectionView, RowChange};
 use crate::store::{MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES, NewEvent, validate_stream_name};
 
 wasmtime::component::bindgen!({
@@ -29,7 +29,7 @@ wasmtime::component::bindgen!({
     imports: { default: trappable },
 });
 
-pub use refract::projection::types::{Partitioning, Source};
+pub use self::refract::projection::types::{Partitioning, Source};
 
 /// How often the deadline clock ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -354,7 +354,7 @@ impl Instance {
 #[derive(Debug, Default)]
 pub struct Writes {
     pub states: Vec<(String, Vec<u8>)>,
-    pub rows: Vec<((String, String), Option<Vec<u8>>)>,
+    pub rows: Vec<RowChange>,
     pub emits: Vec<(String, NewEvent)>,
     pub links: Vec<(String, u64)>,
 }
@@ -497,9 +497,9 @@ impl Batch {
     }
 }
 
-impl refract::projection::types::Host for HostState {}
+impl self::refract::projection::types::Host for HostState {}
 
-impl refract::projection::host::Host for HostState {
+impl self::refract::projection::host::Host for HostState {
     fn get_state(&mut self, partition: String) -> wasmtime::Result<Option<Vec<u8>>> {
         if let Some(state) = self.batch.states.get(&partition) {
             return Ok(Some(state.clone()));

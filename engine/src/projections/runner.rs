@@ -27,7 +27,7 @@ const BATCH_BYTES: usize = 16 << 20;
 /// Most log positions one batch scans, so a sparse source still checkpoints as it goes.
 const BATCH_SCAN: u64 = 100_000;
 /// Events per guest call.
-const CALL_EVENTS: usize = 512;
+const CALL_EVENTS: usize = 2048;
 
 /// What the projection's definition says about running it, persisted with the projection.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -178,16 +178,10 @@ impl Runner {
             )
         };
         let setup = InstanceSetup {
-            projection: name.clone(),
+            projection: name,
             data,
             may_emit,
         };
-        let filter = Filter {
-            source: self.compiled.info.source.clone(),
-            types: self.compiled.info.event_types.iter().cloned().collect(),
-            config: self.index_config.clone(),
-        };
-        let mut head = self.store.watch_head();
         let mut instance = match Instance::new(&self.runtime, self.compiled.pre(), setup.clone()) {
             Ok(instance) => instance,
             Err(error) => {
@@ -197,42 +191,55 @@ impl Runner {
                 });
             }
         };
-        loop {
+        // The log is read one batch ahead on another thread, so the guest never waits for it.
+        let reading = self.cancel.child_token();
+        let _stop_reading = reading.clone().drop_guard();
+        let (batches, feed) = std::sync::mpsc::sync_channel(1);
+        let reader = ReadAhead {
+            store: self.store.clone(),
+            filter: Filter {
+                source: self.compiled.info.source.clone(),
+                types: self.compiled.info.event_types.iter().cloned().collect(),
+                config: self.index_config.clone(),
+            },
+            from: checkpoint.position,
+            cancel: reading,
+            handle: self.handle.clone(),
+        };
+        let reader = std::thread::Builder::new()
+            .name("refract-projection-read".into())
+            .spawn(move || reader.run(batches));
+        if let Err(error) = reader {
+            return self.fault(Fault {
+                message: format!("cannot start reading: {error}"),
+                position: checkpoint.position,
+            });
+        }
+        for batch in feed {
             if self.cancel.is_cancelled() {
                 return;
             }
-            let head_position = *head.borrow_and_update();
-            if checkpoint.position >= head_position {
-                if mode == Mode::OneTime {
-                    return self.complete();
+            match batch {
+                Feed::CaughtUp if mode == Mode::OneTime => return self.complete(),
+                Feed::CaughtUp => {}
+                Feed::Failed(message) => {
+                    return self.fault(Fault {
+                        message,
+                        position: checkpoint.position,
+                    });
                 }
-                self.handle.block_on(async {
-                    tokio::select! {
-                        _ = head.changed() => {}
-                        _ = self.cancel.cancelled() => {}
+                Feed::Batch { events, to } => {
+                    match self.process(&mut instance, &setup, checkpoint, &events, to) {
+                        Ok(next) => {
+                            checkpoint = next;
+                            let mut state = self.live.state.lock().expect("projection state");
+                            state.checkpoint = next;
+                            state.rate.record(next.events_processed);
+                        }
+                        Err(Failure::ShuttingDown) => return,
+                        Err(Failure::Fault(fault)) => return self.fault(fault),
                     }
-                });
-                continue;
-            }
-            let (events, scanned_to) =
-                match read_batch(&self.store, &filter, checkpoint.position, head_position) {
-                    Ok(batch) => batch,
-                    Err(error) => {
-                        return self.fault(Fault {
-                            message: format!("cannot read the log: {error}"),
-                            position: checkpoint.position,
-                        });
-                    }
-                };
-            match self.process(&mut instance, &setup, checkpoint, &events, scanned_to) {
-                Ok(next) => {
-                    checkpoint = next;
-                    let mut state = self.live.state.lock().expect("projection state");
-                    state.checkpoint = next;
-                    state.rate.record(next.events_processed);
                 }
-                Err(Failure::ShuttingDown) => return,
-                Err(Failure::Fault(fault)) => return self.fault(fault),
             }
         }
     }
@@ -408,6 +415,59 @@ fn storage_failure(error: StoreError, position: u64) -> Failure {
             message: format!("storage failure: {error}"),
             position,
         }),
+    }
+}
+
+/// What the read-ahead thread hands the runner.
+enum Feed {
+    /// The selected events of the next stretch of the log, which ends before `to`.
+    Batch {
+        events: Vec<Event>,
+        to: u64,
+    },
+    /// Everything up to the head at that moment has been handed over.
+    CaughtUp,
+    Failed(String),
+}
+
+/// Reads the log ahead of the runner: batches in order, contiguous, then waits for the head.
+struct ReadAhead {
+    store: Store,
+    filter: Filter,
+    from: u64,
+    cancel: CancellationToken,
+    handle: Handle,
+}
+
+impl ReadAhead {
+    fn run(mut self, batches: std::sync::mpsc::SyncSender<Feed>) {
+        let mut head = self.store.watch_head();
+        while !self.cancel.is_cancelled() {
+            let head_position = *head.borrow_and_update();
+            if self.from >= head_position {
+                if batches.send(Feed::CaughtUp).is_err() {
+                    return;
+                }
+                self.handle.block_on(async {
+                    tokio::select! {
+                        _ = head.changed() => {}
+                        _ = self.cancel.cancelled() => {}
+                    }
+                });
+                continue;
+            }
+            let feed = match read_batch(&self.store, &self.filter, self.from, head_position) {
+                Ok((events, to)) => {
+                    self.from = to;
+                    Feed::Batch { events, to }
+                }
+                Err(error) => Feed::Failed(format!("cannot read the log: {error}")),
+            };
+            let failed = matches!(feed, Feed::Failed(_));
+            if batches.send(feed).is_err() || failed {
+                return;
+            }
+        }
     }
 }
 

@@ -87,7 +87,13 @@ impl WasmProjections {
         };
         let mut entries = projections.entries.lock().await;
         for (name, stored) in stored {
-            let mut definition: Definition = serde_json::from_value(stored.definition)?;
+            let mut definition: Definition = match serde_json::from_value(stored.definition) {
+                Ok(definition) => definition,
+                Err(error) => {
+                    tracing::error!(projection = %name, %error, "unreadable definition; skipped");
+                    continue;
+                }
+            };
             let data = stored.data;
             let checkpoint = projections
                 .store

@@ -64,6 +64,9 @@ pub enum DataChange {
     Fresh { delete_outputs: bool },
 }
 
+/// A row write: ((table, key), the new row or `None` to delete it).
+pub type RowChange = ((String, String), Option<Vec<u8>>);
+
 /// A batch's effects, committed atomically with its checkpoint.
 #[derive(Debug, Clone, Default)]
 pub struct ProjectionCommit {
@@ -74,8 +77,7 @@ pub struct ProjectionCommit {
     pub checkpoint: Checkpoint,
     /// Partition → new state.
     pub states: Vec<(String, Vec<u8>)>,
-    /// (table, key) → new row, or `None` to delete it.
-    pub rows: Vec<((String, String), Option<Vec<u8>>)>,
+    pub rows: Vec<RowChange>,
     /// Events to append, in order, each to its stream at the end.
     pub emits: Vec<(String, NewEvent)>,
     /// (stream of links, position of the linked event), in order.

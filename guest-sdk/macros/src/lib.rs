@@ -9,8 +9,9 @@ use quote::{format_ident, quote};
 use syn::parse::Parser;
 use syn::{Expr, ExprArray, FnArg, ItemFn, Lit, LitStr, Path, Type, parse_macro_input};
 
-/// The WIT package, embedded so the bindings match the SDK's version exactly.
-const WIT: &str = include_str!("../../wit/refract.wit");
+/// The SDK's WIT package, by absolute path: the bindings match the SDK's version exactly, and a
+/// `wit/` folder of the user's crate is not mixed in.
+const WIT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../wit");
 
 /// Marks `fn(state: &mut S, event: &Event, ctx: &mut Ctx) -> anyhow::Result<()>` as the
 /// projection of this crate. See the `refract_guest` documentation for the arguments.
@@ -44,6 +45,7 @@ pub fn sharder(args: TokenStream, item: TokenStream) -> TokenStream {
         #function
 
         #[doc(hidden)]
+        #[allow(clippy::all)] // Generated bindings.
         mod __refract_sharder {
             #bindings
 
@@ -77,7 +79,7 @@ pub fn sharder(args: TokenStream, item: TokenStream) -> TokenStream {
 fn bindings(world: &str) -> Tokens {
     quote! {
         ::refract_guest::__private::wit_bindgen::generate!({
-            inline: #WIT,
+            path: #WIT_DIR,
             world: #world,
             runtime_path: "::refract_guest::__private::wit_bindgen::rt",
         });
@@ -187,6 +189,7 @@ fn expand_projection(args: Tokens, function: &ItemFn) -> syn::Result<Tokens> {
         type #state_alias = #state;
 
         #[doc(hidden)]
+        #[allow(clippy::all)] // Generated bindings.
         mod __refract_projection {
             #bindings
 
