@@ -168,3 +168,73 @@ async fn projection_commands() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("not_found"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wasm_projection_commands() {
+    let server = Server::start();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), common::guest("order-summary")).unwrap();
+    let path = file.path().to_str().unwrap();
+    let output = refract(
+        &server,
+        &["projection", "deploy", "orders", path, "--emit", "--mode", "one_time"],
+        None,
+    );
+    assert!(stdout(&output).contains("deployed orders version 1"));
+    let output = refract(
+        &server,
+        &["projection", "deploy", "orders", path, "--emit", "--json"],
+        None,
+    );
+    let status: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(status["version"], 2);
+    assert_eq!(status["mode"], "continuous");
+    refract(
+        &server,
+        &[
+            "append",
+            "order-7",
+            "--type",
+            "OrderPlaced",
+            "--data",
+            r#"{"customer_id": "c9", "total_cents": 250}"#,
+        ],
+        None,
+    );
+    server.caught_up("orders").await;
+    let output = refract(
+        &server,
+        &["projection", "state", "orders", "--partition", "order-7", "--json"],
+        None,
+    );
+    let state: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(
+        state,
+        json!({"customer_id": "c9", "lines": 0, "total_cents": 250, "status": "placed"})
+    );
+    let output = refract(
+        &server,
+        &["projection", "table", "orders", "by_customer", "c9", "--json"],
+        None,
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&output)).unwrap(),
+        json!({"orders": 1, "total_cents": 250})
+    );
+    let output = refract(&server, &["projection", "table", "orders", "by_customer"], None);
+    assert_eq!(
+        stdout(&output),
+        "c9\t{\"orders\":1,\"total_cents\":250}\n"
+    );
+    let output = refract(&server, &["projection", "list"], None);
+    assert!(stdout(&output).contains("orders"));
+    let output = refract(&server, &["projection", "state", "orders"], None);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("partition"));
+    let output = refract(&server, &["projection", "deploy", "bad", "/nonexistent.wasm"], None);
+    assert!(!output.status.success());
+    let output = refract(&server, &["projection", "delete", "orders"], None);
+    assert!(stdout(&output).contains("deleted orders"));
+    let (code, _) = server.get("/projections/orders").await;
+    assert_eq!(code, 404);
+}
