@@ -177,7 +177,15 @@ async fn wasm_projection_commands() {
     let path = file.path().to_str().unwrap();
     let output = refract(
         &server,
-        &["projection", "deploy", "orders", path, "--emit", "--mode", "one_time"],
+        &[
+            "projection",
+            "deploy",
+            "orders",
+            path,
+            "--emit",
+            "--mode",
+            "one_time",
+        ],
         None,
     );
     assert!(stdout(&output).contains("deployed orders version 1"));
@@ -204,7 +212,14 @@ async fn wasm_projection_commands() {
     server.caught_up("orders").await;
     let output = refract(
         &server,
-        &["projection", "state", "orders", "--partition", "order-7", "--json"],
+        &[
+            "projection",
+            "state",
+            "orders",
+            "--partition",
+            "order-7",
+            "--json",
+        ],
         None,
     );
     let state: Value = serde_json::from_str(&stdout(&output)).unwrap();
@@ -214,24 +229,36 @@ async fn wasm_projection_commands() {
     );
     let output = refract(
         &server,
-        &["projection", "table", "orders", "by_customer", "c9", "--json"],
+        &[
+            "projection",
+            "table",
+            "orders",
+            "by_customer",
+            "c9",
+            "--json",
+        ],
         None,
     );
     assert_eq!(
         serde_json::from_str::<Value>(&stdout(&output)).unwrap(),
         json!({"orders": 1, "total_cents": 250})
     );
-    let output = refract(&server, &["projection", "table", "orders", "by_customer"], None);
-    assert_eq!(
-        stdout(&output),
-        "c9\t{\"orders\":1,\"total_cents\":250}\n"
+    let output = refract(
+        &server,
+        &["projection", "table", "orders", "by_customer"],
+        None,
     );
+    assert_eq!(stdout(&output), "c9\t{\"orders\":1,\"total_cents\":250}\n");
     let output = refract(&server, &["projection", "list"], None);
     assert!(stdout(&output).contains("orders"));
     let output = refract(&server, &["projection", "state", "orders"], None);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("partition"));
-    let output = refract(&server, &["projection", "deploy", "bad", "/nonexistent.wasm"], None);
+    let output = refract(
+        &server,
+        &["projection", "deploy", "bad", "/nonexistent.wasm"],
+        None,
+    );
     assert!(!output.status.success());
     let output = refract(&server, &["projection", "delete", "orders"], None);
     assert!(stdout(&output).contains("deleted orders"));
