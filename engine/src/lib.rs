@@ -21,5 +21,6 @@ pub mod client;
 pub mod http;
 pub mod metrics;
 pub mod projections;
+pub mod sandbox;
 pub mod store;
 pub mod subscribe;

@@ -1,25 +1,20 @@
-//! The WebAssembly host: one wasmtime `Engine` and `Linker`, compiled components cached on disk
-//! by hash, and sandboxed instances whose imports write into a batch that commits atomically.
-//!
-//! Sandbox: guests get WASI without files, network, environment or arguments; clocks stand still
-//! and randomness is a fixed sequence, so a guest cannot tell two runs apart. Memory is limited
-//! per instance and every call has a deadline (epoch interruption); hitting either traps the
-//! call, which faults that projection only.
+//! The host of projection components: one `Linker` over the sandbox's engine
+//! ([`crate::sandbox`]), and instances whose imports write into a batch that commits atomically.
+//! A trap, the deadline or the memory limit fails the call, which faults that projection only.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{Context as _, anyhow, bail};
+use anyhow::{anyhow, bail};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use wasmtime::bail as trap;
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, ResourceLimiter};
-use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+pub use crate::sandbox::Sandbox;
+use crate::sandbox::{GuestEngine, Limits, context, explain_failure, sha256_hex};
 use crate::store::projection_data::{ProjectionView, RowChange};
 use crate::store::{MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES, NewEvent, validate_stream_name};
 
@@ -31,49 +26,15 @@ wasmtime::component::bindgen!({
 
 pub use self::refract::projection::types::{Partitioning, Source};
 
-/// How often the deadline clock ticks.
-const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Most bytes one batch may hold in pending state, rows and emitted events; a guest writing more
 /// is stopped rather than allowed to exhaust the server's memory.
 const MAX_BATCH_WRITE_BYTES: usize = 256 * 1024 * 1024;
 
-/// Limits every guest instance runs under.
-#[derive(Debug, Clone, Copy)]
-pub struct Sandbox {
-    /// Linear memory per instance.
-    pub memory_bytes: usize,
-    /// Longest a single call into a guest may run.
-    pub call_timeout: Duration,
-}
-
-impl Default for Sandbox {
-    fn default() -> Self {
-        Sandbox {
-            memory_bytes: 256 << 20,
-            call_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// The shared engine. Cheap to clone.
+/// The engine and linker of projections. Cheap to clone.
 #[derive(Clone)]
 pub struct Runtime {
-    inner: Arc<RuntimeInner>,
-}
-
-struct RuntimeInner {
-    engine: Engine,
-    linker: Linker<HostState>,
-    cache_dir: PathBuf,
-    compatibility: String,
-    sandbox: Sandbox,
-}
-
-impl Drop for RuntimeInner {
-    fn drop(&mut self) {
-        // Ends the ticker thread, which holds only a weak reference.
-        self.engine.increment_epoch();
-    }
+    engine: GuestEngine,
+    linker: Arc<Linker<HostState>>,
 }
 
 /// A validated, compiled projection component, ready to instantiate.
@@ -93,49 +54,32 @@ impl Compiled {
 impl Runtime {
     /// Creates the engine; compiled components are cached in `cache_dir`.
     pub fn new(cache_dir: PathBuf, sandbox: Sandbox) -> anyhow::Result<Runtime> {
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        // Calls are synchronous; without this a call costs about four times as much.
-        config.concurrency_support(false);
-        let engine = Engine::new(&config)?;
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        Projection::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)?;
-        let mut hasher = std::hash::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let compatibility = format!("{:016x}", hasher.finish());
-        std::fs::create_dir_all(&cache_dir)
-            .with_context(|| format!("cannot create {}", cache_dir.display()))?;
-        let inner = Arc::new(RuntimeInner {
+        let engine = GuestEngine::new(Some(cache_dir), sandbox)?;
+        let mut linker = Linker::new(engine.engine());
+        context(
+            wasmtime_wasi::p2::add_to_linker_sync(&mut linker),
+            "cannot link WASI",
+        )?;
+        context(
+            Projection::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state),
+            "cannot link the host interface",
+        )?;
+        Ok(Runtime {
             engine,
-            linker,
-            cache_dir,
-            compatibility,
-            sandbox,
-        });
-        let weak = Arc::downgrade(&inner);
-        std::thread::Builder::new()
-            .name("refract-wasm-epoch".into())
-            .spawn(move || {
-                while let Some(inner) = weak.upgrade() {
-                    inner.engine.increment_epoch();
-                    drop(inner);
-                    std::thread::sleep(EPOCH_TICK);
-                }
-            })?;
-        Ok(Runtime { inner })
+            linker: Arc::new(linker),
+        })
     }
 
     pub fn sandbox(&self) -> Sandbox {
-        self.inner.sandbox
+        self.engine.sandbox()
     }
 
     /// Validates bytes as a projection component and compiles them (or loads the cached
     /// artifact). The error says why the bytes are not a usable projection.
     pub fn compile(&self, bytes: &[u8]) -> anyhow::Result<Compiled> {
         let sha256 = sha256_hex(bytes);
-        let component = self.load_or_compile(&sha256, bytes)?;
-        let pre = self.inner.linker.instantiate_pre(&component);
+        let component = self.engine.load(&sha256, bytes)?;
+        let pre = self.linker.instantiate_pre(&component);
         let pre = context(pre, "the component needs imports Refract does not provide")?;
         let pre = context(
             ProjectionPre::new(pre),
@@ -146,69 +90,6 @@ impl Runtime {
         validate_info(&info)?;
         Ok(Compiled { sha256, pre, info })
     }
-
-    fn load_or_compile(&self, sha256: &str, bytes: &[u8]) -> anyhow::Result<Component> {
-        let engine = &self.inner.engine;
-        let cached = self
-            .inner
-            .cache_dir
-            .join(format!("{sha256}-{}.cwasm", self.inner.compatibility));
-        if cached.exists() {
-            // SAFETY: the file is an artifact this engine configuration serialized (its name
-            // carries the engine's compatibility hash) into a directory only Refract writes;
-            // wasmtime still checks its header and rejects an incompatible one.
-            match unsafe { Component::deserialize_file(engine, &cached) } {
-                Ok(component) => return Ok(component),
-                Err(error) => {
-                    tracing::warn!(%error, path = %cached.display(), "cached artifact unusable; recompiling");
-                }
-            }
-        }
-        if !bytes.starts_with(b"\0asm") {
-            bail!("the body is not WebAssembly: it does not start with the \\0asm magic bytes");
-        }
-        if is_core_module(bytes) {
-            bail!(
-                "this is a core WebAssembly module, not a component; build for wasm32-wasip2 \
-                 (or convert it with wasm-tools component new)"
-            );
-        }
-        let component = context(
-            Component::new(engine, bytes),
-            "not a valid WebAssembly component",
-        )?;
-        match component.serialize() {
-            Ok(artifact) => {
-                if let Err(error) = write_atomically(&cached, &artifact) {
-                    tracing::warn!(%error, "cannot cache the compiled component");
-                }
-            }
-            Err(error) => tracing::warn!(%error, "cannot serialize the compiled component"),
-        }
-        Ok(component)
-    }
-}
-
-/// Adds a sentence to a wasmtime error.
-fn context<T>(result: wasmtime::Result<T>, message: &'static str) -> anyhow::Result<T> {
-    result.map_err(|error| anyhow::Error::from(error).context(message))
-}
-
-/// The component binary's preamble differs from a core module's in its layer field.
-fn is_core_module(bytes: &[u8]) -> bool {
-    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [0, 0]
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))
-}
-
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().expect("cache files live in a directory");
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    std::io::Write::write_all(&mut file, bytes)?;
-    file.persist(path).map_err(|error| error.error)?;
-    Ok(())
 }
 
 fn validate_info(info: &Info) -> anyhow::Result<()> {
@@ -237,7 +118,7 @@ pub struct InstanceSetup {
 pub struct Instance {
     store: wasmtime::Store<HostState>,
     bindings: Projection,
-    timeout_ticks: u64,
+    sandbox: Sandbox,
 }
 
 impl Instance {
@@ -246,31 +127,13 @@ impl Instance {
         pre: &ProjectionPre<HostState>,
         setup: InstanceSetup,
     ) -> anyhow::Result<Instance> {
-        let sandbox = runtime.inner.sandbox;
-        let wasi = WasiCtx::builder()
-            .wall_clock(FrozenClock)
-            .monotonic_clock(FrozenClock)
-            .secure_random(wasmtime_wasi::Deterministic::new(vec![0x5a]))
-            .insecure_random(wasmtime_wasi::Deterministic::new(vec![0xa5]))
-            .insecure_random_seed(0)
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
         let state = HostState {
-            wasi,
+            wasi: crate::sandbox::wasi(),
             table: ResourceTable::new(),
-            limits: Limits {
-                memory_bytes: sandbox.memory_bytes,
-                exceeded: false,
-            },
+            limits: runtime.engine.limits(),
             batch: Batch::new(setup),
         };
-        let mut store = wasmtime::Store::new(&runtime.inner.engine, state);
-        store.limiter(|state| &mut state.limits);
-        let timeout_ticks =
-            (sandbox.call_timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(timeout_ticks);
+        let mut store = runtime.engine.store(state);
         let bindings = context(
             pre.instantiate(&mut store),
             "cannot instantiate the component",
@@ -278,12 +141,12 @@ impl Instance {
         Ok(Instance {
             store,
             bindings,
-            timeout_ticks,
+            sandbox: runtime.sandbox(),
         })
     }
 
     pub fn describe(&mut self) -> anyhow::Result<Info> {
-        self.store.set_epoch_deadline(self.timeout_ticks);
+        self.store.set_epoch_deadline(self.sandbox.deadline_ticks());
         match self.bindings.call_describe(&mut self.store) {
             Ok(info) => Ok(info),
             Err(error) => Err(self.describe_trap(error)),
@@ -292,7 +155,7 @@ impl Instance {
 
     /// Hands events to the guest; its writes collect in the pending batch.
     pub fn handle(&mut self, events: &[Event]) -> anyhow::Result<()> {
-        self.store.set_epoch_deadline(self.timeout_ticks);
+        self.store.set_epoch_deadline(self.sandbox.deadline_ticks());
         match self.bindings.call_handle(&mut self.store, events) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(anyhow!("the projection failed: {message}")),
@@ -303,28 +166,11 @@ impl Instance {
     /// A trap's message, with the sandbox's reasons and the guest's panic message spelled out.
     fn describe_trap(&mut self, error: wasmtime::Error) -> anyhow::Error {
         let state = self.store.data_mut();
-        if state.limits.exceeded {
-            return anyhow!(
-                "the projection exceeded its memory limit of {} MiB",
-                state.limits.memory_bytes >> 20
-            );
-        }
-        let panic = state
-            .batch
-            .panic
-            .take()
-            .map(|message| format!(" ({})", message.replace('\n', " ")))
-            .unwrap_or_default();
-        match error.downcast_ref::<wasmtime::Trap>().copied() {
-            Some(wasmtime::Trap::Interrupt) => anyhow!(
-                "the projection ran longer than its limit of {} ms for one call",
-                self.timeout_ticks * EPOCH_TICK.as_millis() as u64
-            ),
-            Some(trap) => anyhow!("the projection trapped: {trap}{panic}"),
-            None => anyhow!(
-                "the projection failed: {}{panic}",
-                anyhow::Error::from(error)
-            ),
+        let is_trap = error.downcast_ref::<wasmtime::Trap>().is_some();
+        let explained = explain_failure(error, &state.limits, self.sandbox, "projection");
+        match state.batch.panic.take() {
+            Some(panic) if is_trap => anyhow!("{explained} ({})", panic.replace('\n', " ")),
+            _ => explained,
         }
     }
 
@@ -359,60 +205,17 @@ pub struct Writes {
     pub links: Vec<(String, u64)>,
 }
 
-/// The memory limit, remembering whether a guest hit it (it then usually traps while
-/// handling the failed allocation, which would hide the cause).
-struct Limits {
-    memory_bytes: usize,
-    exceeded: bool,
-}
-
-impl ResourceLimiter for Limits {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        let allowed = desired <= self.memory_bytes;
-        self.exceeded |= !allowed;
-        Ok(allowed)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1_000_000)
-    }
-}
-
-struct FrozenClock;
-
-impl HostWallClock for FrozenClock {
-    fn resolution(&self) -> Duration {
-        Duration::from_secs(1)
-    }
-    fn now(&self) -> Duration {
-        Duration::ZERO
-    }
-}
-
-impl HostMonotonicClock for FrozenClock {
-    fn resolution(&self) -> u64 {
-        1
-    }
-    fn now(&self) -> u64 {
-        0
-    }
-}
-
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: Limits,
     batch: Batch,
+}
+
+impl AsMut<Limits> for HostState {
+    fn as_mut(&mut self) -> &mut Limits {
+        &mut self.limits
+    }
 }
 
 impl WasiView for HostState {

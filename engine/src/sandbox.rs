@@ -1,0 +1,286 @@
+//! What every WebAssembly guest runs in, projection or sharder: one wasmtime `Engine` with a
+//! deadline clock, compiled components cached on disk by hash, WASI without any authority, and a
+//! memory limit per instance.
+//!
+//! Guests get WASI without files, network, environment or arguments; clocks stand still and
+//! randomness is a fixed sequence, so a guest cannot tell two runs apart. Every call has a
+//! deadline (epoch interruption) and every instance a memory limit; hitting either traps the
+//! call, which fails that guest only.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+use wasmtime::{Config, Engine, ResourceLimiter};
+use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx};
+
+/// How often the deadline clock ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Limits every guest instance runs under.
+#[derive(Debug, Clone, Copy)]
+pub struct Sandbox {
+    /// Linear memory per instance.
+    pub memory_bytes: usize,
+    /// Longest a single call into a guest may run.
+    pub call_timeout: Duration,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Sandbox {
+            memory_bytes: 256 << 20,
+            call_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Sandbox {
+    /// The call timeout in ticks of the deadline clock.
+    pub fn deadline_ticks(&self) -> u64 {
+        (self.call_timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
+    }
+
+    pub fn call_timeout_ms(&self) -> u64 {
+        self.deadline_ticks() * EPOCH_TICK.as_millis() as u64
+    }
+}
+
+/// The engine guests run on, with its deadline clock. Cheap to clone.
+#[derive(Clone)]
+pub struct GuestEngine {
+    inner: Arc<EngineInner>,
+}
+
+struct EngineInner {
+    engine: Engine,
+    /// Where compiled artifacts are cached; `None` compiles every time.
+    cache_dir: Option<PathBuf>,
+    compatibility: String,
+    sandbox: Sandbox,
+}
+
+impl Drop for EngineInner {
+    fn drop(&mut self) {
+        // Wakes guests still running so nothing waits on a dropped engine.
+        self.engine.increment_epoch();
+    }
+}
+
+impl GuestEngine {
+    pub fn new(cache_dir: Option<PathBuf>, sandbox: Sandbox) -> anyhow::Result<GuestEngine> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        // Calls are synchronous; without this a call costs about four times as much.
+        config.concurrency_support(false);
+        let engine = Engine::new(&config).map_err(anyhow::Error::from)?;
+        let mut hasher = std::hash::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let compatibility = format!("{:016x}", hasher.finish());
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let inner = Arc::new(EngineInner {
+            engine,
+            cache_dir,
+            compatibility,
+            sandbox,
+        });
+        // The ticker holds only a weak reference: it ends with the engine.
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("refract-wasm-epoch".into())
+            .spawn(move || {
+                while let Some(inner) = weak.upgrade() {
+                    inner.engine.increment_epoch();
+                    drop(inner);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
+        Ok(GuestEngine { inner })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    pub fn sandbox(&self) -> Sandbox {
+        self.inner.sandbox
+    }
+
+    /// A store for one guest instance, with its memory limit and deadline set.
+    pub fn store<T: AsMut<Limits> + 'static>(&self, data: T) -> wasmtime::Store<T> {
+        let mut store = wasmtime::Store::new(&self.inner.engine, data);
+        store.limiter(|data| data.as_mut());
+        store.set_epoch_deadline(self.inner.sandbox.deadline_ticks());
+        store
+    }
+
+    /// Limits for a new instance.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            memory_bytes: self.inner.sandbox.memory_bytes,
+            exceeded: false,
+        }
+    }
+
+    /// Compiles a component, or loads its cached artifact. The error says why the bytes are
+    /// not a component.
+    pub fn load(&self, sha256: &str, bytes: &[u8]) -> anyhow::Result<Component> {
+        let engine = &self.inner.engine;
+        let cached = self
+            .inner
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{sha256}-{}.cwasm", self.inner.compatibility)));
+        if let Some(cached) = cached.as_ref().filter(|path| path.exists()) {
+            // SAFETY: the file is an artifact this engine configuration serialized (its name
+            // carries the engine's compatibility hash) into a directory only Refract writes;
+            // wasmtime still checks its header and rejects an incompatible one.
+            match unsafe { Component::deserialize_file(engine, cached) } {
+                Ok(component) => return Ok(component),
+                Err(error) => {
+                    tracing::warn!(%error, path = %cached.display(), "cached artifact unusable; recompiling");
+                }
+            }
+        }
+        if !bytes.starts_with(b"\0asm") {
+            bail!("the body is not WebAssembly: it does not start with the \\0asm magic bytes");
+        }
+        if is_core_module(bytes) {
+            bail!(
+                "this is a core WebAssembly module, not a component; build for wasm32-wasip2 \
+                 (or convert it with wasm-tools component new)"
+            );
+        }
+        let component = context(
+            Component::new(engine, bytes),
+            "not a valid WebAssembly component",
+        )?;
+        if let Some(cached) = &cached {
+            match component.serialize() {
+                Ok(artifact) => {
+                    if let Err(error) = write_atomically(cached, &artifact) {
+                        tracing::warn!(%error, "cannot cache the compiled component");
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "cannot serialize the compiled component"),
+            }
+        }
+        Ok(component)
+    }
+}
+
+/// WASI for a guest: no files, network, environment or arguments; frozen clocks and fixed
+/// randomness; output discarded.
+pub fn wasi() -> WasiCtx {
+    WasiCtx::builder()
+        .wall_clock(FrozenClock)
+        .monotonic_clock(FrozenClock)
+        .secure_random(wasmtime_wasi::Deterministic::new(vec![0x5a]))
+        .insecure_random(wasmtime_wasi::Deterministic::new(vec![0xa5]))
+        .insecure_random_seed(0)
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build()
+}
+
+/// Why a call into a guest failed, in words: the memory limit, the deadline, or the trap.
+pub fn explain_failure(
+    error: wasmtime::Error,
+    limits: &Limits,
+    sandbox: Sandbox,
+    what: &str,
+) -> anyhow::Error {
+    if limits.exceeded {
+        return anyhow::anyhow!(
+            "the {what} exceeded its memory limit of {} MiB",
+            limits.memory_bytes >> 20
+        );
+    }
+    match error.downcast_ref::<wasmtime::Trap>().copied() {
+        Some(wasmtime::Trap::Interrupt) => anyhow::anyhow!(
+            "the {what} ran longer than its limit of {} ms for one call",
+            sandbox.call_timeout_ms()
+        ),
+        Some(trap) => anyhow::anyhow!("the {what} trapped: {trap}"),
+        None => anyhow::anyhow!("the {what} failed: {}", anyhow::Error::from(error)),
+    }
+}
+
+/// Adds a sentence to a wasmtime error.
+pub fn context<T>(result: wasmtime::Result<T>, message: &'static str) -> anyhow::Result<T> {
+    result.map_err(|error| anyhow::Error::from(error).context(message))
+}
+
+/// The component binary's preamble differs from a core module's in its layer field.
+fn is_core_module(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[6..8] == [0, 0]
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().expect("cache files live in a directory");
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut file, bytes)?;
+    file.persist(path).map_err(|error| error.error)?;
+    Ok(())
+}
+
+/// The memory limit, remembering whether a guest hit it (it then usually traps while handling
+/// the failed allocation, which would hide the cause).
+pub struct Limits {
+    memory_bytes: usize,
+    exceeded: bool,
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = desired <= self.memory_bytes;
+        self.exceeded |= !allowed;
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+struct FrozenClock;
+
+impl HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
