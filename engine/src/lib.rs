@@ -22,5 +22,6 @@ pub mod http;
 pub mod metrics;
 pub mod projections;
 pub mod sandbox;
+pub mod sharding;
 pub mod store;
 pub mod subscribe;

@@ -22,8 +22,13 @@ use reqwest::{Method, RequestBuilder, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod sharded;
+
 pub use crate::projections::{DeployOptions, Mode, ProjectionStatus};
 use crate::store::ExpectedRevision;
+pub use sharded::{
+    Checkpoints, FanIn, FanInSubscription, ShardedClient, SharderSource, shard_input,
+};
 
 /// An error answer from the server, with the contract's code.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -423,6 +428,42 @@ impl Client {
             .request(Method::GET, &["projections", name, "tables", table])
             .query(query);
         Ok(self.send(request).await?.json().await?)
+    }
+
+    /// Uploads a sharder component under `name`; returns its sha256.
+    pub async fn deploy_sharder(&self, name: &str, component: Vec<u8>) -> anyhow::Result<String> {
+        let request = self
+            .request(Method::PUT, &["sharders", name])
+            .header("content-type", "application/wasm")
+            .body(component);
+        let info: Value = self.send(request).await?.json().await?;
+        Ok(info["wasm_sha256"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// A sharder's component bytes.
+    pub async fn sharder_component(&self, name: &str) -> anyhow::Result<Vec<u8>> {
+        let request = self.request(Method::GET, &["sharders", name]);
+        Ok(self.send(request).await?.bytes().await?.to_vec())
+    }
+
+    /// The server's shard of each event (`{"stream", "type", "data", "metadata"}` items).
+    pub async fn shard(
+        &self,
+        name: &str,
+        events: &[Value],
+        shards: u32,
+    ) -> anyhow::Result<Vec<u32>> {
+        let request = self
+            .request(Method::POST, &["sharders", name, "shard"])
+            .query(&[("shards", shards)])
+            .json(events);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    pub async fn delete_sharder(&self, name: &str) -> anyhow::Result<()> {
+        self.send(self.request(Method::DELETE, &["sharders", name]))
+            .await?;
+        Ok(())
     }
 
     /// `true` when the server answers `/health`.

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod error;
 mod operations;
 mod projections;
+mod sharders;
 mod streams;
 mod subscriptions;
 
@@ -29,6 +30,7 @@ use utoipa_axum::routes;
 use crate::metrics::{Metrics, RouteLabels};
 use crate::projections::Projections;
 use crate::projections::component::{Runtime, Sandbox};
+use crate::sharding::Sharders;
 use crate::store::{Store, StoreOptions};
 pub use auth::{Role, Tokens};
 
@@ -41,6 +43,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct AppState {
     pub store: Store,
     pub projections: Projections,
+    pub sharders: Sharders,
     pub metrics: Arc<Metrics>,
     /// Cancelled when the server shuts down; ends long-lived responses such as SSE.
     pub shutdown: CancellationToken,
@@ -58,6 +61,7 @@ pub struct AppState {
         (name = "events", description = "Append, read, metadata, delete"),
         (name = "subscriptions", description = "Catch-up then live, as Server-Sent Events"),
         (name = "projections", description = "System and user projections"),
+        (name = "sharders", description = "Sharding functions"),
         (name = "operations", description = "Health, info, metrics, this document"),
     ),
     components(schemas(error::ErrorBody))
@@ -89,6 +93,13 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(projections::stop))
         .routes(routes!(projections::reset))
         .routes(routes!(projections::get_config, projections::put_config))
+        .routes(routes!(sharders::list))
+        .routes(routes!(
+            sharders::deploy,
+            sharders::download,
+            sharders::delete
+        ))
+        .routes(routes!(sharders::shard))
         .routes(routes!(operations::health))
         .routes(routes!(operations::info))
         .routes(routes!(operations::metrics))
@@ -100,6 +111,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 pub fn app(
     store: Store,
     projections: Projections,
+    sharders: Sharders,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     config: ServeConfig,
@@ -113,6 +125,7 @@ pub fn app(
     let state = AppState {
         store,
         projections,
+        sharders,
         metrics: metrics.clone(),
         shutdown,
         data_dir: config.data_dir,
@@ -189,6 +202,9 @@ pub async fn serve_until(
     let address = listener.local_addr()?;
     let runtime = Runtime::new(config.data_dir.join("compiled"), config.sandbox)
         .context("cannot start the WebAssembly runtime")?;
+    let sharders = Sharders::open(store.clone(), runtime.guest_engine().clone())
+        .await
+        .context("cannot load the sharders")?;
     let projections = Projections::open(store.clone(), runtime)
         .await
         .context("cannot load the projections")?;
@@ -209,6 +225,7 @@ pub async fn serve_until(
     let app = app(
         store.clone(),
         projections.clone(),
+        sharders,
         metrics,
         shutdown.clone(),
         config,

@@ -167,7 +167,7 @@ pub async fn deploy(
     Ok((code, Json(status)).into_response())
 }
 
-fn check_wasm_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn check_wasm_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(());
     };

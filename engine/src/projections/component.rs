@@ -74,6 +74,11 @@ impl Runtime {
         self.engine.sandbox()
     }
 
+    /// The engine, which sharders share.
+    pub fn guest_engine(&self) -> &GuestEngine {
+        &self.engine
+    }
+
     /// Validates bytes as a projection component and compiles them (or loads the cached
     /// artifact). The error says why the bytes are not a usable projection.
     pub fn compile(&self, bytes: &[u8]) -> anyhow::Result<Compiled> {

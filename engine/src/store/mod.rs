@@ -38,7 +38,8 @@ use uuid::Uuid;
 use crate::metrics::Metrics;
 use indexes::{IndexConfig, IndexProgress, SystemIndex};
 use projection_data::{
-    COMPONENTS, DataChange, PROJECTIONS, ProjectionCommit, ProjectionView, StoredProjection,
+    COMPONENTS, DataChange, PROJECTIONS, ProjectionCommit, ProjectionView, SHARDERS,
+    StoredProjection,
 };
 pub use read::{AllFilter, Slice};
 use record::StreamState;
@@ -481,6 +482,39 @@ impl Store {
     pub async fn commit_projection(&self, commit: ProjectionCommit) -> Result<(), StoreError> {
         self.submit(|reply| writer::Request::CommitProjection { commit, reply })
             .await
+    }
+
+    /// Stores a sharder's component under `name`, replacing the one it had.
+    pub async fn save_sharder(
+        &self,
+        name: String,
+        component: String,
+        component_bytes: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.submit(|reply| writer::Request::SaveSharder {
+            name,
+            component,
+            component_bytes,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn remove_sharder(&self, name: String) -> Result<(), StoreError> {
+        self.submit(|reply| writer::Request::RemoveSharder { name, reply })
+            .await
+    }
+
+    /// Every stored sharder: name and component sha256. Blocking.
+    pub fn stored_sharders(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(SHARDERS)?;
+        let mut sharders = Vec::new();
+        for entry in table.iter()? {
+            let (name, sha256) = entry?;
+            sharders.push((name.value().to_owned(), sha256.value().to_owned()));
+        }
+        Ok(sharders)
     }
 
     /// Every stored projection definition, by name. Blocking.

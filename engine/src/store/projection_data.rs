@@ -14,6 +14,7 @@
 //! - `projection_states`: (data id, partition) → state bytes.
 //! - `projection_rows`: (data id, table, key) → row bytes.
 //! - `projection_outputs`: (data id, stream) → whether it is a stream of links (else of events).
+//! - `sharders`: name → sha256 of its component (in `components` too).
 
 use redb::{
     ReadOnlyTable, ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction,
@@ -32,6 +33,7 @@ pub(crate) const ROWS: TableDefinition<(u64, &str, &str), &[u8]> =
     TableDefinition::new("projection_rows");
 pub(crate) const OUTPUTS: TableDefinition<(u64, &str), bool> =
     TableDefinition::new("projection_outputs");
+pub(crate) const SHARDERS: TableDefinition<&str, &str> = TableDefinition::new("sharders");
 /// `meta` key: the next projection data id.
 pub(crate) const NEXT_DATA_ID: &str = "next_projection_data_id";
 
@@ -109,6 +111,7 @@ pub(super) struct ProjectionTables<'txn> {
     pub states: Table<'txn, (u64, &'static str), &'static [u8]>,
     pub rows: Table<'txn, (u64, &'static str, &'static str), &'static [u8]>,
     pub outputs: Table<'txn, (u64, &'static str), bool>,
+    pub sharders: Table<'txn, &'static str, &'static str>,
 }
 
 impl<'txn> ProjectionTables<'txn> {
@@ -120,6 +123,7 @@ impl<'txn> ProjectionTables<'txn> {
             states: txn.open_table(STATES)?,
             rows: txn.open_table(ROWS)?,
             outputs: txn.open_table(OUTPUTS)?,
+            sharders: txn.open_table(SHARDERS)?,
         })
     }
 
@@ -157,6 +161,9 @@ impl<'txn> ProjectionTables<'txn> {
             let stored: StoredProjection =
                 serde_json::from_slice(entry?.1.value()).map_err(StoreError::storage)?;
             used.insert(stored.component);
+        }
+        for entry in self.sharders.iter()? {
+            used.insert(entry?.1.value().to_owned());
         }
         self.components.retain(|sha256, _| used.contains(sha256))?;
         Ok(())

@@ -85,6 +85,16 @@ pub(super) enum Request {
         commit: ProjectionCommit,
         reply: Reply<()>,
     },
+    SaveSharder {
+        name: String,
+        component: String,
+        component_bytes: Vec<u8>,
+        reply: Reply<()>,
+    },
+    RemoveSharder {
+        name: String,
+        reply: Reply<()>,
+    },
     Shutdown {
         reply: Reply<()>,
     },
@@ -98,6 +108,9 @@ impl Request {
                 component_bytes, ..
             } => component_bytes.as_ref().map_or(0, Vec::len),
             Request::CommitProjection { commit, .. } => commit.payload_bytes(),
+            Request::SaveSharder {
+                component_bytes, ..
+            } => component_bytes.len(),
             _ => 0,
         }
     }
@@ -134,6 +147,8 @@ impl Request {
             | Request::SetIndexConfig { reply, .. }
             | Request::RemoveProjection { reply, .. }
             | Request::CommitProjection { reply, .. }
+            | Request::SaveSharder { reply, .. }
+            | Request::RemoveSharder { reply, .. }
             | Request::Shutdown { reply } => {
                 let _ = reply.send(answer.map(|_| ()));
             }
@@ -484,6 +499,17 @@ impl Writer {
                     Request::CommitProjection { commit, .. } => self
                         .commit_projection(&mut tables, &txn, commit, now_ms)
                         .map(|()| Answer::Done),
+                    Request::SaveSharder {
+                        name,
+                        component,
+                        component_bytes,
+                        ..
+                    } => {
+                        save_sharder(&txn, name, component, component_bytes).map(|()| Answer::Done)
+                    }
+                    Request::RemoveSharder { name, .. } => {
+                        remove_sharder(&txn, name).map(|()| Answer::Done)
+                    }
                     Request::Shutdown { .. } => unreachable!("shutdown ends a batch"),
                 };
                 if let Err(StoreError::Storage(_)) = answer {
@@ -666,6 +692,30 @@ impl Writer {
         tables.streams.insert(stream, state.encode().as_slice())?;
         Ok(())
     }
+}
+
+fn save_sharder(
+    txn: &WriteTransaction,
+    name: &str,
+    component: &str,
+    bytes: &[u8],
+) -> Result<(), StoreError> {
+    let mut tables = ProjectionTables::open(txn)?;
+    if tables.components.get(component)?.is_none() {
+        tables.components.insert(component, bytes)?;
+    }
+    tables.sharders.insert(name, component)?;
+    tables.collect_components()
+}
+
+fn remove_sharder(txn: &WriteTransaction, name: &str) -> Result<(), StoreError> {
+    let mut tables = ProjectionTables::open(txn)?;
+    if tables.sharders.remove(name)?.is_none() {
+        return Err(StoreError::InvalidRequest(format!(
+            "no sharder is named {name:?}"
+        )));
+    }
+    tables.collect_components()
 }
 
 fn reject_repeated_ids(events: &[NewEvent]) -> Result<(), StoreError> {

@@ -1,0 +1,140 @@
+//! Sharding functions: upload, download, evaluate, delete.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody};
+use super::projections::check_wasm_content_type;
+use crate::sharding::{ShardError, ShardInput};
+
+/// Most events one shard request may carry.
+const MAX_SHARD_EVENTS: usize = 100_000;
+
+impl From<ShardError> for ApiError {
+    fn from(error: ShardError) -> Self {
+        match error {
+            ShardError::NotFound(_) => ApiError::not_found(error.to_string()),
+            ShardError::Invalid(message) => ApiError::invalid(message),
+            ShardError::Store(error) => error.into(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SharderInfo {
+    pub name: String,
+    pub wasm_sha256: String,
+}
+
+/// Every sharder.
+#[utoipa::path(get, path = "/sharders", tag = "sharders",
+    responses((status = 200, body = Vec<SharderInfo>)))]
+pub async fn list(State(state): State<AppState>) -> Json<Vec<SharderInfo>> {
+    Json(
+        state
+            .sharders
+            .list()
+            .into_iter()
+            .map(|(name, wasm_sha256)| SharderInfo { name, wasm_sha256 })
+            .collect(),
+    )
+}
+
+/// Upload a sharder: a component of the refract:projection/sharder world.
+#[utoipa::path(put, path = "/sharders/{name}", tag = "sharders",
+    params(("name" = String, Path, description = "Sharder name")),
+    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    responses((status = 201, body = SharderInfo), (status = 200, body = SharderInfo),
+        (status = 400, body = ErrorBody), (status = 415, body = ErrorBody)))]
+pub async fn deploy(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Result<Response, ApiError> {
+    check_wasm_content_type(&headers)?;
+    let (created, wasm_sha256) = state.sharders.deploy(&name, body.to_vec()).await?;
+    let code = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, Json(SharderInfo { name, wasm_sha256 })).into_response())
+}
+
+/// Download a sharder's component, to run the same function elsewhere.
+#[utoipa::path(get, path = "/sharders/{name}", tag = "sharders",
+    params(("name" = String, Path, description = "Sharder name")),
+    responses((status = 200, body = Vec<u8>, content_type = "application/wasm"),
+        (status = 404, body = ErrorBody)))]
+pub async fn download(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let bytes = state.sharders.component(&name).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/wasm")],
+        Body::from(bytes),
+    )
+        .into_response())
+}
+
+/// Delete a sharder.
+#[utoipa::path(delete, path = "/sharders/{name}", tag = "sharders",
+    params(("name" = String, Path, description = "Sharder name")),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    state.sharders.delete(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ShardQuery {
+    /// How many shards to place the events on (1 to 1,048,576).
+    shards: u32,
+}
+
+/// The shard of each event, in order: `[{"stream", "type", "data", "metadata"}, …]` →
+/// `[shard, …]`.
+#[utoipa::path(post, path = "/sharders/{name}/shard", tag = "sharders",
+    params(("name" = String, Path, description = "Sharder name"), ShardQuery),
+    request_body(content = Vec<Object>, content_type = "application/json",
+        description = "Events as written, each with its stream"),
+    responses((status = 200, body = Vec<u32>), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn shard(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ShardQuery>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Vec<u32>>, ApiError> {
+    let items: Vec<serde_json::Value> = serde_json::from_slice(&body)
+        .map_err(|error| ApiError::invalid(format!("the body must be a JSON array: {error}")))?;
+    if items.len() > MAX_SHARD_EVENTS {
+        return Err(ApiError::invalid(format!(
+            "at most {MAX_SHARD_EVENTS} events per request"
+        )));
+    }
+    let inputs = items
+        .iter()
+        .enumerate()
+        .map(|(index, item)| {
+            ShardInput::from_json(item)
+                .map_err(|reason| ApiError::invalid(format!("event {index}: {reason}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(
+        state.sharders.shard(&name, inputs, query.shards).await?,
+    ))
+}
