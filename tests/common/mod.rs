@@ -310,3 +310,18 @@ impl Server {
         }
     }
 }
+
+impl Server {
+    /// `PUT /sharders/{name}` with a component.
+    pub async fn deploy_sharder(&self, name: &str, component: Vec<u8>) -> (u16, Value) {
+        let response = self
+            .http
+            .put(self.url(&format!("/sharders/{name}")))
+            .header("content-type", "application/wasm")
+            .body(component)
+            .send()
+            .await
+            .expect("request");
+        status_and_json(response).await
+    }
+}

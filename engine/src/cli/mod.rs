@@ -1,6 +1,7 @@
 //! The `refract` command line: the server, client commands for a running server, and benchmarks.
 
 mod bench;
+mod sharding;
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -45,6 +46,9 @@ enum Command {
     /// List, inspect and control projections.
     #[command(subcommand)]
     Projection(ProjectionCommand),
+    /// Upload, evaluate and delete sharding functions.
+    #[command(subcommand)]
+    Sharder(sharding::SharderCommand),
     /// Measure appends, reads and startup on a fresh data directory and print the figures.
     Bench(bench::BenchArgs),
 }
@@ -164,6 +168,8 @@ struct AppendArgs {
     #[arg(long, default_value = "any")]
     expected_revision: ExpectedRevision,
     #[command(flatten)]
+    sharding: sharding::ShardingArgs,
+    #[command(flatten)]
     client: ClientArgs,
 }
 
@@ -195,6 +201,8 @@ struct ReadArgs {
     /// `$all` only: include events of `$`-streams.
     #[arg(long)]
     include_system: bool,
+    #[command(flatten)]
+    sharding: sharding::ShardingArgs,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -359,6 +367,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Read(args) => read(args).await,
         Command::Delete(args) => delete(args).await,
         Command::Projection(command) => projection(command).await,
+        Command::Sharder(command) => sharding::sharder(command).await,
         Command::Bench(args) => bench::run(args).await,
     }
 }
@@ -440,11 +449,23 @@ async fn append(args: AppendArgs) -> anyhow::Result<()> {
         }],
         None => events_from_stdin()?,
     };
-    let result = args
-        .client
-        .client()?
-        .append(&args.stream, args.expected_revision, &events)
+    let (node, result) = if args.sharding.enabled() {
+        let (node, result) = sharding::append(
+            &args.sharding,
+            &args.client,
+            &args.stream,
+            args.expected_revision,
+            &events,
+        )
         .await?;
+        (Some(node), result)
+    } else {
+        let client = args.client.client()?;
+        let result = client
+            .append(&args.stream, args.expected_revision, &events)
+            .await?;
+        (None, result)
+    };
     if args.client.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
@@ -454,8 +475,11 @@ async fn append(args: AppendArgs) -> anyhow::Result<()> {
             first_position,
             last_position,
         } = result;
+        let on = node
+            .map(|node| format!(" on node {node}"))
+            .unwrap_or_default();
         println!(
-            "appended {} event(s) to {}: revisions {first_revision}..={last_revision}, positions {first_position}..={last_position}",
+            "appended {} event(s) to {}{on}: revisions {first_revision}..={last_revision}, positions {first_position}..={last_position}",
             last_revision - first_revision + 1,
             args.stream
         );
@@ -491,6 +515,17 @@ async fn read(args: ReadArgs) -> anyhow::Result<()> {
         type_prefix: args.type_prefix.clone(),
         include_system: args.include_system,
     };
+    if args.sharding.enabled() {
+        return sharding::read(
+            &args.sharding,
+            &args.client,
+            &args.stream,
+            options,
+            args.follow,
+            args.limit,
+        )
+        .await;
+    }
     let mut output = std::io::stdout().lock();
     let mut remaining = args.limit.unwrap_or(usize::MAX);
     if args.follow {

@@ -460,6 +460,12 @@ impl Client {
         Ok(self.send(request).await?.json().await?)
     }
 
+    /// Every sharder: `{"name", "wasm_sha256"}`.
+    pub async fn sharders(&self) -> anyhow::Result<Vec<Value>> {
+        let request = self.request(Method::GET, &["sharders"]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
     pub async fn delete_sharder(&self, name: &str) -> anyhow::Result<()> {
         self.send(self.request(Method::DELETE, &["sharders", name]))
             .await?;
