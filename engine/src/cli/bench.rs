@@ -3,6 +3,7 @@
 //! The server runs in this process (the clients too, sharing the same cores), except for the
 //! startup measurement, which starts the real binary on the many-streams store.
 
+mod sharding;
 mod wasm_projections;
 
 use std::net::SocketAddr;
@@ -46,7 +47,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "target/wasm32-wasip2/guest")]
     guests: PathBuf,
     /// Run only these scenarios (comma-separated): single, batch, read, streams, projections,
-    /// wasm.
+    /// wasm, sharding.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -117,6 +118,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.wants("wasm") {
         println!("wasm projections, {} events:", args.wasm_events);
         wasm_projections::run(&dir.join("wasm"), &args.guests, args.wasm_events).await?;
+    }
+    if args.wants("sharding") {
+        println!("sharding:");
+        sharding::run(&dir.join("sharding"), &args.guests, args.seconds).await?;
     }
     Ok(())
 }
