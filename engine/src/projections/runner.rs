@@ -501,3 +501,74 @@ pub(super) fn restart_rate(live: &Live) {
     let processed = state.checkpoint.events_processed;
     state.rate.restart(processed);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record<'a>(stream: &'a str, event_type: &'a str) -> EventRecord<'a> {
+        EventRecord {
+            stream,
+            revision: 0,
+            created_ms: 0,
+            id: uuid::Uuid::nil(),
+            event_type,
+            metadata: b"",
+            data: b"{}",
+            binary: false,
+        }
+    }
+
+    fn filter(source: Source, types: &[&str]) -> Filter {
+        Filter {
+            source,
+            types: types.iter().map(|name| (*name).to_owned()).collect(),
+            config: IndexConfig::default(),
+        }
+    }
+
+    #[test]
+    fn sources_and_types_select_events_before_the_guest_sees_them() {
+        let all = filter(Source::All, &[]);
+        assert!(all.selects(&record("order-1", "A")));
+        assert!(
+            !all.selects(&record("$ce-order", "A")),
+            "$-streams are not user events"
+        );
+
+        let streams = filter(Source::Streams(vec!["order-1".into(), "cart".into()]), &[]);
+        assert!(streams.selects(&record("order-1", "A")));
+        assert!(streams.selects(&record("cart", "A")));
+        assert!(!streams.selects(&record("order-12", "A")));
+
+        let categories = filter(
+            Source::Categories(vec!["order".into()]),
+            &["Placed", "Paid"],
+        );
+        assert!(categories.selects(&record("order-1", "Placed")));
+        assert!(categories.selects(&record("order-1-x", "Paid")));
+        assert!(
+            !categories.selects(&record("order-1", "Shipped")),
+            "type filter"
+        );
+        assert!(!categories.selects(&record("orders-1", "Placed")));
+        assert!(
+            !categories.selects(&record("order", "Placed")),
+            "no category without a separator"
+        );
+    }
+
+    #[test]
+    fn rates_cover_a_second_and_fall_to_zero_when_idle() {
+        let mut rate = Rate::default();
+        rate.window_start -= std::time::Duration::from_secs(2);
+        rate.record(4000);
+        assert!(
+            (1900.0..=2100.0).contains(&rate.per_second()),
+            "{}",
+            rate.per_second()
+        );
+        rate.last_progress -= std::time::Duration::from_secs(3);
+        assert_eq!(rate.per_second(), 0.0);
+    }
+}
