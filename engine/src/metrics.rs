@@ -47,6 +47,7 @@ pub struct Metrics {
     projection_position: Family<ProjectionLabels, Gauge>,
     projection_lag: Family<ProjectionLabels, Gauge>,
     projection_rate: Family<ProjectionLabels, Gauge<f64, AtomicU64>>,
+    scrape: std::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -127,6 +128,7 @@ impl Metrics {
             projection_position,
             projection_lag,
             projection_rate,
+            scrape: std::sync::Mutex::new(()),
         }
     }
 
@@ -151,7 +153,13 @@ impl Metrics {
 
     /// The registry in Prometheus text format.
     pub fn encode(&self, head_position: u64, projections: &[ProjectionSample]) -> String {
+        // One scrape at a time: the projection series are rebuilt from the current list, so a
+        // deleted projection's series go away.
+        let _scrape = self.scrape.lock().expect("scrape lock");
         self.head_position.set(head_position as i64);
+        self.projection_position.clear();
+        self.projection_lag.clear();
+        self.projection_rate.clear();
         for sample in projections {
             let labels = ProjectionLabels {
                 projection: sample.name.clone(),
