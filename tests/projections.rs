@@ -412,6 +412,17 @@ async fn emitted_events_and_links() {
     assert_eq!(code, 204);
     let (code, _) = server.get("/projections/notifier").await;
     assert_eq!(code, 404);
+    let metrics = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(r#"projection="quiet""#), "{metrics}");
+    assert!(!metrics.contains(r#"projection="notifier""#), "{metrics}");
     let customer = model.shipped.keys().next().unwrap();
     let (code, _) = server.get(&format!("/streams/notify-{customer}")).await;
     assert_eq!(code, 404);
