@@ -405,22 +405,16 @@ async fn emitted_events_and_links() {
         "clients cannot append to a stream of links: {body}"
     );
 
-    // Deleting with its outputs removes the emitted streams; the others stay.
+    // Deleting with its outputs removes the emitted streams (and its metrics); the others stay.
+    let metrics = scrape(&server).await;
+    assert!(metrics.contains(r#"projection="notifier""#), "{metrics}");
     let (code, _) = server
         .delete("/projections/notifier?delete_emitted=true")
         .await;
     assert_eq!(code, 204);
     let (code, _) = server.get("/projections/notifier").await;
     assert_eq!(code, 404);
-    let metrics = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&server).await;
     assert!(metrics.contains(r#"projection="quiet""#), "{metrics}");
     assert!(!metrics.contains(r#"projection="notifier""#), "{metrics}");
     let customer = model.shipped.keys().next().unwrap();
@@ -429,6 +423,16 @@ async fn emitted_events_and_links() {
     let (code, _) = server.delete("/projections/linker").await;
     assert_eq!(code, 204);
     assert_eq!(server.read_everything("big-orders").await.len(), big.len());
+}
+
+async fn scrape(server: &Server) -> String {
+    let response = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    response.text().await.unwrap()
 }
 
 /// A trap, an endless loop and a memory bomb each fault their own projection at the poisoned
