@@ -110,8 +110,21 @@ fn workload(seed: u64, orders: usize, customers: u64) -> Vec<(String, Vec<(Strin
         .collect()
 }
 
+/// How a workload is sent.
+#[derive(Clone, Copy)]
+enum Requests {
+    /// One request per event.
+    PerEvent,
+    /// One request per stream with all its events, so a backlog builds up fast.
+    PerStream,
+}
+
 /// Appends a workload from four concurrent writers (each owns some streams) and returns the model.
-async fn write_workload(server: &Server, orders: &[(String, Vec<(String, Value)>)]) -> Model {
+async fn write_workload(
+    server: &Server,
+    orders: &[(String, Vec<(String, Value)>)],
+    requests: Requests,
+) -> Model {
     let mut writers = Vec::new();
     for writer in 0..4 {
         let base = server.base.clone();
@@ -119,10 +132,22 @@ async fn write_workload(server: &Server, orders: &[(String, Vec<(String, Value)>
         writers.push(tokio::spawn(async move {
             let client = reqwest::Client::new();
             for (stream, events) in mine {
-                for (event_type, data) in events {
+                let bodies: Vec<Value> = match requests {
+                    Requests::PerEvent => events
+                        .iter()
+                        .map(|(event_type, data)| json!([{"type": event_type, "data": data}]))
+                        .collect(),
+                    Requests::PerStream => vec![Value::Array(
+                        events
+                            .iter()
+                            .map(|(event_type, data)| json!({"type": event_type, "data": data}))
+                            .collect(),
+                    )],
+                };
+                for body in bodies {
                     let response = client
                         .post(format!("{base}/streams/{stream}"))
-                        .json(&json!([{"type": event_type, "data": data}]))
+                        .json(&body)
                         .send()
                         .await
                         .unwrap();
@@ -269,10 +294,10 @@ async fn order_summary_builds_the_read_model_of_a_random_workload() {
     let server = Server::start();
     let orders = workload(0x5eed_1234_abcd, 120, 9);
     let (history, live) = orders.split_at(60);
-    let mut model = write_workload(&server, history).await;
+    let mut model = write_workload(&server, history, Requests::PerEvent).await;
     let (code, status) = server.deploy("orders", guest("order-summary"), "").await;
     assert_eq!(code, 201, "{status}");
-    let live_model = write_workload(&server, live).await;
+    let live_model = write_workload(&server, live, Requests::PerEvent).await;
     model.orders.extend(live_model.orders);
     for (customer, (orders, total)) in live_model.customers {
         let row = model.customers.entry(customer).or_default();
@@ -336,7 +361,7 @@ async fn order_summary_builds_the_read_model_of_a_random_workload() {
 async fn emitted_events_and_links() {
     let server = Server::start();
     let orders = workload(77, 40, 4);
-    let model = write_workload(&server, &orders).await;
+    let model = write_workload(&server, &orders, Requests::PerEvent).await;
     let (code, _) = server.deploy("quiet", guest("order-summary"), "").await;
     assert_eq!(code, 201);
     let (code, _) = server
@@ -562,37 +587,7 @@ async fn kill_9_mid_processing_gives_an_exactly_once_read_model() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start_in(dir.path(), &[]);
     let orders = workload(0xdead_beef, 3000, 25);
-    // Batches per stream, so the backlog is large enough to interrupt.
-    let mut writers = Vec::new();
-    for part in orders.chunks(750) {
-        let base = server.base.clone();
-        let part = part.to_vec();
-        writers.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            for (stream, events) in part {
-                let body: Vec<Value> = events
-                    .iter()
-                    .map(|(event_type, data)| json!({"type": event_type, "data": data}))
-                    .collect();
-                let response = client
-                    .post(format!("{base}/streams/{stream}"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 200);
-            }
-        }));
-    }
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    let mut model = Model::default();
-    for (stream, events) in &orders {
-        for (event_type, data) in events {
-            model.apply(stream, event_type, data);
-        }
-    }
+    let model = write_workload(&server, &orders, Requests::PerStream).await;
     let (code, _) = server
         .deploy("orders", guest("order-summary"), "?emit=true")
         .await;

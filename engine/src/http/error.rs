@@ -204,6 +204,35 @@ impl<S: Send + Sync> FromRequest<S> for LimitedBody {
 }
 
 /// Answers routes that do not exist.
+/// Checks a request's Content-Type (parameters ignored, any case) with `accepts`; a request
+/// without one passes. `expected` names the type in the error.
+pub fn check_media_type(
+    headers: &axum::http::HeaderMap,
+    expected: &str,
+    accepts: impl Fn(&str) -> bool,
+) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let media_type = value
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if accepts(&media_type) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("expected Content-Type {expected}, got {media_type:?}"),
+        ))
+    }
+}
+
 pub async fn no_route() -> ApiError {
     ApiError::not_found("no such route")
 }

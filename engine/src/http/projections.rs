@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody};
+use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody, check_media_type};
 use crate::projections::{ConfigChange, DeployOptions, Mode, ProjectionError, ProjectionStatus};
 use crate::store::indexes::IndexConfig;
 
@@ -168,30 +168,13 @@ pub async fn deploy(
 }
 
 pub(super) fn check_wasm_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
-        return Ok(());
-    };
-    let media_type = value
-        .to_str()
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
     // curl's --data-binary says form-urlencoded unless told otherwise; the bytes decide.
-    if matches!(
-        media_type.as_str(),
-        "application/wasm" | "application/octet-stream" | "application/x-www-form-urlencoded"
-    ) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!("expected Content-Type application/wasm, got {media_type:?}"),
-        ))
-    }
+    check_media_type(headers, "application/wasm", |media_type| {
+        matches!(
+            media_type,
+            "application/wasm" | "application/octet-stream" | "application/x-www-form-urlencoded"
+        )
+    })
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

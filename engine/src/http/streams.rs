@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -12,7 +12,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::AppState;
-use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody};
+use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody, check_media_type};
 use crate::store::{
     AllFilter, AppendOutcome, Direction, ExpectedRevision, MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES,
     NewEvent, RecordedEvent, Slice, StreamMetadata, validate_stream_name,
@@ -256,26 +256,9 @@ fn writable_stream(name: &str) -> Result<(), ApiError> {
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
-        return Ok(());
-    };
-    let media_type = value
-        .to_str()
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim();
-    let media_type = media_type.to_ascii_lowercase();
-    if media_type == "application/json" || media_type.ends_with("+json") {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!("expected Content-Type application/json, got {media_type:?}"),
-        ))
-    }
+    check_media_type(headers, "application/json", |media_type| {
+        media_type == "application/json" || media_type.ends_with("+json")
+    })
 }
 
 /// Turns the request body into events, checking every rule before anything is written.
