@@ -507,12 +507,19 @@ async fn bad_guests_fault_only_themselves() {
     let (code, _) = server.get("/health").await;
     assert_eq!(code, 200);
 
-    // Reset runs it again (and it faults again on the same event); a new upload replaces it.
+    // Reset clears the fault and the state (stopped first, so the check is not a race); started
+    // again it faults again on the same event. A new upload replaces it.
+    server.post("/projections/trap/stop", json!({})).await;
     let (code, status) = server.post("/projections/trap/reset", json!({})).await;
     assert_eq!(code, 200);
     assert_eq!(status["fault"], Value::Null);
+    assert_eq!(status["status"], "stopped");
+    let (code, _) = server.get("/projections/trap/state").await;
+    assert_eq!(code, 404);
+    server.post("/projections/trap/start", json!({})).await;
     let status = server.wait_status("trap", "faulted").await;
     assert_eq!(status["fault"]["position"], poison);
+    assert_eq!(status["events_processed"], 10);
     let (code, _) = server.deploy("trap", guest("event-counter"), "").await;
     assert_eq!(code, 200);
     server.caught_up("trap").await;
@@ -571,9 +578,16 @@ async fn lifecycle_survives_restarts() {
         "a completed one-time projection stays put"
     );
 
-    // Reset: the same model again from position 0.
+    // Reset (stopped first, so nothing runs in between): the state is gone, then the same
+    // model is built again from position 0.
+    server.post("/projections/counter/stop", json!({})).await;
     let (_, status) = server.post("/projections/counter/reset", json!({})).await;
     assert_eq!(status["events_processed"], 0);
+    assert_eq!(status["position"], 0);
+    assert_eq!(status["status"], "stopped");
+    let (code, _) = server.get("/projections/counter/state").await;
+    assert_eq!(code, 404);
+    server.post("/projections/counter/start", json!({})).await;
     server.caught_up("counter").await;
     let (_, counts) = server.get("/projections/counter/state").await;
     assert_eq!(counts["count"], 42);
