@@ -6,20 +6,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Server, guest};
+use common::{Random, Server, guest};
 use serde_json::{Value, json};
-
-/// A small deterministic generator, so a failing workload can be replayed.
-struct Random(u64);
-
-impl Random {
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % bound
-    }
-}
 
 #[derive(Debug, Default, Clone, PartialEq)]
 struct Order {

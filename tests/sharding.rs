@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::{Server, guest};
+use common::{Random, Server, guest};
 use futures::StreamExt;
 use refract::client::{
     Checkpoints, FanIn, FanInSubscription, NewEvent, ReadOptions, ShardedClient, SharderSource,
@@ -37,17 +37,6 @@ fn expected_shard(stream: &str, event: &NewEvent, shards: u64) -> usize {
         .or_else(|| customer(&event.data))
         .unwrap_or_else(|| stream.to_owned());
     (fnv1a_64(key.as_bytes()) % shards) as usize
-}
-
-struct Random(u64);
-
-impl Random {
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % bound
-    }
 }
 
 /// An event whose customer id sits in the metadata, in the data, is not a string, or is absent.
@@ -167,6 +156,30 @@ async fn server_and_client_agree_on_ten_thousand_events() {
     assert_eq!(local, expected);
 }
 
+/// Appends `count` random events over `streams` streams, one per request, noting their ids.
+async fn append_with_ids(
+    client: &ShardedClient,
+    random: &mut Random,
+    count: usize,
+    streams: usize,
+    written: &mut Vec<String>,
+) {
+    for n in 0..count {
+        let mut event = random_event(random);
+        let id = uuid::Uuid::new_v4().to_string();
+        event.id = Some(id.clone());
+        written.push(id);
+        client
+            .append(
+                &format!("fan-{}", n % streams),
+                ExpectedRevision::Any,
+                &[event],
+            )
+            .await
+            .unwrap();
+    }
+}
+
 async fn take_events(
     messages: &mut FanInSubscription,
     count: usize,
@@ -194,15 +207,7 @@ async fn fan_in_delivers_every_event_once_and_resumes_from_stored_checkpoints() 
     let client = sharded(&urls).await;
     let mut random = Random(7);
     let mut written = Vec::new();
-    for n in 0..90 {
-        let mut event = random_event(&mut random);
-        event.id = Some(uuid::Uuid::new_v4().to_string());
-        written.push(event.id.clone().unwrap());
-        client
-            .append(&format!("fan-{}", n % 30), ExpectedRevision::Any, &[event])
-            .await
-            .unwrap();
-    }
+    append_with_ids(&client, &mut random, 90, 30, &mut written).await;
     let mut messages = client.subscribe("$all", &Checkpoints::default(), &ReadOptions::default());
     let mut seen = Vec::new();
     let mut failed = HashSet::new();
@@ -210,15 +215,7 @@ async fn fan_in_delivers_every_event_once_and_resumes_from_stored_checkpoints() 
     let stored = serde_json::to_string(messages.checkpoints()).unwrap();
     drop(messages);
 
-    for n in 0..30 {
-        let mut event = random_event(&mut random);
-        event.id = Some(uuid::Uuid::new_v4().to_string());
-        written.push(event.id.clone().unwrap());
-        client
-            .append(&format!("fan-{}", n % 7), ExpectedRevision::Any, &[event])
-            .await
-            .unwrap();
-    }
+    append_with_ids(&client, &mut random, 30, 7, &mut written).await;
     let resume: Checkpoints = serde_json::from_str(&stored).unwrap();
     let mut messages = client.subscribe("$all", &resume, &ReadOptions::default());
     take_events(&mut messages, written.len(), &mut seen, &mut failed).await;

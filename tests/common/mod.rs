@@ -262,9 +262,19 @@ const GUESTS: [&str; 7] = [
 impl Server {
     /// `PUT /projections/{name}` with a component and query.
     pub async fn deploy(&self, name: &str, component: Vec<u8>, query: &str) -> (u16, Value) {
+        self.put_wasm(&format!("/projections/{name}{query}"), component)
+            .await
+    }
+
+    /// `PUT /sharders/{name}` with a component.
+    pub async fn deploy_sharder(&self, name: &str, component: Vec<u8>) -> (u16, Value) {
+        self.put_wasm(&format!("/sharders/{name}"), component).await
+    }
+
+    async fn put_wasm(&self, path: &str, component: Vec<u8>) -> (u16, Value) {
         let response = self
             .http
-            .put(self.url(&format!("/projections/{name}{query}")))
+            .put(self.url(path))
             .header("content-type", "application/wasm")
             .body(component)
             .send()
@@ -311,17 +321,14 @@ impl Server {
     }
 }
 
-impl Server {
-    /// `PUT /sharders/{name}` with a component.
-    pub async fn deploy_sharder(&self, name: &str, component: Vec<u8>) -> (u16, Value) {
-        let response = self
-            .http
-            .put(self.url(&format!("/sharders/{name}")))
-            .header("content-type", "application/wasm")
-            .body(component)
-            .send()
-            .await
-            .expect("request");
-        status_and_json(response).await
+/// A small deterministic generator (xorshift), so a failing workload can be replayed.
+pub struct Random(pub u64);
+
+impl Random {
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % bound
     }
 }

@@ -95,11 +95,7 @@ impl WasmProjections {
                 }
             };
             let data = stored.data;
-            let checkpoint = projections
-                .store
-                .blocking(move |store| store.projection_view(data)?.checkpoint())
-                .await?
-                .unwrap_or_default();
+            let checkpoint = projections.checkpoint(data).await?;
             let compiled = projections.compile_stored(&stored.component).await;
             let compiled = match compiled {
                 Ok(compiled) => Some(compiled),
@@ -279,16 +275,14 @@ impl WasmProjections {
     /// Runs it again: from its checkpoint, after a stop, a fault or completion.
     pub async fn start(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
         let mut entries = self.entries.lock().await;
-        let entry = entries
-            .get_mut(name)
-            .ok_or_else(|| ProjectionError::NotFound(name.to_owned()))?;
+        let entry = entry_mut(&mut entries, name)?;
         if entry.compiled.is_none() {
             return Err(ProjectionError::Invalid(format!(
                 "{name} has no usable component; upload it again"
             )));
         }
         stop_runner(entry).await;
-        self.change_definition(entry, |definition| {
+        self.save_definition(entry, DataChange::Keep, |definition| {
             definition.enabled = true;
             definition.fault = None;
             definition.completed = false;
@@ -300,55 +294,38 @@ impl WasmProjections {
 
     pub async fn stop(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
         let mut entries = self.entries.lock().await;
-        let entry = entries
-            .get_mut(name)
-            .ok_or_else(|| ProjectionError::NotFound(name.to_owned()))?;
+        let entry = entry_mut(&mut entries, name)?;
         stop_runner(entry).await;
-        self.change_definition(entry, |definition| definition.enabled = false)
-            .await?;
+        self.save_definition(entry, DataChange::Keep, |definition| {
+            definition.enabled = false;
+        })
+        .await?;
         Ok(self.status_of(&entry.live))
     }
 
     /// Drops state, tables and emitted streams, then reprocesses from position 0.
     pub async fn reset(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
         let mut entries = self.entries.lock().await;
-        let entry = entries
-            .get_mut(name)
-            .ok_or_else(|| ProjectionError::NotFound(name.to_owned()))?;
+        let entry = entry_mut(&mut entries, name)?;
         stop_runner(entry).await;
-        let (mut definition, component) = {
-            let state = entry.live.state.lock().expect("projection state");
-            (state.definition.clone(), state.component.clone())
-        };
-        definition.fault = None;
-        definition.completed = false;
-        let data = self
-            .store
-            .save_projection(
-                name.to_owned(),
-                component,
-                serde_json::to_value(&definition).expect("a definition is JSON"),
-                None,
-                DataChange::Fresh {
-                    delete_outputs: true,
-                },
-            )
-            .await?;
-        {
-            let mut state = entry.live.state.lock().expect("projection state");
-            state.definition = definition;
-            state.data = data;
-            state.checkpoint = Checkpoint::default();
-        }
+        self.save_definition(
+            entry,
+            DataChange::Fresh {
+                delete_outputs: true,
+            },
+            |definition| {
+                definition.fault = None;
+                definition.completed = false;
+            },
+        )
+        .await?;
         self.start_if_runnable(entry).await;
         Ok(self.status_of(&entry.live))
     }
 
     pub async fn delete(&self, name: &str, delete_emitted: bool) -> Result<(), ProjectionError> {
         let mut entries = self.entries.lock().await;
-        let entry = entries
-            .get_mut(name)
-            .ok_or_else(|| ProjectionError::NotFound(name.to_owned()))?;
+        let entry = entry_mut(&mut entries, name)?;
         stop_runner(entry).await;
         self.store
             .remove_projection(name.to_owned(), delete_emitted)
@@ -417,25 +394,35 @@ impl WasmProjections {
         }
     }
 
-    async fn change_definition(
+    /// Changes the definition and persists it; with fresh data the projection starts over from
+    /// position 0. The live copy changes only once the store has the new one.
+    async fn save_definition(
         &self,
         entry: &mut Entry,
+        data: DataChange,
         change: impl FnOnce(&mut Definition),
     ) -> Result<(), ProjectionError> {
-        let (definition, component) = {
-            let mut state = entry.live.state.lock().expect("projection state");
-            change(&mut state.definition);
+        let (mut definition, component) = {
+            let state = entry.live.state.lock().expect("projection state");
             (state.definition.clone(), state.component.clone())
         };
-        self.store
+        change(&mut definition);
+        let data_id = self
+            .store
             .save_projection(
                 entry.live.name.clone(),
                 component,
                 serde_json::to_value(&definition).expect("a definition is JSON"),
                 None,
-                DataChange::Keep,
+                data,
             )
             .await?;
+        let mut state = entry.live.state.lock().expect("projection state");
+        state.definition = definition;
+        if data != DataChange::Keep {
+            state.data = data_id;
+            state.checkpoint = Checkpoint::default();
+        }
         Ok(())
     }
 
@@ -510,6 +497,15 @@ impl WasmProjections {
             fault: definition.fault.clone(),
         }
     }
+}
+
+fn entry_mut<'a>(
+    entries: &'a mut BTreeMap<String, Entry>,
+    name: &str,
+) -> Result<&'a mut Entry, ProjectionError> {
+    entries
+        .get_mut(name)
+        .ok_or_else(|| ProjectionError::NotFound(name.to_owned()))
 }
 
 async fn stop_runner(entry: &mut Entry) {

@@ -41,6 +41,7 @@ pub fn sharder(args: TokenStream, item: TokenStream) -> TokenStream {
     }
     let name = &function.sig.ident;
     let bindings = bindings("sharder");
+    let event = event_conversion();
     quote! {
         #function
 
@@ -49,21 +50,14 @@ pub fn sharder(args: TokenStream, item: TokenStream) -> TokenStream {
         mod __refract_sharder {
             #bindings
 
+            #event
+
             struct Component;
 
             impl Guest for Component {
                 fn shard(events: ::std::vec::Vec<Event>, shards: u32) -> ::std::vec::Vec<u32> {
                     ::refract_guest::__private::shard(
-                        events.into_iter().map(|event| ::refract_guest::Event {
-                            stream: event.stream,
-                            revision: event.revision,
-                            position: event.position,
-                            id: event.id,
-                            event_type: event.event_type,
-                            data: event.data,
-                            metadata: event.metadata,
-                            created_ms: event.created_ms,
-                        }),
+                        events.into_iter().map(event),
                         shards,
                         super::#name,
                     )
@@ -83,6 +77,24 @@ fn bindings(world: &str) -> Tokens {
             world: #world,
             runtime_path: "::refract_guest::__private::wit_bindgen::rt",
         });
+    }
+}
+
+/// `fn event`: the generated binding's event as the SDK's (fields move, nothing is copied).
+fn event_conversion() -> Tokens {
+    quote! {
+        fn event(event: Event) -> ::refract_guest::Event {
+            ::refract_guest::Event {
+                stream: event.stream,
+                revision: event.revision,
+                position: event.position,
+                id: event.id,
+                event_type: event.event_type,
+                data: event.data,
+                metadata: event.metadata,
+                created_ms: event.created_ms,
+            }
+        }
     }
 }
 
@@ -181,6 +193,7 @@ fn expand_projection(args: Tokens, function: &ItemFn) -> syn::Result<Tokens> {
     };
     let event_types = &parsed.event_types;
     let bindings = bindings("projection");
+    let event = event_conversion();
     let state_alias = format_ident!("__RefractState");
     Ok(quote! {
         #function
@@ -231,18 +244,7 @@ fn expand_projection(args: Tokens, function: &ItemFn) -> syn::Result<Tokens> {
                 }
             }
 
-            fn event(event: Event) -> ::refract_guest::Event {
-                ::refract_guest::Event {
-                    stream: event.stream,
-                    revision: event.revision,
-                    position: event.position,
-                    id: event.id,
-                    event_type: event.event_type,
-                    data: event.data,
-                    metadata: event.metadata,
-                    created_ms: event.created_ms,
-                }
-            }
+            #event
 
             struct Component;
 
