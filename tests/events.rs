@@ -519,3 +519,30 @@ async fn unknown_routes_and_methods_answer_json() {
     assert_eq!(status, 405);
     assert!(body["message"].as_str().is_some());
 }
+
+/// A request refused before its handler reads the body (here a bad query) still has its body
+/// read, so the connection stays usable: the next request on it is answered.
+#[tokio::test]
+async fn a_refused_request_keeps_its_connection_usable() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let server = Server::start();
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let mut connection = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let body = "x".repeat(200_000);
+    let refused = format!(
+        "PUT /projections/p?mode=sometimes HTTP/1.1\r\nhost: {address}\r\n\
+         content-type: application/wasm\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answered = format!("GET /health HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n\r\n");
+    connection
+        .write_all(format!("{refused}{answered}").as_bytes())
+        .await
+        .unwrap();
+    let mut responses = String::new();
+    connection.read_to_string(&mut responses).await.unwrap();
+    assert!(responses.starts_with("HTTP/1.1 400"), "{responses}");
+    assert_eq!(responses.matches("HTTP/1.1 ").count(), 2, "{responses}");
+    assert!(responses.contains("HTTP/1.1 200"), "{responses}");
+}

@@ -160,11 +160,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
     }
 }
 
-/// A request body of at most [`super::MAX_REQUEST_BYTES`].
-///
-/// A larger body is still read to its end (up to [`DRAIN_LIMIT`]) before the `413` goes out: a
-/// client that sends its whole body before reading the answer then gets the answer instead of a
-/// connection reset.
+/// The request body, already read in full by [`read_whole_body`].
 pub struct LimitedBody(pub Bytes);
 
 /// Beyond this much, an oversized body is no longer drained and the connection is dropped.
@@ -174,33 +170,50 @@ impl<S: Send + Sync> FromRequest<S> for LimitedBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
-        let limit = super::MAX_REQUEST_BYTES;
-        let announced = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<usize>().ok());
-        let mut body = BytesMut::with_capacity(announced.unwrap_or(0).min(limit));
-        let mut received = 0usize;
-        let mut chunks = request.into_body().into_data_stream();
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.map_err(|error| {
-                ApiError::invalid(format!("cannot read the request body: {error}"))
-            })?;
-            received += chunk.len();
-            if received <= limit {
-                body.extend_from_slice(&chunk);
-            } else if received > DRAIN_LIMIT {
-                break;
-            }
-        }
-        if received > limit {
-            return Err(ApiError::too_large(
-                "the request body exceeds the limit of 64 MiB",
-            ));
-        }
-        Ok(LimitedBody(body.freeze()))
+        let body = axum::body::to_bytes(request.into_body(), super::MAX_REQUEST_BYTES)
+            .await
+            .map_err(|error| ApiError::invalid(format!("cannot read the request body: {error}")))?;
+        Ok(LimitedBody(body))
     }
+}
+
+/// Reads every request body to its end before routing, up to [`super::MAX_REQUEST_BYTES`].
+///
+/// A request refused before its handler reads the body (bad query, unknown route, no token)
+/// would otherwise leave the body on a kept-alive connection, which then closes under a client
+/// that already pooled it. A larger body is still drained (up to [`DRAIN_LIMIT`]) before the
+/// `413` goes out, so a client that sends its whole body first gets the answer, not a reset.
+pub async fn read_whole_body(request: Request, next: axum::middleware::Next) -> Response {
+    let limit = super::MAX_REQUEST_BYTES;
+    let (parts, body) = request.into_parts();
+    let announced = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok());
+    let mut buffer = BytesMut::with_capacity(announced.unwrap_or(0).min(limit));
+    let mut received = 0usize;
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(error) => {
+                return ApiError::invalid(format!("cannot read the request body: {error}"))
+                    .into_response();
+            }
+        };
+        received += chunk.len();
+        if received <= limit {
+            buffer.extend_from_slice(&chunk);
+        } else if received > DRAIN_LIMIT {
+            break;
+        }
+    }
+    if received > limit {
+        return ApiError::too_large("the request body exceeds the limit of 64 MiB").into_response();
+    }
+    let body = axum::body::Body::from(buffer.freeze());
+    next.run(Request::from_parts(parts, body)).await
 }
 
 /// Answers routes that do not exist.

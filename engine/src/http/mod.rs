@@ -34,7 +34,7 @@ use crate::sharding::Sharders;
 use crate::store::{Store, StoreOptions};
 pub use auth::{Role, Tokens};
 
-/// Largest request body; [`error::LimitedBody`] enforces it.
+/// Largest request body; [`error::read_whole_body`] enforces it.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 /// How long shutdown waits for open requests before it closes the store anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -139,6 +139,7 @@ pub fn app(
             Arc::new(config.tokens),
             auth::authorize,
         ))
+        .layer(middleware::from_fn(error::read_whole_body))
         .layer(middleware::from_fn_with_state(metrics, record_request))
         .with_state(state)
 }
