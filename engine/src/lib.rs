@@ -7,6 +7,8 @@
 //!   readers. Knows nothing of HTTP.
 //! - [`projections`]: projections as users see them: list, status, start/stop/reset. The system
 //!   projections present the store's built-in indexes (`$ce-`, `$et-`, `$bc-`, `$category-`).
+//! - [`groups`]: consumer groups (persistent subscriptions): at-least-once delivery to competing
+//!   consumers with acks, retries, parking and server-side checkpoints.
 //! - [`subscribe`]: catch-up then live reading of a stream or `$all`, built on store reads and
 //!   the head position.
 //! - [`http`]: the HTTP API (axum on hyper): routes, errors, auth, SSE, OpenAPI, metrics.
@@ -18,6 +20,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod groups;
 pub mod http;
 pub mod metrics;
 pub mod projections;

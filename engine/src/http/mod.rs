@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod error;
+mod groups;
 mod operations;
 mod projections;
 mod sharders;
@@ -27,6 +28,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::groups::Groups;
 use crate::metrics::{Metrics, RouteLabels};
 use crate::projections::Projections;
 use crate::projections::component::{Runtime, Sandbox};
@@ -44,6 +46,7 @@ pub struct AppState {
     pub store: Store,
     pub projections: Projections,
     pub sharders: Sharders,
+    pub groups: Groups,
     pub metrics: Arc<Metrics>,
     /// Cancelled when the server shuts down; ends long-lived responses such as SSE.
     pub shutdown: CancellationToken,
@@ -62,6 +65,7 @@ pub struct AppState {
         (name = "subscriptions", description = "Catch-up then live, as Server-Sent Events"),
         (name = "projections", description = "System and user projections"),
         (name = "sharders", description = "Sharding functions"),
+        (name = "groups", description = "Consumer groups (persistent subscriptions)"),
         (name = "operations", description = "Health, info, metrics, this document"),
     ),
     components(schemas(error::ErrorBody))
@@ -100,6 +104,14 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             sharders::delete
         ))
         .routes(routes!(sharders::shard))
+        .routes(routes!(groups::list))
+        .routes(routes!(groups::info, groups::put, groups::delete))
+        .routes(routes!(groups::pull))
+        .routes(routes!(groups::subscribe))
+        .routes(routes!(groups::ack))
+        .routes(routes!(groups::nack))
+        .routes(routes!(groups::replay_parked))
+        .routes(routes!(groups::parked))
         .routes(routes!(operations::health))
         .routes(routes!(operations::info))
         .routes(routes!(operations::metrics))
@@ -112,6 +124,7 @@ pub fn app(
     store: Store,
     projections: Projections,
     sharders: Sharders,
+    groups: Groups,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     config: ServeConfig,
@@ -126,6 +139,7 @@ pub fn app(
         store,
         projections,
         sharders,
+        groups,
         metrics: metrics.clone(),
         shutdown,
         data_dir: config.data_dir,
@@ -209,6 +223,9 @@ pub async fn serve_until(
     let projections = Projections::open(store.clone(), runtime)
         .await
         .context("cannot load the projections")?;
+    let groups = Groups::open(store.clone(), sharders.clone())
+        .await
+        .context("cannot load the consumer groups")?;
     if config.tokens.is_empty() {
         tracing::warn!("no tokens configured: only loopback clients are accepted");
     }
@@ -227,6 +244,7 @@ pub async fn serve_until(
         store.clone(),
         projections.clone(),
         sharders,
+        groups.clone(),
         metrics,
         shutdown.clone(),
         config,
@@ -248,6 +266,7 @@ pub async fn serve_until(
             tracing::warn!("open requests did not finish in time; closing anyway");
         }
     }
+    groups.shutdown().await;
     projections.shutdown().await;
     store.shutdown().await;
     tracing::info!("stopped");

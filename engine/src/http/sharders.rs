@@ -85,15 +85,15 @@ pub async fn download(
         .into_response())
 }
 
-/// Delete a sharder.
+/// Delete a sharder; refused while a consumer group's strategy uses it.
 #[utoipa::path(delete, path = "/sharders/{name}", tag = "sharders",
     params(("name" = String, Path, description = "Sharder name")),
-    responses((status = 204), (status = 404, body = ErrorBody)))]
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.sharders.delete(&name).await?;
+    state.groups.delete_sharder(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

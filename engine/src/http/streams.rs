@@ -255,7 +255,7 @@ fn writable_stream(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     check_media_type(headers, "application/json", |media_type| {
         media_type == "application/json" || media_type.ends_with("+json")
     })

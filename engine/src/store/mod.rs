@@ -19,7 +19,9 @@
 //! - `index_cursors`: per built-in index ([`indexes`]), whether it runs and its checkpoint.
 //! - `settings`: the indexes' configuration.
 //! - projections' definitions, components, checkpoints, state and rows ([`projection_data`]).
+//! - consumer groups' records and parking reasons ([`group_data`]).
 
+pub mod group_data;
 pub mod indexes;
 pub mod projection_data;
 mod read;
@@ -36,6 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
+use group_data::{GROUPS, PARKED_REASONS, Parking};
 use indexes::{IndexConfig, IndexProgress, SystemIndex};
 use projection_data::{
     COMPONENTS, DataChange, PROJECTIONS, ProjectionCommit, ProjectionView, SHARDERS,
@@ -515,6 +518,71 @@ impl Store {
             sharders.push((name.value().to_owned(), sha256.value().to_owned()));
         }
         Ok(sharders)
+    }
+
+    /// Creates or replaces a consumer group's record.
+    pub async fn save_group(
+        &self,
+        stream: String,
+        group: String,
+        record: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.submit(|reply| writer::Request::SaveGroup {
+            stream,
+            group,
+            record,
+            reply,
+        })
+        .await
+    }
+
+    /// Removes a group's record, parking reasons and parked stream.
+    pub async fn remove_group(
+        &self,
+        stream: String,
+        group: String,
+        parked_stream: String,
+    ) -> Result<(), StoreError> {
+        self.submit(|reply| writer::Request::RemoveGroup {
+            stream,
+            group,
+            parked_stream,
+            reply,
+        })
+        .await
+    }
+
+    /// Links messages from a group's parked stream, with their reasons; durable when answered.
+    pub async fn park(&self, parking: Parking) -> Result<(), StoreError> {
+        self.submit(|reply| writer::Request::ParkMessages { parking, reply })
+            .await
+    }
+
+    /// Every stored group: (stream, group, record). Blocking.
+    pub fn stored_groups(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(GROUPS)?;
+        let mut groups = Vec::new();
+        for entry in table.iter()? {
+            let (key, record) = entry?;
+            let (stream, group) = key.value();
+            groups.push((stream.to_owned(), group.to_owned(), record.value().to_vec()));
+        }
+        Ok(groups)
+    }
+
+    /// Why a group parked the event at `position`, if it did. Blocking.
+    pub fn parked_reason(
+        &self,
+        stream: &str,
+        group: &str,
+        position: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(PARKED_REASONS)?;
+        Ok(table
+            .get((stream, group, position))?
+            .map(|reason| reason.value().to_owned()))
     }
 
     /// Every stored projection definition, by name. Blocking.

@@ -13,6 +13,7 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::group_data::{GroupTables, Parking};
 use super::indexes::{
     CursorTable, IndexConfig, IndexProgress, IndexTables, Indexer, Outputs, SystemIndex,
 };
@@ -95,6 +96,22 @@ pub(super) enum Request {
         name: String,
         reply: Reply<()>,
     },
+    SaveGroup {
+        stream: String,
+        group: String,
+        record: Vec<u8>,
+        reply: Reply<()>,
+    },
+    RemoveGroup {
+        stream: String,
+        group: String,
+        parked_stream: String,
+        reply: Reply<()>,
+    },
+    ParkMessages {
+        parking: Parking,
+        reply: Reply<()>,
+    },
     Shutdown {
         reply: Reply<()>,
     },
@@ -149,6 +166,9 @@ impl Request {
             | Request::CommitProjection { reply, .. }
             | Request::SaveSharder { reply, .. }
             | Request::RemoveSharder { reply, .. }
+            | Request::SaveGroup { reply, .. }
+            | Request::RemoveGroup { reply, .. }
+            | Request::ParkMessages { reply, .. }
             | Request::Shutdown { reply } => {
                 let _ = reply.send(answer.map(|_| ()));
             }
@@ -193,8 +213,9 @@ pub(super) fn initialize(db: &Database, options: &StoreOptions) -> Result<Recove
         if let Some(config) = &options.index_config {
             set_index_config(&mut indexer, &mut tables, config)?;
         }
-        // Created here so readers can open them before the first projection exists.
+        // Created here so readers can open them before the first projection or group exists.
         ProjectionTables::open(&txn)?;
+        GroupTables::open(&txn)?;
         Recovered {
             next_position,
             next_stream_id,
@@ -510,6 +531,23 @@ impl Writer {
                     Request::RemoveSharder { name, .. } => {
                         remove_sharder(&txn, name).map(|()| Answer::Done)
                     }
+                    Request::SaveGroup {
+                        stream,
+                        group,
+                        record,
+                        ..
+                    } => save_group(&txn, stream, group, record).map(|()| Answer::Done),
+                    Request::RemoveGroup {
+                        stream,
+                        group,
+                        parked_stream,
+                        ..
+                    } => self
+                        .remove_group(&mut tables, &txn, stream, group, parked_stream)
+                        .map(|()| Answer::Done),
+                    Request::ParkMessages { parking, .. } => self
+                        .park_messages(&mut tables, &txn, parking)
+                        .map(|()| Answer::Done),
                     Request::Shutdown { .. } => unreachable!("shutdown ends a batch"),
                 };
                 if let Err(StoreError::Storage(_)) = answer {
@@ -866,15 +904,7 @@ impl Writer {
     ) -> Result<(), StoreError> {
         for (stream, is_link) in outputs {
             if is_link {
-                if let Some(state) = tables.stream_state(&stream)?
-                    && state.links
-                {
-                    let id = state.id;
-                    tables
-                        .links
-                        .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
-                    tables.streams.remove(stream.as_str())?;
-                }
+                remove_links_stream(tables, &stream)?;
             } else {
                 match self.delete(tables, &stream, ExpectedRevision::Any, false) {
                     Ok(()) | Err(StoreError::StreamNotFound(_) | StoreError::StreamDeleted(_)) => {}
@@ -1039,5 +1069,91 @@ impl Writer {
             ),
         )?;
         Ok(())
+    }
+}
+
+fn save_group(
+    txn: &WriteTransaction,
+    stream: &str,
+    group: &str,
+    record: &[u8],
+) -> Result<(), StoreError> {
+    GroupTables::open(txn)?
+        .groups
+        .insert((stream, group), record)?;
+    Ok(())
+}
+
+/// Removes a stream of links and every link in it; a stream of events is left alone.
+fn remove_links_stream(tables: &mut Tables, stream: &str) -> Result<(), StoreError> {
+    if let Some(state) = tables.stream_state(stream)?
+        && state.links
+    {
+        let id = state.id;
+        tables
+            .links
+            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        tables.streams.remove(stream)?;
+    }
+    Ok(())
+}
+
+/// Consumer groups' requests.
+impl Writer {
+    fn remove_group(
+        &mut self,
+        tables: &mut Tables,
+        txn: &WriteTransaction,
+        stream: &str,
+        group: &str,
+        parked_stream: &str,
+    ) -> Result<(), StoreError> {
+        let mut groups = GroupTables::open(txn)?;
+        if !groups.exists(stream, group)? {
+            return Err(StoreError::InvalidRequest(format!(
+                "no group {group:?} on {stream:?}"
+            )));
+        }
+        groups.remove(stream, group)?;
+        remove_links_stream(tables, parked_stream)
+    }
+
+    /// Links each message from the parked stream and records why it was parked.
+    fn park_messages(
+        &mut self,
+        tables: &mut Tables,
+        txn: &WriteTransaction,
+        parking: &Parking,
+    ) -> Result<(), StoreError> {
+        let mut groups = GroupTables::open(txn)?;
+        let (stream, group) = (parking.stream.as_str(), parking.group.as_str());
+        if !groups.exists(stream, group)? {
+            return Err(StoreError::InvalidRequest(format!(
+                "no group {group:?} on {stream:?}"
+            )));
+        }
+        if let Some((position, _)) = parking
+            .messages
+            .iter()
+            .find(|(position, _)| *position >= self.next_position)
+        {
+            return Err(StoreError::InvalidRequest(format!(
+                "cannot park position {position}: there is no such event"
+            )));
+        }
+        let mut outputs = Outputs::default();
+        let mut index_tables = tables.for_indexes();
+        for (position, reason) in &parking.messages {
+            outputs.add(
+                &mut index_tables,
+                &mut self.next_stream_id,
+                &parking.parked_stream,
+                *position,
+            )?;
+            groups
+                .reasons
+                .insert((stream, group, *position), reason.as_str())?;
+        }
+        outputs.flush(&mut index_tables)
     }
 }

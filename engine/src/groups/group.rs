@@ -1,0 +1,1248 @@
+//! One consumer group: a task that owns everything about the group in memory. It reads its
+//! source ahead into a bounded buffer, hands messages to consumers by the group's strategy, keeps
+//! what is in flight with its deadline, and writes checkpoints and parked messages to the store.
+//!
+//! Messages are keyed by where they come from (replayed parked messages first, then the source)
+//! and their revision or position, so "the lowest unfinished key" is the checkpoint and a retry
+//! goes out before later messages.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::settings::{Record, Settings, Strategy};
+use super::{ConsumerInfo, Delivery, GroupError, Info, NackAction, parked_stream_name};
+use crate::sharding::{ShardInput, Sharder};
+use crate::store::group_data::Parking;
+use crate::store::{AllFilter, Direction, RecordedEvent, Store, StoreError};
+use crate::subscribe::{Item, Source, Start, Subscription};
+
+/// Buckets of the pinned and sharded strategies; consumers own buckets.
+pub const BUCKETS: u32 = 4096;
+/// How often the task looks for closed push consumers when nothing else wakes it.
+const IDLE_WAKE: Duration = Duration::from_secs(1);
+
+pub(super) enum Command {
+    Pull {
+        consumer: String,
+        max: usize,
+        wait: Duration,
+        reply: oneshot::Sender<Result<Vec<Delivery>, GroupError>>,
+    },
+    Subscribe {
+        consumer: String,
+        buffer: usize,
+        reply: oneshot::Sender<Result<mpsc::Receiver<Delivery>, GroupError>>,
+    },
+    Ack {
+        ids: Vec<String>,
+        reply: oneshot::Sender<Result<(), GroupError>>,
+    },
+    Nack {
+        ids: Vec<String>,
+        action: NackAction,
+        reason: String,
+        reply: oneshot::Sender<Result<(), GroupError>>,
+    },
+    Update {
+        settings: Settings,
+        sharder: Option<Arc<Sharder>>,
+        reply: oneshot::Sender<Result<(), GroupError>>,
+    },
+    ReplayParked {
+        stop_at: Option<u64>,
+        reply: oneshot::Sender<Result<u64, GroupError>>,
+    },
+    Info {
+        reply: oneshot::Sender<Info>,
+    },
+    /// Ends the task; with `checkpoint` it first writes where the group is.
+    Stop {
+        checkpoint: bool,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Replayed parked messages sort before the source's, so they go out first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Origin {
+    Parked,
+    Source,
+}
+
+type Key = (Origin, u64);
+
+fn ack_id((origin, sequence): Key) -> String {
+    match origin {
+        Origin::Source => sequence.to_string(),
+        Origin::Parked => format!("p{sequence}"),
+    }
+}
+
+fn parse_ack_id(id: &str) -> Option<Key> {
+    match id.strip_prefix('p') {
+        Some(revision) => revision.parse().ok().map(|r| (Origin::Parked, r)),
+        None => id.parse().ok().map(|s| (Origin::Source, s)),
+    }
+}
+
+struct Message {
+    event: Arc<RecordedEvent>,
+    retry_count: u32,
+    bucket: u32,
+    /// The consumer holding it and its deadline; `None` while it waits to be delivered.
+    holder: Option<(String, Instant)>,
+}
+
+enum Kind {
+    Pull,
+    Push {
+        sender: mpsc::Sender<Delivery>,
+        buffer: usize,
+    },
+}
+
+struct Consumer {
+    name: String,
+    kind: Kind,
+    last_seen: Instant,
+    in_flight: usize,
+    acked: u64,
+    nacked: u64,
+}
+
+struct Waiter {
+    consumer: String,
+    max: usize,
+    deadline: Instant,
+    batch: Vec<Delivery>,
+    reply: oneshot::Sender<Result<Vec<Delivery>, GroupError>>,
+}
+
+enum Read {
+    Event(u64, Box<RecordedEvent>),
+    CaughtUp,
+    Failed(String),
+}
+
+pub(super) struct Group {
+    store: Store,
+    stream: String,
+    name: String,
+    parked_stream: String,
+    record: Record,
+    sharder: Option<Arc<Sharder>>,
+    messages: BTreeMap<Key, Message>,
+    ready: BTreeSet<Key>,
+    deadlines: BTreeSet<(Instant, Key)>,
+    consumers: Vec<Consumer>,
+    waiters: Vec<Waiter>,
+    /// Bucket → owning consumer's index in `consumers`.
+    owners: Vec<usize>,
+    /// Bucket → (consumer, messages of the bucket it holds).
+    bucket_holders: HashMap<u32, (String, usize)>,
+    round_robin: usize,
+    reader: Option<(mpsc::Receiver<Read>, JoinHandle<()>)>,
+    /// The next source revision/position the reader hands over.
+    next_read: u64,
+    parked_read: u64,
+    parked_count: u64,
+    caught_up: bool,
+    fault: Option<String>,
+    delivered: u64,
+    /// Finished messages at or after the stored checkpoint, kept so a restart skips them.
+    acked: BTreeSet<Key>,
+    finished_since_checkpoint: u64,
+    last_checkpoint: Instant,
+    /// When to look for closed push consumers next, whatever else keeps the task busy.
+    next_sweep: Instant,
+    /// Answers to acks and nacks, sent once the next write has made them durable.
+    unwritten: Vec<oneshot::Sender<Result<(), GroupError>>>,
+    /// The write in progress: what it stores and whom it answers.
+    writing: Option<Writing>,
+}
+
+struct Writing {
+    task: JoinHandle<Result<(), StoreError>>,
+    record: Record,
+    replies: Vec<oneshot::Sender<Result<(), GroupError>>>,
+    checkpoint_moved: bool,
+}
+
+impl Group {
+    pub(super) async fn start(
+        store: Store,
+        stream: String,
+        name: String,
+        record: Record,
+        sharder: Option<Arc<Sharder>>,
+    ) -> Group {
+        let parked_stream = parked_stream_name(&stream, &name);
+        let parked_count = {
+            let parked = parked_stream.clone();
+            store
+                .blocking(move |store| store.last_revision(&parked))
+                .await
+                .ok()
+                .flatten()
+                .map_or(0, |last| last + 1)
+        };
+        let mut group = Group {
+            store,
+            next_read: record.next,
+            parked_read: record.parked_next,
+            parked_count,
+            stream,
+            name,
+            parked_stream,
+            record,
+            sharder,
+            messages: BTreeMap::new(),
+            ready: BTreeSet::new(),
+            deadlines: BTreeSet::new(),
+            consumers: Vec::new(),
+            waiters: Vec::new(),
+            owners: Vec::new(),
+            bucket_holders: HashMap::new(),
+            round_robin: 0,
+            reader: None,
+            caught_up: false,
+            fault: None,
+            delivered: 0,
+            acked: BTreeSet::new(),
+            finished_since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            unwritten: Vec::new(),
+            writing: None,
+            next_sweep: Instant::now() + IDLE_WAKE,
+        };
+        group.acked = (group.record.acked.iter().map(|&s| (Origin::Source, s)))
+            .chain(
+                group
+                    .record
+                    .parked_acked
+                    .iter()
+                    .map(|&r| (Origin::Parked, r)),
+            )
+            .collect();
+        group.start_reader().await;
+        group
+    }
+
+    pub(super) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        loop {
+            self.read_parked().await;
+            self.deliver();
+            self.answer_waiters();
+            self.start_write(false);
+            let wake = self.next_wake();
+            let room = self.ready.len() < self.buffer_limit();
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(Command::Stop { checkpoint, reply }) => {
+                        self.finish_write().await;
+                        if checkpoint {
+                            self.start_write(true);
+                            self.finish_write().await;
+                        }
+                        self.stop_reader();
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(command) => self.handle(command).await,
+                    None => {
+                        self.stop_reader();
+                        return;
+                    }
+                },
+                read = next_read(&mut self.reader), if room && self.reader.is_some() => {
+                    self.receive(read).await;
+                    // Take what else is already read, so a pull gets a full batch at once.
+                    while self.ready.len() < self.buffer_limit() {
+                        let Some(read) = self.reader.as_mut().and_then(|(r, _)| r.try_recv().ok())
+                        else {
+                            break;
+                        };
+                        self.receive(Some(read)).await;
+                    }
+                }
+                written = written(&mut self.writing) => self.written(written),
+                () = tokio::time::sleep_until(wake) => self.expire().await,
+            }
+        }
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::Pull {
+                consumer,
+                max,
+                wait,
+                reply,
+            } => {
+                if let Err(error) = self.join(&consumer, Kind::Pull) {
+                    let _ = reply.send(Err(error));
+                    return;
+                }
+                self.waiters.push(Waiter {
+                    consumer,
+                    max,
+                    deadline: Instant::now() + wait,
+                    batch: Vec::new(),
+                    reply,
+                });
+                self.deliver();
+                self.answer_waiters();
+            }
+            Command::Subscribe {
+                consumer,
+                buffer,
+                reply,
+            } => {
+                let (sender, receiver) = mpsc::channel(buffer);
+                let kind = Kind::Push { sender, buffer };
+                let _ = reply.send(self.join(&consumer, kind).map(|()| receiver));
+            }
+            Command::Ack { ids, reply } => match self.ack(&ids) {
+                Ok(()) => self.unwritten.push(reply),
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                }
+            },
+            Command::Nack {
+                ids,
+                action,
+                reason,
+                reply,
+            } => match self.nack(&ids, action, &reason).await {
+                Ok(()) => self.unwritten.push(reply),
+                Err(error) => {
+                    let _ = reply.send(Err(error));
+                }
+            },
+            Command::Update {
+                settings,
+                sharder,
+                reply,
+            } => {
+                let _ = reply.send(self.update(settings, sharder).await);
+            }
+            Command::ReplayParked { stop_at, reply } => {
+                let _ = reply.send(self.replay_parked(stop_at).await);
+            }
+            Command::Info { reply } => {
+                let _ = reply.send(self.info());
+            }
+            Command::Stop { .. } => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn settings(&self) -> &Settings {
+        &self.record.settings
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.settings().message_timeout_ms)
+    }
+
+    fn buffer_limit(&self) -> usize {
+        if self.caught_up {
+            self.settings().live_buffer_size
+        } else {
+            self.settings().history_buffer_size
+        }
+    }
+
+    // ---- reading --------------------------------------------------------------------------
+
+    async fn start_reader(&mut self) {
+        self.stop_reader();
+        self.caught_up = false;
+        if let Strategy::Sharded(name) = &self.settings().strategy
+            && self.sharder.is_none()
+        {
+            self.fault = Some(format!("the sharder {name:?} is not loaded"));
+            return;
+        }
+        let settings = self.settings().clone();
+        let source = if self.stream == super::ALL {
+            let prefixes = |list: &Option<String>| -> Vec<String> {
+                list.iter()
+                    .flat_map(|list| list.split(','))
+                    .filter(|prefix| !prefix.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            };
+            Source::All {
+                filter: AllFilter {
+                    stream_prefixes: prefixes(&settings.stream_prefix),
+                    type_prefixes: prefixes(&settings.type_prefix),
+                    include_system: false,
+                },
+            }
+        } else {
+            Source::Stream {
+                name: self.stream.clone(),
+                resolve_links: settings.resolve_links,
+            }
+        };
+        let subscription = match Subscription::start(
+            self.store.clone(),
+            source,
+            Start::At(self.next_read),
+        )
+        .await
+        {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                self.fault = Some(format!("cannot read {}: {error}", self.stream));
+                return;
+            }
+        };
+        self.fault = None;
+        let (sender, receiver) = mpsc::channel(settings.read_batch_size);
+        let task = tokio::spawn(read_ahead(subscription, sender));
+        self.reader = Some((receiver, task));
+    }
+
+    fn stop_reader(&mut self) {
+        if let Some((_, task)) = self.reader.take() {
+            task.abort();
+        }
+    }
+
+    async fn receive(&mut self, read: Option<Read>) {
+        match read {
+            Some(Read::Event(id, event)) => {
+                self.next_read = id + 1;
+                // After a settings change the reader may pass messages consumers still hold.
+                if !self.messages.contains_key(&(Origin::Source, id)) {
+                    self.admit((Origin::Source, id), Arc::from(event)).await;
+                }
+            }
+            Some(Read::CaughtUp) => self.caught_up = true,
+            Some(Read::Failed(message)) => {
+                self.fault = Some(message);
+                self.stop_reader();
+            }
+            None => self.stop_reader(),
+        }
+    }
+
+    /// Reads replayed parked messages while a replay runs and the buffer has room.
+    async fn read_parked(&mut self) {
+        let until = self.record.replay_until;
+        let room = self.buffer_limit().saturating_sub(self.ready.len());
+        if self.parked_read >= until || room == 0 {
+            return;
+        }
+        let (stream, from) = (self.parked_stream.clone(), self.parked_read);
+        let limit = room.min((until - from) as usize);
+        let slice = self
+            .store
+            .blocking(move |store| {
+                store.read_stream(&stream, Some(from), Direction::Forward, limit, true)
+            })
+            .await;
+        match slice {
+            Ok(slice) => {
+                for event in slice.events {
+                    let revision = event.link.as_ref().map_or(event.revision, |l| l.revision);
+                    if revision >= until {
+                        break;
+                    }
+                    self.parked_read = revision + 1;
+                    self.admit((Origin::Parked, revision), Arc::new(event))
+                        .await;
+                }
+                // Links whose events are gone are skipped: nothing to replay for them.
+                self.parked_read = self.parked_read.max(slice.cursor.min(until));
+                if slice.next.is_none() {
+                    self.parked_read = until;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(group = %self.name, %error, "cannot read parked messages");
+                self.parked_read = until;
+            }
+        }
+    }
+
+    /// Takes a read message into the buffer, with its bucket.
+    async fn admit(&mut self, key: Key, event: Arc<RecordedEvent>) {
+        if self.acked.contains(&key) {
+            return;
+        }
+        let bucket = match self.bucket_of(&event) {
+            Ok(bucket) => bucket,
+            Err(reason) => {
+                self.messages.insert(
+                    key,
+                    Message {
+                        event,
+                        retry_count: 0,
+                        bucket: 0,
+                        holder: None,
+                    },
+                );
+                self.park(vec![(key, reason)]).await;
+                return;
+            }
+        };
+        self.messages.insert(
+            key,
+            Message {
+                event,
+                retry_count: 0,
+                bucket,
+                holder: None,
+            },
+        );
+        self.ready.insert(key);
+    }
+
+    fn bucket_of(&self, event: &RecordedEvent) -> Result<u32, String> {
+        let key_bucket = |key: &[u8]| (fnv1a_64(key) % u64::from(BUCKETS)) as u32;
+        match &self.settings().strategy {
+            Strategy::RoundRobin | Strategy::DispatchToSingle => Ok(0),
+            Strategy::Pinned => Ok(key_bucket(event.stream.as_bytes())),
+            Strategy::PinnedByCorrelation => {
+                let correlation = serde_json::from_slice::<serde_json::Value>(&event.metadata)
+                    .ok()
+                    .and_then(|metadata| {
+                        metadata
+                            .get("$correlationId")
+                            .and_then(|id| id.as_str().map(str::to_owned))
+                    });
+                Ok(key_bucket(
+                    correlation.as_deref().unwrap_or(&event.stream).as_bytes(),
+                ))
+            }
+            Strategy::Sharded(name) => {
+                let sharder = self
+                    .sharder
+                    .as_ref()
+                    .ok_or_else(|| format!("the sharder {name:?} is not loaded"))?;
+                let input = ShardInput {
+                    stream: event.stream.clone(),
+                    event_type: event.event_type.clone(),
+                    id: event.id.to_string(),
+                    data: event.data.clone(),
+                    metadata: event.metadata.clone(),
+                };
+                sharder
+                    .shard(&[input], BUCKETS)
+                    .map_err(|error| format!("the sharder {name:?} failed: {error:#}"))
+                    .and_then(|shards| {
+                        shards
+                            .first()
+                            .copied()
+                            .ok_or_else(|| format!("the sharder {name:?} returned no shard"))
+                    })
+            }
+        }
+    }
+
+    // ---- consumers ------------------------------------------------------------------------
+
+    fn join(&mut self, name: &str, kind: Kind) -> Result<(), GroupError> {
+        let now = Instant::now();
+        if let Some(consumer) = self.consumers.iter_mut().find(|c| c.name == name) {
+            consumer.last_seen = now;
+            if let Kind::Push { .. } = kind {
+                consumer.kind = kind;
+            }
+            return Ok(());
+        }
+        let limit = self.settings().max_subscriber_count;
+        if limit > 0 && self.consumers.len() >= limit {
+            return Err(GroupError::Full(format!(
+                "the group {} on {} already has its maximum of {limit} consumers",
+                self.name, self.stream
+            )));
+        }
+        self.consumers.push(Consumer {
+            name: name.to_owned(),
+            kind,
+            last_seen: now,
+            in_flight: 0,
+            acked: 0,
+            nacked: 0,
+        });
+        self.assign_buckets();
+        Ok(())
+    }
+
+    /// A consumer leaves: its messages go back to be delivered to others.
+    async fn leave(&mut self, name: &str, reason: &str) {
+        let Some(index) = self.consumers.iter().position(|c| c.name == name) else {
+            return;
+        };
+        let held: Vec<Key> = self
+            .messages
+            .iter()
+            .filter(|(_, m)| m.holder.as_ref().is_some_and(|(holder, _)| holder == name))
+            .map(|(key, _)| *key)
+            .collect();
+        self.retry(held, reason).await;
+        self.consumers.remove(index);
+        self.round_robin = 0;
+        for waiter in std::mem::take(&mut self.waiters) {
+            if waiter.consumer == name {
+                let _ = waiter.reply.send(Ok(waiter.batch));
+            } else {
+                self.waiters.push(waiter);
+            }
+        }
+        self.assign_buckets();
+    }
+
+    /// Rendezvous hashing: a bucket goes to the consumer with the highest score for it, so a
+    /// join or leave moves only the buckets that consumer wins or held.
+    fn assign_buckets(&mut self) {
+        if !self.bucketed() || self.consumers.is_empty() {
+            self.owners.clear();
+            return;
+        }
+        let seeds: Vec<u64> = self
+            .consumers
+            .iter()
+            .map(|c| fnv1a_64(c.name.as_bytes()))
+            .collect();
+        self.owners = (0..BUCKETS)
+            .map(|bucket| {
+                let mut best = (0u64, 0usize);
+                for (index, seed) in seeds.iter().enumerate() {
+                    let score = mix(seed ^ u64::from(bucket).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                    if index == 0 || score > best.0 {
+                        best = (score, index);
+                    }
+                }
+                best.1
+            })
+            .collect();
+    }
+
+    fn bucketed(&self) -> bool {
+        !matches!(
+            self.settings().strategy,
+            Strategy::RoundRobin | Strategy::DispatchToSingle
+        )
+    }
+
+    /// How many more messages a consumer takes now.
+    fn room(&self, index: usize) -> usize {
+        let consumer = &self.consumers[index];
+        match &consumer.kind {
+            Kind::Push { buffer, sender } => {
+                if sender.is_closed() {
+                    0
+                } else {
+                    buffer.saturating_sub(consumer.in_flight)
+                }
+            }
+            Kind::Pull => self
+                .waiters
+                .iter()
+                .filter(|w| w.consumer == consumer.name)
+                .map(|w| w.max - w.batch.len())
+                .sum(),
+        }
+    }
+
+    // ---- delivery -------------------------------------------------------------------------
+
+    fn deliver(&mut self) {
+        if self.ready.is_empty() || self.consumers.is_empty() {
+            return;
+        }
+        let mut rooms: Vec<usize> = (0..self.consumers.len()).map(|i| self.room(i)).collect();
+        let mut left: usize = rooms.iter().sum();
+        if left == 0 {
+            return;
+        }
+        let strategy = self.settings().strategy.clone();
+        let keys: Vec<Key> = self.ready.iter().copied().collect();
+        for key in keys {
+            if left == 0 {
+                break;
+            }
+            let bucket = self.messages[&key].bucket;
+            let target = match strategy {
+                Strategy::RoundRobin => {
+                    let count = rooms.len();
+                    let found = (0..count)
+                        .map(|step| (self.round_robin + step) % count)
+                        .find(|&index| rooms[index] > 0);
+                    if let Some(index) = found {
+                        self.round_robin = (index + 1) % count;
+                    }
+                    found
+                }
+                Strategy::DispatchToSingle => rooms.iter().position(|&room| room > 0),
+                _ => {
+                    let owner = self.owners[bucket as usize];
+                    let blocked =
+                        self.bucket_holders
+                            .get(&bucket)
+                            .is_some_and(|(holder, count)| {
+                                *count > 0 && *holder != self.consumers[owner].name
+                            });
+                    (!blocked && rooms[owner] > 0).then_some(owner)
+                }
+            };
+            let Some(index) = target else { continue };
+            rooms[index] -= 1;
+            left -= 1;
+            self.hand_over(key, index);
+        }
+    }
+
+    fn hand_over(&mut self, key: Key, index: usize) {
+        let deadline = Instant::now() + self.timeout();
+        let consumer = &mut self.consumers[index];
+        let message = self.messages.get_mut(&key).expect("a ready message");
+        self.ready.remove(&key);
+        message.holder = Some((consumer.name.clone(), deadline));
+        self.deadlines.insert((deadline, key));
+        consumer.in_flight += 1;
+        let holder = self
+            .bucket_holders
+            .entry(message.bucket)
+            .or_insert_with(|| (consumer.name.clone(), 0));
+        if holder.1 == 0 {
+            holder.0 = consumer.name.clone();
+        }
+        holder.1 += 1;
+        self.delivered += 1;
+        let delivery = Delivery {
+            ack_id: ack_id(key),
+            retry_count: message.retry_count,
+            event: message.event.clone(),
+        };
+        match &consumer.kind {
+            // The channel holds `buffer` and in-flight messages never exceed it: no overflow.
+            Kind::Push { sender, .. } => {
+                let _ = sender.try_send(delivery);
+            }
+            Kind::Pull => {
+                let name = consumer.name.clone();
+                if let Some(waiter) = self
+                    .waiters
+                    .iter_mut()
+                    .find(|w| w.consumer == name && w.batch.len() < w.max)
+                {
+                    waiter.batch.push(delivery);
+                }
+            }
+        }
+    }
+
+    /// Answers pulls that got messages, whose wait is over, or whose caller went away.
+    fn answer_waiters(&mut self) {
+        let now = Instant::now();
+        for waiter in std::mem::take(&mut self.waiters) {
+            if !waiter.batch.is_empty() || waiter.deadline <= now || waiter.reply.is_closed() {
+                let _ = waiter.reply.send(Ok(waiter.batch));
+            } else {
+                self.waiters.push(waiter);
+            }
+        }
+    }
+
+    /// Takes a message off its consumer (or the ready set), leaving it in `messages`.
+    fn release(&mut self, key: Key) {
+        let Some(message) = self.messages.get_mut(&key) else {
+            return;
+        };
+        self.ready.remove(&key);
+        if let Some((holder, deadline)) = message.holder.take() {
+            self.deadlines.remove(&(deadline, key));
+            if let Some(consumer) = self.consumers.iter_mut().find(|c| c.name == holder) {
+                consumer.in_flight = consumer.in_flight.saturating_sub(1);
+            }
+            if let Some(entry) = self.bucket_holders.get_mut(&message.bucket) {
+                entry.1 = entry.1.saturating_sub(1);
+                if entry.1 == 0 {
+                    self.bucket_holders.remove(&message.bucket);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, key: Key) {
+        self.release(key);
+        if self.messages.remove(&key).is_some() {
+            self.finished_since_checkpoint += 1;
+            self.acked.insert(key);
+        }
+    }
+
+    fn holder_of(&self, key: Key) -> Option<String> {
+        self.messages
+            .get(&key)
+            .and_then(|m| m.holder.as_ref().map(|(holder, _)| holder.clone()))
+    }
+
+    fn touch(&mut self, name: &str, acked: u64, nacked: u64) {
+        if let Some(consumer) = self.consumers.iter_mut().find(|c| c.name == name) {
+            consumer.last_seen = Instant::now();
+            consumer.acked += acked;
+            consumer.nacked += nacked;
+        }
+    }
+
+    /// Ack ids must name a message the group has read; acking one twice is harmless.
+    fn parse_ids(&self, ids: &[String]) -> Result<Vec<Key>, GroupError> {
+        ids.iter()
+            .map(|id| {
+                parse_ack_id(id)
+                    .filter(|&(origin, sequence)| match origin {
+                        Origin::Source => sequence < self.next_read,
+                        Origin::Parked => sequence < self.parked_read,
+                    })
+                    .ok_or_else(|| {
+                        GroupError::Invalid(format!(
+                            "unknown ack id {id:?}: the group never delivered it"
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    fn ack(&mut self, ids: &[String]) -> Result<(), GroupError> {
+        let keys = self.parse_ids(ids)?;
+        for key in keys {
+            if let Some(holder) = self.holder_of(key) {
+                self.touch(&holder, 1, 0);
+            }
+            self.finish(key);
+        }
+        Ok(())
+    }
+
+    async fn nack(
+        &mut self,
+        ids: &[String],
+        action: NackAction,
+        reason: &str,
+    ) -> Result<(), GroupError> {
+        let keys: Vec<Key> = self
+            .parse_ids(ids)?
+            .into_iter()
+            .filter(|key| self.messages.get(key).is_some_and(|m| m.holder.is_some()))
+            .collect();
+        let mut holders = Vec::new();
+        for &key in &keys {
+            if let Some(holder) = self.holder_of(key) {
+                self.touch(&holder, 0, 1);
+                holders.push(holder);
+            }
+        }
+        let reason = if reason.is_empty() {
+            "nacked".to_owned()
+        } else {
+            reason.to_owned()
+        };
+        match action {
+            NackAction::Park => {
+                self.park(keys.into_iter().map(|key| (key, reason.clone())).collect())
+                    .await
+            }
+            NackAction::Retry => self.retry(keys, &reason).await,
+            NackAction::Skip => keys.into_iter().for_each(|key| self.finish(key)),
+            NackAction::Stop => {
+                holders.dedup();
+                for holder in holders {
+                    self.leave(&holder, &reason).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts messages back to be delivered again, or parks those out of retries.
+    async fn retry(&mut self, keys: Vec<Key>, reason: &str) {
+        let max = self.settings().max_retry_count;
+        let mut to_park = Vec::new();
+        for key in keys {
+            self.release(key);
+            let Some(message) = self.messages.get_mut(&key) else {
+                continue;
+            };
+            message.retry_count += 1;
+            if message.retry_count > max {
+                to_park.push((key, format!("{reason}; no retries left after {max}")));
+            } else {
+                self.ready.insert(key);
+            }
+        }
+        if !to_park.is_empty() {
+            self.park(to_park).await;
+        }
+    }
+
+    /// Links messages from the parked stream; they are finished once that is durable.
+    async fn park(&mut self, messages: Vec<(Key, String)>) {
+        for (key, _) in &messages {
+            self.release(*key);
+        }
+        let parking = Parking {
+            stream: self.stream.clone(),
+            group: self.name.clone(),
+            parked_stream: self.parked_stream.clone(),
+            messages: messages
+                .iter()
+                .filter_map(|(key, reason)| {
+                    self.messages
+                        .get(key)
+                        .map(|m| (m.event.position, reason.clone()))
+                })
+                .collect(),
+        };
+        match self.store.park(parking).await {
+            Ok(()) => {
+                self.parked_count += messages.len() as u64;
+                for (key, _) in messages {
+                    self.finish(key);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(group = %self.name, %error, "cannot park messages; retrying them");
+                for (key, _) in messages {
+                    self.ready.insert(key);
+                }
+            }
+        }
+    }
+
+    /// Retries messages past their deadline, drops silent consumers, ends waits.
+    async fn expire(&mut self) {
+        let now = Instant::now();
+        if now >= self.next_sweep {
+            self.next_sweep = now + IDLE_WAKE;
+        }
+        let overdue: Vec<Key> = self
+            .deadlines
+            .iter()
+            .take_while(|(deadline, _)| *deadline <= now)
+            .map(|(_, key)| *key)
+            .collect();
+        if !overdue.is_empty() {
+            self.retry(overdue, "message timeout").await;
+        }
+        let timeout = self.timeout();
+        let gone: Vec<String> = self
+            .consumers
+            .iter()
+            .filter(|c| match &c.kind {
+                Kind::Push { sender, .. } => sender.is_closed(),
+                Kind::Pull => {
+                    c.last_seen + timeout <= now
+                        && !self.waiters.iter().any(|w| w.consumer == c.name)
+                }
+            })
+            .map(|c| c.name.clone())
+            .collect();
+        for name in gone {
+            self.leave(&name, "the consumer left").await;
+        }
+        self.answer_waiters();
+    }
+
+    fn next_wake(&self) -> Instant {
+        let now = Instant::now();
+        let mut wake = self.next_sweep;
+        if let Some((deadline, _)) = self.deadlines.first() {
+            wake = wake.min(*deadline);
+        }
+        for waiter in &self.waiters {
+            wake = wake.min(waiter.deadline);
+        }
+        let timeout = self.timeout();
+        for consumer in &self.consumers {
+            let waiting = self.waiters.iter().any(|w| w.consumer == consumer.name);
+            if let (Kind::Pull, false) = (&consumer.kind, waiting) {
+                wake = wake.min(consumer.last_seen + timeout);
+            }
+        }
+        let moved = self.positions() != (self.record.next, self.record.parked_next);
+        if moved && self.finished_since_checkpoint >= self.settings().min_checkpoint_count {
+            let due =
+                self.last_checkpoint + Duration::from_millis(self.settings().checkpoint_after_ms);
+            wake = wake.min(due);
+        }
+        wake.max(now)
+    }
+
+    // ---- checkpoints, settings, parked replay ---------------------------------------------
+
+    fn positions(&self) -> (u64, u64) {
+        let first = |origin: Origin, frontier: u64| {
+            self.messages
+                .range((origin, 0)..=(origin, u64::MAX))
+                .next()
+                .map_or(frontier, |((_, sequence), _)| *sequence)
+        };
+        (
+            first(Origin::Source, self.next_read),
+            first(Origin::Parked, self.parked_read),
+        )
+    }
+
+    /// Starts a write of the group's record when acks wait for one, or when the checkpoint is
+    /// due by the settings' counts and interval (or with `force`). One write at a time: acks that
+    /// arrive meanwhile share the next one.
+    fn start_write(&mut self, force: bool) {
+        if self.writing.is_some() {
+            return;
+        }
+        let (next, parked_next) = self.positions();
+        let moved = (next, parked_next) != (self.record.next, self.record.parked_next);
+        let settings = self.settings();
+        let finished = self.finished_since_checkpoint;
+        let due = moved
+            && (force
+                || finished >= settings.max_checkpoint_count
+                || (finished >= settings.min_checkpoint_count
+                    && self.last_checkpoint.elapsed()
+                        >= Duration::from_millis(settings.checkpoint_after_ms)));
+        if !due && self.unwritten.is_empty() {
+            return;
+        }
+        let (next, parked_next) = if due {
+            (next, parked_next)
+        } else {
+            (self.record.next, self.record.parked_next)
+        };
+        let acked = |origin: Origin, from: u64| -> Vec<u64> {
+            self.acked
+                .range((origin, from)..=(origin, u64::MAX))
+                .map(|(_, sequence)| *sequence)
+                .collect()
+        };
+        let record = Record {
+            next,
+            parked_next,
+            acked: acked(Origin::Source, next),
+            parked_acked: acked(Origin::Parked, parked_next),
+            ..self.record.clone()
+        };
+        let bytes = serde_json::to_vec(&record).expect("a record serialises");
+        let (store, stream, group) = (self.store.clone(), self.stream.clone(), self.name.clone());
+        let task = tokio::spawn(async move { store.save_group(stream, group, bytes).await });
+        self.writing = Some(Writing {
+            task,
+            record,
+            replies: std::mem::take(&mut self.unwritten),
+            checkpoint_moved: due,
+        });
+    }
+
+    fn written(&mut self, (writing, result): (Writing, Result<(), StoreError>)) {
+        match result {
+            Ok(()) => {
+                if writing.checkpoint_moved {
+                    self.finished_since_checkpoint = 0;
+                    self.last_checkpoint = Instant::now();
+                    let (next, parked_next) = (writing.record.next, writing.record.parked_next);
+                    self.acked.retain(|(origin, sequence)| match origin {
+                        Origin::Source => *sequence >= next,
+                        Origin::Parked => *sequence >= parked_next,
+                    });
+                }
+                self.record = writing.record;
+                for reply in writing.replies {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(group = %self.name, %error, "cannot write the group's record");
+                let message = error.to_string();
+                for reply in writing.replies {
+                    let _ =
+                        reply.send(Err(GroupError::Store(StoreError::Storage(message.clone()))));
+                }
+            }
+        }
+    }
+
+    /// Waits for the write in progress, if any.
+    async fn finish_write(&mut self) {
+        if self.writing.is_some() {
+            let done = written(&mut self.writing).await;
+            self.written(done);
+        }
+    }
+
+    /// Stores a changed record (settings, replay) now, keeping checkpoint and acks as they are.
+    async fn write(&mut self, record: Record) -> Result<(), GroupError> {
+        self.finish_write().await;
+        let bytes = serde_json::to_vec(&record).expect("a record serialises");
+        self.store
+            .save_group(self.stream.clone(), self.name.clone(), bytes)
+            .await?;
+        self.record = record;
+        Ok(())
+    }
+
+    async fn update(
+        &mut self,
+        settings: Settings,
+        sharder: Option<Arc<Sharder>>,
+    ) -> Result<(), GroupError> {
+        let old = self.record.settings.clone();
+        self.write(Record {
+            settings,
+            ..self.record.clone()
+        })
+        .await?;
+        self.sharder = sharder;
+        let new = self.settings().clone();
+        if new.strategy != old.strategy {
+            let keys: Vec<Key> = self.messages.keys().copied().collect();
+            for key in keys {
+                match self.bucket_of(&self.messages[&key].event) {
+                    Ok(bucket) if self.messages[&key].holder.is_none() => {
+                        self.messages.get_mut(&key).expect("a message").bucket = bucket;
+                    }
+                    _ => {}
+                }
+            }
+            self.assign_buckets();
+        }
+        let source_changed = new.resolve_links != old.resolve_links
+            || new.stream_prefix != old.stream_prefix
+            || new.type_prefix != old.type_prefix;
+        if source_changed || self.reader.is_none() {
+            // Messages not yet delivered are read again in the new shape.
+            let waiting: Vec<Key> = self
+                .ready
+                .iter()
+                .filter(|(origin, _)| *origin == Origin::Source)
+                .copied()
+                .collect();
+            if let Some(&(_, first)) = waiting.first() {
+                self.next_read = first;
+            }
+            for key in waiting {
+                self.release(key);
+                self.messages.remove(&key);
+            }
+            self.start_reader().await;
+        }
+        Ok(())
+    }
+
+    async fn replay_parked(&mut self, stop_at: Option<u64>) -> Result<u64, GroupError> {
+        let parked = {
+            let stream = self.parked_stream.clone();
+            self.store
+                .blocking(move |store| store.last_revision(&stream))
+                .await?
+                .map_or(0, |last| last + 1)
+        };
+        self.parked_count = parked;
+        let from = self.record.replay_until.max(self.parked_read);
+        let until = match stop_at {
+            Some(count) => from.saturating_add(count).min(parked),
+            None => parked,
+        };
+        let replaying = until.saturating_sub(from);
+        if until > self.record.replay_until {
+            let record = Record {
+                replay_until: until,
+                ..self.record.clone()
+            };
+            self.write(record).await?;
+        }
+        Ok(replaying)
+    }
+
+    fn info(&self) -> Info {
+        let (_, parked_next) = self.positions();
+        let status = match (&self.fault, self.caught_up) {
+            (Some(_), _) => "faulted",
+            (None, true) => "live",
+            (None, false) => "catching_up",
+        };
+        Info {
+            stream: self.stream.clone(),
+            group: self.name.clone(),
+            settings: self.settings().clone(),
+            status: status.to_owned(),
+            message: self.fault.clone(),
+            consumers: self
+                .consumers
+                .iter()
+                .map(|c| ConsumerInfo {
+                    name: c.name.clone(),
+                    in_flight: c.in_flight,
+                    acked: c.acked,
+                    nacked: c.nacked,
+                })
+                .collect(),
+            checkpoint: self.record.checkpoint(),
+            last_known: self
+                .next_read
+                .checked_sub(1)
+                .filter(|_| self.next_read > self.record.start),
+            in_flight: self.deadlines.len(),
+            ready: self.ready.len(),
+            parked: self.parked_count.saturating_sub(parked_next),
+            delivered: self.delivered,
+        }
+    }
+}
+
+async fn next_read(reader: &mut Option<(mpsc::Receiver<Read>, JoinHandle<()>)>) -> Option<Read> {
+    match reader {
+        Some((receiver, _)) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn written(writing: &mut Option<Writing>) -> (Writing, Result<(), StoreError>) {
+    let Some(current) = writing else {
+        return std::future::pending().await;
+    };
+    let result = match (&mut current.task).await {
+        Ok(result) => result,
+        Err(error) => Err(StoreError::Storage(format!("the write failed: {error}"))),
+    };
+    (writing.take().expect("a write in progress"), result)
+}
+
+async fn read_ahead(mut subscription: Subscription, sender: mpsc::Sender<Read>) {
+    loop {
+        let read = match subscription.next().await {
+            Ok(Item::Event { id, event }) => Read::Event(id, event),
+            Ok(Item::CaughtUp) => Read::CaughtUp,
+            Err(error) => {
+                let _ = sender.send(Read::Failed(error.to_string())).await;
+                return;
+            }
+        };
+        if sender.send(read).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: a stable hash of keys, the same on every machine and version.
+pub fn fnv1a_64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// splitmix64's finaliser: spreads a seed's bits for rendezvous scores.
+fn mix(mut value: u64) -> u64 {
+    value = (value ^ (value >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    value = (value ^ (value >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    value ^ (value >> 31)
+}

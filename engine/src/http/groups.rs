@@ -1,0 +1,356 @@
+//! Consumer groups: settings, pull and push delivery, ack and nack, parked messages.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody};
+use super::streams::{EventJson, check_content_type};
+use crate::groups::settings::Settings;
+use crate::groups::{Delivery, GroupError, Info, NackAction, parked_stream_name};
+use crate::store::Direction;
+
+/// Messages a pull returns when `max` is not given.
+const DEFAULT_PULL: usize = 10;
+/// Unacked messages a push consumer holds when `buffer` is not given.
+const DEFAULT_BUFFER: usize = 10;
+
+impl From<GroupError> for ApiError {
+    fn from(error: GroupError) -> Self {
+        let message = error.to_string();
+        match error {
+            GroupError::NotFound { .. } => ApiError::not_found(message),
+            GroupError::Invalid(_) => ApiError::invalid(message),
+            GroupError::Full(_) => {
+                ApiError::new(StatusCode::CONFLICT, "max_subscribers_reached", message)
+            }
+            GroupError::InUse(_) => ApiError::new(StatusCode::CONFLICT, "in_use", message),
+            GroupError::NoSharder(_) => ApiError::not_found(message),
+            GroupError::Store(error) => error.into(),
+            GroupError::Stopped => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            }
+        }
+    }
+}
+
+/// A delivered message.
+#[derive(Serialize, ToSchema)]
+pub struct MessageJson<'a> {
+    /// Acks or nacks this message.
+    pub ack_id: &'a str,
+    /// How many times it was delivered before.
+    pub retry_count: u32,
+    pub event: EventJson<'a>,
+}
+
+impl<'a> MessageJson<'a> {
+    fn new(delivery: &'a Delivery) -> Self {
+        MessageJson {
+            ack_id: &delivery.ack_id,
+            retry_count: delivery.retry_count,
+            event: EventJson::new(&delivery.event),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Messages<'a> {
+    pub messages: Vec<MessageJson<'a>>,
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    check_content_type(headers)?;
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::invalid(format!("invalid body: {error}")))
+}
+
+/// Every group.
+#[utoipa::path(get, path = "/groups", tag = "groups", responses((status = 200, body = Vec<Info>)))]
+pub async fn list(State(state): State<AppState>) -> Json<Vec<Info>> {
+    Json(state.groups.list().await)
+}
+
+/// A group's settings and statistics.
+#[utoipa::path(get, path = "/groups/{stream}/{group}", tag = "groups",
+    params(("stream" = String, Path, description = "A stream, a system stream or $all"),
+        ("group" = String, Path, description = "Group name")),
+    responses((status = 200, body = Info), (status = 404, body = ErrorBody)))]
+pub async fn info(
+    State(state): State<AppState>,
+    ApiPath((stream, group)): ApiPath<(String, String)>,
+) -> Result<Json<Info>, ApiError> {
+    Ok(Json(state.groups.info(&stream, &group).await?))
+}
+
+/// Create a group (201) or replace its settings (200); the checkpoint is kept.
+#[utoipa::path(put, path = "/groups/{stream}/{group}", tag = "groups",
+    params(("stream" = String, Path, description = "A stream, a system stream or $all"),
+        ("group" = String, Path, description = "Group name")),
+    request_body(content = Settings, description = "Every field optional; EventStoreDB's defaults"),
+    responses((status = 201, body = Info), (status = 200, body = Info),
+        (status = 400, body = ErrorBody)))]
+pub async fn put(
+    State(state): State<AppState>,
+    ApiPath((stream, group)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Result<Response, ApiError> {
+    check_content_type(&headers)?;
+    let settings = Settings::parse(&body).map_err(ApiError::invalid)?;
+    let (created, info) = state.groups.put(&stream, &group, settings).await?;
+    let code = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, Json(info)).into_response())
+}
+
+/// Delete a group, its checkpoint and its parked messages.
+#[utoipa::path(delete, path = "/groups/{stream}/{group}", tag = "groups",
+    params(("stream" = String, Path), ("group" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    ApiPath((stream, group)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    state.groups.delete(&stream, &group).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PullQuery {
+    /// Who pulls; a new name joins the group.
+    consumer: String,
+    /// Most messages to return (default 10).
+    max: Option<usize>,
+    /// How long to wait when no message is ready (default 0, at most 60,000).
+    wait_ms: Option<u64>,
+}
+
+/// Up to `max` messages for a consumer, waiting up to `wait_ms` when none is ready.
+#[utoipa::path(post, path = "/groups/{stream}/{group}/pull", tag = "groups",
+    params(("stream" = String, Path), ("group" = String, Path), PullQuery),
+    responses((status = 200, body = Messages), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn pull(
+    State(state): State<AppState>,
+    ApiPath((stream, group)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<PullQuery>,
+) -> Result<Response, ApiError> {
+    let wait = Duration::from_millis(query.wait_ms.unwrap_or(0));
+    let max = query.max.unwrap_or(DEFAULT_PULL);
+    let deliveries = state
+        .groups
+        .pull(&stream, &group, &query.consumer, max, wait)
+        .await?;
+    let messages = Messages {
+        messages: deliveries.iter().map(MessageJson::new).collect(),
+    };
+    Ok(Json(messages).into_response())
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SubscribeQuery {
+    consumer: String,
+    /// Unacked messages the consumer holds at most (default 10).
+    buffer: Option<usize>,
+}
+
+/// Push delivery: the group's messages for this consumer as Server-Sent Events. Closing the
+/// connection leaves the group.
+#[utoipa::path(get, path = "/groups/{stream}/{group}/subscribe", tag = "groups",
+    params(("stream" = String, Path), ("group" = String, Path), SubscribeQuery),
+    responses((status = 200, description = "`event: message` with `id:` the ack id and `data:` \
+        a message as `pull` returns them", content_type = "text/event-stream", body = String),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn subscribe(
+    State(state): State<AppState>,
+    ApiPath((stream, group)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<SubscribeQuery>,
+) -> Result<Response, ApiError> {
+    let buffer = query.buffer.unwrap_or(DEFAULT_BUFFER);
+    let receiver = state
+        .groups
+        .subscribe(&stream, &group, &query.consumer, buffer)
+        .await?;
+    let events = futures::stream::unfold(receiver, |mut receiver| async move {
+        let delivery = receiver.recv().await?;
+        let json = serde_json::to_string(&MessageJson::new(&delivery)).expect("serialisable");
+        let event = Event::default()
+            .id(delivery.ack_id.clone())
+            .event("message")
+            .data(json);
+        Some((Ok::<_, Infallible>(event), receiver))
+    })
+    .take_until(state.shutdown.clone().cancelled_owned());
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(state.heartbeat).text("heartbeat"))
+        .into_response())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AckBody {
+    pub ack_ids: Vec<String>,
+}
+
+/// Acknowledge messages: done, never delivered again.
+#[utoipa::path(post, path = "/groups/{stream}/{group}/ack", tag = "groups",
+    params(("stream" = String, Path), ("group" = String, Path)),
+    request_body = AckBody,
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn ack(
+    State(state): State<AppState>,
+    ApiPath((stream, group)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Result<StatusCode, ApiError> {
+    let body: AckBody = parse_json(&headers, &body)?;
+    state.groups.ack(&stream, &group, body.ack_ids).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NackBody {
+    pub ack_ids: Vec<String>,
+    /// `park`, `retry` (default), `skip` or `stop`.
+    pub action: Option<NackAction>,
+    /// Why; kept with a parked message.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Refuse messages: park, retry, skip them, or stop the consumer holding them.
+#[utoipa::path(post, path = "/groups/{stream}/{group}/nack", tag = "groups",
+    params(("stream" = String, Path), ("group" = String, Path)),
+    request_body = NackBody,
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn nack(
+    State(state): State<AppState>,
+    ApiPath((stream, group)): ApiPath<(String, String)>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Result<StatusCode, ApiError> {
+    let body: NackBody = parse_json(&headers, &body)?;
+    let action = body.action.unwrap_or(NackAction::Retry);
+    state
+        .groups
+        .nack(&stream, &group, body.ack_ids, action, body.reason)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ReplayQuery {
+    /// Replay only this many parked messages (default all).
+    stop_at: Option<u64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Replaying {
+    /// Parked messages queued for delivery by this request.
+    pub replaying: u64,
+}
+
+/// Deliver the parked messages again, before new ones.
+#[utoipa::path(post, path = "/groups/{stream}/{group}/replay-parked", tag = "groups",
+    params(("stream" = String, Path), ("group" = String, Path), ReplayQuery),
+    responses((status = 200, body = Replaying), (status = 404, body = ErrorBody)))]
+pub async fn replay_parked(
+    State(state): State<AppState>,
+    ApiPath((stream, group)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<ReplayQuery>,
+) -> Result<Json<Replaying>, ApiError> {
+    let replaying = state
+        .groups
+        .replay_parked(&stream, &group, query.stop_at)
+        .await?;
+    Ok(Json(Replaying { replaying }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ParkedQuery {
+    /// First revision of the parked stream to return (default 0).
+    from: Option<u64>,
+    /// Most messages to return (default 100, at most 4,096).
+    limit: Option<usize>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ParkedMessage<'a> {
+    /// The revision in the parked stream.
+    pub revision: u64,
+    /// Why it was parked.
+    pub reason: Option<String>,
+    pub event: EventJson<'a>,
+}
+
+/// The group's parked stream with the reason of each message.
+#[utoipa::path(get, path = "/groups/{stream}/{group}/parked", tag = "groups",
+    params(("stream" = String, Path), ("group" = String, Path), ParkedQuery),
+    responses((status = 200, body = Vec<ParkedMessage>), (status = 404, body = ErrorBody)))]
+pub async fn parked(
+    State(state): State<AppState>,
+    ApiPath((stream, group)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<ParkedQuery>,
+) -> Result<Response, ApiError> {
+    state.groups.info(&stream, &group).await?;
+    let limit = query.limit.unwrap_or(100);
+    if limit == 0 || limit > 4096 {
+        return Err(ApiError::invalid("limit must be between 1 and 4096"));
+    }
+    let from = query.from.unwrap_or(0);
+    let parked = state
+        .store
+        .blocking(move |store| {
+            let name = parked_stream_name(&stream, &group);
+            let slice = match store.read_stream(&name, Some(from), Direction::Forward, limit, true)
+            {
+                Ok(slice) => slice,
+                Err(crate::store::StoreError::StreamNotFound(_)) => return Ok(Vec::new()),
+                Err(error) => return Err(error),
+            };
+            slice
+                .events
+                .into_iter()
+                .map(|event| {
+                    let reason = store.parked_reason(&stream, &group, event.position)?;
+                    let revision = event.link.as_ref().map_or(event.revision, |l| l.revision);
+                    Ok((revision, reason, event))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+    let body: Vec<ParkedMessage> = parked
+        .iter()
+        .map(|(revision, reason, event)| ParkedMessage {
+            revision: *revision,
+            reason: reason.clone(),
+            event: EventJson::new(event),
+        })
+        .collect();
+    Ok(Json(body).into_response())
+}
