@@ -146,6 +146,7 @@ pub struct PullQuery {
 /// Up to `max` messages for a consumer, waiting up to `wait_ms` when none is ready.
 #[utoipa::path(post, path = "/groups/{stream}/{group}/pull", tag = "groups",
     params(("stream" = String, Path), ("group" = String, Path), PullQuery),
+    request_body(content = Option<Object>, description = "Empty"),
     responses((status = 200, body = Messages), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn pull(
@@ -276,6 +277,7 @@ pub struct Replaying {
 /// Deliver the parked messages again, before new ones.
 #[utoipa::path(post, path = "/groups/{stream}/{group}/replay-parked", tag = "groups",
     params(("stream" = String, Path), ("group" = String, Path), ReplayQuery),
+    request_body(content = Option<Object>, description = "Empty"),
     responses((status = 200, body = Replaying), (status = 404, body = ErrorBody)))]
 pub async fn replay_parked(
     State(state): State<AppState>,
