@@ -265,3 +265,87 @@ async fn wasm_projection_commands() {
     let (code, _) = server.get("/projections/orders").await;
     assert_eq!(code, 404);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn group_commands() {
+    let server = Server::start();
+    let created = stdout(&refract(
+        &server,
+        &[
+            "group",
+            "create",
+            "jobs",
+            "workers",
+            "--start-from",
+            "start",
+            "--settings",
+            r#"{"min_checkpoint_count": 1, "checkpoint_after_ms": 0}"#,
+            "--max-retry-count",
+            "3",
+        ],
+        None,
+    ));
+    assert_eq!(created.trim(), "created workers on jobs");
+    let again = refract(&server, &["group", "create", "jobs", "workers"], None);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+    let bad = refract(
+        &server,
+        &["group", "create", "jobs", "x", "--strategy", "random"],
+        None,
+    );
+    assert!(!bad.status.success());
+
+    server.append_n("jobs", 3).await;
+    let consumed = stdout(&refract(
+        &server,
+        &[
+            "group", "consume", "jobs", "workers", "--ack", "--count", "3", "--json",
+        ],
+        None,
+    ));
+    let messages: Vec<Value> = consumed
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let numbers: Vec<&Value> = messages.iter().map(|m| &m["event"]["data"]["n"]).collect();
+    assert_eq!(numbers, vec![&json!(0), &json!(1), &json!(2)]);
+
+    let info: Value = serde_json::from_str(&stdout(&refract(
+        &server,
+        &["group", "info", "jobs", "workers", "--json"],
+        None,
+    )))
+    .unwrap();
+    assert_eq!(info["settings"]["max_retry_count"], 3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.get("/groups/jobs/workers").await.1["checkpoint"] != 2 {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let list = stdout(&refract(&server, &["group", "list"], None));
+    assert!(
+        list.contains("workers") && list.contains("round_robin"),
+        "{list}"
+    );
+    let updated = stdout(&refract(
+        &server,
+        &["group", "update", "jobs", "workers", "--strategy", "pinned"],
+        None,
+    ));
+    assert_eq!(updated.trim(), "updated workers on jobs");
+    assert_eq!(server.get("/groups/jobs/workers").await.1["checkpoint"], 2);
+    let replay = stdout(&refract(
+        &server,
+        &["group", "replay-parked", "jobs", "workers"],
+        None,
+    ));
+    assert_eq!(replay.trim(), "replaying 0 parked messages");
+    stdout(&refract(
+        &server,
+        &["group", "delete", "jobs", "workers"],
+        None,
+    ));
+    let gone = refract(&server, &["group", "info", "jobs", "workers"], None);
+    assert!(!gone.status.success());
+}

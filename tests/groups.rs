@@ -586,3 +586,103 @@ async fn nothing_is_lost_or_redelivered_after_acks_across_kill_9() {
     assert!(restarted);
     assert!(acked.values().all(|&count| count == 1));
 }
+
+/// The client library's group calls: the same contract, typed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_library_speaks_groups() {
+    use refract::client::{Client, GroupSettings, NackAction, StartFrom, StartName, Strategy};
+
+    let server = Server::start();
+    let client = Client::new(&server.base, None).unwrap();
+    let settings = GroupSettings {
+        start_from: StartFrom::Named(StartName::Start),
+        strategy: Strategy::Pinned,
+        min_checkpoint_count: 1,
+        checkpoint_after_ms: 0,
+        ..GroupSettings::default()
+    };
+    let (created, info) = client.put_group("jobs", "g", &settings).await.unwrap();
+    assert!(created);
+    assert_eq!(info.settings, settings);
+    server.append_n("jobs", 4).await;
+
+    let mut messages = Vec::new();
+    while messages.len() < 2 {
+        messages.extend(
+            client
+                .pull(
+                    "jobs",
+                    "g",
+                    "puller",
+                    2 - messages.len(),
+                    Duration::from_secs(2),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(messages[0].event.revision, 0);
+    client
+        .ack("jobs", "g", &[messages[0].ack_id.clone()])
+        .await
+        .unwrap();
+    client
+        .nack(
+            "jobs",
+            "g",
+            &[messages[1].ack_id.clone()],
+            NackAction::Park,
+            "broken",
+        )
+        .await
+        .unwrap();
+    let unknown = client.ack("jobs", "g", &["999".into()]).await.unwrap_err();
+    assert!(unknown.to_string().contains("unknown ack id"), "{unknown}");
+
+    // The puller stops on its next message and leaves; a push consumer takes the rest,
+    // which with the pinned strategy waits for the puller's buckets to be free.
+    let held = client
+        .pull("jobs", "g", "puller", 1, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(held[0].event.revision, 2);
+    client
+        .nack(
+            "jobs",
+            "g",
+            &[held[0].ack_id.clone()],
+            NackAction::Stop,
+            "shutting down",
+        )
+        .await
+        .unwrap();
+    let mut pushed = Box::pin(
+        client
+            .group_subscribe("jobs", "g", "pusher", 5)
+            .await
+            .unwrap(),
+    );
+    let mut revisions = Vec::new();
+    while revisions.len() < 2 {
+        let message = pushed.next().await.unwrap().unwrap();
+        revisions.push((message.event.revision, message.retry_count));
+        client.ack("jobs", "g", &[message.ack_id]).await.unwrap();
+    }
+    assert_eq!(revisions, vec![(2, 1), (3, 0)]);
+    assert_eq!(client.replay_parked("jobs", "g", None).await.unwrap(), 1);
+    let replayed = pushed.next().await.unwrap().unwrap();
+    assert_eq!(replayed.event.revision, 1);
+    client.ack("jobs", "g", &[replayed.ack_id]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = client.group("jobs", "g").await.unwrap();
+        if info.checkpoint == Some(3) && info.parked == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{info:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(client.groups().await.unwrap().len(), 1);
+    client.delete_group("jobs", "g").await.unwrap();
+    assert!(client.group("jobs", "g").await.is_err());
+}

@@ -1,6 +1,7 @@
 //! The `refract` command line: the server, client commands for a running server, and benchmarks.
 
 mod bench;
+mod groups;
 mod sharding;
 
 use std::io::{BufRead, Write};
@@ -49,6 +50,9 @@ enum Command {
     /// Upload, evaluate and delete sharding functions.
     #[command(subcommand)]
     Sharder(sharding::SharderCommand),
+    /// Consumer groups: create, inspect, replay parked messages, consume.
+    #[command(subcommand)]
+    Group(groups::GroupCommand),
     /// Measure appends, reads and startup on a fresh data directory and print the figures.
     Bench(bench::BenchArgs),
 }
@@ -368,6 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Delete(args) => delete(args).await,
         Command::Projection(command) => projection(command).await,
         Command::Sharder(command) => sharding::sharder(command).await,
+        Command::Group(command) => groups::group(command).await,
         Command::Bench(args) => bench::run(args).await,
     }
 }

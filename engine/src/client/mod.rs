@@ -24,6 +24,8 @@ use serde_json::Value;
 
 mod sharded;
 
+pub use crate::groups::settings::{Settings as GroupSettings, StartFrom, StartName, Strategy};
+pub use crate::groups::{ConsumerInfo, Info as GroupInfo, NackAction};
 pub use crate::projections::{DeployOptions, Mode, ProjectionStatus};
 use crate::store::ExpectedRevision;
 pub use sharded::{
@@ -202,6 +204,16 @@ pub struct Row {
     pub value: Value,
     #[serde(default)]
     pub value_base64: Option<String>,
+}
+
+/// A message of a consumer group.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GroupMessage {
+    /// Acks or nacks this message.
+    pub ack_id: String,
+    /// How many times it was delivered before.
+    pub retry_count: u32,
+    pub event: Event,
 }
 
 #[derive(Debug, Clone)]
@@ -470,6 +482,131 @@ impl Client {
         self.send(self.request(Method::DELETE, &["sharders", name]))
             .await?;
         Ok(())
+    }
+
+    /// Creates a consumer group (`true`) or replaces its settings, keeping its checkpoint.
+    pub async fn put_group(
+        &self,
+        stream: &str,
+        group: &str,
+        settings: &GroupSettings,
+    ) -> anyhow::Result<(bool, GroupInfo)> {
+        let request = self
+            .request(Method::PUT, &["groups", stream, group])
+            .json(settings);
+        let response = self.send(request).await?;
+        let created = response.status() == StatusCode::CREATED;
+        Ok((created, response.json().await?))
+    }
+
+    pub async fn delete_group(&self, stream: &str, group: &str) -> anyhow::Result<()> {
+        self.send(self.request(Method::DELETE, &["groups", stream, group]))
+            .await?;
+        Ok(())
+    }
+
+    /// Every group with its statistics.
+    pub async fn groups(&self) -> anyhow::Result<Vec<GroupInfo>> {
+        let request = self.request(Method::GET, &["groups"]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    pub async fn group(&self, stream: &str, group: &str) -> anyhow::Result<GroupInfo> {
+        let request = self.request(Method::GET, &["groups", stream, group]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    /// Up to `max` messages for `consumer`, waiting up to `wait` when none is ready.
+    pub async fn pull(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+    ) -> anyhow::Result<Vec<GroupMessage>> {
+        #[derive(Deserialize)]
+        struct Messages {
+            messages: Vec<GroupMessage>,
+        }
+        let request = self
+            .request(Method::POST, &["groups", stream, group, "pull"])
+            .query(&[
+                ("consumer", consumer.to_owned()),
+                ("max", max.to_string()),
+                ("wait_ms", wait.as_millis().to_string()),
+            ]);
+        let messages: Messages = self.send(request).await?.json().await?;
+        Ok(messages.messages)
+    }
+
+    pub async fn ack(&self, stream: &str, group: &str, ack_ids: &[String]) -> anyhow::Result<()> {
+        let request = self
+            .request(Method::POST, &["groups", stream, group, "ack"])
+            .json(&serde_json::json!({ "ack_ids": ack_ids }));
+        self.send(request).await?;
+        Ok(())
+    }
+
+    pub async fn nack(
+        &self,
+        stream: &str,
+        group: &str,
+        ack_ids: &[String],
+        action: NackAction,
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        let body = serde_json::json!({ "ack_ids": ack_ids, "action": action, "reason": reason });
+        let request = self
+            .request(Method::POST, &["groups", stream, group, "nack"])
+            .json(&body);
+        self.send(request).await?;
+        Ok(())
+    }
+
+    /// Delivers parked messages again (the first `stop_at`); returns how many.
+    pub async fn replay_parked(
+        &self,
+        stream: &str,
+        group: &str,
+        stop_at: Option<u64>,
+    ) -> anyhow::Result<u64> {
+        let mut request = self.request(Method::POST, &["groups", stream, group, "replay-parked"]);
+        if let Some(stop_at) = stop_at {
+            request = request.query(&[("stop_at", stop_at)]);
+        }
+        let body: Value = self.send(request).await?.json().await?;
+        Ok(body["replaying"].as_u64().unwrap_or(0))
+    }
+
+    /// Push delivery: the group's messages for `consumer`, at most `buffer` unacked at a time.
+    /// Dropping the stream leaves the group.
+    pub async fn group_subscribe(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        buffer: usize,
+    ) -> anyhow::Result<impl Stream<Item = anyhow::Result<GroupMessage>> + use<>> {
+        let request = self
+            .request(Method::GET, &["groups", stream, group, "subscribe"])
+            .query(&[
+                ("consumer", consumer.to_owned()),
+                ("buffer", buffer.to_string()),
+            ]);
+        let response = self.send(request).await?;
+        Ok(response
+            .bytes_stream()
+            .eventsource()
+            .filter_map(|message| async move {
+                match message {
+                    Ok(message) if message.event == "message" => {
+                        Some(serde_json::from_str(&message.data).context("bad group message JSON"))
+                    }
+                    Ok(_) => None,
+                    Err(error) => Some(Err(anyhow::anyhow!("subscription broke: {error}"))),
+                }
+            }))
     }
 
     /// `true` when the server answers `/health`.

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::sharding::{ShardError, Sharder, Sharders};
@@ -79,7 +79,7 @@ pub struct Delivery {
 }
 
 /// What a nack asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum NackAction {
     /// Into the parked stream at once.
@@ -92,7 +92,7 @@ pub enum NackAction {
     Stop,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConsumerInfo {
     pub name: String,
     pub in_flight: usize,
@@ -101,7 +101,7 @@ pub struct ConsumerInfo {
 }
 
 /// A group's settings and statistics.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Info {
     pub stream: String,
     pub group: String,
