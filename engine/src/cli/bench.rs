@@ -3,6 +3,7 @@
 //! The server runs in this process (the clients too, sharing the same cores), except for the
 //! startup measurement, which starts the real binary on the many-streams store.
 
+mod groups;
 mod sharding;
 mod wasm_projections;
 
@@ -47,7 +48,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "target/wasm32-wasip2/guest")]
     guests: PathBuf,
     /// Run only these scenarios (comma-separated): single, batch, read, streams, projections,
-    /// wasm, sharding.
+    /// wasm, sharding, groups.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -122,6 +123,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.wants("sharding") {
         println!("sharding:");
         sharding::run(&dir.join("sharding"), &args.guests, args.seconds).await?;
+    }
+    if args.wants("groups") {
+        println!("consumer groups (delivered + acked messages/s):");
+        groups::run(&dir.join("groups"), args.seconds).await?;
     }
     Ok(())
 }
@@ -246,11 +251,18 @@ fn report(
         || "-".to_owned(),
         |bytes| format!("{:.0}", bytes as f64 / events.max(1) as f64),
     );
+    let percentile = |latencies: &mut Latencies, percent| {
+        if latencies.0.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.2?}", latencies.percentile(percent))
+        }
+    };
     println!(
         "{label:<44} {:>12.0} {:>10} {:>10} {:>12} {:>10}",
         events as f64 / elapsed.as_secs_f64(),
-        format!("{:.2?}", latencies.percentile(50)),
-        format!("{:.2?}", latencies.percentile(99)),
+        percentile(latencies, 50),
+        percentile(latencies, 99),
         disk,
         format!("{} MiB", peak_rss_kib() / 1024),
     );
