@@ -686,3 +686,80 @@ async fn the_client_library_speaks_groups() {
     client.delete_group("jobs", "g").await.unwrap();
     assert!(client.group("jobs", "g").await.is_err());
 }
+
+/// Two push consumers with room for three each, five messages: round robin alternates,
+/// dispatch to single fills the first consumer, pinned by correlation keeps each correlation id
+/// on one consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strategies_spread_messages_as_named() {
+    let server = Server::start();
+    for (group, strategy) in [
+        ("rr", "round_robin"),
+        ("single", "dispatch_to_single"),
+        ("corr", "pinned_by_correlation"),
+    ] {
+        create(&server, "work", group, json!({"strategy": strategy})).await;
+    }
+    let mut streams = Vec::new();
+    for group in ["rr", "single", "corr"] {
+        for consumer in ["a", "b"] {
+            let path = format!("/groups/work/{group}/subscribe?consumer={consumer}&buffer=3");
+            streams.push((group, consumer, server.subscribe(&path, &[]).await));
+        }
+    }
+    // Both consumers of every group have joined before the events are written.
+    for group in ["rr", "single", "corr"] {
+        wait_info(&server, &format!("work/{group}"), |info| {
+            info["consumers"].as_array().unwrap().len() == 2
+        })
+        .await;
+    }
+    for n in 0..5 {
+        let correlation = if n % 2 == 0 { "even" } else { "odd" };
+        let event =
+            json!({"type": "T", "data": {"n": n}, "metadata": {"$correlationId": correlation}});
+        server.post("/streams/work", event).await;
+    }
+    let mut got: HashMap<(&str, &str), Vec<u64>> = HashMap::new();
+    for group in ["rr", "single"] {
+        wait_info(&server, &format!("work/{group}"), |info| {
+            info["in_flight"] == 5
+        })
+        .await;
+    }
+    // Both correlation ids may belong to one consumer: then two wait for its room.
+    wait_info(&server, "work/corr", |info| {
+        let (in_flight, ready) = (info["in_flight"].as_u64(), info["ready"].as_u64());
+        in_flight.unwrap() + ready.unwrap() == 5 && in_flight.unwrap() >= 3
+    })
+    .await;
+    for (group, consumer, stream) in &mut streams {
+        let held = info(&server, &format!("work/{group}")).await["consumers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == *consumer)
+            .unwrap()["in_flight"]
+            .as_u64()
+            .unwrap();
+        for _ in 0..held {
+            let message = common::next_message(stream).await.json();
+            got.entry((group, consumer))
+                .or_default()
+                .push(message["event"]["data"]["n"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(got[&("rr", "a")], vec![0, 2, 4]);
+    assert_eq!(got[&("rr", "b")], vec![1, 3]);
+    assert_eq!(got[&("single", "a")], vec![0, 1, 2]);
+    assert_eq!(got[&("single", "b")], vec![3, 4]);
+    let corr_a = got.get(&("corr", "a")).cloned().unwrap_or_default();
+    let corr_b = got.get(&("corr", "b")).cloned().unwrap_or_default();
+    assert!(corr_a.len() + corr_b.len() >= 3, "{corr_a:?} {corr_b:?}");
+    // Each correlation id (even or odd numbers) went to one consumer only.
+    for parity in [0, 1] {
+        let on_a = corr_a.iter().any(|n| n % 2 == parity);
+        let on_b = corr_b.iter().any(|n| n % 2 == parity);
+        assert!(!(on_a && on_b), "{corr_a:?} {corr_b:?}");
+    }
+}
