@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::settings::{Record, Settings, Strategy};
+use super::settings::{Done, Record, Settings, Strategy};
 use super::{ConsumerInfo, Delivery, GroupError, Info, NackAction, parked_stream_name};
 use crate::sharding::{ShardInput, Sharder};
 use crate::store::group_data::Parking;
@@ -154,8 +154,10 @@ pub(super) struct Group {
     caught_up: bool,
     fault: Option<String>,
     delivered: u64,
-    /// Finished messages at or after the stored checkpoint, kept so a restart skips them.
-    acked: BTreeSet<Key>,
+    /// What the stored record says was finished after its checkpoints, as of the last start:
+    /// the reader skips those messages.
+    source_done: Done,
+    parked_done: Done,
     finished_since_checkpoint: u64,
     last_checkpoint: Instant,
     /// When to look for closed push consumers next, whatever else keeps the task busy.
@@ -191,6 +193,7 @@ impl Group {
                 .flatten()
                 .map_or(0, |last| last + 1)
         };
+        let record_done = (record.source_done.clone(), record.parked_done.clone());
         let mut group = Group {
             store,
             next_read: record.next,
@@ -213,22 +216,14 @@ impl Group {
             caught_up: false,
             fault: None,
             delivered: 0,
-            acked: BTreeSet::new(),
+            source_done: record_done.0,
+            parked_done: record_done.1,
             finished_since_checkpoint: 0,
             last_checkpoint: Instant::now(),
             unwritten: Vec::new(),
             writing: None,
             next_sweep: Instant::now() + IDLE_WAKE,
         };
-        group.acked = (group.record.acked.iter().map(|&s| (Origin::Source, s)))
-            .chain(
-                group
-                    .record
-                    .parked_acked
-                    .iter()
-                    .map(|&r| (Origin::Parked, r)),
-            )
-            .collect();
         group.start_reader().await;
         group
     }
@@ -474,7 +469,11 @@ impl Group {
 
     /// Takes a read message into the buffer, with its bucket.
     async fn admit(&mut self, key: Key, event: Arc<RecordedEvent>) {
-        if self.acked.contains(&key) {
+        let done = match key.0 {
+            Origin::Source => &self.source_done,
+            Origin::Parked => &self.parked_done,
+        };
+        if done.contains(key.1) {
             return;
         }
         let bucket = match self.bucket_of(&event) {
@@ -778,7 +777,6 @@ impl Group {
         self.release(key);
         if self.messages.remove(&key).is_some() {
             self.finished_since_checkpoint += 1;
-            self.acked.insert(key);
         }
     }
 
@@ -1019,17 +1017,11 @@ impl Group {
         } else {
             (self.record.next, self.record.parked_next)
         };
-        let acked = |origin: Origin, from: u64| -> Vec<u64> {
-            self.acked
-                .range((origin, from)..=(origin, u64::MAX))
-                .map(|(_, sequence)| *sequence)
-                .collect()
-        };
         let record = Record {
             next,
             parked_next,
-            acked: acked(Origin::Source, next),
-            parked_acked: acked(Origin::Parked, parked_next),
+            source_done: self.done(Origin::Source),
+            parked_done: self.done(Origin::Parked),
             ..self.record.clone()
         };
         let bytes = serde_json::to_vec(&record).expect("a record serialises");
@@ -1043,17 +1035,38 @@ impl Group {
         });
     }
 
+    /// What is finished beyond the checkpoint now: everything read, except the messages held
+    /// or waiting, and except what the last start was told is unfinished and not read again yet.
+    fn done(&self, origin: Origin) -> Done {
+        let (frontier, stored) = match origin {
+            Origin::Source => (self.next_read, &self.source_done),
+            Origin::Parked => (self.parked_read, &self.parked_done),
+        };
+        let mut unfinished: Vec<u64> = self
+            .messages
+            .range((origin, 0)..=(origin, u64::MAX))
+            .map(|((_, sequence), _)| *sequence)
+            .collect();
+        unfinished.extend(
+            stored
+                .unfinished
+                .iter()
+                .copied()
+                .filter(|&sequence| sequence >= frontier),
+        );
+        unfinished.sort_unstable();
+        Done {
+            read_to: frontier.max(stored.read_to),
+            unfinished,
+        }
+    }
+
     fn written(&mut self, (writing, result): (Writing, Result<(), StoreError>)) {
         match result {
             Ok(()) => {
                 if writing.checkpoint_moved {
                     self.finished_since_checkpoint = 0;
                     self.last_checkpoint = Instant::now();
-                    let (next, parked_next) = (writing.record.next, writing.record.parked_next);
-                    self.acked.retain(|(origin, sequence)| match origin {
-                        Origin::Source => *sequence >= next,
-                        Origin::Parked => *sequence >= parked_next,
-                    });
                 }
                 self.record = writing.record;
                 for reply in writing.replies {
@@ -1126,6 +1139,8 @@ impl Group {
                 .filter(|(origin, _)| *origin == Origin::Source)
                 .copied()
                 .collect();
+            // What was finished stays finished when the reader passes it again.
+            self.source_done = self.done(Origin::Source);
             if let Some(&(_, first)) = waiting.first() {
                 self.next_read = first;
             }

@@ -20,7 +20,7 @@ use crate::sharding::{ShardError, Sharder, Sharders};
 use crate::store::{RecordedEvent, Store, StoreError, validate_stream_name};
 pub use group::{BUCKETS, fnv1a_64};
 use group::{Command, Group};
-use settings::{Record, Settings, StartFrom, StartName, Strategy};
+use settings::{Done, Record, Settings, StartFrom, StartName, Strategy};
 
 /// The stream name that means every stream.
 pub const ALL: &str = "$all";
@@ -258,8 +258,8 @@ impl Groups {
                     next: start,
                     parked_next: 0,
                     replay_until: 0,
-                    acked: Vec::new(),
-                    parked_acked: Vec::new(),
+                    source_done: Done::default(),
+                    parked_done: Done::default(),
                 };
                 let bytes = serde_json::to_vec(&record).expect("a record serialises");
                 self.inner

@@ -150,13 +150,28 @@ pub struct Record {
     pub parked_next: u64,
     /// A replay of parked messages runs up to this revision of the parked stream.
     pub replay_until: u64,
-    /// Messages at or after `next` that were acked: an ack is durable before it is answered,
-    /// while `next` itself moves as the checkpoint settings say.
+    /// What had been read and finished when the record was written, beyond `next`: an ack is
+    /// durable before it is answered, while `next` moves as the checkpoint settings say.
     #[serde(default)]
-    pub acked: Vec<u64>,
-    /// The same for `parked_next`.
+    pub source_done: Done,
+    /// The same for the parked stream, beyond `parked_next`.
     #[serde(default)]
-    pub parked_acked: Vec<u64>,
+    pub parked_done: Done,
+}
+
+/// Messages read up to `read_to` are finished except `unfinished`: a few numbers however many
+/// were acked since the checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Done {
+    pub read_to: u64,
+    pub unfinished: Vec<u64>,
+}
+
+impl Done {
+    /// Whether the message at `sequence` was finished.
+    pub fn contains(&self, sequence: u64) -> bool {
+        sequence < self.read_to && self.unfinished.binary_search(&sequence).is_err()
+    }
 }
 
 impl Record {
@@ -194,5 +209,16 @@ mod tests {
             ..Settings::default()
         };
         assert!(bad.validate(false).is_err());
+    }
+
+    #[test]
+    fn done_is_everything_read_but_the_unfinished() {
+        let done = Done {
+            read_to: 10,
+            unfinished: vec![3, 7],
+        };
+        let finished: Vec<u64> = (0..12).filter(|&s| done.contains(s)).collect();
+        assert_eq!(finished, vec![0, 1, 2, 4, 5, 6, 8, 9]);
+        assert!(!Done::default().contains(0));
     }
 }
