@@ -158,6 +158,9 @@ pub(super) struct Group {
     /// the reader skips those messages.
     source_done: Done,
     parked_done: Done,
+    /// Past the highest message delivered or finished, per origin: a record lists the
+    /// unfinished messages below it only, not everything read ahead.
+    handled_to: [u64; 2],
     finished_since_checkpoint: u64,
     last_checkpoint: Instant,
     /// When to look for closed push consumers next, whatever else keeps the task busy.
@@ -218,6 +221,7 @@ impl Group {
             delivered: 0,
             source_done: record_done.0,
             parked_done: record_done.1,
+            handled_to: [0, 0],
             finished_since_checkpoint: 0,
             last_checkpoint: Instant::now(),
             unwritten: Vec::new(),
@@ -708,6 +712,8 @@ impl Group {
         self.ready.remove(&key);
         message.holder = Some((consumer.name.clone(), deadline));
         self.deadlines.insert((deadline, key));
+        let handled = &mut self.handled_to[key.0 as usize];
+        *handled = (*handled).max(key.1 + 1);
         consumer.in_flight += 1;
         let holder = self
             .bucket_holders
@@ -774,6 +780,8 @@ impl Group {
     }
 
     fn finish(&mut self, key: Key) {
+        let handled = &mut self.handled_to[key.0 as usize];
+        *handled = (*handled).max(key.1 + 1);
         self.release(key);
         if self.messages.remove(&key).is_some() {
             self.finished_since_checkpoint += 1;
@@ -1035,16 +1043,18 @@ impl Group {
         });
     }
 
-    /// What is finished beyond the checkpoint now: everything read, except the messages held
-    /// or waiting, and except what the last start was told is unfinished and not read again yet.
+    /// What is finished beyond the checkpoint now: everything up to the highest message handled,
+    /// except the messages held or waiting, and except what the last start was told is
+    /// unfinished and not read again yet.
     fn done(&self, origin: Origin) -> Done {
         let (frontier, stored) = match origin {
             Origin::Source => (self.next_read, &self.source_done),
             Origin::Parked => (self.parked_read, &self.parked_done),
         };
+        let read_to = self.handled_to[origin as usize].max(stored.read_to);
         let mut unfinished: Vec<u64> = self
             .messages
-            .range((origin, 0)..=(origin, u64::MAX))
+            .range((origin, 0)..(origin, read_to))
             .map(|((_, sequence), _)| *sequence)
             .collect();
         unfinished.extend(
@@ -1055,8 +1065,9 @@ impl Group {
                 .filter(|&sequence| sequence >= frontier),
         );
         unfinished.sort_unstable();
+        unfinished.dedup();
         Done {
-            read_to: frontier.max(stored.read_to),
+            read_to,
             unfinished,
         }
     }
