@@ -585,6 +585,53 @@ async fn nothing_is_lost_or_redelivered_after_acks_across_kill_9() {
     }
     assert!(restarted);
     assert!(acked.values().all(|&count| count == 1));
+    // The settings came back with the group.
+    assert_eq!(
+        info(&server, "jobs/g").await["settings"]["message_timeout_ms"],
+        1000
+    );
+}
+
+/// Messages whose consumer never acks are retried on every timeout, then parked with the
+/// reason; a long poll still waiting ends when the server stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_messages_are_parked_after_their_retries() {
+    let mut server = Server::start();
+    create(
+        &server,
+        "jobs",
+        "g",
+        json!({"start_from": "start", "message_timeout_ms": 200, "max_retry_count": 2}),
+    )
+    .await;
+    server.append_n("jobs", 1).await;
+    let mut retries = Vec::new();
+    while retries.len() < 3 {
+        for message in pull(&server, "jobs/g", "forgetful", 1, 2000).await {
+            retries.push(message["retry_count"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(retries, vec![0, 1, 2]);
+    let info = wait_info(&server, "jobs/g", |info| info["parked"] == 1).await;
+    assert_eq!(info["in_flight"], 0);
+    let (_, parked) = server.get("/groups/jobs/g/parked").await;
+    let reason = parked[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("message timeout"), "{reason}");
+
+    let waiting = {
+        let http = server.http.clone();
+        let url = server.url("/groups/jobs/g/pull?consumer=patient&wait_ms=60000");
+        tokio::spawn(async move { http.post(url).send().await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    assert!(server.terminate(), "the server did not stop cleanly");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the long poll held the shutdown"
+    );
+    let answer = waiting.await.unwrap().unwrap();
+    assert_eq!(answer.status(), 200);
 }
 
 /// The client library's group calls: the same contract, typed.

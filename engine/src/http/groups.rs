@@ -156,10 +156,14 @@ pub async fn pull(
 ) -> Result<Response, ApiError> {
     let wait = Duration::from_millis(query.wait_ms.unwrap_or(0));
     let max = query.max.unwrap_or(DEFAULT_PULL);
-    let deliveries = state
+    // A long poll ends empty when the server shuts down, so it does not hold the shutdown up.
+    let pulled = state
         .groups
-        .pull(&stream, &group, &query.consumer, max, wait)
-        .await?;
+        .pull(&stream, &group, &query.consumer, max, wait);
+    let deliveries = tokio::select! {
+        pulled = pulled => pulled?,
+        () = state.shutdown.cancelled() => Vec::new(),
+    };
     let messages = Messages {
         messages: deliveries.iter().map(MessageJson::new).collect(),
     };
