@@ -38,7 +38,7 @@ pub async fn list(State(state): State<AppState>) -> Json<Vec<ProjectionStatus>> 
     Json(state.projections.list())
 }
 
-/// One projection's status.
+/// One projection's status; for a Wasm projection with the `digest` of its state and tables.
 #[utoipa::path(get, path = "/projections/{name}", tag = "projections",
     params(("name" = String, Path, description = "Projection name, e.g. $by_category")),
     responses((status = 200, body = ProjectionStatus), (status = 404, body = ErrorBody)))]
@@ -46,7 +46,7 @@ pub async fn status(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
-    Ok(Json(state.projections.status(&name)?))
+    Ok(Json(state.projections.status_with_digest(&name).await?))
 }
 
 /// Start a projection: it catches up from where it stopped.

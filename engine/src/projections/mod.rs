@@ -73,6 +73,10 @@ pub struct ProjectionStatus {
     /// `position / head_position`, 1 when caught up.
     pub progress: f64,
     pub fault: Option<Fault>,
+    /// For a Wasm projection asked for by name: SHA-256 of its state and tables as of
+    /// `position`. The same component over the same log gives the same digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// Changes to the system projections' configuration; absent fields keep their value.
@@ -157,6 +161,17 @@ impl Projections {
             return Ok(self.system_status(system(name)?));
         }
         self.wasm.status(name)
+    }
+
+    /// The status with the read model's digest (Wasm projections).
+    pub async fn status_with_digest(
+        &self,
+        name: &str,
+    ) -> Result<ProjectionStatus, ProjectionError> {
+        if is_system(name) {
+            return self.status(name);
+        }
+        self.wasm.status_with_digest(name).await
     }
 
     pub async fn start(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
@@ -317,6 +332,7 @@ impl Projections {
             events_per_second: progress.events_per_second(),
             progress: fraction(progress.checkpoint, head_position),
             fault: None,
+            digest: None,
         }
     }
 }

@@ -263,6 +263,32 @@ impl WasmProjections {
         Ok(self.status_of(self.live(name)?.as_ref()))
     }
 
+    /// The status with the digest of the model, consistent with each other: both come from one
+    /// snapshot of the data.
+    pub async fn status_with_digest(
+        &self,
+        name: &str,
+    ) -> Result<ProjectionStatus, ProjectionError> {
+        let live = self.live(name)?;
+        let data = live.state.lock().expect("projection state").data;
+        let (checkpoint, digest) = self
+            .store
+            .blocking(move |store| {
+                let view = store.projection_view(data)?;
+                Ok((view.checkpoint()?, view.digest()?))
+            })
+            .await?;
+        let mut status = self.status_of(&live);
+        // The data may have moved on (or been reset) since: report the snapshot's position.
+        if let Some(checkpoint) = checkpoint {
+            status.position = checkpoint.position;
+            status.events_processed = checkpoint.events_processed;
+            status.progress = fraction(checkpoint.position, status.head_position);
+        }
+        status.digest = Some(digest);
+        Ok(status)
+    }
+
     fn live(&self, name: &str) -> Result<Arc<Live>, ProjectionError> {
         self.lives
             .lock()
@@ -495,6 +521,7 @@ impl WasmProjections {
             },
             progress: fraction(position, head_position),
             fault: definition.fault.clone(),
+            digest: None,
         }
     }
 }

@@ -222,6 +222,35 @@ impl ProjectionView {
             .map(|row| row.value().to_vec()))
     }
 
+    /// SHA-256 over every partition's state and every row, in key order, each field
+    /// length-prefixed: equal digests mean byte-identical read models.
+    pub fn digest(&self) -> Result<String, StoreError> {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            hash.update((bytes.len() as u64).to_le_bytes());
+            hash.update(bytes);
+        };
+        for entry in self.states.range((self.data, "")..(self.data + 1, ""))? {
+            let (key, state) = entry?;
+            field(b"state");
+            field(key.value().1.as_bytes());
+            field(state.value());
+        }
+        for entry in self
+            .rows
+            .range((self.data, "", "")..(self.data + 1, "", ""))?
+        {
+            let (key, row) = entry?;
+            let (_, table, key) = key.value();
+            field(b"row");
+            field(table.as_bytes());
+            field(key.as_bytes());
+            field(row.value());
+        }
+        Ok(format!("{:x}", hash.finalize()))
+    }
+
     /// Rows of `table` whose key starts with `prefix`, after the key `after`, in key order.
     pub fn rows(
         &self,
