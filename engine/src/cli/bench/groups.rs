@@ -202,13 +202,38 @@ async fn refract_latency(
             })
         })
         .collect();
-    let mut written = 0u64;
+    let latencies = paced(run_for, &writing, consumers, |index| {
+        let (client, target) = (client.clone(), target.clone());
+        async move {
+            client
+                .append(&target, ExpectedRevision::Any, &[payload_event(index)])
+                .await?;
+            anyhow::Ok(())
+        }
+    })
+    .await?;
+    client.delete_group(stream, "latency").await?;
+    Ok((latencies.0.len() as u64, started.elapsed(), latencies))
+}
+
+/// Writes one message every 0.5 ms for `run_for`, then lets the consumers drain and end, and
+/// gathers their latencies.
+async fn paced<Write, Written>(
+    run_for: Duration,
+    writing: &AtomicBool,
+    consumers: Vec<tokio::task::JoinHandle<anyhow::Result<Latencies>>>,
+    mut write: Write,
+) -> anyhow::Result<Latencies>
+where
+    Write: FnMut(u64) -> Written,
+    Written: Future<Output = anyhow::Result<()>>,
+{
+    let started = Instant::now();
     let pace = Duration::from_micros(500);
-    let mut next = Instant::now();
+    let mut next = started;
+    let mut written = 0u64;
     while started.elapsed() < run_for {
-        client
-            .append(&target, ExpectedRevision::Any, &[payload_event(written)])
-            .await?;
+        write(written).await?;
         written += 1;
         next += pace;
         tokio::time::sleep_until(next.into()).await;
@@ -220,8 +245,7 @@ async fn refract_latency(
             .0
             .extend(consumer.await.context("a consumer panicked")??.0);
     }
-    client.delete_group(stream, "latency").await?;
-    Ok((latencies.0.len() as u64, started.elapsed(), latencies))
+    Ok(latencies)
 }
 
 fn now_us() -> u64 {
@@ -445,29 +469,21 @@ async fn redis_latency(
             }
         }));
     }
-    let mut written = 0u64;
-    let pace = Duration::from_micros(500);
-    let mut next = Instant::now();
-    while started.elapsed() < run_for {
-        let data = serde_json::to_string(&payload_event(written).data)?;
-        redis::cmd("XADD")
-            .arg("live")
-            .arg("*")
-            .arg("data")
-            .arg(data)
-            .query_async::<String>(&mut connection)
-            .await?;
-        written += 1;
-        next += pace;
-        tokio::time::sleep_until(next.into()).await;
-    }
-    writing.store(false, Ordering::Relaxed);
-    let mut latencies = Latencies::default();
-    for consumer in consumers {
-        latencies
-            .0
-            .extend(consumer.await.context("a consumer panicked")??.0);
-    }
+    let latencies = paced(run_for, &writing, consumers, |index| {
+        let mut connection = connection.clone();
+        async move {
+            let data = serde_json::to_string(&payload_event(index).data)?;
+            redis::cmd("XADD")
+                .arg("live")
+                .arg("*")
+                .arg("data")
+                .arg(data)
+                .query_async::<String>(&mut connection)
+                .await?;
+            anyhow::Ok(())
+        }
+    })
+    .await?;
     Ok((latencies.0.len() as u64, started.elapsed(), latencies))
 }
 
