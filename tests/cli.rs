@@ -227,6 +227,32 @@ async fn wasm_projection_commands() {
         state,
         json!({"customer_id": "c9", "lines": 0, "total_cents": 250, "status": "placed"})
     );
+    // A rebuild beside the live version, waited for; then one cancelled while stopped.
+    let output = refract(
+        &server,
+        &["projection", "rebuild", "orders", "--wait", "--json"],
+        None,
+    );
+    let status: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert!(status.get("rebuild").is_none(), "{status}");
+    assert_eq!(status["position"], status["head_position"]);
+    stdout(&refract(&server, &["projection", "stop", "orders"], None));
+    let output = refract(&server, &["projection", "rebuild", "orders"], None);
+    assert!(stdout(&output).contains("rebuilding version 2 (stopped)"));
+    let output = refract(
+        &server,
+        &["projection", "rebuild", "orders", "--cancel", "--json"],
+        None,
+    );
+    let status: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert!(status.get("rebuild").is_none(), "{status}");
+    let again = refract(
+        &server,
+        &["projection", "rebuild", "orders", "--cancel"],
+        None,
+    );
+    assert!(!again.status.success());
+    stdout(&refract(&server, &["projection", "start", "orders"], None));
     let output = refract(
         &server,
         &[

@@ -283,17 +283,19 @@ impl Server {
         status_and_json(response).await
     }
 
-    /// Waits until projection `name` has processed everything written so far.
+    /// Waits until projection `name` has processed everything written so far (and a rebuild
+    /// in progress has switched in).
     pub async fn caught_up(&self, name: &str) -> Value {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let (code, status) = self.get(&format!("/projections/{name}")).await;
             assert_eq!(code, 200, "{status}");
+            // A rebuild in progress counts as not caught up: it switches in when it is.
             if status["position"] == status["head_position"] && status["status"] == "running" {
                 return status;
             }
             assert!(
-                status["status"] == "running",
+                status["status"] == "running" || status["status"] == "rebuilding",
                 "{name} stopped before catching up: {status}"
             );
             assert!(

@@ -2,6 +2,7 @@
 
 mod bench;
 mod groups;
+mod rebuild;
 mod sharding;
 
 use std::io::{BufRead, Write};
@@ -235,6 +236,9 @@ enum ProjectionCommand {
     Stop(ProjectionArgs),
     /// Drop a projection's output and reprocess from position 0.
     Reset(ProjectionArgs),
+    /// Build a projection again beside its live version, which serves until the rebuilt one
+    /// has caught up and takes over.
+    Rebuild(RebuildArgs),
     /// Deploy a WebAssembly component (built for wasm32-wasip2) as a projection.
     Deploy(DeployArgs),
     /// Print a projection's state (one partition's, with --partition).
@@ -261,9 +265,25 @@ struct DeployArgs {
     #[arg(long)]
     disabled: bool,
     /// For an existing projection: keep its data and continue from its checkpoint with the new
-    /// code instead of starting from position 0.
+    /// code instead of rebuilding from position 0 beside the live version.
     #[arg(long)]
     keep_data: bool,
+    /// Return once the rebuild an update starts is under way, instead of when it took over.
+    #[arg(long)]
+    no_wait: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+struct RebuildArgs {
+    name: String,
+    /// Wait (with a progress bar) until the rebuilt version has taken over.
+    #[arg(long)]
+    wait: bool,
+    /// Cancel the rebuild in progress instead.
+    #[arg(long, conflicts_with = "wait")]
+    cancel: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -619,15 +639,37 @@ async fn projection(command: ProjectionCommand) -> anyhow::Result<()> {
                 enabled: !args.disabled,
                 rebuild: !args.keep_data,
             };
-            let (created, status) = args
-                .client
-                .client()?
-                .deploy(&args.name, component, &options)
-                .await?;
+            let client = args.client.client()?;
+            let (created, mut status) = client.deploy(&args.name, component, &options).await?;
+            if status.rebuild.is_some() && !args.no_wait {
+                status = rebuild::wait_for_rebuild(&client, &args.name).await?;
+            }
             if !args.client.json {
                 let what = if created { "deployed" } else { "updated" };
-                println!("{what} {} version {}", status.name, status.version);
+                match &status.rebuild {
+                    Some(rebuild) => println!(
+                        "{what} {}: version {} is rebuilding beside version {}",
+                        status.name, rebuild.version, status.version
+                    ),
+                    None => println!("{what} {} version {}", status.name, status.version),
+                }
             }
+            (&args.client, vec![status])
+        }
+        ProjectionCommand::Rebuild(args) => {
+            let client = args.client.client()?;
+            let status = if args.cancel {
+                client.cancel_rebuild(&args.name).await?
+            } else {
+                let started = client
+                    .projection_command(&args.name, client::ProjectionCommand::Rebuild)
+                    .await?;
+                if args.wait {
+                    rebuild::wait_for_rebuild(&client, &args.name).await?
+                } else {
+                    started
+                }
+            };
             (&args.client, vec![status])
         }
         ProjectionCommand::State(args) => {
@@ -721,6 +763,25 @@ async fn projection(command: ProjectionCommand) -> anyhow::Result<()> {
         );
         if let Some(fault) = status.fault {
             println!("  fault at position {}: {}", fault.position, fault.message);
+        }
+        if let Some(rebuild) = status.rebuild {
+            let eta = rebuild
+                .eta_seconds
+                .map_or_else(|| "-".to_owned(), |eta| format!("{eta:.0} s"));
+            println!(
+                "  rebuilding version {} ({}): position {}, {:.1}%, {:.0} events/s, ETA {eta}",
+                rebuild.version,
+                rebuild.status,
+                rebuild.position,
+                rebuild.progress * 100.0,
+                rebuild.events_per_second
+            );
+            if let Some(fault) = rebuild.fault {
+                println!(
+                    "    fault at position {}: {}",
+                    fault.position, fault.message
+                );
+            }
         }
     }
     Ok(())

@@ -177,6 +177,8 @@ pub enum ProjectionCommand {
     Start,
     Stop,
     Reset,
+    /// Build again beside the live version and switch when caught up.
+    Rebuild,
 }
 
 /// Which rows of a table to list.
@@ -370,8 +372,15 @@ impl Client {
             ProjectionCommand::Start => "start",
             ProjectionCommand::Stop => "stop",
             ProjectionCommand::Reset => "reset",
+            ProjectionCommand::Rebuild => "rebuild",
         };
         let request = self.request(Method::POST, &["projections", name, command]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    /// Drops a rebuild in progress; the live version carries on.
+    pub async fn cancel_rebuild(&self, name: &str) -> anyhow::Result<ProjectionStatus> {
+        let request = self.request(Method::DELETE, &["projections", name, "rebuild"]);
         Ok(self.send(request).await?.json().await?)
     }
 

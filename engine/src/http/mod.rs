@@ -96,6 +96,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(projections::start))
         .routes(routes!(projections::stop))
         .routes(routes!(projections::reset))
+        .routes(routes!(projections::rebuild, projections::cancel_rebuild))
         .routes(routes!(projections::get_config, projections::put_config))
         .routes(routes!(sharders::list))
         .routes(routes!(

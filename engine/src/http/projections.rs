@@ -85,6 +85,32 @@ pub async fn reset(
     Ok(Json(state.projections.reset(&name).await?))
 }
 
+/// Rebuild a projection beside its live version: queries keep reading the live version until
+/// the rebuilt one has caught up, then it takes over in one step.
+#[utoipa::path(post, path = "/projections/{name}/rebuild", tag = "projections",
+    params(("name" = String, Path, description = "Projection name")),
+    request_body(content = Option<Object>, description = "Empty"),
+    responses((status = 200, body = ProjectionStatus), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn rebuild(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<ProjectionStatus>, ApiError> {
+    Ok(Json(state.projections.rebuild(&name).await?))
+}
+
+/// Cancel a rebuild: the partial build is dropped, the live version carries on.
+#[utoipa::path(delete, path = "/projections/{name}/rebuild", tag = "projections",
+    params(("name" = String, Path, description = "Projection name")),
+    responses((status = 200, body = ProjectionStatus), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+pub async fn cancel_rebuild(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<ProjectionStatus>, ApiError> {
+    Ok(Json(state.projections.cancel_rebuild(&name).await?))
+}
+
 /// The system projections' configuration.
 #[utoipa::path(get, path = "/projections/{name}/config", tag = "projections",
     params(("name" = String, Path, description = "A system projection")),

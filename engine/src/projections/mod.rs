@@ -70,13 +70,36 @@ pub struct ProjectionStatus {
     pub events_processed: u64,
     /// Processing rate over the last measured second.
     pub events_per_second: f64,
+    /// Seconds to reach the head at that rate; absent when caught up or idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
     /// `position / head_position`, 1 when caught up.
     pub progress: f64,
     pub fault: Option<Fault>,
+    /// The version being rebuilt beside this one, while a rebuild runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildStatus>,
     /// For a Wasm projection asked for by name: SHA-256 of its state and tables as of
     /// `position`. The same component over the same log gives the same digest.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+}
+
+/// A version being rebuilt beside the live one; it replaces the live version once caught up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RebuildStatus {
+    pub version: u64,
+    pub wasm_sha256: String,
+    /// `running`, `stopped` or `faulted`.
+    pub status: RunStatus,
+    pub position: u64,
+    pub events_processed: u64,
+    pub events_per_second: f64,
+    pub progress: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+    /// A rebuild that faults stops there; the live version keeps serving.
+    pub fault: Option<Fault>,
 }
 
 /// Changes to the system projections' configuration; absent fields keep their value.
@@ -141,10 +164,7 @@ impl Projections {
     /// Loads the Wasm projections and starts the enabled ones.
     pub async fn open(store: Store, runtime: Runtime) -> anyhow::Result<Self> {
         let wasm = WasmProjections::load(store.clone(), runtime).await?;
-        Ok(Projections {
-            store,
-            wasm: Arc::new(wasm),
-        })
+        Ok(Projections { store, wasm })
     }
 
     pub fn list(&self) -> Vec<ProjectionStatus> {
@@ -190,6 +210,26 @@ impl Projections {
         let index = system(name)?;
         self.store.set_index_running(index, false).await?;
         Ok(self.system_status(index))
+    }
+
+    /// Builds the projection again beside the live version and switches when caught up.
+    pub async fn rebuild(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
+        if is_system(name) {
+            return Err(ProjectionError::Invalid(format!(
+                "{name} is a system projection: it is rebuilt with reset"
+            )));
+        }
+        self.wasm.rebuild(name).await
+    }
+
+    /// Drops a rebuild in progress; the live version carries on.
+    pub async fn cancel_rebuild(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
+        if is_system(name) {
+            return Err(ProjectionError::Invalid(format!(
+                "{name} is a system projection: it has no rebuild"
+            )));
+        }
+        self.wasm.cancel_rebuild(name).await
     }
 
     /// Drops the projection's output and reprocesses from position 0.
@@ -330,8 +370,10 @@ impl Projections {
             head_position,
             events_processed: progress.checkpoint,
             events_per_second: progress.events_per_second(),
+            eta_seconds: None,
             progress: fraction(progress.checkpoint, head_position),
             fault: None,
+            rebuild: None,
             digest: None,
         }
     }

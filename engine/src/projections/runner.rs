@@ -106,8 +106,21 @@ impl Rate {
     }
 }
 
+/// What a runner works on.
+pub(super) enum Role {
+    /// The version queries read.
+    Live,
+    /// A version rebuilt beside the live one: its emits and links wait in the shadow tables,
+    /// its fault stays with the build, and once caught up it asks (on `switch`, with its data
+    /// id) to replace the live version.
+    Build {
+        switch: tokio::sync::mpsc::UnboundedSender<(String, u64)>,
+    },
+}
+
 /// Everything a runner needs; it owns nothing else.
 pub(super) struct Runner {
+    pub role: Role,
     pub live: Arc<Live>,
     pub store: Store,
     pub runtime: Runtime,
@@ -220,8 +233,14 @@ impl Runner {
                 return;
             }
             match batch {
-                Feed::CaughtUp if mode == Mode::OneTime => return self.complete(),
-                Feed::CaughtUp => {}
+                Feed::CaughtUp => match &self.role {
+                    // Keeps going until the switch stops it, so it stays caught up.
+                    Role::Build { switch } => {
+                        let _ = switch.send((self.live.name.clone(), self.data()));
+                    }
+                    Role::Live if mode == Mode::OneTime => return self.complete(),
+                    Role::Live => {}
+                },
                 Feed::Failed(message) => {
                     return self.fault(Fault {
                         message,
@@ -314,6 +333,7 @@ impl Runner {
             rows: writes.rows,
             emits: writes.emits,
             links: writes.links,
+            shadow: matches!(self.role, Role::Build { .. }),
         };
         match self.handle.block_on(self.store.commit_projection(commit)) {
             Ok(()) => Ok(next),
@@ -378,8 +398,20 @@ impl Runner {
     }
 
     fn fault(&self, fault: Fault) {
-        tracing::warn!(projection = %self.live.name, position = fault.position, message = %fault.message, "projection faulted");
-        self.save(|definition| definition.fault = Some(fault));
+        tracing::warn!(projection = %self.live.name, position = fault.position, message = %fault.message, rebuild = matches!(self.role, Role::Build { .. }), "projection faulted");
+        match self.role {
+            Role::Live => self.save(|definition| definition.fault = Some(fault)),
+            // The stored definition is the live version's; a build's fault is reported, and
+            // found again if the build is resumed after a restart.
+            Role::Build { .. } => {
+                self.live
+                    .state
+                    .lock()
+                    .expect("projection state")
+                    .definition
+                    .fault = Some(fault);
+            }
+        }
     }
 
     fn complete(&self) {

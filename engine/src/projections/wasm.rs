@@ -4,16 +4,19 @@
 //! definition or data, so a runner never commits into data that was reset or removed under it.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::component::{Compiled, Runtime};
-use super::runner::{Definition, Live, LiveState, Rate, Runner, restart_rate};
-use super::{Fault, Mode, ProjectionError, ProjectionKind, ProjectionStatus, RunStatus, fraction};
-use crate::store::Store;
-use crate::store::projection_data::{Checkpoint, DataChange, RowPage};
+use super::runner::{Definition, Live, LiveState, Rate, Role, Runner, restart_rate};
+use super::{
+    Fault, Mode, ProjectionError, ProjectionKind, ProjectionStatus, RebuildStatus, RunStatus,
+    fraction,
+};
+use crate::store::projection_data::{BuildChange, Checkpoint, DataChange, ProjectionView, RowPage};
+use crate::store::{Store, StoreError};
 
 /// Longest projection name, in bytes.
 pub const MAX_NAME_BYTES: usize = 200;
@@ -24,8 +27,8 @@ pub struct DeployOptions {
     pub mode: Mode,
     pub emit: bool,
     pub enabled: bool,
-    /// For an existing projection: start its data afresh (`true`) or continue from its
-    /// checkpoint with the new code (`false`).
+    /// For an existing projection: build the new version beside the live one and switch when
+    /// it has caught up (`true`), or continue from the checkpoint with the new code (`false`).
     pub rebuild: bool,
 }
 
@@ -45,6 +48,17 @@ struct Entry {
     /// `None` when the stored component could not be compiled (the projection is faulted).
     compiled: Option<Compiled>,
     runner: Option<RunnerHandle>,
+    building: Option<Build>,
+}
+
+/// A projection's live version and the version being rebuilt, if any.
+type Lives = (Arc<Live>, Option<Arc<Live>>);
+
+/// A version being rebuilt beside the live one.
+struct Build {
+    live: Arc<Live>,
+    compiled: Compiled,
+    runner: Option<RunnerHandle>,
 }
 
 struct RunnerHandle {
@@ -56,8 +70,10 @@ pub(super) struct WasmProjections {
     store: Store,
     runtime: Runtime,
     entries: tokio::sync::Mutex<BTreeMap<String, Entry>>,
-    /// The same `Live`s, readable without waiting for a management operation.
-    lives: Mutex<BTreeMap<String, Arc<Live>>>,
+    /// The same `Live`s, readable without waiting for a management operation, with the build's.
+    lives: Mutex<BTreeMap<String, Lives>>,
+    /// Builds that caught up ask here to replace their live version: (name, data id).
+    switches: tokio::sync::mpsc::UnboundedSender<(String, u64)>,
 }
 
 pub fn validate_name(name: &str) -> Result<(), String> {
@@ -77,14 +93,25 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 
 impl WasmProjections {
     /// Loads the stored projections and starts the enabled ones from their checkpoints.
-    pub async fn load(store: Store, runtime: Runtime) -> anyhow::Result<WasmProjections> {
+    pub async fn load(store: Store, runtime: Runtime) -> anyhow::Result<Arc<WasmProjections>> {
         let stored = store.blocking(|store| store.stored_projections()).await?;
-        let projections = WasmProjections {
+        let (switches, mut switch_requests) = tokio::sync::mpsc::unbounded_channel();
+        let projections = Arc::new(WasmProjections {
             store,
             runtime,
             entries: tokio::sync::Mutex::new(BTreeMap::new()),
             lives: Mutex::new(BTreeMap::new()),
-        };
+            switches,
+        });
+        let weak: Weak<WasmProjections> = Arc::downgrade(&projections);
+        tokio::spawn(async move {
+            while let Some((name, data)) = switch_requests.recv().await {
+                let Some(projections) = weak.upgrade() else {
+                    return;
+                };
+                projections.switch(&name, data).await;
+            }
+        });
         let mut entries = projections.entries.lock().await;
         for (name, stored) in stored {
             let mut definition: Definition = match serde_json::from_value(stored.definition) {
@@ -95,6 +122,7 @@ impl WasmProjections {
                 }
             };
             let data = stored.data;
+            let building = stored.building;
             let checkpoint = projections.checkpoint(data).await?;
             let compiled = projections.compile_stored(&stored.component).await;
             let compiled = match compiled {
@@ -122,17 +150,54 @@ impl WasmProjections {
                 live: live.clone(),
                 compiled,
                 runner: None,
+                building: None,
             };
+            if let Some(building) = building {
+                match projections.compile_stored(&building.component).await {
+                    Ok(compiled) => {
+                        let definition = serde_json::from_value(building.definition)?;
+                        let checkpoint = projections.checkpoint(building.data).await?;
+                        entry.building = Some(Build {
+                            live: Arc::new(Live {
+                                name: name.clone(),
+                                state: Mutex::new(LiveState {
+                                    definition,
+                                    component: building.component,
+                                    data: building.data,
+                                    checkpoint,
+                                    running: false,
+                                    rate: Rate::default(),
+                                }),
+                            }),
+                            compiled,
+                            runner: None,
+                        });
+                    }
+                    Err(error) => {
+                        tracing::error!(projection = %name, error = format!("{error:#}"), "cannot load the rebuild's component; the rebuild is dropped");
+                        projections
+                            .store
+                            .build_projection(name.clone(), BuildChange::Cancel)
+                            .await?;
+                    }
+                }
+            }
             projections.start_if_runnable(&mut entry).await;
-            projections
-                .lives
-                .lock()
-                .expect("projections")
-                .insert(name.clone(), live);
+            projections.start_build(&mut entry);
+            projections.publish(&name, &entry);
             entries.insert(name, entry);
         }
         drop(entries);
         Ok(projections)
+    }
+
+    /// Makes an entry's current `Live`s (and its build's) visible to status queries.
+    fn publish(&self, name: &str, entry: &Entry) {
+        let building = entry.building.as_ref().map(|build| build.live.clone());
+        self.lives
+            .lock()
+            .expect("projections")
+            .insert(name.to_owned(), (entry.live.clone(), building));
     }
 
     async fn compile_stored(&self, sha256: &str) -> anyhow::Result<Compiled> {
@@ -167,28 +232,19 @@ impl WasmProjections {
         let mut entries = self.entries.lock().await;
         let existing = entries.get_mut(name);
         let created = existing.is_none();
-        let (version, data_change) = match &existing {
-            Some(entry) => {
-                let state = entry.live.state.lock().expect("projection state");
-                let change = if options.rebuild {
-                    DataChange::Fresh {
-                        delete_outputs: true,
-                    }
-                } else {
-                    DataChange::Keep
-                };
-                (state.definition.version + 1, change)
-            }
-            None => (
-                1,
-                DataChange::Fresh {
-                    delete_outputs: false,
-                },
-            ),
-        };
-        if let Some(entry) = existing {
-            stop_runner(entry).await;
-        }
+        let version = existing.as_ref().map_or(1, |entry| {
+            let state = entry.live.state.lock().expect("projection state");
+            let building = entry.building.as_ref().map_or(0, |build| {
+                build
+                    .live
+                    .state
+                    .lock()
+                    .expect("projection state")
+                    .definition
+                    .version
+            });
+            state.definition.version.max(building) + 1
+        });
         let definition = Definition {
             version,
             mode: options.mode,
@@ -197,6 +253,23 @@ impl WasmProjections {
             fault: None,
             completed: false,
         };
+        if let (Some(entry), true) = (existing, options.rebuild) {
+            // The new version builds beside the live one, which keeps serving.
+            self.begin_build(entry, compiled, definition, Some(bytes))
+                .await?;
+            self.publish(name, entry);
+            return Ok((false, self.status(name)?));
+        }
+        let data_change = if created {
+            DataChange::Fresh {
+                delete_outputs: false,
+            }
+        } else {
+            DataChange::Keep
+        };
+        if let Some(entry) = entries.get_mut(name) {
+            stop_runner(entry).await;
+        }
         let data = self
             .store
             .save_projection(
@@ -222,6 +295,7 @@ impl WasmProjections {
             }),
             compiled: None,
             runner: None,
+            building: None,
         });
         {
             let mut state = entry.live.state.lock().expect("projection state");
@@ -232,12 +306,148 @@ impl WasmProjections {
         }
         entry.compiled = Some(compiled);
         self.start_if_runnable(entry).await;
-        self.lives
-            .lock()
-            .expect("projections")
-            .insert(name.to_owned(), entry.live.clone());
+        self.publish(name, entry);
         let status = self.status_of(&entry.live);
         Ok((created, status))
+    }
+
+    /// Rebuilds a projection with its current component beside the live version.
+    pub async fn rebuild(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
+        let mut entries = self.entries.lock().await;
+        let entry = entry_mut(&mut entries, name)?;
+        let Some(compiled) = entry.compiled.clone() else {
+            return Err(ProjectionError::Invalid(format!(
+                "{name} has no usable component; upload it again"
+            )));
+        };
+        let mut definition = entry
+            .live
+            .state
+            .lock()
+            .expect("projection state")
+            .definition
+            .clone();
+        definition.fault = None;
+        definition.completed = false;
+        self.begin_build(entry, compiled, definition, None).await?;
+        self.publish(name, entry);
+        self.status(name)
+    }
+
+    /// Drops a rebuild in progress; the live version carries on.
+    pub async fn cancel_rebuild(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
+        let mut entries = self.entries.lock().await;
+        let entry = entry_mut(&mut entries, name)?;
+        if entry.building.is_none() {
+            return Err(ProjectionError::Invalid(format!(
+                "{name} is not being rebuilt"
+            )));
+        }
+        self.drop_build(entry).await?;
+        self.publish(name, entry);
+        self.status(name)
+    }
+
+    /// Starts building `definition` with `compiled` from position 0 beside the live version,
+    /// replacing a build in progress.
+    async fn begin_build(
+        &self,
+        entry: &mut Entry,
+        compiled: Compiled,
+        definition: Definition,
+        bytes: Option<Vec<u8>>,
+    ) -> Result<(), ProjectionError> {
+        if let Some(build) = &mut entry.building {
+            stop_build_runner(build).await;
+        }
+        let data = self
+            .store
+            .build_projection(
+                entry.live.name.clone(),
+                BuildChange::Start {
+                    component: compiled.sha256.clone(),
+                    definition: serde_json::to_value(&definition).expect("a definition is JSON"),
+                    component_bytes: bytes,
+                },
+            )
+            .await?;
+        entry.building = Some(Build {
+            live: Arc::new(Live {
+                name: entry.live.name.clone(),
+                state: Mutex::new(LiveState {
+                    definition,
+                    component: compiled.sha256.clone(),
+                    data,
+                    checkpoint: Checkpoint::default(),
+                    running: false,
+                    rate: Rate::default(),
+                }),
+            }),
+            compiled,
+            runner: None,
+        });
+        self.start_build(entry);
+        Ok(())
+    }
+
+    async fn drop_build(&self, entry: &mut Entry) -> Result<(), ProjectionError> {
+        if let Some(build) = &mut entry.building {
+            stop_build_runner(build).await;
+            self.store
+                .build_projection(entry.live.name.clone(), BuildChange::Cancel)
+                .await?;
+            entry.building = None;
+        }
+        Ok(())
+    }
+
+    /// A build that caught up replaces the live version: both stop, the store switches the
+    /// data in one transaction, and the new live version runs on from the build's checkpoint.
+    async fn switch(&self, name: &str, data: u64) {
+        let mut entries = self.entries.lock().await;
+        let Some(entry) = entries.get_mut(name) else {
+            return;
+        };
+        let current = entry.building.as_ref().map(|build| {
+            let state = build.live.state.lock().expect("projection state");
+            (state.data, state.definition.fault.is_some())
+        });
+        if current != Some((data, false)) {
+            return;
+        }
+        let mut build = entry.building.take().expect("checked");
+        stop_build_runner(&mut build).await;
+        stop_runner(entry).await;
+        let switched = self
+            .store
+            .build_projection(name.to_owned(), BuildChange::Switch { data })
+            .await;
+        if let Err(error) = switched {
+            tracing::error!(projection = %name, %error, "cannot switch to the rebuilt version");
+            entry.building = Some(build);
+            self.start_if_runnable(entry).await;
+            self.start_build(entry);
+            return;
+        }
+        let checkpoint = match self.checkpoint(data).await {
+            Ok(checkpoint) => checkpoint,
+            Err(error) => {
+                tracing::error!(projection = %name, %error, "cannot read the rebuilt checkpoint");
+                Checkpoint::default()
+            }
+        };
+        {
+            let built = build.live.state.lock().expect("projection state");
+            let mut state = entry.live.state.lock().expect("projection state");
+            state.definition = built.definition.clone();
+            state.component = built.component.clone();
+            state.data = data;
+            state.checkpoint = checkpoint;
+        }
+        entry.compiled = Some(build.compiled);
+        tracing::info!(projection = %name, position = checkpoint.position, "switched to the rebuilt version");
+        self.start_if_runnable(entry).await;
+        self.publish(name, entry);
     }
 
     async fn checkpoint(&self, data: u64) -> Result<Checkpoint, ProjectionError> {
@@ -249,18 +459,40 @@ impl WasmProjections {
     }
 
     pub fn list(&self) -> Vec<ProjectionStatus> {
-        let lives: Vec<Arc<Live>> = self
+        let names: Vec<String> = self
             .lives
             .lock()
             .expect("projections")
-            .values()
+            .keys()
             .cloned()
             .collect();
-        lives.iter().map(|live| self.status_of(live)).collect()
+        names
+            .iter()
+            .filter_map(|name| self.status(name).ok())
+            .collect()
     }
 
     pub fn status(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
-        Ok(self.status_of(self.live(name)?.as_ref()))
+        let (live, building) = self.lives(name)?;
+        let mut status = self.status_of(&live);
+        if let Some(building) = building {
+            let build = self.status_of(&building);
+            if build.fault.is_none() {
+                status.status = RunStatus::Rebuilding;
+            }
+            status.rebuild = Some(RebuildStatus {
+                version: build.version,
+                wasm_sha256: build.wasm_sha256.unwrap_or_default(),
+                status: build.status,
+                position: build.position,
+                events_processed: build.events_processed,
+                events_per_second: build.events_per_second,
+                progress: build.progress,
+                eta_seconds: build.eta_seconds,
+                fault: build.fault,
+            });
+        }
+        Ok(status)
     }
 
     /// The status with the digest of the model, consistent with each other: both come from one
@@ -269,16 +501,10 @@ impl WasmProjections {
         &self,
         name: &str,
     ) -> Result<ProjectionStatus, ProjectionError> {
-        let live = self.live(name)?;
-        let data = live.state.lock().expect("projection state").data;
         let (checkpoint, digest) = self
-            .store
-            .blocking(move |store| {
-                let view = store.projection_view(data)?;
-                Ok((view.checkpoint()?, view.digest()?))
-            })
+            .view(name, |view| Ok((view.checkpoint()?, view.digest()?)))
             .await?;
-        let mut status = self.status_of(&live);
+        let mut status = self.status(name)?;
         // The data may have moved on (or been reset) since: report the snapshot's position.
         if let Some(checkpoint) = checkpoint {
             status.position = checkpoint.position;
@@ -290,6 +516,10 @@ impl WasmProjections {
     }
 
     fn live(&self, name: &str) -> Result<Arc<Live>, ProjectionError> {
+        Ok(self.lives(name)?.0)
+    }
+
+    fn lives(&self, name: &str) -> Result<Lives, ProjectionError> {
         self.lives
             .lock()
             .expect("projections")
@@ -315,24 +545,40 @@ impl WasmProjections {
         })
         .await?;
         self.start_if_runnable(entry).await;
-        Ok(self.status_of(&entry.live))
+        if let Some(build) = &mut entry.building {
+            stop_build_runner(build).await;
+            let mut state = build.live.state.lock().expect("projection state");
+            state.definition.fault = None;
+            state.definition.enabled = true;
+        }
+        self.start_build(entry);
+        self.status(name)
     }
 
+    /// Stops the live version and a rebuild in progress (`start` resumes both).
     pub async fn stop(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
         let mut entries = self.entries.lock().await;
         let entry = entry_mut(&mut entries, name)?;
         stop_runner(entry).await;
+        if let Some(build) = &mut entry.building {
+            stop_build_runner(build).await;
+            let mut state = build.live.state.lock().expect("projection state");
+            state.definition.enabled = false;
+        }
         self.save_definition(entry, DataChange::Keep, |definition| {
             definition.enabled = false;
         })
         .await?;
-        Ok(self.status_of(&entry.live))
+        self.status(name)
     }
 
-    /// Drops state, tables and emitted streams, then reprocesses from position 0.
+    /// Drops state, tables and emitted streams (and a rebuild in progress), then reprocesses
+    /// from position 0.
     pub async fn reset(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
         let mut entries = self.entries.lock().await;
         let entry = entry_mut(&mut entries, name)?;
+        self.drop_build(entry).await?;
+        self.publish(name, entry);
         stop_runner(entry).await;
         self.save_definition(
             entry,
@@ -353,6 +599,9 @@ impl WasmProjections {
         let mut entries = self.entries.lock().await;
         let entry = entry_mut(&mut entries, name)?;
         stop_runner(entry).await;
+        if let Some(build) = &mut entry.building {
+            stop_build_runner(build).await;
+        }
         self.store
             .remove_projection(name.to_owned(), delete_emitted)
             .await?;
@@ -367,11 +616,7 @@ impl WasmProjections {
         name: &str,
         partition: String,
     ) -> Result<Option<Vec<u8>>, ProjectionError> {
-        let data = self.data(name)?;
-        Ok(self
-            .store
-            .blocking(move |store| store.projection_view(data)?.state(&partition))
-            .await?)
+        self.view(name, move |view| view.state(&partition)).await
     }
 
     pub async fn row(
@@ -380,11 +625,7 @@ impl WasmProjections {
         table: String,
         key: String,
     ) -> Result<Option<Vec<u8>>, ProjectionError> {
-        let data = self.data(name)?;
-        Ok(self
-            .store
-            .blocking(move |store| store.projection_view(data)?.row(&table, &key))
-            .await?)
+        self.view(name, move |view| view.row(&table, &key)).await
     }
 
     pub async fn rows(
@@ -395,21 +636,28 @@ impl WasmProjections {
         after: Option<String>,
         limit: usize,
     ) -> Result<RowPage, ProjectionError> {
-        let data = self.data(name)?;
-        Ok(self
-            .store
-            .blocking(move |store| {
-                store
-                    .projection_view(data)?
-                    .rows(&table, &prefix, after.as_deref(), limit)
-            })
-            .await?)
+        self.view(name, move |view| {
+            view.rows(&table, &prefix, after.as_deref(), limit)
+        })
+        .await
     }
 
-    fn data(&self, name: &str) -> Result<u64, ProjectionError> {
-        let live = self.live(name)?;
-        let data = live.state.lock().expect("projection state").data;
-        Ok(data)
+    /// Reads the data the projection serves, on the blocking pool.
+    async fn view<T: Send + 'static>(
+        &self,
+        name: &str,
+        read: impl FnOnce(&ProjectionView) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, ProjectionError> {
+        self.live(name)?;
+        let owned = name.to_owned();
+        let read = self
+            .store
+            .blocking(move |store| match store.served_projection_view(&owned)? {
+                Some(view) => read(&view).map(Some),
+                None => Ok(None),
+            })
+            .await?;
+        read.ok_or_else(|| ProjectionError::NotFound(name.to_owned()))
     }
 
     /// Stops every runner; their last batches commit or are replayed after a restart.
@@ -417,6 +665,9 @@ impl WasmProjections {
         let mut entries = self.entries.lock().await;
         for entry in entries.values_mut() {
             stop_runner(entry).await;
+            if let Some(build) = &mut entry.building {
+                stop_build_runner(build).await;
+            }
         }
     }
 
@@ -470,11 +721,52 @@ impl WasmProjections {
                 return;
             }
         };
-        restart_rate(&entry.live);
-        entry.live.state.lock().expect("projection state").running = true;
+        entry.runner = Some(self.spawn_runner(&entry.live, compiled, index_config, Role::Live));
+    }
+
+    /// Runs the entry's build, unless it faulted or is stopped.
+    fn start_build(&self, entry: &mut Entry) {
+        let Some(build) = &mut entry.building else {
+            return;
+        };
+        {
+            let definition = &build
+                .live
+                .state
+                .lock()
+                .expect("projection state")
+                .definition;
+            if build.runner.is_some() || definition.fault.is_some() || !definition.enabled {
+                return;
+            }
+        }
+        let index_config = match self.store.index_config() {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the category configuration");
+                return;
+            }
+        };
+        let role = Role::Build {
+            switch: self.switches.clone(),
+        };
+        build.runner =
+            Some(self.spawn_runner(&build.live, build.compiled.clone(), index_config, role));
+    }
+
+    fn spawn_runner(
+        &self,
+        live: &Arc<Live>,
+        compiled: Compiled,
+        index_config: crate::store::indexes::IndexConfig,
+        role: Role,
+    ) -> RunnerHandle {
+        restart_rate(live);
+        live.state.lock().expect("projection state").running = true;
         let cancel = CancellationToken::new();
         let runner = Runner {
-            live: entry.live.clone(),
+            role,
+            live: live.clone(),
             store: self.store.clone(),
             runtime: self.runtime.clone(),
             compiled,
@@ -482,12 +774,12 @@ impl WasmProjections {
             cancel: cancel.clone(),
             handle: tokio::runtime::Handle::current(),
         };
-        let live = entry.live.clone();
+        let live = live.clone();
         let task = tokio::task::spawn_blocking(move || {
             runner.run();
             live.state.lock().expect("projection state").running = false;
         });
-        entry.runner = Some(RunnerHandle { cancel, task });
+        RunnerHandle { cancel, task }
     }
 
     fn status_of(&self, live: &Live) -> ProjectionStatus {
@@ -504,6 +796,13 @@ impl WasmProjections {
             RunStatus::Stopped
         };
         let position = state.checkpoint.position;
+        let events_per_second = if state.running {
+            state.rate.per_second()
+        } else {
+            0.0
+        };
+        let eta_seconds = (events_per_second > 0.0 && position < head_position)
+            .then(|| head_position.saturating_sub(position) as f64 / events_per_second);
         ProjectionStatus {
             name: live.name.clone(),
             kind: ProjectionKind::Wasm,
@@ -514,13 +813,11 @@ impl WasmProjections {
             position,
             head_position,
             events_processed: state.checkpoint.events_processed,
-            events_per_second: if state.running {
-                state.rate.per_second()
-            } else {
-                0.0
-            },
+            events_per_second,
+            eta_seconds,
             progress: fraction(position, head_position),
             fault: definition.fault.clone(),
+            rebuild: None,
             digest: None,
         }
     }
@@ -536,10 +833,18 @@ fn entry_mut<'a>(
 }
 
 async fn stop_runner(entry: &mut Entry) {
-    if let Some(runner) = entry.runner.take() {
+    stop(entry.runner.take(), &entry.live.name).await;
+}
+
+async fn stop_build_runner(build: &mut Build) {
+    stop(build.runner.take(), &build.live.name).await;
+}
+
+async fn stop(runner: Option<RunnerHandle>, name: &str) {
+    if let Some(runner) = runner {
         runner.cancel.cancel();
         if let Err(error) = runner.task.await {
-            tracing::error!(projection = %entry.live.name, %error, "projection runner failed");
+            tracing::error!(projection = %name, %error, "projection runner failed");
         }
     }
 }

@@ -41,7 +41,7 @@ use crate::metrics::Metrics;
 use group_data::{GROUPS, PARKED_REASONS, Parking};
 use indexes::{IndexConfig, IndexProgress, SystemIndex};
 use projection_data::{
-    COMPONENTS, DataChange, PROJECTIONS, ProjectionCommit, ProjectionView, SHARDERS,
+    BuildChange, COMPONENTS, DataChange, PROJECTIONS, ProjectionCommit, ProjectionView, SHARDERS,
     StoredProjection,
 };
 pub use read::{AllFilter, Slice};
@@ -481,6 +481,20 @@ impl Store {
         .await
     }
 
+    /// Starts, cancels or switches in a projection's rebuild; returns the data id it concerns.
+    pub async fn build_projection(
+        &self,
+        name: String,
+        change: BuildChange,
+    ) -> Result<u64, StoreError> {
+        self.submit(|reply| writer::Request::BuildProjection {
+            name,
+            change,
+            reply,
+        })
+        .await
+    }
+
     /// Commits a projection's batch: its effects and checkpoint, all or nothing.
     pub async fn commit_projection(&self, commit: ProjectionCommit) -> Result<(), StoreError> {
         self.submit(|reply| writer::Request::CommitProjection { commit, reply })
@@ -609,6 +623,20 @@ impl Store {
     pub fn projection_view(&self, data: u64) -> Result<ProjectionView, StoreError> {
         let txn = self.inner.db.begin_read()?;
         ProjectionView::open(&txn, data)
+    }
+
+    /// A snapshot of the data projection `name` serves now, found in the same read transaction
+    /// as the data itself: a reset or a rebuild's switch is seen whole or not at all. `None`
+    /// when there is no such projection. Blocking.
+    pub fn served_projection_view(&self, name: &str) -> Result<Option<ProjectionView>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = txn.open_table(PROJECTIONS)?;
+        let Some(json) = table.get(name)? else {
+            return Ok(None);
+        };
+        let stored: StoredProjection =
+            serde_json::from_slice(json.value()).map_err(StoreError::storage)?;
+        ProjectionView::open(&txn, stored.data).map(Some)
     }
 
     /// Visits the log's records in `from..to`, in order, until `visit` returns `false`.

@@ -15,6 +15,9 @@
 //! - `projection_rows`: (data id, table, key) → row bytes.
 //! - `projection_outputs`: (data id, stream) → whether it is a stream of links (else of events).
 //! - `sharders`: name → sha256 of its component (in `components` too).
+//! - `projection_shadow_events`, `projection_shadow_links`: (data id, sequence) → what a
+//!   version being rebuilt emitted or linked, held back from the real streams until it takes
+//!   over from the live version.
 
 use redb::{
     ReadOnlyTable, ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction,
@@ -34,6 +37,10 @@ pub(crate) const ROWS: TableDefinition<(u64, &str, &str), &[u8]> =
 pub(crate) const OUTPUTS: TableDefinition<(u64, &str), bool> =
     TableDefinition::new("projection_outputs");
 pub(crate) const SHARDERS: TableDefinition<&str, &str> = TableDefinition::new("sharders");
+pub(crate) const SHADOW_EVENTS: TableDefinition<(u64, u64), &[u8]> =
+    TableDefinition::new("projection_shadow_events");
+pub(crate) const SHADOW_LINKS: TableDefinition<(u64, u64), (&str, u64)> =
+    TableDefinition::new("projection_shadow_links");
 /// `meta` key: the next projection data id.
 pub(crate) const NEXT_DATA_ID: &str = "next_projection_data_id";
 
@@ -44,6 +51,34 @@ pub struct StoredProjection {
     pub data: u64,
     pub component: String,
     pub definition: serde_json::Value,
+    /// A version being rebuilt beside the live one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub building: Option<Building>,
+}
+
+/// A version of a projection built beside the live one, from position 0, in its own data id;
+/// it replaces the live version once it has caught up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Building {
+    pub data: u64,
+    pub component: String,
+    pub definition: serde_json::Value,
+}
+
+/// What happens to a projection's rebuild.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BuildChange {
+    /// Starts building this version from position 0 (dropping a build in progress).
+    Start {
+        component: String,
+        definition: serde_json::Value,
+        component_bytes: Option<Vec<u8>>,
+    },
+    /// Drops the build in progress; the live version carries on.
+    Cancel,
+    /// The build with this data id becomes the live version; its emitted events and links go
+    /// to the real streams, the old version's data is dropped.
+    Switch { data: u64 },
 }
 
 /// How far a projection's data has got.
@@ -84,6 +119,8 @@ pub struct ProjectionCommit {
     pub emits: Vec<(String, NewEvent)>,
     /// (stream of links, position of the linked event), in order.
     pub links: Vec<(String, u64)>,
+    /// A rebuild's batch: emits and links are held in the shadow tables.
+    pub shadow: bool,
 }
 
 impl ProjectionCommit {
@@ -112,6 +149,8 @@ pub(super) struct ProjectionTables<'txn> {
     pub rows: Table<'txn, (u64, &'static str, &'static str), &'static [u8]>,
     pub outputs: Table<'txn, (u64, &'static str), bool>,
     pub sharders: Table<'txn, &'static str, &'static str>,
+    pub shadow_events: Table<'txn, (u64, u64), &'static [u8]>,
+    pub shadow_links: Table<'txn, (u64, u64), (&'static str, u64)>,
 }
 
 impl<'txn> ProjectionTables<'txn> {
@@ -124,7 +163,23 @@ impl<'txn> ProjectionTables<'txn> {
             rows: txn.open_table(ROWS)?,
             outputs: txn.open_table(OUTPUTS)?,
             sharders: txn.open_table(SHARDERS)?,
+            shadow_events: txn.open_table(SHADOW_EVENTS)?,
+            shadow_links: txn.open_table(SHADOW_LINKS)?,
         })
+    }
+
+    pub fn save(&mut self, name: &str, stored: &StoredProjection) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(stored).map_err(StoreError::storage)?;
+        self.projections.insert(name, json.as_slice())?;
+        Ok(())
+    }
+
+    /// A fresh data id with an empty checkpoint.
+    pub fn new_data(&mut self, meta: &mut Table<&'static str, u64>) -> Result<u64, StoreError> {
+        let id = meta.get(NEXT_DATA_ID)?.map_or(0, |id| id.value());
+        meta.insert(NEXT_DATA_ID, id + 1)?;
+        self.checkpoints.insert(id, (0, 0, 0))?;
+        Ok(id)
     }
 
     pub fn load(&self, name: &str) -> Result<Option<StoredProjection>, StoreError> {
@@ -151,6 +206,10 @@ impl<'txn> ProjectionTables<'txn> {
         }
         self.outputs
             .retain_in((data, "")..(data + 1, ""), |_, _| false)?;
+        self.shadow_events
+            .retain_in((data, 0)..(data + 1, 0), |_, _| false)?;
+        self.shadow_links
+            .retain_in((data, 0)..(data + 1, 0), |_, _| false)?;
         Ok(outputs)
     }
 
@@ -161,6 +220,9 @@ impl<'txn> ProjectionTables<'txn> {
             let stored: StoredProjection =
                 serde_json::from_slice(entry?.1.value()).map_err(StoreError::storage)?;
             used.insert(stored.component);
+            if let Some(building) = stored.building {
+                used.insert(building.component);
+            }
         }
         for entry in self.sharders.iter()? {
             used.insert(entry?.1.value().to_owned());

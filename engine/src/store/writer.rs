@@ -6,6 +6,7 @@
 //! rejected request from leaving a partial write. A storage failure aborts the whole transaction
 //! and fails every request of the batch: nothing of it is visible, nothing is acknowledged.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -18,7 +19,7 @@ use super::indexes::{
     CursorTable, IndexConfig, IndexProgress, IndexTables, Indexer, Outputs, SystemIndex,
 };
 use super::projection_data::{
-    DataChange, NEXT_DATA_ID, ProjectionCommit, ProjectionTables, StoredProjection,
+    BuildChange, Building, DataChange, ProjectionCommit, ProjectionTables, StoredProjection,
 };
 use super::record::{EventRecord, StreamState};
 use super::{
@@ -86,6 +87,11 @@ pub(super) enum Request {
         commit: ProjectionCommit,
         reply: Reply<()>,
     },
+    BuildProjection {
+        name: String,
+        change: BuildChange,
+        reply: Reply<u64>,
+    },
     SaveSharder {
         name: String,
         component: String,
@@ -125,6 +131,14 @@ impl Request {
                 component_bytes, ..
             } => component_bytes.as_ref().map_or(0, Vec::len),
             Request::CommitProjection { commit, .. } => commit.payload_bytes(),
+            Request::BuildProjection {
+                change:
+                    BuildChange::Start {
+                        component_bytes: Some(bytes),
+                        ..
+                    },
+                ..
+            } => bytes.len(),
             Request::SaveSharder {
                 component_bytes, ..
             } => component_bytes.len(),
@@ -137,7 +151,8 @@ impl Request {
     /// checkpoint commit together, so a crash merely rewinds it and it replays to the same result.
     fn needs_fsync(&self) -> bool {
         match self {
-            Request::CommitProjection { commit, .. } => !commit.emits.is_empty(),
+            // A rebuild's emits wait in the shadow tables, which replay as the state does.
+            Request::CommitProjection { commit, .. } => !commit.shadow && !commit.emits.is_empty(),
             _ => true,
         }
     }
@@ -151,7 +166,7 @@ impl Request {
                     _ => unreachable!("an append answers with its outcome"),
                 }));
             }
-            Request::SaveProjection { reply, .. } => {
+            Request::SaveProjection { reply, .. } | Request::BuildProjection { reply, .. } => {
                 let _ = reply.send(answer.map(|answer| match answer {
                     Answer::DataId(data) => data,
                     _ => unreachable!("a saved projection answers with its data id"),
@@ -520,6 +535,9 @@ impl Writer {
                     Request::CommitProjection { commit, .. } => self
                         .commit_projection(&mut tables, &txn, commit, now_ms)
                         .map(|()| Answer::Done),
+                    Request::BuildProjection { name, change, .. } => self
+                        .build_projection(&mut tables, &txn, name, change, now_ms)
+                        .map(Answer::DataId),
                     Request::SaveSharder {
                         name,
                         component,
@@ -855,10 +873,7 @@ impl Writer {
                         self.delete_outputs(tables, outputs)?;
                     }
                 }
-                let id = tables.meta.get(NEXT_DATA_ID)?.map_or(0, |id| id.value());
-                tables.meta.insert(NEXT_DATA_ID, id + 1)?;
-                projection.checkpoints.insert(id, (0, 0, 0))?;
-                id
+                projection.new_data(&mut tables.meta)?
             }
         };
         if let (false, Some(bytes)) = (stored_component, component_bytes) {
@@ -868,9 +883,9 @@ impl Writer {
             data,
             component: component.to_owned(),
             definition: definition.clone(),
+            building: existing.and_then(|existing| existing.building),
         };
-        let json = serde_json::to_vec(&stored).map_err(StoreError::storage)?;
-        projection.projections.insert(name, json.as_slice())?;
+        projection.save(name, &stored)?;
         projection.collect_components()?;
         Ok(data)
     }
@@ -889,6 +904,9 @@ impl Writer {
             )));
         };
         let outputs = projection.drop_data(existing.data)?;
+        if let Some(building) = existing.building {
+            projection.drop_data(building.data)?;
+        }
         if delete_outputs {
             self.delete_outputs(tables, outputs)?;
         }
@@ -1013,32 +1031,10 @@ impl Writer {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let data = commit.data;
-        // Consecutive events to one stream are one append.
-        let mut rest = commit.emits.as_slice();
-        while let Some((stream, _)) = rest.first() {
-            let run = rest.iter().take_while(|(to, _)| to == stream).count();
-            let events: Vec<NewEvent> =
-                rest[..run].iter().map(|(_, event)| event.clone()).collect();
-            self.append(tables, stream, ExpectedRevision::Any, &events, now_ms)?;
-            projection.outputs.insert((data, stream.as_str()), false)?;
-            rest = &rest[run..];
-        }
-        if !commit.links.is_empty() {
-            let mut outputs = Outputs::default();
-            let mut index_tables = tables.for_indexes();
-            let mut recorded = std::collections::HashSet::new();
-            for (stream, position) in &commit.links {
-                outputs.add(
-                    &mut index_tables,
-                    &mut self.next_stream_id,
-                    stream,
-                    *position,
-                )?;
-                if recorded.insert(stream.as_str()) {
-                    projection.outputs.insert((data, stream.as_str()), true)?;
-                }
-            }
-            outputs.flush(&mut index_tables)?;
+        if commit.shadow {
+            Self::write_shadow(projection, commit)?;
+        } else {
+            self.write_outputs(tables, projection, commit, now_ms)?;
         }
         for (partition, state) in &commit.states {
             projection
@@ -1082,6 +1078,91 @@ fn save_group(
         .groups
         .insert((stream, group), record)?;
     Ok(())
+}
+
+/// A projection batch's emitted events and links, into their streams.
+impl Writer {
+    fn write_outputs(
+        &mut self,
+        tables: &mut Tables,
+        projection: &mut ProjectionTables,
+        commit: &ProjectionCommit,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let data = commit.data;
+        // Consecutive events to one stream are one append.
+        let mut rest = commit.emits.as_slice();
+        while let Some((stream, _)) = rest.first() {
+            let run = rest.iter().take_while(|(to, _)| to == stream).count();
+            let events: Vec<NewEvent> =
+                rest[..run].iter().map(|(_, event)| event.clone()).collect();
+            self.append(tables, stream, ExpectedRevision::Any, &events, now_ms)?;
+            projection.outputs.insert((data, stream.as_str()), false)?;
+            rest = &rest[run..];
+        }
+        if !commit.links.is_empty() {
+            let mut outputs = Outputs::default();
+            let mut index_tables = tables.for_indexes();
+            let mut recorded = std::collections::HashSet::new();
+            for (stream, position) in &commit.links {
+                outputs.add(
+                    &mut index_tables,
+                    &mut self.next_stream_id,
+                    stream,
+                    *position,
+                )?;
+                if recorded.insert(stream.as_str()) {
+                    projection.outputs.insert((data, stream.as_str()), true)?;
+                }
+            }
+            outputs.flush(&mut index_tables)?;
+        }
+        Ok(())
+    }
+
+    /// A rebuild's emitted events and links, held until the switch.
+    fn write_shadow(
+        projection: &mut ProjectionTables,
+        commit: &ProjectionCommit,
+    ) -> Result<(), StoreError> {
+        let data = commit.data;
+        let first = commit.checkpoint.events_emitted - commit.emits.len() as u64;
+        let mut encoded = Vec::new();
+        for (sequence, (stream, event)) in (first..).zip(&commit.emits) {
+            encoded.clear();
+            shadow_record(stream, event).encode_into(&mut encoded);
+            projection
+                .shadow_events
+                .insert((data, sequence), encoded.as_slice())?;
+        }
+        let next = projection
+            .shadow_links
+            .range((data, 0)..(data + 1, 0))?
+            .next_back()
+            .transpose()?
+            .map_or(0, |(key, _)| key.value().1 + 1);
+        for (sequence, (stream, position)) in (next..).zip(&commit.links) {
+            projection
+                .shadow_links
+                .insert((data, sequence), (stream.as_str(), *position))?;
+        }
+        Ok(())
+    }
+}
+
+/// An emitted event as the shadow table keeps it: the log's record layout, with the target
+/// stream and no revision or time yet.
+fn shadow_record<'a>(stream: &'a str, event: &'a NewEvent) -> EventRecord<'a> {
+    EventRecord {
+        stream,
+        revision: 0,
+        created_ms: 0,
+        id: event.id,
+        event_type: &event.event_type,
+        metadata: &event.metadata,
+        data: &event.data,
+        binary: event.binary,
+    }
 }
 
 /// Removes a stream of links and every link in it; a stream of events is left alone.
@@ -1156,4 +1237,205 @@ impl Writer {
         }
         outputs.flush(&mut index_tables)
     }
+}
+
+/// Rebuilds: a version built beside the live one, then switched in or dropped.
+impl Writer {
+    fn build_projection(
+        &mut self,
+        tables: &mut Tables,
+        txn: &WriteTransaction,
+        name: &str,
+        change: &BuildChange,
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let mut projection = ProjectionTables::open(txn)?;
+        let Some(mut stored) = projection.load(name)? else {
+            return Err(StoreError::InvalidRequest(format!(
+                "no projection is named {name:?}"
+            )));
+        };
+        let data = match change {
+            BuildChange::Start {
+                component,
+                definition,
+                component_bytes,
+            } => {
+                if projection.components.get(component.as_str())?.is_none() {
+                    let Some(bytes) = component_bytes else {
+                        return Err(StoreError::InvalidRequest(format!(
+                            "component {component} is not stored"
+                        )));
+                    };
+                    projection
+                        .components
+                        .insert(component.as_str(), bytes.as_slice())?;
+                }
+                if let Some(previous) = stored.building.take() {
+                    projection.drop_data(previous.data)?;
+                }
+                let data = projection.new_data(&mut tables.meta)?;
+                stored.building = Some(Building {
+                    data,
+                    component: component.clone(),
+                    definition: definition.clone(),
+                });
+                data
+            }
+            BuildChange::Cancel => {
+                let Some(building) = stored.building.take() else {
+                    return Err(StoreError::InvalidRequest(format!(
+                        "{name} is not being rebuilt"
+                    )));
+                };
+                projection.drop_data(building.data)?;
+                stored.data
+            }
+            BuildChange::Switch { data } => {
+                let Some(building) = stored.building.take_if(|b| b.data == *data) else {
+                    return Err(StoreError::InvalidRequest(format!(
+                        "the rebuild of {name} was cancelled or replaced"
+                    )));
+                };
+                let old_outputs = projection.drop_data(stored.data)?;
+                self.take_over_outputs(
+                    tables,
+                    &mut projection,
+                    building.data,
+                    old_outputs,
+                    now_ms,
+                )?;
+                stored.data = building.data;
+                stored.component = building.component;
+                stored.definition = building.definition;
+                building.data
+            }
+        };
+        projection.save(name, &stored)?;
+        projection.collect_components()?;
+        Ok(data)
+    }
+
+    /// Makes the streams the old version wrote hold what the new version produced: a stream
+    /// whose events already are the new ones (or their beginning) keeps them and gets the rest;
+    /// one that differs is soft-deleted and written anew; the old version's streams of links are
+    /// replaced by the new version's.
+    fn take_over_outputs(
+        &mut self,
+        tables: &mut Tables,
+        projection: &mut ProjectionTables,
+        data: u64,
+        old_outputs: Vec<(String, bool)>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut events: BTreeMap<String, Vec<NewEvent>> = BTreeMap::new();
+        for entry in projection.shadow_events.range((data, 0)..(data + 1, 0))? {
+            let (_, bytes) = entry?;
+            let record = EventRecord::decode(bytes.value()).map_err(StoreError::storage)?;
+            events
+                .entry(record.stream.to_owned())
+                .or_default()
+                .push(new_event(&record));
+        }
+        let mut links: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for entry in projection.shadow_links.range((data, 0)..(data + 1, 0))? {
+            let (_, link) = entry?;
+            let (stream, position) = link.value();
+            links.entry(stream.to_owned()).or_default().push(position);
+        }
+        projection
+            .shadow_events
+            .retain_in((data, 0)..(data + 1, 0), |_, _| false)?;
+        projection
+            .shadow_links
+            .retain_in((data, 0)..(data + 1, 0), |_, _| false)?;
+
+        let mut event_streams: Vec<String> = events.keys().cloned().collect();
+        let mut link_streams = Vec::new();
+        for (stream, is_link) in old_outputs {
+            if is_link {
+                link_streams.push(stream);
+            } else if !events.contains_key(&stream) {
+                event_streams.push(stream);
+            }
+        }
+        for stream in event_streams {
+            let new = events.remove(&stream).unwrap_or_default();
+            let visible = visible_events(tables, &stream)?;
+            let same = |(old, new): &(&NewEvent, &NewEvent)| {
+                (&old.event_type, &old.data, &old.metadata, old.binary)
+                    == (&new.event_type, &new.data, &new.metadata, new.binary)
+            };
+            let common = visible.iter().zip(&new).take_while(same).count();
+            let rest = if common == visible.len() {
+                &new[common..]
+            } else {
+                match self.delete(tables, &stream, ExpectedRevision::Any, false) {
+                    Ok(()) | Err(StoreError::StreamNotFound(_)) => {}
+                    Err(error) => return Err(error),
+                }
+                &new[..]
+            };
+            if !rest.is_empty() {
+                self.append(tables, &stream, ExpectedRevision::Any, rest, now_ms)?;
+            }
+            if !new.is_empty() {
+                projection.outputs.insert((data, stream.as_str()), false)?;
+            }
+        }
+        for stream in link_streams {
+            remove_links_stream(tables, &stream)?;
+        }
+        if !links.is_empty() {
+            let mut outputs = Outputs::default();
+            let mut index_tables = tables.for_indexes();
+            for (stream, positions) in &links {
+                for position in positions {
+                    outputs.add(
+                        &mut index_tables,
+                        &mut self.next_stream_id,
+                        stream,
+                        *position,
+                    )?;
+                }
+            }
+            outputs.flush(&mut index_tables)?;
+            for stream in links.keys() {
+                projection.outputs.insert((data, stream.as_str()), true)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn new_event(record: &EventRecord) -> NewEvent {
+    NewEvent {
+        id: record.id,
+        event_type: record.event_type.to_owned(),
+        data: record.data.to_vec(),
+        binary: record.binary,
+        metadata: record.metadata.to_vec(),
+    }
+}
+
+/// The events a read of the stream shows now (none for a stream of links or a deleted one).
+fn visible_events(tables: &Tables, stream: &str) -> Result<Vec<NewEvent>, StoreError> {
+    let Some(state) = tables.stream_state(stream)? else {
+        return Ok(Vec::new());
+    };
+    if state.links || state.tombstoned || state.soft_deleted {
+        return Ok(Vec::new());
+    }
+    let mut events = Vec::new();
+    for revision in state.deleted_before..state.next_revision {
+        let Some(position) = tables.stream_index.get((state.id, revision))? else {
+            continue;
+        };
+        let Some(bytes) = tables.log.get(position.value())? else {
+            continue;
+        };
+        let record = EventRecord::decode(bytes.value()).map_err(StoreError::storage)?;
+        events.push(new_event(&record));
+    }
+    Ok(events)
 }

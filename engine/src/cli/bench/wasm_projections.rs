@@ -366,6 +366,7 @@ async fn native(store: &Store, name: &str, logic: Logic) -> anyhow::Result<u64> 
         };
         store
             .commit_projection(ProjectionCommit {
+                shadow: false,
                 data,
                 from: checkpoint.position,
                 checkpoint: next,

@@ -1,0 +1,237 @@
+//! Rebuilding Wasm projections beside their live version, against the real binary.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Server, guest};
+use serde_json::{Value, json};
+
+/// Writes `orders` orders of `order-<n>` streams: placed, two items, shipped every other one.
+/// Appends go in requests of many streams' events at once, as one request per stream would take
+/// too long for the sizes these tests need.
+async fn write_orders(server: &Server, orders: u64) {
+    for order in 0..orders {
+        let customer = format!("c{}", order % 50);
+        let mut events = vec![
+            json!({"type": "OrderPlaced", "data": {"customer_id": customer, "total_cents": 100}}),
+            json!({"type": "ItemAdded", "data": {"sku": "a", "price_cents": 10}}),
+            json!({"type": "ItemAdded", "data": {"sku": "b", "price_cents": 20}}),
+        ];
+        if order % 2 == 0 {
+            events.push(json!({"type": "OrderShipped", "data": {}}));
+        }
+        let (code, body) = server
+            .post(&format!("/streams/order-{order}"), json!(events))
+            .await;
+        assert_eq!(code, 200, "{body}");
+    }
+}
+
+/// What a reader sees of the model: a few partitions' state and a few rows.
+async fn snapshot(server: &Server, name: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    for order in [0, 1, 7, 42] {
+        let (code, state) = server
+            .get(&format!(
+                "/projections/{name}/state?partition=order-{order}"
+            ))
+            .await;
+        assert_eq!(code, 200, "order-{order}: {state}");
+        seen.push(state);
+    }
+    for customer in ["c0", "c1", "c49"] {
+        let (code, row) = server
+            .get(&format!(
+                "/projections/{name}/tables/by_customer/{customer}"
+            ))
+            .await;
+        assert_eq!(code, 200, "{customer}: {row}");
+        seen.push(row);
+    }
+    seen
+}
+
+async fn projection(server: &Server, name: &str) -> Value {
+    let (code, status) = server.get(&format!("/projections/{name}")).await;
+    assert_eq!(code, 200, "{status}");
+    status
+}
+
+/// While a rebuild runs, every query answers from the complete live model; the switch comes
+/// once the rebuilt version has caught up, and the same component over the same log gives the
+/// same digest and the same emitted streams, without duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_never_see_a_half_built_model() {
+    let server = Server::start();
+    write_orders(&server, 2000).await;
+    let (code, _) = server
+        .deploy("orders", guest("order-summary"), "?emit=true")
+        .await;
+    assert_eq!(code, 201);
+    let built = server.caught_up("orders").await;
+    let model = snapshot(&server, "orders").await;
+    let notified = server.read_everything("notify-c0").await;
+    assert!(!notified.is_empty());
+
+    for round in 0..2 {
+        let (code, started) = server
+            .post("/projections/orders/rebuild", json!(null))
+            .await;
+        assert_eq!(code, 200, "{started}");
+        let mut saw_rebuilding = started["status"] == "rebuilding";
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert_eq!(snapshot(&server, "orders").await, model, "round {round}");
+            let status = projection(&server, "orders").await;
+            if status.get("rebuild").is_none() {
+                assert_eq!(status["status"], "running", "{status}");
+                break;
+            }
+            saw_rebuilding = true;
+            let rebuild = &status["rebuild"];
+            assert!(rebuild["progress"].as_f64().unwrap() <= 1.0);
+            // The live version is complete while the rebuilt one is not yet.
+            assert_eq!(status["position"], status["head_position"], "{status}");
+            assert!(
+                Instant::now() < deadline,
+                "the rebuild did not finish: {status}"
+            );
+        }
+        assert!(saw_rebuilding);
+        let rebuilt = server.caught_up("orders").await;
+        assert_eq!(rebuilt["digest"], built["digest"], "round {round}");
+        assert_eq!(rebuilt["version"], built["version"]);
+        assert_eq!(server.read_everything("notify-c0").await, notified);
+    }
+}
+
+/// Events written while a rebuild runs are in the model after the switch: the rebuilt version
+/// takes over only once it has caught up, and carries on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_switch_waits_for_the_rebuild_to_catch_up() {
+    let server = Server::start();
+    write_orders(&server, 500).await;
+    server.deploy("orders", guest("order-summary"), "").await;
+    server.caught_up("orders").await;
+    server
+        .post("/projections/orders/rebuild", json!(null))
+        .await;
+    // More orders while it rebuilds, and after.
+    for order in 500..700 {
+        let events =
+            json!([{"type": "OrderPlaced", "data": {"customer_id": "late", "total_cents": 5}}]);
+        server
+            .post(&format!("/streams/order-{order}"), events)
+            .await;
+    }
+    let status = server.caught_up("orders").await;
+    assert!(status.get("rebuild").is_none(), "{status}");
+    let (_, late) = server
+        .get("/projections/orders/tables/by_customer/late")
+        .await;
+    assert_eq!(late, json!({"orders": 200, "total_cents": 1000}));
+    // A projection built from scratch over the same log agrees.
+    server.deploy("fresh", guest("order-summary"), "").await;
+    let fresh = server.caught_up("fresh").await;
+    assert_eq!(status["digest"], fresh["digest"]);
+}
+
+/// A stopped projection's rebuild waits; cancelling it drops it and the live version is as it
+/// was. A new version that faults during its rebuild leaves the live version serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancelled_and_faulted_rebuilds_leave_the_live_version_alone() {
+    let server = Server::start();
+    server.append_n("a-1", 10).await;
+    server
+        .post("/streams/a-1", json!({"type": "Poison", "data": {}}))
+        .await;
+    server.append_n("a-1", 19).await;
+    server.deploy("p", guest("event-counter"), "").await;
+    let before = server.caught_up("p").await;
+
+    server.post("/projections/p/stop", json!(null)).await;
+    let (code, status) = server.post("/projections/p/rebuild", json!(null)).await;
+    assert_eq!(code, 200, "{status}");
+    assert_eq!(status["rebuild"]["status"], "stopped", "{status}");
+    assert_eq!(status["rebuild"]["position"], 0);
+    let response = server
+        .http
+        .delete(server.url("/projections/p/rebuild"))
+        .send()
+        .await
+        .unwrap();
+    let (code, status) = common::status_and_json(response).await;
+    assert_eq!(code, 200, "{status}");
+    assert!(status.get("rebuild").is_none(), "{status}");
+    let (code, _) = server.delete("/projections/p/rebuild").await;
+    assert_eq!(code, 400, "nothing left to cancel");
+    server.post("/projections/p/start", json!(null)).await;
+    let after = server.caught_up("p").await;
+    assert_eq!(after["digest"], before["digest"]);
+    assert_eq!(after["version"], 1);
+
+    // Version 2 traps on the Poison event while it rebuilds: version 1 keeps answering.
+    let (code, deployed) = server.deploy("p", guest("fixture-trap"), "").await;
+    assert_eq!(code, 200, "{deployed}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = projection(&server, "p").await;
+        if !status["rebuild"]["fault"].is_null() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status["status"], "running", "{status}");
+    assert_eq!(status["version"], 1);
+    assert_eq!(status["rebuild"]["version"], 2);
+    assert_eq!(status["rebuild"]["status"], "faulted");
+    assert_eq!(status["rebuild"]["fault"]["position"], 10);
+    let (_, counts) = server.get("/projections/p/state").await;
+    assert_eq!(counts["count"], 30);
+    server.delete("/projections/p/rebuild").await;
+    assert!(status_of_p_has_no_rebuild(&server).await);
+}
+
+async fn status_of_p_has_no_rebuild(server: &Server) -> bool {
+    projection(server, "p").await.get("rebuild").is_none()
+}
+
+/// `kill -9` in the middle of a rebuild: after the restart the rebuild resumes from its own
+/// checkpoint, the live version is untouched meanwhile, and the result is the same model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_resumes_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_in(dir.path(), &[]);
+    write_orders(&server, 6000).await;
+    server
+        .deploy("orders", guest("order-summary"), "?emit=true")
+        .await;
+    let built = server.caught_up("orders").await;
+    let model = snapshot(&server, "orders").await;
+    let notified = server.read_everything("notify-c2").await;
+    server
+        .post("/projections/orders/rebuild", json!(null))
+        .await;
+    // Kill it once the rebuild has committed a batch and before it is done.
+    let head = built["head_position"].as_u64().unwrap();
+    loop {
+        let status = projection(&server, "orders").await;
+        let position = status["rebuild"]["position"].as_u64().unwrap_or(head);
+        assert!(
+            position < head,
+            "the rebuild finished before the kill: {status}"
+        );
+        if position > 0 {
+            break;
+        }
+    }
+    server.kill();
+    let server = Server::start_in(dir.path(), &[]);
+    // The rebuild is still there (from its last durable checkpoint) or has already switched.
+    assert_eq!(snapshot(&server, "orders").await, model);
+    let rebuilt = server.caught_up("orders").await;
+    assert_eq!(rebuilt["digest"], built["digest"]);
+    assert_eq!(server.read_everything("notify-c2").await, notified);
+}
