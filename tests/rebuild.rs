@@ -235,3 +235,40 @@ async fn a_rebuild_resumes_after_kill_9() {
     assert_eq!(rebuilt["digest"], built["digest"]);
     assert_eq!(server.read_everything("notify-c2").await, notified);
 }
+
+/// At the switch the emitted streams become what the new version emits: streams the old version
+/// wrote and the new one does not are deleted, new ones appear, and none appear before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn emitted_streams_follow_the_version_that_takes_over() {
+    let server = Server::start();
+    write_orders(&server, 200).await;
+    server.deploy("orders", guest("order-summary"), "").await;
+    server.caught_up("orders").await;
+    let (code, _) = server.get("/streams/notify-c0").await;
+    assert_eq!(code, 404, "version 1 may not emit");
+
+    // Version 2 may emit: its notifications appear with the switch, once each.
+    let (code, deployed) = server
+        .deploy("orders", guest("order-summary"), "?emit=true")
+        .await;
+    assert_eq!(code, 200, "{deployed}");
+    let switched = server.caught_up("orders").await;
+    assert_eq!(switched["version"], 2);
+    let notified = server.read_everything("notify-c0").await;
+    let orders: Vec<&str> = notified
+        .iter()
+        .map(|event| event["data"]["order"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..200)
+        .step_by(50)
+        .map(|order| format!("order-{order}"))
+        .collect();
+    assert_eq!(orders, expected);
+
+    // Version 3 may not emit: the notifications go with version 2.
+    server.deploy("orders", guest("order-summary"), "").await;
+    let switched = server.caught_up("orders").await;
+    assert_eq!(switched["version"], 3);
+    let (code, _) = server.get("/streams/notify-c0").await;
+    assert_eq!(code, 404);
+}
