@@ -4,6 +4,7 @@
 //! startup measurement, which starts the real binary on the many-streams store.
 
 mod groups;
+mod rebuild;
 mod sharding;
 mod wasm_projections;
 
@@ -47,8 +48,11 @@ pub struct BenchArgs {
     /// event-counter -p order-summary`).
     #[arg(long, default_value = "target/wasm32-wasip2/guest")]
     guests: PathBuf,
+    /// Log sizes of the rebuild scenario (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1000000,10000000")]
+    rebuild_events: Vec<u64>,
     /// Run only these scenarios (comma-separated): single, batch, read, streams, projections,
-    /// wasm, sharding, groups.
+    /// wasm, rebuild, sharding, groups.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -119,6 +123,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.wants("wasm") {
         println!("wasm projections, {} events:", args.wasm_events);
         wasm_projections::run(&dir.join("wasm"), &args.guests, args.wasm_events).await?;
+    }
+    if args.wants("rebuild") {
+        println!("rebuilds:");
+        rebuild::run(&dir.join("rebuild"), &args.guests, &args.rebuild_events).await?;
     }
     if args.wants("sharding") {
         println!("sharding:");

@@ -116,7 +116,7 @@ fn processed(projections: &Projections, name: &str) -> anyhow::Result<u64> {
 }
 
 /// Orders of seven events (placed, five items, shipped) over 10,000 customers.
-async fn write_orders(store: &Store, events: u64) -> anyhow::Result<()> {
+pub(super) async fn write_orders(store: &Store, events: u64) -> anyhow::Result<()> {
     let orders = events.div_ceil(7);
     let writers = 8;
     let mut tasks = Vec::new();

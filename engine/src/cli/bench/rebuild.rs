@@ -1,0 +1,91 @@
+//! Rebuilds: the time to rebuild `event-counter` and `order-summary` beside their live versions
+//! until the switch, next to a raw scan of the same log in the same run.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use super::wasm_projections::write_orders;
+use crate::metrics::Metrics;
+use crate::projections::component::{Runtime, Sandbox};
+use crate::projections::{DeployOptions, Projections};
+use crate::store::{Store, StoreOptions};
+
+pub async fn run(dir: &Path, guests: &Path, sizes: &[u64]) -> anyhow::Result<()> {
+    let read_guest = |name: &str| {
+        let path = guests.join(format!("{name}.wasm"));
+        std::fs::read(&path).with_context(|| {
+            format!(
+                "cannot read {}; build the guests first: cargo build --profile guest \
+                 --target wasm32-wasip2 -p event-counter -p order-summary",
+                path.display()
+            )
+        })
+    };
+    let guests = [
+        ("event-counter", read_guest("event_counter")?),
+        ("order-summary", read_guest("order_summary")?),
+    ];
+    for &events in sizes {
+        let dir = dir.join(format!("rebuild-{events}"));
+        let store = Store::open(&dir, StoreOptions::default(), Arc::new(Metrics::new()))?;
+        write_orders(&store, events).await?;
+        let head = store.head();
+        let started = Instant::now();
+        let mut scanned = 0u64;
+        tokio::task::block_in_place(|| {
+            store.scan_log(0, head, |_, record| {
+                std::hint::black_box(record);
+                scanned += 1;
+                true
+            })
+        })?;
+        let scan = started.elapsed();
+        let scan_rate = scanned as f64 / scan.as_secs_f64();
+        println!("  {head} events: raw $all scan {scan:.2?} ({scan_rate:.0} events/s)");
+        let runtime = Runtime::new(dir.join("compiled"), Sandbox::default())?;
+        let projections = Projections::open(store.clone(), runtime).await?;
+        for (name, component) in &guests {
+            projections
+                .deploy(name, component.clone(), DeployOptions::default())
+                .await?;
+            wait(&projections, name, head, false).await?;
+            let started = Instant::now();
+            projections.rebuild(name).await?;
+            wait(&projections, name, head, true).await?;
+            let rebuild = started.elapsed();
+            let rate = head as f64 / rebuild.as_secs_f64();
+            println!(
+                "  {name:<14} rebuild until the switch: {rebuild:.2?} ({rate:.0} events/s, {:.2} of the raw scan's rate)",
+                rate / scan_rate
+            );
+        }
+        projections.shutdown().await;
+        store.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Waits until `name` has processed the log up to `head` (and, with `rebuilt`, switched).
+async fn wait(
+    projections: &Projections,
+    name: &str,
+    head: u64,
+    rebuilt: bool,
+) -> anyhow::Result<()> {
+    loop {
+        let status = projections.status(name)?;
+        if let Some(fault) = status.fault {
+            anyhow::bail!("{name} faulted: {}", fault.message);
+        }
+        if let Some(fault) = status.rebuild.as_ref().and_then(|r| r.fault.as_ref()) {
+            anyhow::bail!("the rebuild of {name} faulted: {}", fault.message);
+        }
+        if status.position >= head && (!rebuilt || status.rebuild.is_none()) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
