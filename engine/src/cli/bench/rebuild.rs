@@ -5,28 +5,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-
-use super::wasm_projections::write_orders;
+use super::wasm_projections::{read_guest, write_orders};
 use crate::metrics::Metrics;
 use crate::projections::component::{Runtime, Sandbox};
 use crate::projections::{DeployOptions, Projections};
 use crate::store::{Store, StoreOptions};
 
 pub async fn run(dir: &Path, guests: &Path, sizes: &[u64]) -> anyhow::Result<()> {
-    let read_guest = |name: &str| {
-        let path = guests.join(format!("{name}.wasm"));
-        std::fs::read(&path).with_context(|| {
-            format!(
-                "cannot read {}; build the guests first: cargo build --profile guest \
-                 --target wasm32-wasip2 -p event-counter -p order-summary",
-                path.display()
-            )
-        })
-    };
     let guests = [
-        ("event-counter", read_guest("event_counter")?),
-        ("order-summary", read_guest("order_summary")?),
+        ("event-counter", read_guest(guests, "event_counter")?),
+        ("order-summary", read_guest(guests, "order_summary")?),
     ];
     for &events in sizes {
         let dir = dir.join(format!("rebuild-{events}"));

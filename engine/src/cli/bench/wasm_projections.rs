@@ -23,18 +23,8 @@ use crate::store::{ExpectedRevision, NewEvent, Store, StoreOptions};
 const BATCH_EVENTS: usize = 4096;
 
 pub async fn run(dir: &Path, guests: &Path, events: u64) -> anyhow::Result<()> {
-    let read_guest = |name: &str| {
-        let path = guests.join(format!("{name}.wasm"));
-        std::fs::read(&path).with_context(|| {
-            format!(
-                "cannot read {}; build the guests first: cargo build --profile guest \
-                 --target wasm32-wasip2 -p event-counter -p order-summary",
-                path.display()
-            )
-        })
-    };
-    let counter = read_guest("event_counter")?;
-    let orders = read_guest("order_summary")?;
+    let counter = read_guest(guests, "event_counter")?;
+    let orders = read_guest(guests, "order_summary")?;
 
     let store = Store::open(dir, StoreOptions::default(), Arc::new(Metrics::new()))?;
     let started = Instant::now();
@@ -109,6 +99,18 @@ pub async fn run(dir: &Path, guests: &Path, events: u64) -> anyhow::Result<()> {
     reopened.shutdown().await;
     store.shutdown().await;
     Ok(())
+}
+
+/// A built guest's component, e.g. `event_counter`.
+pub(super) fn read_guest(guests: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
+    let path = guests.join(format!("{name}.wasm"));
+    std::fs::read(&path).with_context(|| {
+        format!(
+            "cannot read {}; build the guests first: cargo build --profile guest \
+             --target wasm32-wasip2 -p event-counter -p order-summary",
+            path.display()
+        )
+    })
 }
 
 fn processed(projections: &Projections, name: &str) -> anyhow::Result<u64> {
