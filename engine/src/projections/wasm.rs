@@ -153,9 +153,15 @@ impl WasmProjections {
                 building: None,
             };
             if let Some(building) = building {
-                match projections.compile_stored(&building.component).await {
-                    Ok(compiled) => {
-                        let definition = serde_json::from_value(building.definition)?;
+                let compiled = projections.compile_stored(&building.component).await;
+                let definition = serde_json::from_value::<Definition>(building.definition);
+                let loaded = match (compiled, definition) {
+                    (Ok(compiled), Ok(definition)) => Ok((compiled, definition)),
+                    (Err(error), _) => Err(format!("{error:#}")),
+                    (_, Err(error)) => Err(error.to_string()),
+                };
+                match loaded {
+                    Ok((compiled, definition)) => {
                         let checkpoint = projections.checkpoint(building.data).await?;
                         entry.building = Some(Build {
                             live: Arc::new(Live {
@@ -174,7 +180,7 @@ impl WasmProjections {
                         });
                     }
                     Err(error) => {
-                        tracing::error!(projection = %name, error = format!("{error:#}"), "cannot load the rebuild's component; the rebuild is dropped");
+                        tracing::error!(projection = %name, %error, "cannot load the rebuild; it is dropped");
                         projections
                             .store
                             .build_projection(name.clone(), BuildChange::Cancel)
