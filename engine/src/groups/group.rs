@@ -669,7 +669,9 @@ impl Group {
             return;
         }
         let strategy = self.settings().strategy.clone();
-        let keys: Vec<Key> = self.ready.iter().copied().collect();
+        // Without buckets any consumer with room takes any message: the first `left` will do.
+        let wanted = if self.bucketed() { usize::MAX } else { left };
+        let keys: Vec<Key> = self.ready.iter().copied().take(wanted).collect();
         for key in keys {
             if left == 0 {
                 break;
