@@ -74,6 +74,9 @@ pub(super) struct WasmProjections {
     lives: Mutex<BTreeMap<String, Lives>>,
     /// Builds that caught up ask here to replace their live version: (name, data id).
     switches: tokio::sync::mpsc::UnboundedSender<(String, u64)>,
+    /// The last digest of each projection, with the data id and position it is of: a model
+    /// that has not moved is not hashed again (progress bars ask for the status often).
+    digests: Mutex<BTreeMap<String, (u64, u64, String)>>,
 }
 
 pub fn validate_name(name: &str) -> Result<(), String> {
@@ -102,6 +105,7 @@ impl WasmProjections {
             entries: tokio::sync::Mutex::new(BTreeMap::new()),
             lives: Mutex::new(BTreeMap::new()),
             switches,
+            digests: Mutex::new(BTreeMap::new()),
         });
         let weak: Weak<WasmProjections> = Arc::downgrade(&projections);
         tokio::spawn(async move {
@@ -507,10 +511,29 @@ impl WasmProjections {
         &self,
         name: &str,
     ) -> Result<ProjectionStatus, ProjectionError> {
-        let (checkpoint, digest) = self
-            .view(name, |view| Ok((view.checkpoint()?, view.digest()?)))
-            .await?;
+        // The status first: the snapshot after it is as new or newer, so its position only
+        // moves the status forward.
         let mut status = self.status(name)?;
+        let cached = self.digests.lock().expect("digests").get(name).cloned();
+        let (data, checkpoint, digest) = self
+            .view(name, move |view| {
+                let checkpoint = view.checkpoint()?;
+                let position = checkpoint.map(|checkpoint| checkpoint.position);
+                let digest = match cached {
+                    Some((data, at, digest)) if data == view.data() && Some(at) == position => {
+                        digest
+                    }
+                    _ => view.digest()?,
+                };
+                Ok((view.data(), checkpoint, digest))
+            })
+            .await?;
+        if let Some(checkpoint) = checkpoint {
+            self.digests
+                .lock()
+                .expect("digests")
+                .insert(name.to_owned(), (data, checkpoint.position, digest.clone()));
+        }
         // The data may have moved on (or been reset) since: report the snapshot's position.
         if let Some(checkpoint) = checkpoint {
             status.position = checkpoint.position;
@@ -613,6 +636,7 @@ impl WasmProjections {
             .await?;
         entries.remove(name);
         self.lives.lock().expect("projections").remove(name);
+        self.digests.lock().expect("digests").remove(name);
         Ok(())
     }
 

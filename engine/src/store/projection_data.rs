@@ -258,6 +258,11 @@ impl ProjectionView {
         })
     }
 
+    /// The data id this view reads.
+    pub fn data(&self) -> u64 {
+        self.data
+    }
+
     /// `None` when the data id no longer exists (the projection was reset or deleted).
     pub fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
         Ok(self.checkpoints.get(self.data)?.map(|stored| {
