@@ -306,23 +306,19 @@ impl Group {
                 let kind = Kind::Push { sender, buffer };
                 let _ = reply.send(self.join(&consumer, kind).map(|()| receiver));
             }
-            Command::Ack { ids, reply } => match self.ack(&ids) {
-                Ok(()) => self.unwritten.push(reply),
-                Err(error) => {
-                    let _ = reply.send(Err(error));
-                }
-            },
+            Command::Ack { ids, reply } => {
+                let acked = self.ack(&ids);
+                self.answer_when_written(acked, reply);
+            }
             Command::Nack {
                 ids,
                 action,
                 reason,
                 reply,
-            } => match self.nack(&ids, action, &reason).await {
-                Ok(()) => self.unwritten.push(reply),
-                Err(error) => {
-                    let _ = reply.send(Err(error));
-                }
-            },
+            } => {
+                let nacked = self.nack(&ids, action, &reason).await;
+                self.answer_when_written(nacked, reply);
+            }
             Command::Update {
                 settings,
                 sharder,
@@ -337,6 +333,21 @@ impl Group {
                 let _ = reply.send(self.info());
             }
             Command::Stop { .. } => unreachable!("handled by the loop"),
+        }
+    }
+
+    /// A refused ack or nack is answered at once; an accepted one once the next write of the
+    /// record has made it durable.
+    fn answer_when_written(
+        &mut self,
+        result: Result<(), GroupError>,
+        reply: oneshot::Sender<Result<(), GroupError>>,
+    ) {
+        match result {
+            Ok(()) => self.unwritten.push(reply),
+            Err(error) => {
+                let _ = reply.send(Err(error));
+            }
         }
     }
 
@@ -1130,13 +1141,11 @@ impl Group {
         self.sharder = sharder;
         let new = self.settings().clone();
         if new.strategy != old.strategy {
-            let keys: Vec<Key> = self.messages.keys().copied().collect();
-            for key in keys {
-                match self.bucket_of(&self.messages[&key].event) {
-                    Ok(bucket) if self.messages[&key].holder.is_none() => {
-                        self.messages.get_mut(&key).expect("a message").bucket = bucket;
-                    }
-                    _ => {}
+            // Held messages keep the bucket they were delivered under until they finish.
+            let waiting: Vec<Key> = self.ready.iter().copied().collect();
+            for key in waiting {
+                if let Ok(bucket) = self.bucket_of(&self.messages[&key].event) {
+                    self.messages.get_mut(&key).expect("a message").bucket = bucket;
                 }
             }
             self.assign_buckets();

@@ -317,8 +317,7 @@ impl WasmProjections {
         entry.compiled = Some(compiled);
         self.start_if_runnable(entry).await;
         self.publish(name, entry);
-        let status = self.status_of(&entry.live);
-        Ok((created, status))
+        Ok((created, self.status(name)?))
     }
 
     /// Rebuilds a projection with its current component beside the live version.
@@ -621,7 +620,7 @@ impl WasmProjections {
         )
         .await?;
         self.start_if_runnable(entry).await;
-        Ok(self.status_of(&entry.live))
+        self.status(name)
     }
 
     pub async fn delete(&self, name: &str, delete_emitted: bool) -> Result<(), ProjectionError> {

@@ -36,8 +36,14 @@ impl<'txn> GroupTables<'txn> {
         })
     }
 
-    pub fn exists(&self, stream: &str, group: &str) -> Result<bool, StoreError> {
-        Ok(self.groups.get((stream, group))?.is_some())
+    /// Refuses a request for a group that is not stored.
+    pub fn require(&self, stream: &str, group: &str) -> Result<(), StoreError> {
+        match self.groups.get((stream, group))? {
+            Some(_) => Ok(()),
+            None => Err(StoreError::InvalidRequest(format!(
+                "no group {group:?} on {stream:?}"
+            ))),
+        }
     }
 
     /// Removes a group's record and reasons.

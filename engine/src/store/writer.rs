@@ -1190,11 +1190,7 @@ impl Writer {
         parked_stream: &str,
     ) -> Result<(), StoreError> {
         let mut groups = GroupTables::open(txn)?;
-        if !groups.exists(stream, group)? {
-            return Err(StoreError::InvalidRequest(format!(
-                "no group {group:?} on {stream:?}"
-            )));
-        }
+        groups.require(stream, group)?;
         groups.remove(stream, group)?;
         remove_links_stream(tables, parked_stream)
     }
@@ -1208,11 +1204,7 @@ impl Writer {
     ) -> Result<(), StoreError> {
         let mut groups = GroupTables::open(txn)?;
         let (stream, group) = (parking.stream.as_str(), parking.group.as_str());
-        if !groups.exists(stream, group)? {
-            return Err(StoreError::InvalidRequest(format!(
-                "no group {group:?} on {stream:?}"
-            )));
-        }
+        groups.require(stream, group)?;
         if let Some((position, _)) = parking
             .messages
             .iter()
