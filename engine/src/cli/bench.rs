@@ -160,6 +160,7 @@ impl BenchServer {
             store: StoreOptions::default(),
             sse_heartbeat: Duration::from_secs(15),
             sandbox: Sandbox::default(),
+            partition_workers: super::default_partition_workers(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready, address) = oneshot::channel();

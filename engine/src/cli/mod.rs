@@ -107,6 +107,11 @@ struct ServeArgs {
     /// milliseconds; past it the projection faults.
     #[arg(long, default_value_t = 10_000)]
     guest_timeout_ms: u64,
+    /// Instances (each on a thread) that run the partitions of a partitioned Wasm projection side
+    /// by side while it catches up or rebuilds; 1 runs every batch in log order. Default: half
+    /// the cores, as reading ahead and committing keep the other half busy.
+    #[arg(long, value_name = "N")]
+    projection_workers: Option<usize>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -441,8 +446,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             memory_bytes: args.guest_memory_mib.max(1) << 20,
             call_timeout: std::time::Duration::from_millis(args.guest_timeout_ms.max(10)),
         },
+        partition_workers: args
+            .projection_workers
+            .unwrap_or_else(default_partition_workers),
     };
     crate::http::serve(config).await
+}
+
+pub fn default_partition_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |cores| (cores.get() / 2).max(1))
 }
 
 impl ClientArgs {

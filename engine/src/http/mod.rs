@@ -191,6 +191,8 @@ pub struct ServeConfig {
     pub sse_heartbeat: Duration,
     /// Limits for Wasm guests.
     pub sandbox: Sandbox,
+    /// Threads a partitioned projection's batches run on (1: in log order on one).
+    pub partition_workers: usize,
 }
 
 /// Runs the server until SIGTERM or Ctrl-C, then drains requests and closes the store.
@@ -217,7 +219,8 @@ pub async fn serve_until(
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let address = listener.local_addr()?;
     let runtime = Runtime::new(config.data_dir.join("compiled"), config.sandbox)
-        .context("cannot start the WebAssembly runtime")?;
+        .context("cannot start the WebAssembly runtime")?
+        .with_partition_workers(config.partition_workers);
     let sharders = Sharders::open(store.clone(), runtime.guest_engine().clone())
         .await
         .context("cannot load the sharders")?;

@@ -2,7 +2,8 @@
 //! ([`crate::sandbox`]), and instances whose imports write into a batch that commits atomically.
 //! A trap, the deadline or the memory limit fails the call, which faults that projection only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -28,13 +29,16 @@ pub use self::refract::projection::types::{Partitioning, Source};
 
 /// Most bytes one batch may hold in pending state, rows and emitted events; a guest writing more
 /// is stopped rather than allowed to exhaust the server's memory.
-const MAX_BATCH_WRITE_BYTES: usize = 256 * 1024 * 1024;
+pub const MAX_BATCH_WRITE_BYTES: usize = 256 * 1024 * 1024;
 
 /// The engine and linker of projections. Cheap to clone.
 #[derive(Clone)]
 pub struct Runtime {
     engine: GuestEngine,
     linker: Arc<Linker<HostState>>,
+    /// Instances (and threads) that run the partitions of a batch side by side; 1 runs every
+    /// batch in log order on one instance.
+    partition_workers: usize,
 }
 
 /// A validated, compiled projection component, ready to instantiate.
@@ -67,7 +71,19 @@ impl Runtime {
         Ok(Runtime {
             engine,
             linker: Arc::new(linker),
+            partition_workers: 1,
         })
+    }
+
+    /// Runs the partitions of partitioned projections on `workers` instances and threads (1: in
+    /// log order on the runner's).
+    pub fn with_partition_workers(mut self, workers: usize) -> Runtime {
+        self.partition_workers = workers.max(1);
+        self
+    }
+
+    pub fn partition_workers(&self) -> usize {
+        self.partition_workers
     }
 
     pub fn sandbox(&self) -> Sandbox {
@@ -187,18 +203,78 @@ impl Instance {
         batch.emitted_before = emitted_before;
     }
 
+    /// Starts a window of a batch run on several instances: the instance's own writes start
+    /// empty, reads fall through to `earlier` (the windows before, merged) and then the view,
+    /// and the keys it reads and writes are recorded for [`Instance::take_window`].
+    pub fn begin_window(&mut self, earlier: Arc<Pending>, emitted_before: u64) {
+        let batch = &mut self.store.data_mut().batch;
+        batch.clear_writes();
+        batch.bytes = earlier.bytes;
+        batch.earlier = Some(earlier);
+        batch.emitted_before = emitted_before;
+        batch.access = Some(Access::default());
+    }
+
+    /// Takes a window's writes and the keys it touched; the view stays for the next window.
+    pub fn take_window(&mut self) -> (Writes, Access) {
+        let batch = &mut self.store.data_mut().batch;
+        let access = batch.access.take().unwrap_or_default();
+        let writes = batch.take_writes();
+        (writes, access)
+    }
+
     /// Takes the batch's writes, leaving it empty.
     pub fn take(&mut self) -> Writes {
         let batch = &mut self.store.data_mut().batch;
-        let writes = Writes {
-            states: batch.states.drain().collect(),
-            rows: batch.rows.drain().collect(),
-            emits: std::mem::take(&mut batch.emits),
-            links: std::mem::take(&mut batch.links),
-        };
+        let writes = batch.take_writes();
         batch.clear();
         writes
     }
+}
+
+/// The merged writes of the earlier windows of a batch run on several instances.
+#[derive(Debug, Default)]
+pub struct Pending {
+    pub states: HashMap<String, Vec<u8>>,
+    pub rows: HashMap<(String, String), Option<Vec<u8>>>,
+    /// What the writes were accounted as, against the batch's limit.
+    pub bytes: usize,
+}
+
+impl Pending {
+    /// Adds a window's state and row writes (emits and links are the caller's to order).
+    pub fn merge(&mut self, writes: &mut Writes) {
+        self.states.extend(writes.states.drain(..));
+        self.rows.extend(writes.rows.drain(..));
+        self.bytes += writes.bytes;
+    }
+
+    pub fn into_writes(self) -> (Vec<(String, Vec<u8>)>, Vec<RowChange>) {
+        (
+            self.states.into_iter().collect(),
+            self.rows.into_iter().collect(),
+        )
+    }
+}
+
+/// The state partitions and rows a window read and wrote, as hashes of their addresses: two
+/// different addresses with the same hash only make a window look like it conflicts.
+#[derive(Debug, Default)]
+pub struct Access {
+    pub reads: HashSet<u64>,
+    pub writes: HashSet<u64>,
+}
+
+fn state_address(partition: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    (0u8, partition).hash(&mut hasher);
+    hasher.finish()
+}
+
+fn row_address(table: &str, key: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    (1u8, table, key).hash(&mut hasher);
+    hasher.finish()
 }
 
 /// What a batch wrote.
@@ -208,6 +284,8 @@ pub struct Writes {
     pub rows: Vec<RowChange>,
     pub emits: Vec<(String, NewEvent)>,
     pub links: Vec<(String, u64)>,
+    /// What the writes were accounted as, against the batch's limit.
+    pub bytes: usize,
 }
 
 pub struct HostState {
@@ -236,6 +314,10 @@ impl WasiView for HostState {
 struct Batch {
     setup: InstanceSetup,
     view: Option<ProjectionView>,
+    /// In a window of a batch run on several instances: the earlier windows' writes.
+    earlier: Option<Arc<Pending>>,
+    /// In such a window: what this instance read and wrote.
+    access: Option<Access>,
     states: HashMap<String, Vec<u8>>,
     rows: HashMap<(String, String), Option<Vec<u8>>>,
     emits: Vec<(String, NewEvent)>,
@@ -251,6 +333,8 @@ impl Batch {
         Batch {
             setup,
             view: None,
+            earlier: None,
+            access: None,
             states: HashMap::new(),
             rows: HashMap::new(),
             emits: Vec::new(),
@@ -263,11 +347,41 @@ impl Batch {
 
     fn clear(&mut self) {
         self.view = None;
+        self.clear_writes();
+    }
+
+    fn clear_writes(&mut self) {
+        self.earlier = None;
+        self.access = None;
         self.states.clear();
         self.rows.clear();
         self.emits.clear();
         self.links.clear();
         self.bytes = 0;
+    }
+
+    /// The writes so far; the bytes are those accounted since the window's earlier writes.
+    fn take_writes(&mut self) -> Writes {
+        let earlier = self.earlier.take().map_or(0, |earlier| earlier.bytes);
+        Writes {
+            states: self.states.drain().collect(),
+            rows: self.rows.drain().collect(),
+            emits: std::mem::take(&mut self.emits),
+            links: std::mem::take(&mut self.links),
+            bytes: std::mem::take(&mut self.bytes) - earlier,
+        }
+    }
+
+    fn read(&mut self, address: impl FnOnce() -> u64) {
+        if let Some(access) = &mut self.access {
+            access.reads.insert(address());
+        }
+    }
+
+    fn wrote(&mut self, address: impl FnOnce() -> u64) {
+        if let Some(access) = &mut self.access {
+            access.writes.insert(address());
+        }
     }
 
     fn account(&mut self, bytes: usize) -> wasmtime::Result<()> {
@@ -309,7 +423,16 @@ impl self::refract::projection::types::Host for HostState {}
 
 impl self::refract::projection::host::Host for HostState {
     fn get_state(&mut self, partition: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        self.batch.read(|| state_address(&partition));
         if let Some(state) = self.batch.states.get(&partition) {
+            return Ok(Some(state.clone()));
+        }
+        if let Some(state) = self
+            .batch
+            .earlier
+            .as_ref()
+            .and_then(|e| e.states.get(&partition))
+        {
             return Ok(Some(state.clone()));
         }
         Ok(self.batch.view()?.state(&partition)?)
@@ -317,26 +440,39 @@ impl self::refract::projection::host::Host for HostState {
 
     fn set_state(&mut self, partition: String, state: Vec<u8>) -> wasmtime::Result<()> {
         self.batch.account(partition.len() + state.len())?;
+        self.batch.wrote(|| state_address(&partition));
         self.batch.states.insert(partition, state);
         Ok(())
     }
 
     fn table_get(&mut self, table: String, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
-        if let Some(row) = self.batch.rows.get(&(table.clone(), key.clone())) {
+        self.batch.read(|| row_address(&table, &key));
+        let address = (table, key);
+        if let Some(row) = self.batch.rows.get(&address) {
             return Ok(row.clone());
         }
-        Ok(self.batch.view()?.row(&table, &key)?)
+        if let Some(row) = self
+            .batch
+            .earlier
+            .as_ref()
+            .and_then(|e| e.rows.get(&address))
+        {
+            return Ok(row.clone());
+        }
+        Ok(self.batch.view()?.row(&address.0, &address.1)?)
     }
 
     fn table_put(&mut self, table: String, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
         validate_row_address(&table, &key)?;
         self.batch.account(table.len() + key.len() + value.len())?;
+        self.batch.wrote(|| row_address(&table, &key));
         self.batch.rows.insert((table, key), Some(value));
         Ok(())
     }
 
     fn table_delete(&mut self, table: String, key: String) -> wasmtime::Result<()> {
         self.batch.account(table.len() + key.len())?;
+        self.batch.wrote(|| row_address(&table, &key));
         self.batch.rows.insert((table, key), None);
         Ok(())
     }

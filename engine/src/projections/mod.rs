@@ -83,6 +83,21 @@ pub struct ProjectionStatus {
     /// `position`. The same component over the same log gives the same digest.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// For a partitioned projection whose batches ran on several workers since it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<ParallelStatus>,
+}
+
+/// How a partitioned projection's batches ran on the partition workers: in windows of a few
+/// hundred events, each worker taking the partitions hashed to it. A window in which workers
+/// touched the same state or row, or more than one emitted, runs again in log order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ParallelStatus {
+    pub workers: usize,
+    /// Events kept as the workers ran them.
+    pub parallel_events: u64,
+    /// Events of windows that ran again in log order after the workers conflicted.
+    pub rerun_events: u64,
 }
 
 /// A version being rebuilt beside the live one; it replaces the live version once caught up.
@@ -100,6 +115,8 @@ pub struct RebuildStatus {
     pub eta_seconds: Option<f64>,
     /// A rebuild that faults stops there; the live version keeps serving.
     pub fault: Option<Fault>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<ParallelStatus>,
 }
 
 /// Changes to the system projections' configuration; absent fields keep their value.
@@ -375,6 +392,7 @@ impl Projections {
             fault: None,
             rebuild: None,
             digest: None,
+            parallel: None,
         }
     }
 }

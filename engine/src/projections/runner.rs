@@ -13,12 +13,18 @@ use std::time::Instant;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
-use super::component::{Compiled, Event, Instance, InstanceSetup, Runtime, Source};
+mod parallel;
+
+use super::component::{
+    Compiled, Event, Instance, InstanceSetup, Partitioning, Runtime, Source, Writes,
+};
 use super::{Fault, Mode};
 use crate::store::indexes::IndexConfig;
 use crate::store::projection_data::{Checkpoint, DataChange, ProjectionCommit};
 use crate::store::record::EventRecord;
 use crate::store::{Store, StoreError};
+pub(crate) use parallel::ParallelCounts;
+use parallel::{NotParallel, WINDOW_EVENTS, Workers};
 
 /// Most events one commit covers.
 const BATCH_EVENTS: usize = 4096;
@@ -46,6 +52,29 @@ pub(super) struct Live {
     pub state: Mutex<LiveState>,
 }
 
+impl Live {
+    pub fn new(
+        name: String,
+        definition: Definition,
+        component: String,
+        data: u64,
+        checkpoint: Checkpoint,
+    ) -> Arc<Live> {
+        Arc::new(Live {
+            name,
+            state: Mutex::new(LiveState {
+                definition,
+                component,
+                data,
+                checkpoint,
+                running: false,
+                rate: Rate::default(),
+                parallel: ParallelCounts::default(),
+            }),
+        })
+    }
+}
+
 pub(super) struct LiveState {
     pub definition: Definition,
     pub component: String,
@@ -54,6 +83,8 @@ pub(super) struct LiveState {
     /// A runner is working on it.
     pub running: bool,
     pub rate: Rate,
+    /// How the runner's batches ran on the partition workers.
+    pub parallel: ParallelCounts,
 }
 
 /// Events per second over the last second or so of work.
@@ -208,6 +239,9 @@ impl Runner {
         let reading = self.cancel.child_token();
         let _stop_reading = reading.clone().drop_guard();
         let (batches, feed) = std::sync::mpsc::sync_channel(1);
+        // Emptied batches go back to the reader, whose next batch reuses their memory instead
+        // of having fresh pages zeroed for it.
+        let (recycle, recycled) = std::sync::mpsc::channel();
         let reader = ReadAhead {
             store: self.store.clone(),
             filter: Filter {
@@ -218,6 +252,7 @@ impl Runner {
             from: checkpoint.position,
             cancel: reading,
             handle: self.handle.clone(),
+            recycled,
         };
         let reader = std::thread::Builder::new()
             .name("refract-projection-read".into())
@@ -228,6 +263,11 @@ impl Runner {
                 position: checkpoint.position,
             });
         }
+        // Partitioned projections run large batches on several instances, created when first
+        // needed and again after a batch failed on them.
+        let partitioned = !matches!(self.compiled.info.partitioning, Partitioning::None);
+        let in_parallel = partitioned && self.runtime.partition_workers() > 1;
+        let mut workers: Option<Workers> = None;
         for batch in feed {
             if self.cancel.is_cancelled() {
                 return;
@@ -247,8 +287,18 @@ impl Runner {
                         position: checkpoint.position,
                     });
                 }
-                Feed::Batch { events, to } => {
-                    match self.process(&mut instance, &setup, checkpoint, &events, to) {
+                Feed::Batch { mut events, to } => {
+                    let outcome = self.run_batch(
+                        &mut instance,
+                        &setup,
+                        in_parallel.then_some(&mut workers),
+                        checkpoint,
+                        &mut events,
+                        to,
+                    );
+                    events.clear();
+                    let _ = recycle.send(events);
+                    match outcome {
                         Ok(next) => {
                             checkpoint = next;
                             let mut state = self.live.state.lock().expect("projection state");
@@ -263,7 +313,35 @@ impl Runner {
         }
     }
 
-    /// Runs one batch and commits it; returns the new checkpoint.
+    /// Runs one batch, on the partition workers when there are several and the batch is worth
+    /// it, and commits it; returns the new checkpoint.
+    fn run_batch(
+        &self,
+        instance: &mut Instance,
+        setup: &InstanceSetup,
+        workers: Option<&mut Option<Workers>>,
+        checkpoint: Checkpoint,
+        events: &mut Vec<Event>,
+        to: u64,
+    ) -> Result<Checkpoint, Failure> {
+        if let Some(workers) = workers.filter(|_| events.len() > WINDOW_EVENTS) {
+            if workers.is_none() {
+                *workers = Workers::new(self, setup).ok();
+            }
+            if let Some(running) = workers {
+                match self.process_in_parallel(running, checkpoint, events, to) {
+                    Ok(next) => return Ok(next),
+                    Err(NotParallel::ShuttingDown) => return Err(Failure::ShuttingDown),
+                    // The batch runs again in log order, which finds the fault; the workers'
+                    // instances are not trusted again.
+                    Err(NotParallel::Failed) => *workers = None,
+                }
+            }
+        }
+        self.process(instance, setup, checkpoint, events, to)
+    }
+
+    /// Runs one batch in log order and commits it; returns the new checkpoint.
     fn process(
         &self,
         instance: &mut Instance,
@@ -320,6 +398,16 @@ impl Runner {
         to: u64,
     ) -> Result<Checkpoint, Failure> {
         let writes = instance.take();
+        self.commit_writes(checkpoint, processed, to, writes)
+    }
+
+    fn commit_writes(
+        &self,
+        checkpoint: Checkpoint,
+        processed: usize,
+        to: u64,
+        writes: Writes,
+    ) -> Result<Checkpoint, Failure> {
         let next = Checkpoint {
             position: to,
             events_processed: checkpoint.events_processed + processed as u64,
@@ -469,6 +557,8 @@ struct ReadAhead {
     from: u64,
     cancel: CancellationToken,
     handle: Handle,
+    /// Batches the runner is done with, to fill again.
+    recycled: std::sync::mpsc::Receiver<Vec<Event>>,
 }
 
 impl ReadAhead {
@@ -488,7 +578,12 @@ impl ReadAhead {
                 });
                 continue;
             }
-            let feed = match read_batch(&self.store, &self.filter, self.from, head_position) {
+            let events = self
+                .recycled
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(BATCH_EVENTS));
+            let feed = match read_batch(&self.store, &self.filter, events, self.from, head_position)
+            {
                 Ok((events, to)) => {
                     self.from = to;
                     Feed::Batch { events, to }
@@ -507,11 +602,11 @@ impl ReadAhead {
 fn read_batch(
     store: &Store,
     filter: &Filter,
+    mut events: Vec<Event>,
     from: u64,
     head: u64,
 ) -> Result<(Vec<Event>, u64), StoreError> {
     let to = head.min(from.saturating_add(BATCH_SCAN));
-    let mut events = Vec::new();
     let mut bytes = 0;
     let mut scanned_to = to;
     store.scan_log(from, to, |position, record| {

@@ -10,10 +10,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::component::{Compiled, Runtime};
-use super::runner::{Definition, Live, LiveState, Rate, Role, Runner, restart_rate};
+use super::runner::{Definition, Live, Role, Runner, restart_rate};
 use super::{
-    Fault, Mode, ProjectionError, ProjectionKind, ProjectionStatus, RebuildStatus, RunStatus,
-    fraction,
+    Fault, Mode, ParallelStatus, ProjectionError, ProjectionKind, ProjectionStatus, RebuildStatus,
+    RunStatus, fraction,
 };
 use crate::store::projection_data::{BuildChange, Checkpoint, DataChange, ProjectionView, RowPage};
 use crate::store::{Store, StoreError};
@@ -139,17 +139,7 @@ impl WasmProjections {
                     None
                 }
             };
-            let live = Arc::new(Live {
-                name: name.clone(),
-                state: Mutex::new(LiveState {
-                    definition,
-                    component: stored.component,
-                    data,
-                    checkpoint,
-                    running: false,
-                    rate: Rate::default(),
-                }),
-            });
+            let live = Live::new(name.clone(), definition, stored.component, data, checkpoint);
             let mut entry = Entry {
                 live: live.clone(),
                 compiled,
@@ -168,17 +158,13 @@ impl WasmProjections {
                     Ok((compiled, definition)) => {
                         let checkpoint = projections.checkpoint(building.data).await?;
                         entry.building = Some(Build {
-                            live: Arc::new(Live {
-                                name: name.clone(),
-                                state: Mutex::new(LiveState {
-                                    definition,
-                                    component: building.component,
-                                    data: building.data,
-                                    checkpoint,
-                                    running: false,
-                                    rate: Rate::default(),
-                                }),
-                            }),
+                            live: Live::new(
+                                name.clone(),
+                                definition,
+                                building.component,
+                                building.data,
+                                checkpoint,
+                            ),
                             compiled,
                             runner: None,
                         });
@@ -292,17 +278,13 @@ impl WasmProjections {
             .await?;
         let checkpoint = self.checkpoint(data).await?;
         let entry = entries.entry(name.to_owned()).or_insert_with(|| Entry {
-            live: Arc::new(Live {
-                name: name.to_owned(),
-                state: Mutex::new(LiveState {
-                    definition: definition.clone(),
-                    component: compiled.sha256.clone(),
-                    data,
-                    checkpoint,
-                    running: false,
-                    rate: Rate::default(),
-                }),
-            }),
+            live: Live::new(
+                name.to_owned(),
+                definition.clone(),
+                compiled.sha256.clone(),
+                data,
+                checkpoint,
+            ),
             compiled: None,
             runner: None,
             building: None,
@@ -381,17 +363,13 @@ impl WasmProjections {
             )
             .await?;
         entry.building = Some(Build {
-            live: Arc::new(Live {
-                name: entry.live.name.clone(),
-                state: Mutex::new(LiveState {
-                    definition,
-                    component: compiled.sha256.clone(),
-                    data,
-                    checkpoint: Checkpoint::default(),
-                    running: false,
-                    rate: Rate::default(),
-                }),
-            }),
+            live: Live::new(
+                entry.live.name.clone(),
+                definition,
+                compiled.sha256.clone(),
+                data,
+                Checkpoint::default(),
+            ),
             compiled,
             runner: None,
         });
@@ -452,6 +430,7 @@ impl WasmProjections {
             state.component = built.component.clone();
             state.data = data;
             state.checkpoint = checkpoint;
+            state.parallel = built.parallel;
         }
         entry.compiled = Some(build.compiled);
         tracing::info!(projection = %name, position = checkpoint.position, "switched to the rebuilt version");
@@ -499,6 +478,7 @@ impl WasmProjections {
                 progress: build.progress,
                 eta_seconds: build.eta_seconds,
                 fault: build.fault,
+                parallel: build.parallel,
             });
         }
         Ok(status)
@@ -832,6 +812,12 @@ impl WasmProjections {
         };
         let eta_seconds = (events_per_second > 0.0 && position < head_position)
             .then(|| head_position.saturating_sub(position) as f64 / events_per_second);
+        let counts = state.parallel;
+        let parallel = (counts.parallel_events + counts.rerun_events > 0).then(|| ParallelStatus {
+            workers: self.runtime.partition_workers(),
+            parallel_events: counts.parallel_events,
+            rerun_events: counts.rerun_events,
+        });
         ProjectionStatus {
             name: live.name.clone(),
             kind: ProjectionKind::Wasm,
@@ -848,6 +834,7 @@ impl WasmProjections {
             fault: definition.fault.clone(),
             rebuild: None,
             digest: None,
+            parallel,
         }
     }
 }

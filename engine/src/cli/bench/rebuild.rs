@@ -33,24 +33,56 @@ pub async fn run(dir: &Path, guests: &Path, sizes: &[u64]) -> anyhow::Result<()>
         let scan = started.elapsed();
         let scan_rate = scanned as f64 / scan.as_secs_f64();
         println!("  {head} events: raw $all scan {scan:.2?} ({scan_rate:.0} events/s)");
-        let runtime = Runtime::new(dir.join("compiled"), Sandbox::default())?;
-        let projections = Projections::open(store.clone(), runtime).await?;
-        for (name, component) in &guests {
-            projections
-                .deploy(name, component.clone(), DeployOptions::default())
-                .await?;
-            wait(&projections, name, head, false).await?;
-            let started = Instant::now();
-            projections.rebuild(name).await?;
-            wait(&projections, name, head, true).await?;
-            let rebuild = started.elapsed();
-            let rate = head as f64 / rebuild.as_secs_f64();
-            println!(
-                "  {name:<14} rebuild until the switch: {rebuild:.2?} ({rate:.0} events/s, {:.2} of the raw scan's rate)",
-                rate / scan_rate
-            );
+        let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+        let mut sequential = None;
+        for workers in [1, cores] {
+            let runtime = Runtime::new(dir.join("compiled"), Sandbox::default())?
+                .with_partition_workers(workers);
+            let projections = Projections::open(store.clone(), runtime).await?;
+            for (name, component) in &guests {
+                // event-counter has one partition: workers change nothing for it.
+                if workers > 1 && *name == "event-counter" {
+                    continue;
+                }
+                projections
+                    .deploy(name, component.clone(), DeployOptions::default())
+                    .await?;
+                wait(&projections, name, head, false).await?;
+                let started = Instant::now();
+                projections.rebuild(name).await?;
+                wait(&projections, name, head, true).await?;
+                let rebuild = started.elapsed();
+                let rate = head as f64 / rebuild.as_secs_f64();
+                print!(
+                    "  {name:<14} {workers} worker(s), rebuild until the switch: {rebuild:.2?} ({rate:.0} events/s, {:.2} of the raw scan's rate)",
+                    rate / scan_rate
+                );
+                let status = projections.status(name)?;
+                match (status.parallel, *name == "order-summary") {
+                    (Some(parallel), true) => {
+                        let speedup = sequential
+                            .map(|sequential: Duration| {
+                                sequential.as_secs_f64() / rebuild.as_secs_f64()
+                            })
+                            .unwrap_or(1.0);
+                        println!(
+                            "; {:.1}% of events kept as run in parallel, {:.1}% run again in order; {speedup:.2}x the sequential rebuild",
+                            100.0 * parallel.parallel_events as f64 / head as f64,
+                            100.0 * parallel.rerun_events as f64 / head as f64,
+                        );
+                    }
+                    (None, true) => {
+                        sequential = Some(rebuild);
+                        println!();
+                    }
+                    _ => println!(),
+                }
+                let digest = projections.status_with_digest(name).await?.digest;
+                println!("    digest {}", digest.unwrap_or_default());
+                projections.delete(name, true).await?;
+            }
+            projections.shutdown().await;
         }
-        projections.shutdown().await;
         store.shutdown().await;
     }
     Ok(())
