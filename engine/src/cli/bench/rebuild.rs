@@ -34,8 +34,10 @@ pub async fn run(dir: &Path, guests: &Path, sizes: &[u64]) -> anyhow::Result<()>
         let scan_rate = scanned as f64 / scan.as_secs_f64();
         println!("  {head} events: raw $all scan {scan:.2?} ({scan_rate:.0} events/s)");
         let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+        let worker_counts = if cores > 1 { vec![1, cores] } else { vec![1] };
+        // order-summary with one worker: the time and digest the parallel rebuild is held to.
         let mut sequential = None;
-        for workers in [1, cores] {
+        for workers in worker_counts {
             let runtime = Runtime::new(dir.join("compiled"), Sandbox::default())?
                 .with_partition_workers(workers);
             let projections = Projections::open(store.clone(), runtime).await?;
@@ -53,32 +55,31 @@ pub async fn run(dir: &Path, guests: &Path, sizes: &[u64]) -> anyhow::Result<()>
                 wait(&projections, name, head, true).await?;
                 let rebuild = started.elapsed();
                 let rate = head as f64 / rebuild.as_secs_f64();
-                print!(
+                println!(
                     "  {name:<14} {workers} worker(s), rebuild until the switch: {rebuild:.2?} ({rate:.0} events/s, {:.2} of the raw scan's rate)",
                     rate / scan_rate
                 );
-                let status = projections.status(name)?;
-                match (status.parallel, *name == "order-summary") {
-                    (Some(parallel), true) => {
-                        let speedup = sequential
-                            .map(|sequential: Duration| {
-                                sequential.as_secs_f64() / rebuild.as_secs_f64()
-                            })
-                            .unwrap_or(1.0);
-                        println!(
-                            "; {:.1}% of events kept as run in parallel, {:.1}% run again in order; {speedup:.2}x the sequential rebuild",
-                            100.0 * parallel.parallel_events as f64 / head as f64,
-                            100.0 * parallel.rerun_events as f64 / head as f64,
-                        );
+                let status = projections.status_with_digest(name).await?;
+                let digest = status.digest.unwrap_or_default();
+                println!("    digest {digest}");
+                if *name == "order-summary" {
+                    match (&sequential, status.parallel) {
+                        (None, _) => sequential = Some((rebuild, digest)),
+                        (Some((time, expected)), Some(parallel)) => {
+                            anyhow::ensure!(
+                                *expected == digest,
+                                "{workers} workers built a model other than 1 worker's"
+                            );
+                            println!(
+                                "    {:.2}x the 1-worker rebuild, same digest; {:.1}% of events kept as run in parallel, {:.1}% run again in order",
+                                time.as_secs_f64() / rebuild.as_secs_f64(),
+                                100.0 * parallel.parallel_events as f64 / head as f64,
+                                100.0 * parallel.rerun_events as f64 / head as f64,
+                            );
+                        }
+                        (Some(_), None) => {}
                     }
-                    (None, true) => {
-                        sequential = Some(rebuild);
-                        println!();
-                    }
-                    _ => println!(),
                 }
-                let digest = projections.status_with_digest(name).await?.digest;
-                println!("    digest {}", digest.unwrap_or_default());
                 projections.delete(name, true).await?;
             }
             projections.shutdown().await;
