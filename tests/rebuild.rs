@@ -321,7 +321,7 @@ async fn a_parallel_rebuild_gives_the_same_digest_as_the_sequential_one() {
         assert!(status.get("parallel").is_none(), "{status}");
         assert!(status["digest"].is_string(), "{status}");
     }
-    let notified = server.read_everything("notify-c3").await;
+    let notified = server.read_everything("notify-c2").await;
     assert_eq!(notified.len(), 300);
     assert!(server.terminate());
 
@@ -348,7 +348,7 @@ async fn a_parallel_rebuild_gives_the_same_digest_as_the_sequential_one() {
             );
         }
     }
-    assert_eq!(server.read_everything("notify-c3").await, notified);
+    assert_eq!(server.read_everything("notify-c2").await, notified);
     assert_eq!(server.read_everything("notify-own-17").await.len(), 1);
 }
 
@@ -383,4 +383,48 @@ async fn a_fault_in_a_parallel_batch_is_found_where_the_sequential_run_finds_it(
     let (_, in_order) = server.get("/projections/in-order").await;
     let (_, parallel) = server.get("/projections/parallel").await;
     assert_eq!(parallel["digest"], in_order["digest"]);
+}
+
+/// A client tombstones a stream the projection emits to while its rebuild waits: the switch
+/// cannot give that stream the rebuilt events, so the rebuild faults and says why, and the live
+/// version goes on serving its whole model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switch_that_cannot_write_its_streams_changes_nothing() {
+    let server = Server::start();
+    write_orders(&server, 200).await;
+    server
+        .deploy("orders", guest("order-summary"), "?emit=true")
+        .await;
+    let live = server.caught_up("orders").await;
+    let model = snapshot(&server, "orders").await;
+    assert!(!server.read_everything("notify-c2").await.is_empty());
+    let notified = server.read_everything("notify-c0").await;
+
+    server.post("/projections/orders/stop", json!(null)).await;
+    let (code, status) = server
+        .post("/projections/orders/rebuild", json!(null))
+        .await;
+    assert_eq!(code, 200, "{status}");
+    let (code, body) = server.delete("/streams/notify-c2?hard=true").await;
+    assert_eq!(code, 204, "{body}");
+    server.post("/projections/orders/start", json!(null)).await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = projection(&server, "orders").await;
+        if !status["rebuild"]["fault"].is_null() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let fault = status["rebuild"]["fault"]["message"].as_str().unwrap();
+    assert!(fault.contains("notify-c2"), "{fault}");
+    assert_eq!(status["status"], "running", "{status}");
+    assert_eq!(status["version"], live["version"]);
+    assert_eq!(status["digest"], live["digest"]);
+    assert_eq!(snapshot(&server, "orders").await, model);
+    let (code, _) = server.get("/streams/notify-c2").await;
+    assert_eq!(code, 410);
+    assert_eq!(server.read_everything("notify-c0").await, notified);
 }

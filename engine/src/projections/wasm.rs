@@ -410,10 +410,20 @@ impl WasmProjections {
             .build_projection(name.to_owned(), BuildChange::Switch { data })
             .await;
         if let Err(error) = switched {
-            tracing::error!(projection = %name, %error, "cannot switch to the rebuilt version");
+            // The store refused the switch whole: the live version carries on, and the build
+            // stays, faulted with the reason, until it is cancelled, rebuilt or replaced.
+            tracing::warn!(projection = %name, %error, "cannot switch to the rebuilt version");
+            {
+                let mut state = build.live.state.lock().expect("projection state");
+                let position = state.checkpoint.position;
+                state.definition.fault = Some(Fault {
+                    message: error.to_string(),
+                    position,
+                });
+            }
             entry.building = Some(build);
             self.start_if_runnable(entry).await;
-            self.start_build(entry);
+            self.publish(name, entry);
             return;
         }
         let checkpoint = match self.checkpoint(data).await {

@@ -9,6 +9,7 @@
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
 use super::StoreError;
+use super::writer::{Operation, Txn};
 
 pub(crate) const GROUPS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("groups");
 pub(crate) const PARKED_REASONS: TableDefinition<(&str, &str, u64), &str> =
@@ -45,12 +46,84 @@ impl<'txn> GroupTables<'txn> {
             ))),
         }
     }
+}
 
-    /// Removes a group's record and reasons.
-    pub fn remove(&mut self, stream: &str, group: &str) -> Result<(), StoreError> {
-        self.groups.remove((stream, group))?;
-        self.reasons
+/// Creates or replaces a group's record.
+pub(super) struct SaveGroup {
+    pub stream: String,
+    pub group: String,
+    pub record: Vec<u8>,
+}
+
+impl Operation for SaveGroup {
+    type Output = ();
+
+    fn apply(&self, txn: &mut Txn<'_, '_>) -> Result<(), StoreError> {
+        txn.write().tables.groups_mut()?.groups.insert(
+            (self.stream.as_str(), self.group.as_str()),
+            self.record.as_slice(),
+        )?;
+        Ok(())
+    }
+}
+
+/// Removes a group's record, parking reasons and parked stream.
+pub(super) struct RemoveGroup {
+    pub stream: String,
+    pub group: String,
+    pub parked_stream: String,
+}
+
+impl Operation for RemoveGroup {
+    type Output = ();
+
+    fn apply(&self, txn: &mut Txn<'_, '_>) -> Result<(), StoreError> {
+        let (stream, group) = (self.stream.as_str(), self.group.as_str());
+        txn.tables().groups()?.require(stream, group)?;
+        let mut writes = txn.write();
+        let groups = writes.tables.groups_mut()?;
+        groups.groups.remove((stream, group))?;
+        groups
+            .reasons
             .retain_in((stream, group, 0)..=(stream, group, u64::MAX), |_, _| false)?;
+        writes.remove_links_stream(&self.parked_stream)
+    }
+}
+
+/// Links each message from the parked stream and records why it was parked; durable when
+/// answered.
+pub(super) struct ParkMessages {
+    pub parking: Parking,
+}
+
+impl Operation for ParkMessages {
+    type Output = ();
+
+    fn apply(&self, txn: &mut Txn<'_, '_>) -> Result<(), StoreError> {
+        let parking = &self.parking;
+        let (stream, group) = (parking.stream.as_str(), parking.group.as_str());
+        txn.tables().groups()?.require(stream, group)?;
+        let head = txn.log().next_position;
+        if let Some((position, _)) = parking
+            .messages
+            .iter()
+            .find(|(position, _)| *position >= head)
+        {
+            return Err(StoreError::InvalidRequest(format!(
+                "cannot park position {position}: there is no such event"
+            )));
+        }
+        let mut writes = txn.write();
+        writes.write_links(
+            parking
+                .messages
+                .iter()
+                .map(|(position, _)| (parking.parked_stream.as_str(), *position)),
+        )?;
+        let reasons = &mut writes.tables.groups_mut()?.reasons;
+        for (position, reason) in &parking.messages {
+            reasons.insert((stream, group, *position), reason.as_str())?;
+        }
         Ok(())
     }
 }

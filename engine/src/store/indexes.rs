@@ -9,7 +9,8 @@
 //! (started after a stop, reset, or on an existing store) catches up in chunks, in commits of
 //! their own when no appends are waiting.
 //!
-//! A link is one `stream_index` entry in the output stream pointing at the event's position.
+//! A link is the 8-byte position of the linked event, packed 64 to a row of the `links` table
+//! under the output stream's id: no copy of the event, no per-link row.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -19,7 +20,8 @@ use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::record::{EventRecord, StreamState};
-use super::{LINKS_PER_CHUNK, StoreError, load_stream};
+use super::writer::{Operation, Tables, Txn};
+use super::{INDEX_CONFIG, LINKS_PER_CHUNK, StoreError, load_stream};
 
 /// A built-in index and the system projection that presents it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -442,6 +444,77 @@ impl Indexer {
         self.windows[index.slot()] = (Instant::now(), 0);
         Ok(())
     }
+}
+
+/// Starts or stops an index.
+pub(super) struct SetRunning {
+    pub index: SystemIndex,
+    pub running: bool,
+}
+
+impl Operation for SetRunning {
+    type Output = ();
+
+    fn apply(&self, txn: &mut Txn<'_, '_>) -> Result<(), StoreError> {
+        let writes = txn.write();
+        let cursor = writes.log.indexer.cursor_mut(self.index);
+        cursor.running = self.running;
+        let stored = (cursor.running, cursor.checkpoint);
+        writes
+            .tables
+            .index_cursors
+            .insert(self.index.name(), stored)?;
+        Ok(())
+    }
+}
+
+/// Drops an index's output streams; it then rebuilds them from position 0.
+pub(super) struct Reset {
+    pub index: SystemIndex,
+}
+
+impl Operation for Reset {
+    type Output = ();
+
+    fn apply(&self, txn: &mut Txn<'_, '_>) -> Result<(), StoreError> {
+        let writes = txn.write();
+        writes
+            .log
+            .indexer
+            .reset(self.index, &mut writes.tables.for_indexes())
+    }
+}
+
+/// Replaces the indexes' configuration.
+pub(super) struct SetConfig {
+    pub config: IndexConfig,
+}
+
+impl Operation for SetConfig {
+    type Output = ();
+
+    fn apply(&self, txn: &mut Txn<'_, '_>) -> Result<(), StoreError> {
+        self.config.validate().map_err(StoreError::InvalidRequest)?;
+        let writes = txn.write();
+        set_index_config(&mut writes.log.indexer, writes.tables, &self.config)
+    }
+}
+
+/// Stores `config` and resets the indexes whose output it changes.
+pub(super) fn set_index_config(
+    indexer: &mut Indexer,
+    tables: &mut Tables,
+    config: &IndexConfig,
+) -> Result<(), StoreError> {
+    config.validate().map_err(StoreError::InvalidRequest)?;
+    let affected = indexer.config.affected_by(config);
+    indexer.config = config.clone();
+    let json = serde_json::to_vec(config).map_err(StoreError::storage)?;
+    tables.settings.insert(INDEX_CONFIG, json.as_slice())?;
+    for index in affected {
+        indexer.reset(index, &mut tables.for_indexes())?;
+    }
+    Ok(())
 }
 
 /// The tables the indexes work on, borrowed from the writer's transaction.

@@ -26,6 +26,8 @@ pub mod indexes;
 pub mod projection_data;
 mod read;
 pub mod record;
+mod sharder_data;
+mod streams;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -293,7 +295,7 @@ pub struct Store {
 struct Inner {
     db: Arc<Database>,
     path: PathBuf,
-    requests: mpsc::Sender<writer::Request>,
+    requests: mpsc::Sender<writer::Queued>,
     head: watch::Receiver<u64>,
     index_progress: Arc<Mutex<[IndexProgress; 4]>>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
@@ -363,11 +365,10 @@ impl Store {
         expected: ExpectedRevision,
         events: Vec<NewEvent>,
     ) -> Result<AppendOutcome, StoreError> {
-        self.submit(|reply| writer::Request::Append {
+        self.submit(streams::Append {
             stream,
             expected,
             events,
-            reply,
         })
         .await
     }
@@ -377,12 +378,7 @@ impl Store {
         stream: String,
         metadata: StreamMetadata,
     ) -> Result<(), StoreError> {
-        self.submit(|reply| writer::Request::SetMetadata {
-            stream,
-            metadata,
-            reply,
-        })
-        .await
+        self.submit(streams::SetMetadata { stream, metadata }).await
     }
 
     /// Soft delete (`hard == false`): reads answer "not found" and a later append continues the
@@ -393,11 +389,10 @@ impl Store {
         expected: ExpectedRevision,
         hard: bool,
     ) -> Result<(), StoreError> {
-        self.submit(|reply| writer::Request::Delete {
+        self.submit(streams::Delete {
             stream,
             expected,
             hard,
-            reply,
         })
         .await
     }
@@ -416,24 +411,17 @@ impl Store {
         index: SystemIndex,
         running: bool,
     ) -> Result<(), StoreError> {
-        self.submit(|reply| writer::Request::SetIndexRunning {
-            index,
-            running,
-            reply,
-        })
-        .await
+        self.submit(indexes::SetRunning { index, running }).await
     }
 
     /// Drops a built-in index's output streams; it then rebuilds them from position 0.
     pub async fn reset_index(&self, index: SystemIndex) -> Result<(), StoreError> {
-        self.submit(|reply| writer::Request::ResetIndex { index, reply })
-            .await
+        self.submit(indexes::Reset { index }).await
     }
 
     /// Replaces the indexes' configuration, resetting the indexes whose output it changes.
     pub async fn set_index_config(&self, config: IndexConfig) -> Result<(), StoreError> {
-        self.submit(|reply| writer::Request::SetIndexConfig { config, reply })
-            .await
+        self.submit(indexes::SetConfig { config }).await
     }
 
     /// The indexes' configuration. Blocking.
@@ -456,13 +444,12 @@ impl Store {
         component_bytes: Option<Vec<u8>>,
         data: DataChange,
     ) -> Result<u64, StoreError> {
-        self.submit(|reply| writer::Request::SaveProjection {
+        self.submit(projection_data::SaveProjection {
             name,
             component,
             definition,
             component_bytes,
             data,
-            reply,
         })
         .await
     }
@@ -473,10 +460,9 @@ impl Store {
         name: String,
         delete_outputs: bool,
     ) -> Result<(), StoreError> {
-        self.submit(|reply| writer::Request::RemoveProjection {
+        self.submit(projection_data::RemoveProjection {
             name,
             delete_outputs,
-            reply,
         })
         .await
     }
@@ -487,17 +473,13 @@ impl Store {
         name: String,
         change: BuildChange,
     ) -> Result<u64, StoreError> {
-        self.submit(|reply| writer::Request::BuildProjection {
-            name,
-            change,
-            reply,
-        })
-        .await
+        self.submit(projection_data::BuildProjection { name, change })
+            .await
     }
 
     /// Commits a projection's batch: its effects and checkpoint, all or nothing.
     pub async fn commit_projection(&self, commit: ProjectionCommit) -> Result<(), StoreError> {
-        self.submit(|reply| writer::Request::CommitProjection { commit, reply })
+        self.submit(projection_data::CommitProjection { commit })
             .await
     }
 
@@ -508,18 +490,16 @@ impl Store {
         component: String,
         component_bytes: Vec<u8>,
     ) -> Result<(), StoreError> {
-        self.submit(|reply| writer::Request::SaveSharder {
+        self.submit(sharder_data::SaveSharder {
             name,
             component,
             component_bytes,
-            reply,
         })
         .await
     }
 
     pub async fn remove_sharder(&self, name: String) -> Result<(), StoreError> {
-        self.submit(|reply| writer::Request::RemoveSharder { name, reply })
-            .await
+        self.submit(sharder_data::RemoveSharder { name }).await
     }
 
     /// Every stored sharder: name and component sha256. Blocking.
@@ -541,11 +521,10 @@ impl Store {
         group: String,
         record: Vec<u8>,
     ) -> Result<(), StoreError> {
-        self.submit(|reply| writer::Request::SaveGroup {
+        self.submit(group_data::SaveGroup {
             stream,
             group,
             record,
-            reply,
         })
         .await
     }
@@ -557,19 +536,17 @@ impl Store {
         group: String,
         parked_stream: String,
     ) -> Result<(), StoreError> {
-        self.submit(|reply| writer::Request::RemoveGroup {
+        self.submit(group_data::RemoveGroup {
             stream,
             group,
             parked_stream,
-            reply,
         })
         .await
     }
 
     /// Links messages from a group's parked stream, with their reasons; durable when answered.
     pub async fn park(&self, parking: Parking) -> Result<(), StoreError> {
-        self.submit(|reply| writer::Request::ParkMessages { parking, reply })
-            .await
+        self.submit(group_data::ParkMessages { parking }).await
     }
 
     /// Every stored group: (stream, group, record). Blocking.
@@ -661,14 +638,11 @@ impl Store {
         Ok(())
     }
 
-    async fn submit<T>(
-        &self,
-        request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> writer::Request,
-    ) -> Result<T, StoreError> {
-        let (reply, answer) = oneshot::channel();
+    async fn submit<O: writer::Operation>(&self, operation: O) -> Result<O::Output, StoreError> {
+        let (queued, answer) = writer::queue(operation);
         self.inner
             .requests
-            .send(request(reply))
+            .send(queued)
             .await
             .map_err(|_| StoreError::ShuttingDown)?;
         answer.await.map_err(|_| StoreError::ShuttingDown)?
@@ -775,7 +749,7 @@ impl Store {
         if self
             .inner
             .requests
-            .send(writer::Request::Shutdown { reply })
+            .send(writer::Queued::Shutdown(reply))
             .await
             .is_ok()
         {

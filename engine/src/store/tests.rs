@@ -627,3 +627,81 @@ async fn link_streams_read_across_chunks_in_both_directions() {
     assert_eq!(tail.events[0].stream, "order-2");
     store.shutdown().await;
 }
+
+/// A rebuild's switch that cannot write the streams its version emitted to (a client
+/// tombstoned one since) is refused whole: the live data, its checkpoint and the rebuild stay
+/// as they were.
+#[tokio::test]
+async fn a_switch_that_cannot_write_its_streams_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .append("order-1".into(), ExpectedRevision::Any, events(2))
+        .await
+        .unwrap();
+    let component = || ("c".repeat(64), serde_json::json!({}));
+    let (sha, definition) = component();
+    let live = store
+        .save_projection(
+            "p".into(),
+            sha.clone(),
+            definition.clone(),
+            Some(b"component".to_vec()),
+            DataChange::Fresh {
+                delete_outputs: false,
+            },
+        )
+        .await
+        .unwrap();
+    let batch = |data, shadow| ProjectionCommit {
+        data,
+        from: 0,
+        checkpoint: projection_data::Checkpoint {
+            position: 2,
+            events_processed: 2,
+            events_emitted: 1,
+        },
+        states: vec![("order-1".into(), b"{\"n\":2}".to_vec())],
+        rows: Vec::new(),
+        emits: vec![("notify-1".into(), event("Notified"))],
+        links: Vec::new(),
+        shadow,
+    };
+    store.commit_projection(batch(live, false)).await.unwrap();
+    let build = store
+        .build_projection(
+            "p".into(),
+            BuildChange::Start {
+                component: sha,
+                definition,
+                component_bytes: None,
+            },
+        )
+        .await
+        .unwrap();
+    let mut rebuilt = batch(build, true);
+    rebuilt.emits.push(("notify-2".into(), event("Notified")));
+    rebuilt.checkpoint.events_emitted = 2;
+    store.commit_projection(rebuilt).await.unwrap();
+    store
+        .delete("notify-2".into(), ExpectedRevision::Any, true)
+        .await
+        .unwrap();
+
+    let refused = store
+        .build_projection("p".into(), BuildChange::Switch { data: build })
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("notify-2"), "{refused}");
+    let served = store.served_projection_view("p").unwrap().unwrap();
+    assert_eq!(served.data(), live);
+    assert_eq!(served.checkpoint().unwrap().unwrap().position, 2);
+    assert_eq!(served.state("order-1").unwrap().unwrap(), b"{\"n\":2}");
+    let stored = store.stored_projections().unwrap();
+    assert_eq!(stored[0].1.building.as_ref().unwrap().data, build);
+    assert_eq!(revisions(&read(&store, "notify-1").unwrap()), vec![0]);
+    assert!(matches!(
+        read(&store, "notify-2"),
+        Err(StoreError::StreamDeleted(_))
+    ));
+}

@@ -26,6 +26,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{NewEvent, StoreError};
 
+mod rebuild;
+mod writes;
+
+pub(super) use rebuild::BuildProjection;
+pub(super) use writes::{CommitProjection, RemoveProjection, SaveProjection};
+
 pub(crate) const PROJECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("projections");
 pub(crate) const COMPONENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("components");
 pub(crate) const CHECKPOINTS: TableDefinition<u64, (u64, u64, u64)> =
@@ -172,14 +178,6 @@ impl<'txn> ProjectionTables<'txn> {
         let json = serde_json::to_vec(stored).map_err(StoreError::storage)?;
         self.projections.insert(name, json.as_slice())?;
         Ok(())
-    }
-
-    /// A fresh data id with an empty checkpoint.
-    pub fn new_data(&mut self, meta: &mut Table<&'static str, u64>) -> Result<u64, StoreError> {
-        let id = meta.get(NEXT_DATA_ID)?.map_or(0, |id| id.value());
-        meta.insert(NEXT_DATA_ID, id + 1)?;
-        self.checkpoints.insert(id, (0, 0, 0))?;
-        Ok(id)
     }
 
     pub fn load(&self, name: &str) -> Result<Option<StoredProjection>, StoreError> {
