@@ -224,6 +224,189 @@ async fn bearer_tokens_and_roles() {
     );
 }
 
+/// The role each operation needs, as the contract gives it: `reader` reads, subscribes and
+/// queries; `writer` also appends and consumes from groups; `admin` also deletes and manages
+/// projections, sharders and groups. `None`: public.
+const ROLES: &[(&str, &str, Option<&str>)] = &[
+    ("get", "/health", None),
+    ("get", "/openapi.json", None),
+    ("get", "/info", Some("reader")),
+    ("get", "/metrics", Some("reader")),
+    ("get", "/streams/$all", Some("reader")),
+    ("get", "/streams/$all/subscribe", Some("reader")),
+    ("get", "/streams/{stream}", Some("reader")),
+    ("post", "/streams/{stream}", Some("writer")),
+    ("delete", "/streams/{stream}", Some("admin")),
+    ("get", "/streams/{stream}/metadata", Some("reader")),
+    ("put", "/streams/{stream}/metadata", Some("writer")),
+    ("get", "/streams/{stream}/subscribe", Some("reader")),
+    ("get", "/projections", Some("reader")),
+    ("get", "/projections/{name}", Some("reader")),
+    ("put", "/projections/{name}", Some("admin")),
+    ("delete", "/projections/{name}", Some("admin")),
+    ("get", "/projections/{name}/state", Some("reader")),
+    ("get", "/projections/{name}/tables/{table}", Some("reader")),
+    (
+        "get",
+        "/projections/{name}/tables/{table}/{key}",
+        Some("reader"),
+    ),
+    ("post", "/projections/{name}/start", Some("admin")),
+    ("post", "/projections/{name}/stop", Some("admin")),
+    ("post", "/projections/{name}/reset", Some("admin")),
+    ("post", "/projections/{name}/rebuild", Some("admin")),
+    ("delete", "/projections/{name}/rebuild", Some("admin")),
+    ("get", "/projections/{name}/config", Some("reader")),
+    ("put", "/projections/{name}/config", Some("admin")),
+    ("get", "/sharders", Some("reader")),
+    ("get", "/sharders/{name}", Some("reader")),
+    ("put", "/sharders/{name}", Some("admin")),
+    ("delete", "/sharders/{name}", Some("admin")),
+    ("post", "/sharders/{name}/shard", Some("reader")),
+    ("get", "/groups", Some("reader")),
+    ("get", "/groups/{stream}/{group}", Some("reader")),
+    ("put", "/groups/{stream}/{group}", Some("admin")),
+    ("delete", "/groups/{stream}/{group}", Some("admin")),
+    ("post", "/groups/{stream}/{group}/pull", Some("writer")),
+    ("get", "/groups/{stream}/{group}/subscribe", Some("writer")),
+    ("post", "/groups/{stream}/{group}/ack", Some("writer")),
+    ("post", "/groups/{stream}/{group}/nack", Some("writer")),
+    (
+        "post",
+        "/groups/{stream}/{group}/replay-parked",
+        Some("admin"),
+    ),
+    ("get", "/groups/{stream}/{group}/parked", Some("reader")),
+];
+
+/// Walks every operation of the OpenAPI document with no token and with each role's token: the
+/// role the server enforces, and the one the document declares, are the table's.
+#[tokio::test]
+async fn every_operation_needs_the_role_the_contract_gives_it() {
+    let server = Server::start_with(&[
+        "--token",
+        "reader:reader-token-1",
+        "--token",
+        "writer:writer-token-1",
+        "--token",
+        "admin:admin-token-1",
+    ]);
+    let (status, document) = server.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    let ranks = ["reader", "writer", "admin"];
+    let rank = |role: &str| ranks.iter().position(|r| *r == role).unwrap();
+    let mut walked = 0;
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let Some(&(_, _, needed)) = ROLES.iter().find(|(m, p, _)| m == method && p == path)
+            else {
+                panic!("{method} {path} is not in the table of roles");
+            };
+            walked += 1;
+            let declared: Vec<&str> = operation["security"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|requirement| requirement["bearer"].as_array().unwrap().iter())
+                .map(|role| role.as_str().unwrap())
+                .collect();
+            assert_eq!(
+                declared,
+                needed.into_iter().collect::<Vec<_>>(),
+                "{method} {path}: the document declares another role"
+            );
+            let concrete = path
+                .replace("{stream}", "role-probe")
+                .replace("{group}", "g")
+                .replace("{name}", "p")
+                .replace("{table}", "t")
+                .replace("{key}", "k");
+            for token in [None, Some("reader"), Some("writer"), Some("admin")] {
+                let mut request = server
+                    .http
+                    .request(
+                        method.to_uppercase().parse().unwrap(),
+                        server.url(&concrete),
+                    )
+                    .header("content-type", "application/json")
+                    .body("{}");
+                if let Some(role) = token {
+                    request = request.bearer_auth(format!("{role}-token-1"));
+                }
+                let response = tokio::time::timeout(Duration::from_secs(5), request.send())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let status = response.status().as_u16();
+                let expected = match (needed, token) {
+                    (None, _) => None,
+                    (Some(_), None) => Some(401),
+                    (Some(needed), Some(role)) if rank(role) < rank(needed) => Some(403),
+                    (Some(_), Some(_)) => None,
+                };
+                match expected {
+                    Some(expected) => {
+                        assert_eq!(status, expected, "{method} {path} with {token:?}")
+                    }
+                    None => assert!(
+                        status != 401 && status != 403,
+                        "{method} {path} with {token:?}: {status}"
+                    ),
+                }
+            }
+        }
+    }
+    assert_eq!(
+        walked,
+        ROLES.len(),
+        "the table lists operations the document does not"
+    );
+}
+
+/// A reader cannot take messages from a consumer group, by pull or by push.
+#[tokio::test]
+async fn a_reader_takes_no_group_messages() {
+    let server = Server::start_with(&[
+        "--token",
+        "reader:reader-token-1",
+        "--token",
+        "admin:admin-token-1",
+    ]);
+    let admin = |request: reqwest::RequestBuilder| request.bearer_auth("admin-token-1");
+    let response = admin(server.http.put(server.url("/groups/jobs-1/workers")))
+        .json(&json!({"start_from": "start"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let response = admin(server.http.post(server.url("/streams/jobs-1")))
+        .json(&json!([{"type": "Job"}, {"type": "Job"}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    for request in [
+        server
+            .http
+            .get(server.url("/groups/jobs-1/workers/subscribe?consumer=r")),
+        server
+            .http
+            .post(server.url("/groups/jobs-1/workers/pull?consumer=r")),
+    ] {
+        let response = request.bearer_auth("reader-token-1").send().await.unwrap();
+        assert_eq!(response.status(), 403);
+    }
+    let info: Value = admin(server.http.get(server.url("/groups/jobs-1/workers")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["delivered"], 0, "{info}");
+    assert_eq!(info["in_flight"], 0, "{info}");
+}
+
 #[test]
 fn bad_token_configuration_fails_at_start() {
     for args in [

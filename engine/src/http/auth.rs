@@ -1,14 +1,20 @@
 //! Bearer-token authorisation with three roles, or loopback-only access when no token is set.
+//!
+//! The role a route needs is declared where the route is: [`super::routes`] puts each one in
+//! the router of its role, and [`guard`] gives that router the layer that checks it.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{Method, StatusCode, header};
-use axum::middleware::Next;
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
 
+use super::AppState;
 use super::error::ApiError;
 
 /// What a token may do; each role includes the ones before it.
@@ -20,6 +26,16 @@ pub enum Role {
     Writer,
     /// + deletes and managing projections, sharders and groups.
     Admin,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Writer => "writer",
+            Role::Admin => "admin",
+        }
+    }
 }
 
 impl std::str::FromStr for Role {
@@ -90,56 +106,89 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
-/// The role a request needs, `None` for public routes.
-pub fn required_role(method: &Method, path: &str) -> Option<Role> {
-    if path == "/health" || path == "/openapi.json" {
-        return None;
+/// Puts every route of `router` behind `role`: its layer lets a request through only with a
+/// token of that role or above (when tokens are configured), and the document says so on each
+/// operation.
+pub fn guard(
+    mut router: OpenApiRouter<AppState>,
+    role: Role,
+    tokens: &Arc<Tokens>,
+) -> OpenApiRouter<AppState> {
+    let document = router.get_openapi_mut();
+    let requirement = SecurityRequirement::new(SECURITY_SCHEME, [role.name()]);
+    for item in document.paths.paths.values_mut() {
+        for operation in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            operation.security = Some(vec![requirement.clone()]);
+        }
     }
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    if method == Method::GET || method == Method::HEAD {
-        return Some(Role::Reader);
-    }
-    let role = match (method, segments.as_slice()) {
-        (&Method::POST, ["streams", _]) => Role::Writer,
-        (&Method::PUT, ["streams", _, "metadata"]) => Role::Writer,
-        (&Method::POST, ["groups", _, _, "pull" | "ack" | "nack"]) => Role::Writer,
-        (&Method::POST, ["sharders", _, "shard"]) => Role::Reader,
-        _ => Role::Admin,
-    };
-    Some(role)
+    document
+        .components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+            SECURITY_SCHEME,
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    router.route_layer(middleware::from_fn_with_state(
+        (tokens.clone(), role),
+        require_role,
+    ))
 }
 
-pub async fn authorize(
-    State(tokens): State<Arc<Tokens>>,
+/// The name of the bearer-token scheme in the OpenAPI document.
+const SECURITY_SCHEME: &str = "bearer";
+
+async fn require_role(
+    State((tokens, needed)): State<(Arc<Tokens>, Role)>,
     request: Request,
     next: Next,
 ) -> Response {
-    match check(&tokens, &request) {
+    match check_role(&tokens, needed, &request) {
         Ok(()) => next.run(request).await,
         Err(error) => error.into_response(),
     }
 }
 
-fn check(tokens: &Tokens, request: &Request) -> Result<(), ApiError> {
-    if tokens.is_empty() {
-        let peer = request
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|info| info.0);
-        return match peer {
-            Some(peer) if !peer.ip().is_loopback() && !peer.ip().to_canonical().is_loopback() => {
-                Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    "no tokens are configured, so only loopback clients are accepted",
-                ))
-            }
-            _ => Ok(()),
-        };
+/// Without configured tokens only loopback clients get in, whatever the route.
+pub async fn admit(State(tokens): State<Arc<Tokens>>, request: Request, next: Next) -> Response {
+    match check_peer(&tokens, &request) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
     }
-    let Some(needed) = required_role(request.method(), request.uri().path()) else {
+}
+
+fn check_peer(tokens: &Tokens, request: &Request) -> Result<(), ApiError> {
+    if !tokens.is_empty() {
         return Ok(());
-    };
+    }
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0);
+    match peer {
+        Some(peer) if !peer.ip().is_loopback() && !peer.ip().to_canonical().is_loopback() => {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "no tokens are configured, so only loopback clients are accepted",
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_role(tokens: &Tokens, needed: Role, request: &Request) -> Result<(), ApiError> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -156,7 +205,11 @@ fn check(tokens: &Tokens, request: &Request) -> Result<(), ApiError> {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
-            format!("this needs the {needed:?} role; the token has {role:?}").to_lowercase(),
+            format!(
+                "this needs the {} role; the token has {}",
+                needed.name(),
+                role.name()
+            ),
         ));
     }
     Ok(())
@@ -166,37 +219,10 @@ fn check(tokens: &Tokens, request: &Request) -> Result<(), ApiError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn roles_follow_the_contract() {
-        assert_eq!(required_role(&Method::GET, "/health"), None);
-        assert_eq!(
-            required_role(&Method::GET, "/streams/order-1"),
-            Some(Role::Reader)
-        );
-        assert_eq!(
-            required_role(&Method::POST, "/streams/order-1"),
-            Some(Role::Writer)
-        );
-        assert_eq!(
-            required_role(&Method::PUT, "/streams/order-1/metadata"),
-            Some(Role::Writer)
-        );
-        assert_eq!(
-            required_role(&Method::DELETE, "/streams/order-1"),
-            Some(Role::Admin)
-        );
-        assert_eq!(
-            required_role(&Method::PUT, "/projections/p"),
-            Some(Role::Admin)
-        );
-        assert_eq!(
-            required_role(&Method::POST, "/groups/s/g/ack"),
-            Some(Role::Writer)
-        );
-    }
-
     fn request_from(peer: &str, token: Option<&str>) -> Request {
-        let mut request = Request::builder().method(Method::GET).uri("/streams/a");
+        let mut request = Request::builder()
+            .method(axum::http::Method::GET)
+            .uri("/streams/a");
         if let Some(token) = token {
             request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
@@ -210,22 +236,22 @@ mod tests {
     #[test]
     fn without_tokens_only_loopback_clients_pass() {
         let none = Tokens::default();
-        assert!(check(&none, &request_from("127.0.0.1:5000", None)).is_ok());
-        assert!(check(&none, &request_from("[::1]:5000", None)).is_ok());
-        assert!(check(&none, &request_from("[::ffff:127.0.0.1]:5000", None)).is_ok());
-        let refused = check(&none, &request_from("192.0.2.7:5000", None)).unwrap_err();
+        assert!(check_peer(&none, &request_from("127.0.0.1:5000", None)).is_ok());
+        assert!(check_peer(&none, &request_from("[::1]:5000", None)).is_ok());
+        assert!(check_peer(&none, &request_from("[::ffff:127.0.0.1]:5000", None)).is_ok());
+        let refused = check_peer(&none, &request_from("192.0.2.7:5000", None)).unwrap_err();
         assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        assert!(check_role(&none, Role::Admin, &request_from("127.0.0.1:5000", None)).is_ok());
 
         let mut tokens = Tokens::default();
         tokens.add("reader:reader-token").unwrap();
-        assert!(
-            check(
-                &tokens,
-                &request_from("192.0.2.7:5000", Some("reader-token"))
-            )
-            .is_ok()
-        );
-        let refused = check(&tokens, &request_from("127.0.0.1:5000", None)).unwrap_err();
+        let reader = request_from("192.0.2.7:5000", Some("reader-token"));
+        assert!(check_peer(&tokens, &reader).is_ok());
+        assert!(check_role(&tokens, Role::Reader, &reader).is_ok());
+        let refused = check_role(&tokens, Role::Writer, &reader).unwrap_err();
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        let refused =
+            check_role(&tokens, Role::Reader, &request_from("127.0.0.1:5000", None)).unwrap_err();
         assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
     }
 

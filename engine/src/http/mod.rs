@@ -72,51 +72,56 @@ pub struct AppState {
 )]
 struct ApiDoc;
 
-/// The routes and the OpenAPI document describing exactly them.
-fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// The routes and the OpenAPI document describing exactly them. Each route is declared in the
+/// router of the role it needs, whose layer checks the caller's token; the document states the
+/// same role on every operation.
+fn routes(tokens: &Arc<Tokens>) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let public = OpenApiRouter::new()
+        .routes(routes!(operations::health))
+        .routes(routes!(operations::openapi));
+    let reader = OpenApiRouter::new()
         .routes(routes!(streams::read_all))
-        .routes(routes!(
-            streams::read_stream,
-            streams::append,
-            streams::delete_stream
-        ))
-        .routes(routes!(streams::get_metadata, streams::put_metadata))
+        .routes(routes!(streams::read_stream))
+        .routes(routes!(streams::get_metadata))
         .routes(routes!(subscriptions::subscribe_all))
         .routes(routes!(subscriptions::subscribe_stream))
         .routes(routes!(projections::list))
-        .routes(routes!(
-            projections::status,
-            projections::deploy,
-            projections::delete
-        ))
+        .routes(routes!(projections::status))
         .routes(routes!(projections::get_state))
         .routes(routes!(projections::get_rows))
         .routes(routes!(projections::get_row))
+        .routes(routes!(projections::get_config))
+        .routes(routes!(sharders::list))
+        .routes(routes!(sharders::download))
+        .routes(routes!(sharders::shard))
+        .routes(routes!(groups::list))
+        .routes(routes!(groups::info))
+        .routes(routes!(groups::parked))
+        .routes(routes!(operations::info))
+        .routes(routes!(operations::metrics));
+    let writer = OpenApiRouter::new()
+        .routes(routes!(streams::append))
+        .routes(routes!(streams::put_metadata))
+        .routes(routes!(groups::pull))
+        .routes(routes!(groups::subscribe))
+        .routes(routes!(groups::ack))
+        .routes(routes!(groups::nack));
+    let admin = OpenApiRouter::new()
+        .routes(routes!(streams::delete_stream))
+        .routes(routes!(projections::deploy, projections::delete))
         .routes(routes!(projections::start))
         .routes(routes!(projections::stop))
         .routes(routes!(projections::reset))
         .routes(routes!(projections::rebuild, projections::cancel_rebuild))
-        .routes(routes!(projections::get_config, projections::put_config))
-        .routes(routes!(sharders::list))
-        .routes(routes!(
-            sharders::deploy,
-            sharders::download,
-            sharders::delete
-        ))
-        .routes(routes!(sharders::shard))
-        .routes(routes!(groups::list))
-        .routes(routes!(groups::info, groups::put, groups::delete))
-        .routes(routes!(groups::pull))
-        .routes(routes!(groups::subscribe))
-        .routes(routes!(groups::ack))
-        .routes(routes!(groups::nack))
-        .routes(routes!(groups::replay_parked))
-        .routes(routes!(groups::parked))
-        .routes(routes!(operations::health))
-        .routes(routes!(operations::info))
-        .routes(routes!(operations::metrics))
-        .routes(routes!(operations::openapi))
+        .routes(routes!(projections::put_config))
+        .routes(routes!(sharders::deploy, sharders::delete))
+        .routes(routes!(groups::put, groups::delete))
+        .routes(routes!(groups::replay_parked));
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(public)
+        .merge(auth::guard(reader, Role::Reader, tokens))
+        .merge(auth::guard(writer, Role::Writer, tokens))
+        .merge(auth::guard(admin, Role::Admin, tokens))
         .split_for_parts()
 }
 
@@ -130,7 +135,8 @@ pub fn app(
     shutdown: CancellationToken,
     config: ServeConfig,
 ) -> Router {
-    let (router, document) = routes();
+    let tokens = Arc::new(config.tokens);
+    let (router, document) = routes(&tokens);
     let openapi = Arc::new(
         document
             .to_pretty_json()
@@ -150,10 +156,7 @@ pub fn app(
     router
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
-        .layer(middleware::from_fn_with_state(
-            Arc::new(config.tokens),
-            auth::authorize,
-        ))
+        .layer(middleware::from_fn_with_state(tokens, auth::admit))
         .layer(middleware::from_fn(error::read_whole_body))
         .layer(middleware::from_fn_with_state(metrics, record_request))
         .with_state(state)
