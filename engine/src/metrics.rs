@@ -1,7 +1,7 @@
 //! Prometheus metrics. Every part records into one [`Metrics`]; `/metrics` encodes it.
 
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -177,5 +177,75 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
+    }
+}
+
+/// A rate of progress (events per second) over windows of at least a second, as the status of
+/// indexes and projections shows it.
+#[derive(Debug, Clone, Copy)]
+pub struct RateMeter {
+    window_start: Instant,
+    count_at_start: u64,
+    last_count: u64,
+    last_progress: Instant,
+    per_second: f64,
+}
+
+impl RateMeter {
+    /// A meter that starts counting from `count`.
+    pub fn new(count: u64) -> Self {
+        let now = Instant::now();
+        RateMeter {
+            window_start: now,
+            count_at_start: count,
+            last_count: count,
+            last_progress: now,
+            per_second: 0.0,
+        }
+    }
+
+    /// Takes the running total; a window of a second or more closes and gives the rate.
+    pub fn record(&mut self, count: u64) {
+        let now = Instant::now();
+        if count != self.last_count {
+            self.last_count = count;
+            self.last_progress = now;
+        }
+        let elapsed = now.duration_since(self.window_start).as_secs_f64();
+        if elapsed >= 1.0 {
+            self.per_second = count.saturating_sub(self.count_at_start) as f64 / elapsed;
+            self.window_start = now;
+            self.count_at_start = count;
+        }
+    }
+
+    /// The last window's rate; 0 once nothing has moved for two seconds.
+    pub fn per_second(&self) -> f64 {
+        if self.last_progress.elapsed() > Duration::from_secs(2) {
+            0.0
+        } else {
+            self.per_second
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_is_measured_over_a_closed_window() {
+        let mut meter = RateMeter::new(100);
+        meter.record(150);
+        assert_eq!(meter.per_second(), 0.0, "the first window is still open");
+        meter.window_start -= Duration::from_secs(2);
+        meter.record(300);
+        assert!(
+            (meter.per_second() - 100.0).abs() < 1.0,
+            "{}",
+            meter.per_second()
+        );
+        meter.last_progress -= Duration::from_secs(3);
+        assert_eq!(meter.per_second(), 0.0, "idle for more than two seconds");
     }
 }

@@ -58,7 +58,8 @@
 //!
 //! The state type needs `Default + Serialize + DeserializeOwned`; it is stored as JSON, and only
 //! when an event changed it. Use `()` for a projection that keeps only tables. An error from the
-//! function faults the projection at that event, and nothing of its batch is kept.
+//! function faults the projection at that event: what the events before it did is kept, nothing
+//! of the failing event is.
 //!
 //! A sharder is a function of an event and a shard count:
 //!

@@ -1,6 +1,5 @@
 //! The `refract` command line: the server, client commands for a running server, and benchmarks.
 
-mod bench;
 mod groups;
 mod rebuild;
 mod sharding;
@@ -20,8 +19,8 @@ use crate::client::{
     SubscribeFrom, SubscriptionMessage,
 };
 use crate::http::{ServeConfig, Tokens};
-use crate::projections::component::Sandbox;
-use crate::store::indexes::{CategoryPosition, IndexConfig};
+use crate::sandbox::Sandbox;
+use crate::store::{CategoryPosition, IndexConfig};
 use crate::store::{ExpectedRevision, StoreOptions, default_cache_bytes};
 
 #[derive(Debug, Parser)]
@@ -54,8 +53,10 @@ enum Command {
     /// Consumer groups: create, inspect, replay parked messages, consume.
     #[command(subcommand)]
     Group(groups::GroupCommand),
-    /// Measure appends, reads and startup on a fresh data directory and print the figures.
-    Bench(bench::BenchArgs),
+    /// Run the benchmarks: the `refract-bench` binary beside this one or on the PATH (build it
+    /// with `cargo build --release -p refract-bench`); `refract bench --help` lists its options.
+    #[command(disable_help_flag = true)]
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -398,7 +399,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Projection(command) => projection(command).await,
         Command::Sharder(command) => sharding::sharder(command).await,
         Command::Group(command) => groups::group(command).await,
-        Command::Bench(args) => bench::run(args).await,
+        Command::Bench(args) => bench(args),
     }
 }
 
@@ -451,6 +452,35 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .unwrap_or_else(default_partition_workers),
     };
     crate::http::serve(config).await
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Passed to `refract-bench`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+/// Runs `refract-bench`, which is a binary of its own so the product does not carry the
+/// benchmarks' dependencies.
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let name = format!("refract-bench{}", std::env::consts::EXE_SUFFIX);
+    let beside = std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name(&name))
+        .filter(|path| path.is_file());
+    let program = beside.unwrap_or_else(|| PathBuf::from(&name));
+    let status = std::process::Command::new(&program)
+        .args(&args.args)
+        .status()
+        .with_context(|| {
+            format!(
+                "cannot run {name}: build it with `cargo build --release -p refract-bench` \
+                 (it is looked for beside refract, then on the PATH)"
+            )
+        })?;
+    anyhow::ensure!(status.success(), "{name} failed ({status})");
+    Ok(())
 }
 
 pub fn default_partition_workers() -> usize {

@@ -124,11 +124,11 @@ impl ShardedClient {
         &self.sharder
     }
 
-    /// The node the sharder places `event` of `stream` on.
+    /// The node the sharder places `event` of `stream` on. Blocking: it runs the sharder (from
+    /// async code, [`ShardedClient::append`] does this on the blocking pool).
     pub fn node_for(&self, stream: &str, event: &NewEvent) -> anyhow::Result<usize> {
         let input = shard_input(stream, event)?;
-        let shards = u32::try_from(self.nodes.len()).context("too many nodes")?;
-        Ok(self.sharder.shard(&[input], shards)?[0] as usize)
+        place(&self.sharder, input, self.nodes.len())
     }
 
     /// Appends to the node the first event is placed on; returns that node and the result.
@@ -141,7 +141,10 @@ impl ShardedClient {
         let first = events
             .first()
             .ok_or_else(|| anyhow::anyhow!("an append needs at least one event"))?;
-        let node = self.node_for(stream, first)?;
+        let (sharder, input) = (self.sharder.clone(), shard_input(stream, first)?);
+        let nodes = self.nodes.len();
+        // A guest call may take up to its time limit: not on an async worker.
+        let node = tokio::task::spawn_blocking(move || place(&sharder, input, nodes)).await??;
         let result = self.nodes[node]
             .append(stream, expected, events)
             .await
@@ -236,6 +239,12 @@ impl ShardedClient {
 }
 
 /// What the sharder sees of an event to append: the same shape the server's
+/// The node of `nodes` the sharder places `input` on.
+fn place(sharder: &Sharder, input: ShardInput, nodes: usize) -> anyhow::Result<usize> {
+    let shards = u32::try_from(nodes).context("too many nodes")?;
+    Ok(sharder.shard(&[input], shards)?[0] as usize)
+}
+
 /// `/sharders/{name}/shard` takes, so both compute the same shard.
 pub fn shard_input(stream: &str, event: &NewEvent) -> anyhow::Result<ShardInput> {
     let mut item = serde_json::to_value(event)?;

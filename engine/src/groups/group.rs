@@ -14,15 +14,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::settings::{Done, Record, Settings, Strategy};
+use super::settings::{Done, Record, Settings};
+use super::strategy::{Keying, Spread};
 use super::{ConsumerInfo, Delivery, GroupError, Info, NackAction, parked_stream_name};
-use crate::sharding::{ShardInput, Sharder};
-use crate::store::group_data::Parking;
-use crate::store::{AllFilter, Direction, RecordedEvent, Store, StoreError};
+use crate::sharding::Sharder;
+use crate::store::Parking;
+use crate::store::{AllFilter, Direction, IndexConfig, RecordedEvent, Store, StoreError};
 use crate::subscribe::{Item, Source, Start, Subscription};
-
-/// Buckets of the pinned and sharded strategies; consumers own buckets.
-pub const BUCKETS: u32 = 4096;
 /// How often the task looks for closed push consumers when nothing else wakes it.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 
@@ -124,7 +122,8 @@ struct Waiter {
 }
 
 enum Read {
-    Event(u64, Box<RecordedEvent>),
+    /// An event with its id in the source and its bucket (or why it has none).
+    Event(u64, Arc<RecordedEvent>, Result<u32, String>),
     CaughtUp,
     Failed(String),
 }
@@ -135,17 +134,18 @@ pub(super) struct Group {
     name: String,
     parked_stream: String,
     record: Record,
-    sharder: Option<Arc<Sharder>>,
+    /// The indexes' rules, for the correlation ids of `pinned_by_correlation`.
+    config: IndexConfig,
+    /// How messages get their bucket; an error when the strategy's sharder is not loaded.
+    keying: Result<Keying, String>,
+    spread: Spread,
     messages: BTreeMap<Key, Message>,
     ready: BTreeSet<Key>,
     deadlines: BTreeSet<(Instant, Key)>,
     consumers: Vec<Consumer>,
     waiters: Vec<Waiter>,
-    /// Bucket → owning consumer's index in `consumers`.
-    owners: Vec<usize>,
     /// Bucket → (consumer, messages of the bucket it holds).
     bucket_holders: HashMap<u32, (String, usize)>,
-    round_robin: usize,
     reader: Option<(mpsc::Receiver<Read>, JoinHandle<()>)>,
     /// The next source revision/position the reader hands over.
     next_read: u64,
@@ -184,6 +184,7 @@ impl Group {
         stream: String,
         name: String,
         record: Record,
+        config: IndexConfig,
         sharder: Option<Arc<Sharder>>,
     ) -> Group {
         let parked_stream = parked_stream_name(&stream, &name);
@@ -197,6 +198,8 @@ impl Group {
                 .map_or(0, |last| last + 1)
         };
         let record_done = (record.source_done.clone(), record.parked_done.clone());
+        let keying = Keying::of(&record.settings.strategy, &config, sharder);
+        let spread = Spread::new(&record.settings.strategy);
         let mut group = Group {
             store,
             next_read: record.next,
@@ -206,15 +209,15 @@ impl Group {
             name,
             parked_stream,
             record,
-            sharder,
+            config,
+            keying,
+            spread,
             messages: BTreeMap::new(),
             ready: BTreeSet::new(),
             deadlines: BTreeSet::new(),
             consumers: Vec::new(),
             waiters: Vec::new(),
-            owners: Vec::new(),
             bucket_holders: HashMap::new(),
-            round_robin: 0,
             reader: None,
             caught_up: false,
             fault: None,
@@ -372,12 +375,13 @@ impl Group {
     async fn start_reader(&mut self) {
         self.stop_reader();
         self.caught_up = false;
-        if let Strategy::Sharded(name) = &self.settings().strategy
-            && self.sharder.is_none()
-        {
-            self.fault = Some(format!("the sharder {name:?} is not loaded"));
-            return;
-        }
+        let keying = match &self.keying {
+            Ok(keying) => keying.clone(),
+            Err(error) => {
+                self.fault = Some(error.clone());
+                return;
+            }
+        };
         let settings = self.settings().clone();
         let source = if self.stream == super::ALL {
             let prefixes = |list: &Option<String>| -> Vec<String> {
@@ -415,7 +419,7 @@ impl Group {
         };
         self.fault = None;
         let (sender, receiver) = mpsc::channel(settings.read_batch_size);
-        let task = tokio::spawn(read_ahead(subscription, sender));
+        let task = tokio::spawn(read_ahead(subscription, keying, sender));
         self.reader = Some((receiver, task));
     }
 
@@ -427,11 +431,11 @@ impl Group {
 
     async fn receive(&mut self, read: Option<Read>) {
         match read {
-            Some(Read::Event(id, event)) => {
+            Some(Read::Event(id, event, bucket)) => {
                 self.next_read = id + 1;
                 // After a settings change the reader may pass messages consumers still hold.
                 if !self.messages.contains_key(&(Origin::Source, id)) {
-                    self.admit((Origin::Source, id), Arc::from(event)).await;
+                    self.admit((Origin::Source, id), event, bucket).await;
                 }
             }
             Some(Read::CaughtUp) => self.caught_up = true,
@@ -460,14 +464,19 @@ impl Group {
             .await;
         match slice {
             Ok(slice) => {
-                for event in slice.events {
+                let events: Vec<Arc<RecordedEvent>> =
+                    slice.events.into_iter().map(Arc::new).collect();
+                let buckets = match &self.keying {
+                    Ok(keying) => keying.buckets(&events).await,
+                    Err(error) => vec![Err(error.clone()); events.len()],
+                };
+                for (event, bucket) in events.into_iter().zip(buckets) {
                     let revision = event.link.as_ref().map_or(event.revision, |l| l.revision);
                     if revision >= until {
                         break;
                     }
                     self.parked_read = revision + 1;
-                    self.admit((Origin::Parked, revision), Arc::new(event))
-                        .await;
+                    self.admit((Origin::Parked, revision), event, bucket).await;
                 }
                 // Links whose events are gone are skipped: nothing to replay for them.
                 self.parked_read = self.parked_read.max(slice.cursor.min(until));
@@ -482,8 +491,9 @@ impl Group {
         }
     }
 
-    /// Takes a read message into the buffer, with its bucket.
-    async fn admit(&mut self, key: Key, event: Arc<RecordedEvent>) {
+    /// Takes a read message into the buffer, with its bucket; one without a bucket (its
+    /// sharder failed on it) is parked with the reason.
+    async fn admit(&mut self, key: Key, event: Arc<RecordedEvent>, bucket: Result<u32, String>) {
         let done = match key.0 {
             Origin::Source => &self.source_done,
             Origin::Parked => &self.parked_done,
@@ -491,73 +501,18 @@ impl Group {
         if done.contains(key.1) {
             return;
         }
-        let bucket = match self.bucket_of(&event) {
-            Ok(bucket) => bucket,
-            Err(reason) => {
-                self.messages.insert(
-                    key,
-                    Message {
-                        event,
-                        retry_count: 0,
-                        bucket: 0,
-                        holder: None,
-                    },
-                );
-                self.park(vec![(key, reason)]).await;
-                return;
-            }
+        let message = Message {
+            event,
+            retry_count: 0,
+            bucket: *bucket.as_ref().unwrap_or(&0),
+            holder: None,
         };
-        self.messages.insert(
-            key,
-            Message {
-                event,
-                retry_count: 0,
-                bucket,
-                holder: None,
-            },
-        );
-        self.ready.insert(key);
-    }
-
-    fn bucket_of(&self, event: &RecordedEvent) -> Result<u32, String> {
-        let key_bucket = |key: &[u8]| (fnv1a_64(key) % u64::from(BUCKETS)) as u32;
-        match &self.settings().strategy {
-            Strategy::RoundRobin | Strategy::DispatchToSingle => Ok(0),
-            Strategy::Pinned => Ok(key_bucket(event.stream.as_bytes())),
-            Strategy::PinnedByCorrelation => {
-                let correlation = serde_json::from_slice::<serde_json::Value>(&event.metadata)
-                    .ok()
-                    .and_then(|metadata| {
-                        metadata
-                            .get("$correlationId")
-                            .and_then(|id| id.as_str().map(str::to_owned))
-                    });
-                Ok(key_bucket(
-                    correlation.as_deref().unwrap_or(&event.stream).as_bytes(),
-                ))
+        self.messages.insert(key, message);
+        match bucket {
+            Ok(_) => {
+                self.ready.insert(key);
             }
-            Strategy::Sharded(name) => {
-                let sharder = self
-                    .sharder
-                    .as_ref()
-                    .ok_or_else(|| format!("the sharder {name:?} is not loaded"))?;
-                let input = ShardInput {
-                    stream: event.stream.clone(),
-                    event_type: event.event_type.clone(),
-                    id: event.id.to_string(),
-                    data: event.data.clone(),
-                    metadata: event.metadata.clone(),
-                };
-                sharder
-                    .shard(&[input], BUCKETS)
-                    .map_err(|error| format!("the sharder {name:?} failed: {error:#}"))
-                    .and_then(|shards| {
-                        shards
-                            .first()
-                            .copied()
-                            .ok_or_else(|| format!("the sharder {name:?} returned no shard"))
-                    })
-            }
+            Err(reason) => self.park(vec![(key, reason)]).await,
         }
     }
 
@@ -604,7 +559,6 @@ impl Group {
             .collect();
         self.retry(held, reason).await;
         self.consumers.remove(index);
-        self.round_robin = 0;
         for waiter in std::mem::take(&mut self.waiters) {
             if waiter.consumer == name {
                 let _ = waiter.reply.send(Ok(waiter.batch));
@@ -615,37 +569,9 @@ impl Group {
         self.assign_buckets();
     }
 
-    /// Rendezvous hashing: a bucket goes to the consumer with the highest score for it, so a
-    /// join or leave moves only the buckets that consumer wins or held.
     fn assign_buckets(&mut self) {
-        if !self.bucketed() || self.consumers.is_empty() {
-            self.owners.clear();
-            return;
-        }
-        let seeds: Vec<u64> = self
-            .consumers
-            .iter()
-            .map(|c| fnv1a_64(c.name.as_bytes()))
-            .collect();
-        self.owners = (0..BUCKETS)
-            .map(|bucket| {
-                let mut best = (0u64, 0usize);
-                for (index, seed) in seeds.iter().enumerate() {
-                    let score = mix(seed ^ u64::from(bucket).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-                    if index == 0 || score > best.0 {
-                        best = (score, index);
-                    }
-                }
-                best.1
-            })
-            .collect();
-    }
-
-    fn bucketed(&self) -> bool {
-        !matches!(
-            self.settings().strategy,
-            Strategy::RoundRobin | Strategy::DispatchToSingle
-        )
+        let names: Vec<&str> = self.consumers.iter().map(|c| c.name.as_str()).collect();
+        self.spread.assign(&names);
     }
 
     /// How many more messages a consumer takes now.
@@ -679,39 +605,26 @@ impl Group {
         if left == 0 {
             return;
         }
-        let strategy = self.settings().strategy.clone();
         // Without buckets any consumer with room takes any message: the first `left` will do.
-        let wanted = if self.bucketed() { usize::MAX } else { left };
+        let wanted = if self.spread.bucketed() {
+            usize::MAX
+        } else {
+            left
+        };
         let keys: Vec<Key> = self.ready.iter().copied().take(wanted).collect();
         for key in keys {
             if left == 0 {
                 break;
             }
             let bucket = self.messages[&key].bucket;
-            let target = match strategy {
-                Strategy::RoundRobin => {
-                    let count = rooms.len();
-                    let found = (0..count)
-                        .map(|step| (self.round_robin + step) % count)
-                        .find(|&index| rooms[index] > 0);
-                    if let Some(index) = found {
-                        self.round_robin = (index + 1) % count;
-                    }
-                    found
-                }
-                Strategy::DispatchToSingle => rooms.iter().position(|&room| room > 0),
-                _ => {
-                    let owner = self.owners[bucket as usize];
-                    let blocked =
-                        self.bucket_holders
-                            .get(&bucket)
-                            .is_some_and(|(holder, count)| {
-                                *count > 0 && *holder != self.consumers[owner].name
-                            });
-                    (!blocked && rooms[owner] > 0).then_some(owner)
-                }
+            let holder = self.bucket_holders.get(&bucket);
+            let consumers = &self.consumers;
+            let held_elsewhere = |owner: usize| {
+                holder.is_some_and(|(holder, count)| *count > 0 && *holder != consumers[owner].name)
             };
-            let Some(index) = target else { continue };
+            let Some(index) = self.spread.pick(bucket, &rooms, held_elsewhere) else {
+                continue;
+            };
             rooms[index] -= 1;
             left -= 1;
             self.hand_over(key, index);
@@ -761,10 +674,18 @@ impl Group {
     }
 
     /// Answers pulls that got messages, whose wait is over, or whose caller went away.
+    /// A consumer is seen until its pull ends: its silence counts from then.
     fn answer_waiters(&mut self) {
         let now = Instant::now();
         for waiter in std::mem::take(&mut self.waiters) {
             if !waiter.batch.is_empty() || waiter.deadline <= now || waiter.reply.is_closed() {
+                if let Some(consumer) = self
+                    .consumers
+                    .iter_mut()
+                    .find(|c| c.name == waiter.consumer)
+                {
+                    consumer.last_seen = now;
+                }
                 let _ = waiter.reply.send(Ok(waiter.batch));
             } else {
                 self.waiters.push(waiter);
@@ -1138,22 +1059,32 @@ impl Group {
             ..self.record.clone()
         })
         .await?;
-        self.sharder = sharder;
         let new = self.settings().clone();
-        if new.strategy != old.strategy {
-            // Held messages keep the bucket they were delivered under until they finish.
-            let waiting: Vec<Key> = self.ready.iter().copied().collect();
-            for key in waiting {
-                if let Ok(bucket) = self.bucket_of(&self.messages[&key].event) {
-                    self.messages.get_mut(&key).expect("a message").bucket = bucket;
+        self.keying = Keying::of(&new.strategy, &self.config, sharder);
+        let strategy_changed = new.strategy != old.strategy;
+        if strategy_changed {
+            self.spread = Spread::new(&new.strategy);
+            self.assign_buckets();
+            // Held messages keep the bucket they were delivered under until they finish;
+            // waiting ones take the new strategy's.
+            if let Ok(keying) = &self.keying {
+                let waiting: Vec<Key> = self.ready.iter().copied().collect();
+                let events: Vec<Arc<RecordedEvent>> = waiting
+                    .iter()
+                    .map(|key| self.messages[key].event.clone())
+                    .collect();
+                let buckets = keying.buckets(&events).await;
+                for (key, bucket) in waiting.into_iter().zip(buckets) {
+                    if let Ok(bucket) = bucket {
+                        self.messages.get_mut(&key).expect("a message").bucket = bucket;
+                    }
                 }
             }
-            self.assign_buckets();
         }
         let source_changed = new.resolve_links != old.resolve_links
             || new.stream_prefix != old.stream_prefix
             || new.type_prefix != old.type_prefix;
-        if source_changed || self.reader.is_none() {
+        if source_changed || strategy_changed || self.reader.is_none() {
             // Messages not yet delivered are read again in the new shape.
             let waiting: Vec<Key> = self
                 .ready
@@ -1254,32 +1185,41 @@ async fn written(writing: &mut Option<Writing>) -> (Writing, Result<(), StoreErr
     (writing.take().expect("a write in progress"), result)
 }
 
-async fn read_ahead(mut subscription: Subscription, sender: mpsc::Sender<Read>) {
+/// Reads the source and gives each event its bucket, a batch at a time (a sharder runs once
+/// per batch, off the async workers).
+async fn read_ahead(mut subscription: Subscription, keying: Keying, sender: mpsc::Sender<Read>) {
     loop {
-        let read = match subscription.next().await {
-            Ok(Item::Event { id, event }) => Read::Event(id, event),
-            Ok(Item::CaughtUp) => Read::CaughtUp,
+        let items = match subscription.next_batch().await {
+            Ok(items) => items,
             Err(error) => {
                 let _ = sender.send(Read::Failed(error.to_string())).await;
                 return;
             }
         };
-        if sender.send(read).await.is_err() {
-            return;
+        let mut reads = Vec::with_capacity(items.len());
+        let mut events = Vec::new();
+        for item in items {
+            match item {
+                Item::Event { id, event } => {
+                    let event: Arc<RecordedEvent> = Arc::from(event);
+                    events.push(event.clone());
+                    reads.push(Some((id, event)));
+                }
+                Item::CaughtUp => reads.push(None),
+            }
+        }
+        let mut buckets = keying.buckets(&events).await.into_iter();
+        for read in reads {
+            let read = match read {
+                Some((id, event)) => {
+                    let bucket = buckets.next().expect("a bucket per event");
+                    Read::Event(id, event, bucket)
+                }
+                None => Read::CaughtUp,
+            };
+            if sender.send(read).await.is_err() {
+                return;
+            }
         }
     }
-}
-
-/// FNV-1a, 64 bits: a stable hash of keys, the same on every machine and version.
-pub fn fnv1a_64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// splitmix64's finaliser: spreads a seed's bits for rendezvous scores.
-fn mix(mut value: u64) -> u64 {
-    value = (value ^ (value >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    value = (value ^ (value >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    value ^ (value >> 31)
 }

@@ -8,6 +8,7 @@
 
 mod group;
 pub mod settings;
+mod strategy;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -16,16 +17,14 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::names::Name;
 use crate::sharding::{ShardError, Sharder, Sharders};
-use crate::store::{RecordedEvent, Store, StoreError, validate_stream_name};
-pub use group::{BUCKETS, fnv1a_64};
+use crate::store::{IndexConfig, RecordedEvent, Store, StoreError};
 use group::{Command, Group};
 use settings::{Done, Record, Settings, StartFrom, StartName, Strategy};
 
 /// The stream name that means every stream.
 pub const ALL: &str = "$all";
-/// Longest group name, in bytes.
-const MAX_NAME_BYTES: usize = 200;
 /// Most messages one pull may ask for.
 pub const MAX_PULL: usize = 10_000;
 /// Longest a pull may wait.
@@ -183,11 +182,25 @@ impl Groups {
         sharder: Option<Arc<Sharder>>,
     ) {
         let (commands, receiver) = mpsc::channel(1024);
+        // The correlation rule of `pinned_by_correlation` is the indexes' one as of the start.
+        let config = match self
+            .inner
+            .store
+            .blocking(|store| store.index_config())
+            .await
+        {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the indexes' configuration; using the defaults");
+                IndexConfig::default()
+            }
+        };
         let task = Group::start(
             self.inner.store.clone(),
             stream.clone(),
             group.clone(),
             record,
+            config,
             sharder,
         )
         .await;
@@ -471,24 +484,11 @@ impl Groups {
 
 fn validate_names(stream: &str, group: &str) -> Result<(), GroupError> {
     if stream != ALL {
-        validate_stream_name(stream).map_err(GroupError::Invalid)?;
+        Name::Stream.check(stream).map_err(GroupError::Invalid)?;
     }
-    if group.is_empty() || group.len() > MAX_NAME_BYTES || group.chars().any(char::is_control) {
-        return Err(GroupError::Invalid(format!(
-            "a group name must be 1 to {MAX_NAME_BYTES} bytes without control characters"
-        )));
-    }
-    Ok(())
+    Name::Group.check(group).map_err(GroupError::Invalid)
 }
 
 fn validate_consumer(consumer: &str) -> Result<(), GroupError> {
-    if consumer.is_empty()
-        || consumer.len() > MAX_NAME_BYTES
-        || consumer.chars().any(char::is_control)
-    {
-        return Err(GroupError::Invalid(format!(
-            "the consumer name must be 1 to {MAX_NAME_BYTES} bytes without control characters"
-        )));
-    }
-    Ok(())
+    Name::Consumer.check(consumer).map_err(GroupError::Invalid)
 }

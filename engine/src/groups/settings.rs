@@ -29,7 +29,8 @@ pub enum Strategy {
     DispatchToSingle,
     /// The original stream's name, hashed into buckets owned by consumers.
     Pinned,
-    /// As `pinned`, keyed by the metadata's `$correlationId` (the stream name when it has none).
+    /// As `pinned`, keyed by the correlation id (the metadata property `$by_correlation_id`
+    /// reads, `$correlationId` by default; the stream name when an event has none).
     PinnedByCorrelation,
     /// A stored sharder picks the bucket of each event.
     Sharded(String),

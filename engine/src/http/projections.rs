@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody, check_media_type};
 use crate::projections::{ConfigChange, DeployOptions, Mode, ProjectionError, ProjectionStatus};
-use crate::store::indexes::IndexConfig;
+use crate::store::IndexConfig;
 
 /// Most rows one table page returns.
 const MAX_ROWS: usize = 4096;

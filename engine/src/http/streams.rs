@@ -13,9 +13,10 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody, check_media_type};
+use crate::names::Name;
 use crate::store::{
     AllFilter, AppendOutcome, Direction, ExpectedRevision, MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES,
-    NewEvent, RecordedEvent, Slice, StreamMetadata, validate_stream_name,
+    NewEvent, RecordedEvent, Slice, StreamMetadata,
 };
 
 /// The name under which the log of every event is read.
@@ -246,7 +247,7 @@ fn direction(param: Option<DirectionParam>) -> Direction {
 
 /// A name a client may write to: valid, and not reserved for the system.
 fn writable_stream(name: &str) -> Result<(), ApiError> {
-    validate_stream_name(name).map_err(ApiError::invalid)?;
+    Name::Stream.check(name).map_err(ApiError::invalid)?;
     if name.starts_with('$') {
         return Err(ApiError::invalid(format!(
             "stream names starting with '$' are reserved for the system: {name:?}"
@@ -442,7 +443,7 @@ pub async fn read_stream(
         };
         return read_all_pages(state, query).await;
     }
-    validate_stream_name(&stream).map_err(ApiError::invalid)?;
+    Name::Stream.check(&stream).map_err(ApiError::invalid)?;
     if query.stream_prefix.is_some()
         || query.type_prefix.is_some()
         || query.include_system.is_some()
@@ -547,7 +548,7 @@ pub async fn delete_stream(
 }
 
 fn metadata_stream(name: &str) -> Result<(), ApiError> {
-    validate_stream_name(name).map_err(ApiError::invalid)?;
+    Name::Stream.check(name).map_err(ApiError::invalid)?;
     if name == ALL {
         return Err(ApiError::invalid("$all has no metadata"));
     }

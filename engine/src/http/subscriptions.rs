@@ -13,7 +13,7 @@ use utoipa::IntoParams;
 use super::AppState;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody};
 use super::streams::{ALL, EventJson, all_filter};
-use crate::store::validate_stream_name;
+use crate::names::Name;
 use crate::subscribe::{Item, Source, Start, Subscription};
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -101,7 +101,7 @@ pub async fn subscribe_stream(
         };
         return subscribe_all_events(state, query, &headers).await;
     }
-    validate_stream_name(&stream).map_err(ApiError::invalid)?;
+    Name::Stream.check(&stream).map_err(ApiError::invalid)?;
     let start = start(query.from.as_deref(), &headers)?;
     let source = Source::Stream {
         name: stream,

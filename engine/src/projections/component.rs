@@ -14,10 +14,11 @@ use wasmtime::bail as trap;
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-pub use crate::sandbox::Sandbox;
+use crate::names::Name;
+use crate::sandbox::Sandbox;
 use crate::sandbox::{GuestEngine, Limits, context, explain_failure, sha256_hex};
-use crate::store::projection_data::{ProjectionView, RowChange};
-use crate::store::{MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES, NewEvent, validate_stream_name};
+use crate::store::{MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES, NewEvent};
+use crate::store::{ProjectionView, RowChange};
 
 wasmtime::component::bindgen!({
     path: "../guest-sdk/wit",
@@ -511,7 +512,7 @@ impl self::refract::projection::host::Host for HostState {
     }
 
     fn link_to(&mut self, stream: String, position: u64) -> wasmtime::Result<Result<(), String>> {
-        if let Err(reason) = validate_stream_name(&stream) {
+        if let Err(reason) = Name::Stream.check(&stream) {
             return Ok(Err(reason));
         }
         if stream.starts_with('$') {
@@ -548,7 +549,7 @@ fn validate_emit(
     data: &[u8],
     metadata: &[u8],
 ) -> Result<(), String> {
-    validate_stream_name(stream)?;
+    Name::Stream.check(stream)?;
     if stream.starts_with('$') {
         return Err("streams starting with $ belong to the system".into());
     }

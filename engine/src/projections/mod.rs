@@ -7,15 +7,15 @@
 
 pub mod component;
 mod runner;
-pub mod wasm;
+mod wasm;
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::store::indexes::{CategoryPosition, IndexConfig, SystemIndex};
-use crate::store::projection_data::RowPage;
+use crate::store::RowPage;
+use crate::store::{CategoryPosition, IndexConfig, SystemIndex};
 use crate::store::{Store, StoreError};
 use component::Runtime;
 pub use wasm::DeployOptions;

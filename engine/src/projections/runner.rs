@@ -8,7 +8,6 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -19,9 +18,10 @@ use super::component::{
     Compiled, Event, Instance, InstanceSetup, Partitioning, Runtime, Source, Writes,
 };
 use super::{Fault, Mode};
-use crate::store::indexes::IndexConfig;
-use crate::store::projection_data::{Checkpoint, DataChange, ProjectionCommit};
-use crate::store::record::EventRecord;
+use crate::metrics::RateMeter;
+use crate::store::EventRecord;
+use crate::store::IndexConfig;
+use crate::store::{Checkpoint, DataChange, ProjectionCommit};
 use crate::store::{Store, StoreError};
 pub(crate) use parallel::ParallelCounts;
 use parallel::{NotParallel, WINDOW_EVENTS, Workers};
@@ -68,7 +68,7 @@ impl Live {
                 data,
                 checkpoint,
                 running: false,
-                rate: Rate::default(),
+                rate: RateMeter::new(0),
                 parallel: ParallelCounts::default(),
             }),
         })
@@ -82,59 +82,9 @@ pub(super) struct LiveState {
     pub checkpoint: Checkpoint,
     /// A runner is working on it.
     pub running: bool,
-    pub rate: Rate,
+    pub rate: RateMeter,
     /// How the runner's batches ran on the partition workers.
     pub parallel: ParallelCounts,
-}
-
-/// Events per second over the last second or so of work.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Rate {
-    window_start: Instant,
-    processed_at_start: u64,
-    last_progress: Instant,
-    per_second: f64,
-}
-
-impl Default for Rate {
-    fn default() -> Self {
-        let now = Instant::now();
-        Rate {
-            window_start: now,
-            processed_at_start: 0,
-            last_progress: now,
-            per_second: 0.0,
-        }
-    }
-}
-
-impl Rate {
-    fn record(&mut self, processed: u64) {
-        let now = Instant::now();
-        self.last_progress = now;
-        let elapsed = now - self.window_start;
-        if elapsed.as_secs_f64() >= 1.0 {
-            self.per_second =
-                processed.saturating_sub(self.processed_at_start) as f64 / elapsed.as_secs_f64();
-            self.window_start = now;
-            self.processed_at_start = processed;
-        }
-    }
-
-    fn restart(&mut self, processed: u64) {
-        *self = Rate {
-            processed_at_start: processed,
-            ..Rate::default()
-        };
-    }
-
-    pub fn per_second(&self) -> f64 {
-        if self.last_progress.elapsed().as_secs_f64() > 2.0 {
-            0.0
-        } else {
-            self.per_second
-        }
-    }
 }
 
 /// What a runner works on.
@@ -625,8 +575,7 @@ fn read_batch(
 
 pub(super) fn restart_rate(live: &Live) {
     let mut state = live.state.lock().expect("projection state");
-    let processed = state.checkpoint.events_processed;
-    state.rate.restart(processed);
+    state.rate = RateMeter::new(state.checkpoint.events_processed);
 }
 
 #[cfg(test)]
@@ -683,19 +632,5 @@ mod tests {
             !categories.selects(&record("order", "Placed")),
             "no category without a separator"
         );
-    }
-
-    #[test]
-    fn rates_cover_a_second_and_fall_to_zero_when_idle() {
-        let mut rate = Rate::default();
-        rate.window_start -= std::time::Duration::from_secs(2);
-        rate.record(4000);
-        assert!(
-            (1900.0..=2100.0).contains(&rate.per_second()),
-            "{}",
-            rate.per_second()
-        );
-        rate.last_progress -= std::time::Duration::from_secs(3);
-        assert_eq!(rate.per_second(), 0.0);
     }
 }

@@ -15,11 +15,9 @@ use super::{
     Fault, Mode, ParallelStatus, ProjectionError, ProjectionKind, ProjectionStatus, RebuildStatus,
     RunStatus, fraction,
 };
-use crate::store::projection_data::{BuildChange, Checkpoint, DataChange, ProjectionView, RowPage};
+use crate::names::Name;
+use crate::store::{BuildChange, Checkpoint, DataChange, ProjectionView, RowPage};
 use crate::store::{Store, StoreError};
-
-/// Longest projection name, in bytes.
-pub const MAX_NAME_BYTES: usize = 200;
 
 /// How an upload is to be deployed.
 #[derive(Debug, Clone, Copy)]
@@ -77,21 +75,6 @@ pub(super) struct WasmProjections {
     /// The last digest of each projection, with the data id and position it is of: a model
     /// that has not moved is not hashed again (progress bars ask for the status often).
     digests: Mutex<BTreeMap<String, (u64, u64, String)>>,
-}
-
-pub fn validate_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > MAX_NAME_BYTES {
-        return Err(format!(
-            "a projection name must be 1 to {MAX_NAME_BYTES} bytes long"
-        ));
-    }
-    if name.starts_with('$') {
-        return Err("names starting with $ belong to the system projections".into());
-    }
-    if name.chars().any(|c| c.is_control() || c == '/') {
-        return Err("a projection name must not contain control characters or /".into());
-    }
-    Ok(())
 }
 
 impl WasmProjections {
@@ -215,7 +198,9 @@ impl WasmProjections {
         bytes: Vec<u8>,
         options: DeployOptions,
     ) -> Result<(bool, ProjectionStatus), ProjectionError> {
-        validate_name(name).map_err(ProjectionError::Invalid)?;
+        Name::Projection
+            .check(name)
+            .map_err(ProjectionError::Invalid)?;
         let runtime = self.runtime.clone();
         let (compiled, bytes) = tokio::task::spawn_blocking(move || {
             let compiled = runtime.compile(&bytes);
@@ -777,7 +762,7 @@ impl WasmProjections {
         &self,
         live: &Arc<Live>,
         compiled: Compiled,
-        index_config: crate::store::indexes::IndexConfig,
+        index_config: crate::store::IndexConfig,
         role: Role,
     ) -> RunnerHandle {
         restart_rate(live);

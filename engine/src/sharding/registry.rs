@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use super::{ShardInput, Sharder};
+use crate::names::Name;
 use crate::sandbox::GuestEngine;
 use crate::store::{Store, StoreError};
 
@@ -19,7 +20,6 @@ pub enum ShardError {
 }
 
 /// Longest sharder name, in bytes.
-const MAX_NAME_BYTES: usize = 200;
 
 #[derive(Clone)]
 pub struct Sharders {
@@ -65,7 +65,7 @@ impl Sharders {
 
     /// Validates and stores a sharder; returns whether the name is new, and the component's hash.
     pub async fn deploy(&self, name: &str, bytes: Vec<u8>) -> Result<(bool, String), ShardError> {
-        validate_name(name).map_err(ShardError::Invalid)?;
+        Name::Sharder.check(name).map_err(ShardError::Invalid)?;
         if bytes.is_empty() {
             return Err(ShardError::Invalid(
                 "the body must be a WebAssembly component; it is empty".into(),
@@ -140,18 +140,4 @@ impl Sharders {
         self.loaded.write().expect("sharders").remove(name);
         Ok(())
     }
-}
-
-fn validate_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > MAX_NAME_BYTES {
-        return Err(format!(
-            "a sharder name must be 1 to {MAX_NAME_BYTES} bytes long"
-        ));
-    }
-    if name.starts_with('$') || name.chars().any(|c| c.is_control() || c == '/') {
-        return Err(
-            "a sharder name must not start with $ or contain control characters or /".into(),
-        );
-    }
-    Ok(())
 }

@@ -13,7 +13,6 @@
 //! under the output stream's id: no copy of the event, no per-link row.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use redb::{ReadableTable, Table};
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
@@ -22,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::record::{EventRecord, StreamState};
 use super::writer::{Operation, Tables, Txn};
 use super::{INDEX_CONFIG, LINKS_PER_CHUNK, StoreError, load_stream};
+use crate::metrics::RateMeter;
 
 /// A built-in index and the system projection that presents it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -159,6 +159,12 @@ impl IndexConfig {
         (at > 0).then(|| &stream[..at])
     }
 
+    /// The correlation id in an event's metadata (its string at the configured property), if
+    /// it has one: the rule of `$by_correlation_id`.
+    pub fn correlation_id<'a>(&self, metadata: &'a [u8]) -> Option<std::borrow::Cow<'a, str>> {
+        correlation_id(metadata, &self.correlation_property)
+    }
+
     /// The indexes whose output depends on what changed between `self` and `other`.
     pub(super) fn affected_by(&self, other: &IndexConfig) -> Vec<SystemIndex> {
         let mut affected = Vec::new();
@@ -259,14 +265,12 @@ impl Default for Cursor {
 }
 
 /// An index's state as reported to status queries.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 pub struct IndexProgress {
     pub running: bool,
     /// Every event below this position has been indexed.
     pub checkpoint: u64,
-    /// Indexing rate over the last measured window of at least a second.
-    rate: f64,
-    measured: Instant,
+    rate: RateMeter,
 }
 
 impl Default for IndexProgress {
@@ -274,8 +278,7 @@ impl Default for IndexProgress {
         IndexProgress {
             running: false,
             checkpoint: 0,
-            rate: 0.0,
-            measured: Instant::now(),
+            rate: RateMeter::new(0),
         }
     }
 }
@@ -283,11 +286,7 @@ impl Default for IndexProgress {
 impl IndexProgress {
     /// Events indexed per second recently; 0 when nothing was indexed for a while.
     pub fn events_per_second(&self) -> f64 {
-        if self.measured.elapsed().as_secs_f64() > 2.0 {
-            0.0
-        } else {
-            self.rate
-        }
+        self.rate.per_second()
     }
 }
 
@@ -295,10 +294,8 @@ impl IndexProgress {
 pub(super) struct Indexer {
     pub config: IndexConfig,
     pub cursors: [Cursor; 4],
-    /// Per index: when the current rate window started, and the checkpoint then.
-    windows: [(Instant, u64); 4],
-    /// Per index: the last measured rate and when the window it covers ended.
-    rates: [(f64, Instant); 4],
+    /// Per index: how fast its checkpoint moves.
+    rates: [RateMeter; 4],
     output: String,
 }
 
@@ -307,12 +304,10 @@ pub(super) type CursorTable<'txn> = Table<'txn, &'static str, (bool, u64)>;
 
 impl Indexer {
     pub fn new(config: IndexConfig, cursors: [Cursor; 4]) -> Self {
-        let now = Instant::now();
         Indexer {
             config,
             cursors,
-            windows: cursors.map(|cursor| (now, cursor.checkpoint)),
-            rates: [(0.0, now); 4],
+            rates: cursors.map(|cursor| RateMeter::new(cursor.checkpoint)),
             output: String::new(),
         }
     }
@@ -343,21 +338,13 @@ impl Indexer {
     }
 
     pub fn progress(&mut self) -> [IndexProgress; 4] {
-        let now = Instant::now();
-        for slot in 0..4 {
-            let (started, checkpoint) = self.windows[slot];
-            let elapsed = now.duration_since(started).as_secs_f64();
-            if elapsed >= 1.0 {
-                let indexed = self.cursors[slot].checkpoint.saturating_sub(checkpoint);
-                self.rates[slot] = (indexed as f64 / elapsed, now);
-                self.windows[slot] = (now, self.cursors[slot].checkpoint);
-            }
+        for (rate, cursor) in self.rates.iter_mut().zip(&self.cursors) {
+            rate.record(cursor.checkpoint);
         }
         std::array::from_fn(|slot| IndexProgress {
             running: self.cursors[slot].running,
             checkpoint: self.cursors[slot].checkpoint,
-            rate: self.rates[slot].0,
-            measured: self.rates[slot].1,
+            rate: self.rates[slot],
         })
     }
 
@@ -441,7 +428,7 @@ impl Indexer {
         let cursor = &mut self.cursors[index.slot()];
         cursor.checkpoint = 0;
         tables.cursors.insert(index.name(), (cursor.running, 0))?;
-        self.windows[index.slot()] = (Instant::now(), 0);
+        self.rates[index.slot()] = RateMeter::new(0);
         Ok(())
     }
 }

@@ -21,11 +21,11 @@
 //! - projections' definitions, components, checkpoints, state and rows ([`projection_data`]).
 //! - consumer groups' records and parking reasons ([`group_data`]).
 
-pub mod group_data;
-pub mod indexes;
-pub mod projection_data;
+pub(crate) mod group_data;
+pub(crate) mod indexes;
+pub(crate) mod projection_data;
 mod read;
-pub mod record;
+pub(crate) mod record;
 mod sharder_data;
 mod streams;
 mod writer;
@@ -40,13 +40,17 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
-use group_data::{GROUPS, PARKED_REASONS, Parking};
-use indexes::{IndexConfig, IndexProgress, SystemIndex};
-use projection_data::{
-    BuildChange, COMPONENTS, DataChange, PROJECTIONS, ProjectionCommit, ProjectionView, SHARDERS,
-    StoredProjection,
+use group_data::{GROUPS, PARKED_REASONS};
+use projection_data::{COMPONENTS, PROJECTIONS, SHARDERS};
+// The types the `Store` handle's methods take and give.
+pub use group_data::Parking;
+pub use indexes::{CategoryPosition, IndexConfig, IndexProgress, SystemIndex};
+pub use projection_data::{
+    BuildChange, Building, Checkpoint, DataChange, ProjectionCommit, ProjectionView, RowChange,
+    RowPage, StoredProjection,
 };
 pub use read::{AllFilter, Slice};
+pub use record::EventRecord;
 use record::StreamState;
 
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -72,8 +76,6 @@ pub const DATABASE_FILE: &str = "refract.redb";
 
 /// Largest event (type, data and metadata together) the store accepts.
 pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
-/// Longest stream name, in bytes.
-pub const MAX_STREAM_NAME_BYTES: usize = 1024;
 /// Longest event type, in bytes.
 pub const MAX_EVENT_TYPE_BYTES: usize = 1024;
 
@@ -795,23 +797,6 @@ pub(crate) fn load_stream(
     };
     state.next_revision = after_last.max(state.deleted_before);
     Ok(Some(state))
-}
-
-/// Checks a stream name against the contract: 1..=1024 bytes of UTF-8, no control characters.
-pub fn validate_stream_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("stream name must not be empty".into());
-    }
-    if name.len() > MAX_STREAM_NAME_BYTES {
-        return Err(format!(
-            "stream name is {} bytes long; the limit is {MAX_STREAM_NAME_BYTES}",
-            name.len()
-        ));
-    }
-    if name.chars().any(char::is_control) {
-        return Err("stream name must not contain control characters".into());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

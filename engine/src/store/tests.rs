@@ -535,21 +535,6 @@ async fn reopening_continues_where_it_stopped() {
     ));
 }
 
-#[test]
-fn stream_names_follow_the_contract() {
-    assert!(validate_stream_name("order-1").is_ok());
-    assert!(validate_stream_name(&"x".repeat(1024)).is_ok());
-    assert!(validate_stream_name(&"x".repeat(1025)).is_err());
-    assert!(validate_stream_name("").is_err());
-    assert!(validate_stream_name("a\nb").is_err());
-    assert!(validate_stream_name("zürich-1").is_ok());
-    assert_eq!(
-        "12".parse::<ExpectedRevision>(),
-        Ok(ExpectedRevision::Exact(12))
-    );
-    assert!("-1".parse::<ExpectedRevision>().is_err());
-}
-
 #[tokio::test]
 async fn link_streams_read_across_chunks_in_both_directions() {
     let dir = tempfile::tempdir().unwrap();

@@ -121,6 +121,15 @@ impl Subscription {
         }
     }
 
+    /// The next item and whatever else is already read, without waiting for more.
+    pub async fn next_batch(&mut self) -> Result<Vec<Item>, StoreError> {
+        let first = self.next().await?;
+        let mut items = Vec::with_capacity(1 + self.pending.len());
+        items.push(first);
+        items.extend(self.pending.drain(..));
+        Ok(items)
+    }
+
     async fn read(&self) -> Result<Slice, StoreError> {
         let (source, cursor) = (self.source.clone(), self.cursor);
         self.store

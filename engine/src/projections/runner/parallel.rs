@@ -19,7 +19,7 @@ use crate::projections::component::{
     Access, Event, Instance, InstanceSetup, MAX_BATCH_WRITE_BYTES, Pending, Writes,
 };
 use crate::store::NewEvent;
-use crate::store::projection_data::{Checkpoint, ProjectionView};
+use crate::store::{Checkpoint, ProjectionView};
 
 /// Events per window: small enough that partitions sharing a row rarely meet in one window,
 /// large enough that handing the workers their events costs little next to running them.

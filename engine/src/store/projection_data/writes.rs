@@ -6,9 +6,10 @@ use std::collections::HashSet;
 use redb::ReadableTable;
 
 use super::{DataChange, ProjectionCommit, ProjectionTables, StoredProjection};
+use crate::names::Name;
 use crate::store::record::EventRecord;
 use crate::store::writer::{Operation, Tables, Txn, Writes};
-use crate::store::{ExpectedRevision, NewEvent, StoreError, validate_stream_name};
+use crate::store::{ExpectedRevision, NewEvent, StoreError};
 
 /// Creates or replaces a projection's definition; answers the id its data lives under.
 pub(in crate::store) struct SaveProjection {
@@ -194,7 +195,9 @@ fn check_outputs(
         .collect();
     let invalid = |message: String| Err(StoreError::InvalidRequest(message));
     for (stream, _) in &commit.emits {
-        validate_stream_name(stream).map_err(StoreError::InvalidRequest)?;
+        Name::Stream
+            .check(stream)
+            .map_err(StoreError::InvalidRequest)?;
         if stream.starts_with('$') {
             return invalid(format!(
                 "cannot emit to {stream}: $-streams belong to the system"
@@ -206,7 +209,9 @@ fn check_outputs(
         check_emit_target(tables, stream)?;
     }
     for (stream, position) in &commit.links {
-        validate_stream_name(stream).map_err(StoreError::InvalidRequest)?;
+        Name::Stream
+            .check(stream)
+            .map_err(StoreError::InvalidRequest)?;
         if stream.starts_with('$') {
             return invalid(format!(
                 "cannot link to {stream}: $-streams belong to the system"

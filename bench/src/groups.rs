@@ -9,9 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 
-use super::{BenchServer, Latencies, report};
-use crate::client::{Client, GroupSettings, NewEvent, StartFrom, StartName};
-use crate::store::ExpectedRevision;
+use crate::{BenchServer, Latencies, report};
+use refract::client::{Client, GroupSettings, NewEvent, StartFrom, StartName};
+use refract::store::ExpectedRevision;
 
 const CONSUMERS: [usize; 3] = [1, 4, 16];
 const BATCHES: [usize; 3] = [1, 10, 100];

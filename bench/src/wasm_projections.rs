@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::Metrics;
-use crate::projections::component::{Runtime, Sandbox};
-use crate::projections::{DeployOptions, Projections};
-use crate::store::indexes::IndexConfig;
-use crate::store::projection_data::{Checkpoint, DataChange, ProjectionCommit, RowChange};
-use crate::store::record::EventRecord;
-use crate::store::{ExpectedRevision, NewEvent, Store, StoreOptions};
+use refract::metrics::Metrics;
+use refract::projections::component::Runtime;
+use refract::projections::{DeployOptions, Projections};
+use refract::sandbox::Sandbox;
+use refract::store::EventRecord;
+use refract::store::IndexConfig;
+use refract::store::{Checkpoint, DataChange, ProjectionCommit, RowChange};
+use refract::store::{ExpectedRevision, NewEvent, Store, StoreOptions};
 
 /// Events per commit, as the Wasm runner batches them.
 const BATCH_EVENTS: usize = 4096;
@@ -210,7 +211,7 @@ struct ItemAdded {
 /// One batch's state and rows, as the guest SDK and the Wasm host keep them: typed states
 /// loaded once per partition and written back at the end, rows read and written as JSON.
 struct NativeBatch<'a> {
-    view: &'a crate::store::projection_data::ProjectionView,
+    view: &'a refract::store::ProjectionView,
     counts: Option<Counts>,
     orders: HashMap<String, Order>,
     rows: HashMap<(String, String), Option<Vec<u8>>>,

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{BenchServer, Latencies, report};
-use crate::client::{Client, NewEvent, ShardedClient, shard_input};
-use crate::sharding::Sharder;
-use crate::store::ExpectedRevision;
+use crate::{BenchServer, Latencies, report};
+use refract::client::{Client, NewEvent, ShardedClient, shard_input};
+use refract::sharding::Sharder;
+use refract::store::ExpectedRevision;
 
 /// Concurrent appending tasks.
 const CLIENTS: usize = 64;
@@ -73,7 +73,7 @@ pub async fn run(dir: &Path, guests: &Path, seconds: u64) -> anyhow::Result<()> 
     )
     .await?;
     for count in [1, 3] {
-        let source = crate::client::SharderSource::File(file.clone());
+        let source = refract::client::SharderSource::File(file.clone());
         let client = ShardedClient::connect(&urls[..count], None, &source).await?;
         let label = format!("append 1 event, ShardedClient, {count} node(s)");
         appends(&label, Appender::Sharded(Arc::new(client)), seconds).await?;

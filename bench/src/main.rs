@@ -1,7 +1,8 @@
-//! `refract bench`: throughput, latency, disk and memory figures on a fresh data directory.
+//! `refract-bench` (also run as `refract bench`): throughput, latency, disk and memory figures on
+//! a fresh data directory.
 //!
 //! The server runs in this process (the clients too, sharing the same cores), except for the
-//! startup measurement, which starts the real binary on the many-streams store.
+//! startup measurement, which starts the real `refract` binary on the many-streams store.
 
 mod groups;
 mod rebuild;
@@ -14,18 +15,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Args;
+use clap::Parser;
 use tokio::sync::oneshot;
 
-use crate::client::{Client, NewEvent, ReadOptions};
-use crate::http::{ServeConfig, Tokens};
-use crate::metrics::Metrics;
-use crate::projections::component::Sandbox;
-use crate::store::indexes::SystemIndex;
-use crate::store::{AllFilter, DATABASE_FILE, Direction, ExpectedRevision, Store, StoreOptions};
+use refract::client::{Client, NewEvent, ReadOptions};
+use refract::http::{ServeConfig, Tokens};
+use refract::metrics::Metrics;
+use refract::sandbox::Sandbox;
+use refract::store::SystemIndex;
+use refract::store::{AllFilter, DATABASE_FILE, Direction, ExpectedRevision, Store, StoreOptions};
 
-#[derive(Debug, Args)]
-pub struct BenchArgs {
+// The server's allocator, so the figures are the product's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Measure appends, reads, projections, rebuilds, sharding and consumer groups on a fresh data
+/// directory and print the figures.
+#[derive(Debug, Parser)]
+#[command(name = "refract-bench", version)]
+struct BenchArgs {
     /// Directory for the benchmark's stores (default: a temporary directory, removed afterwards).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -63,7 +71,18 @@ impl BenchArgs {
     }
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(BenchArgs::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let temporary;
     let dir = match &args.dir {
         Some(dir) => dir.clone(),
@@ -160,11 +179,11 @@ impl BenchServer {
             store: StoreOptions::default(),
             sse_heartbeat: Duration::from_secs(15),
             sandbox: Sandbox::default(),
-            partition_workers: super::default_partition_workers(),
+            partition_workers: refract::cli::default_partition_workers(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready, address) = oneshot::channel();
-        let task = tokio::spawn(crate::http::serve_until(
+        let task = tokio::spawn(refract::http::serve_until(
             config,
             async move {
                 let _ = stopped.await;
@@ -296,9 +315,9 @@ fn sample_event(index: u64) -> NewEvent {
 }
 
 /// The same event as the store takes it.
-fn stored_sample(index: u64) -> crate::store::NewEvent {
+fn stored_sample(index: u64) -> refract::store::NewEvent {
     let event = sample_event(index);
-    crate::store::NewEvent {
+    refract::store::NewEvent {
         id: uuid::Uuid::new_v4(),
         event_type: event.event_type,
         data: serde_json::to_vec(&event.data).expect("JSON"),
@@ -479,6 +498,20 @@ async fn many_streams(dir: &Path, streams: u64, quick_repair: bool) -> anyhow::R
     Ok(())
 }
 
+/// The `refract` binary built beside this one (`cargo build --release -p refract -p
+/// refract-bench` puts both in `target/release`).
+fn refract_binary() -> anyhow::Result<PathBuf> {
+    let here = std::env::current_exe().context("cannot find this executable")?;
+    let binary = here.with_file_name(format!("refract{}", std::env::consts::EXE_SUFFIX));
+    anyhow::ensure!(
+        binary.is_file(),
+        "the startup scenario runs the refract binary, which is not at {}: build it with \
+         `cargo build --release -p refract`",
+        binary.display()
+    );
+    Ok(binary)
+}
+
 enum Stop {
     Gracefully,
     Kill,
@@ -490,7 +523,7 @@ async fn startup_time(
     quick_repair: bool,
     stop: Stop,
 ) -> anyhow::Result<(Duration, u64)> {
-    let binary = std::env::current_exe().context("cannot find the refract binary")?;
+    let binary = refract_binary()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();

@@ -5,11 +5,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::wasm_projections::{read_guest, write_orders};
-use crate::metrics::Metrics;
-use crate::projections::component::{Runtime, Sandbox};
-use crate::projections::{DeployOptions, Projections};
-use crate::store::{Store, StoreOptions};
+use crate::wasm_projections::{read_guest, write_orders};
+use refract::metrics::Metrics;
+use refract::projections::component::Runtime;
+use refract::projections::{DeployOptions, Projections};
+use refract::sandbox::Sandbox;
+use refract::store::{Store, StoreOptions};
 
 pub async fn run(dir: &Path, guests: &Path, sizes: &[u64]) -> anyhow::Result<()> {
     let guests = [
