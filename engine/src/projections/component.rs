@@ -21,7 +21,7 @@ use crate::store::{MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES, NewEvent};
 use crate::store::{ProjectionView, RowChange};
 
 wasmtime::component::bindgen!({
-    path: "../guest-sdk/wit",
+    path: "../guest-sdk/macros/wit",
     world: "projection",
     imports: { default: trappable },
 });

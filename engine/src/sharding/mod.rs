@@ -19,7 +19,7 @@ use crate::sandbox::{GuestEngine, Limits, Sandbox, context, explain_failure, sha
 
 mod bindings {
     wasmtime::component::bindgen!({
-        path: "../guest-sdk/wit",
+        path: "../guest-sdk/macros/wit",
         world: "sharder",
     });
 }

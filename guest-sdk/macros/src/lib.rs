@@ -9,9 +9,9 @@ use quote::{format_ident, quote};
 use syn::parse::Parser;
 use syn::{Expr, ExprArray, FnArg, ItemFn, Lit, LitStr, Path, Type, parse_macro_input};
 
-/// The SDK's WIT package, by absolute path: the bindings match the SDK's version exactly, and a
-/// `wit/` folder of the user's crate is not mixed in.
-const WIT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../wit");
+/// The SDK's WIT package, which travels inside this crate, by absolute path: the bindings match
+/// the SDK's version exactly, and a `wit/` folder of the user's crate is not mixed in.
+const WIT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/wit");
 
 /// Marks `fn(state: &mut S, event: &Event, ctx: &mut Ctx) -> anyhow::Result<()>` as the
 /// projection of this crate. See the `refract_guest` documentation for the arguments.
