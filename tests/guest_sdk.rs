@@ -37,7 +37,11 @@ async fn the_readme_projection_builds_outside_the_repository_and_runs() {
     let crate_dir = outside.path().join("order-totals");
     std::fs::create_dir_all(crate_dir.join("src")).unwrap();
     // Its own workspace, and this repository's lock file so the versions are the tested ones.
-    std::fs::write(crate_dir.join("Cargo.toml"), format!("{manifest}\n[workspace]\n")).unwrap();
+    std::fs::write(
+        crate_dir.join("Cargo.toml"),
+        format!("{manifest}\n[workspace]\n"),
+    )
+    .unwrap();
     std::fs::write(crate_dir.join("src/lib.rs"), fenced(&readme, "rust")).unwrap();
     std::fs::copy(workspace.join("Cargo.lock"), crate_dir.join("Cargo.lock")).unwrap();
     let target_dir = workspace.join("target").join("outside-guest");
@@ -54,9 +58,7 @@ async fn the_readme_projection_builds_outside_the_repository_and_runs() {
         std::fs::read(target_dir.join("wasm32-wasip2/release/order_totals.wasm")).unwrap();
 
     let server = Server::start();
-    let (code, deployed) = server
-        .deploy("order-totals", component, "?emit=true")
-        .await;
+    let (code, deployed) = server.deploy("order-totals", component, "?emit=true").await;
     assert_eq!(code, 201, "{deployed}");
     for (stream, events) in [
         (

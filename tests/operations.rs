@@ -21,11 +21,19 @@ async fn health_and_info() {
     assert_eq!(info["data_dir"], server.dir.display().to_string());
 }
 
+/// `/metrics` passes `promtool check metrics` (Debian's `prometheus` package; `.ci/run` installs
+/// it), and speaks OpenMetrics to a scraper that asks for it.
 #[tokio::test]
 async fn metrics_are_prometheus_text() {
     let server = Server::start();
+    let (code, _) = server
+        .put("/groups/a-1/workers", json!({"start_from": "start"}))
+        .await;
+    assert_eq!(code, 201);
     server.append_n("a-1", 3).await;
     server.get("/streams/a-1").await;
+    // The group reads the three events; nobody pulls them.
+    common::wait_until(|| async { server.get("/groups/a-1/workers").await.1["ready"] == 3 }).await;
     let response = server
         .http
         .get(server.url("/metrics"))
@@ -33,29 +41,63 @@ async fn metrics_are_prometheus_text() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain")
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
     );
     let text = response.text().await.unwrap();
     for expected in [
+        "# TYPE refract_appends_total counter",
         "refract_appends_total 1",
         "refract_events_written_total 3",
         "refract_bytes_written_total ",
         "refract_commit_batch_events_bucket{le=",
         "refract_commit_seconds_bucket{le=",
         "refract_head_position 3",
+        "refract_writer_queue_depth 0",
         r#"refract_http_request_seconds_count{method="POST",route="/streams/{stream}",status="200"} 1"#,
         r#"refract_http_request_seconds_count{method="GET",route="/streams/{stream}",status="200"} 1"#,
         r#"refract_projection_position{projection="$by_category"} 3"#,
         r#"refract_projection_lag_events{projection="$by_event_type"} 0"#,
         r#"refract_projection_events_per_second{projection="$by_correlation_id"} "#,
+        r#"refract_group_ready_messages{stream="a-1",group="workers"} 3"#,
+        r#"refract_group_in_flight_messages{stream="a-1",group="workers"} 0"#,
+        r#"refract_group_parked_messages{stream="a-1",group="workers"} 0"#,
+        r#"refract_group_checkpoint_lag{stream="a-1",group="workers"} 3"#,
     ] {
         assert!(text.contains(expected), "missing {expected:?} in\n{text}");
     }
-    assert!(text.trim_end().ends_with("# EOF"));
+    let output = common::run_with_input(
+        std::process::Command::new("promtool").args(["check", "metrics"]),
+        text.as_bytes(),
+    )
+    .expect("promtool runs: install Debian's prometheus package (.ci/run does)");
+    assert!(
+        output.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let response = server
+        .http
+        .get(server.url("/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text; version=1.0.0")
+    );
+    let openmetrics = response.text().await.unwrap();
+    assert!(openmetrics.contains("# TYPE refract_appends counter"));
+    assert!(openmetrics.trim_end().ends_with("# EOF"));
 }
 
 /// Every operation the document lists is routed (no 404 "no such route", no 405), and every

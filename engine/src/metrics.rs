@@ -24,6 +24,57 @@ pub struct ProjectionSample {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub stream: String,
+    pub group: String,
+}
+
+/// A consumer group's figures at scrape time.
+pub struct GroupSample {
+    pub stream: String,
+    pub group: String,
+    pub ready: u64,
+    pub in_flight: u64,
+    pub parked: u64,
+    /// Revisions (positions for `$all`) of the source past the stored checkpoint.
+    pub checkpoint_lag: u64,
+}
+
+/// What a scrape reports beside the counters kept as things happen.
+pub struct Scrape {
+    pub head_position: u64,
+    pub writer_queue: u64,
+    pub projections: Vec<ProjectionSample>,
+    pub groups: Vec<GroupSample>,
+}
+
+/// The two exposition formats Prometheus reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `text/plain; version=0.0.4`, what `promtool` and older scrapers read.
+    Text,
+    /// `application/openmetrics-text; version=1.0.0`.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format a scraper's `Accept` header prefers.
+    pub fn accepted(accept: Option<&str>) -> Format {
+        match accept {
+            Some(accept) if accept.contains("application/openmetrics-text") => Format::OpenMetrics,
+            _ => Format::Text,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub method: String,
     pub route: String,
@@ -43,10 +94,15 @@ pub struct Metrics {
     commit_batch_events: Histogram,
     commit_seconds: Histogram,
     head_position: Gauge,
+    writer_queue: Gauge,
     http_requests: Family<RouteLabels, Histogram, fn() -> Histogram>,
     projection_position: Family<ProjectionLabels, Gauge>,
     projection_lag: Family<ProjectionLabels, Gauge>,
     projection_rate: Family<ProjectionLabels, Gauge<f64, AtomicU64>>,
+    group_ready: Family<GroupLabels, Gauge>,
+    group_in_flight: Family<GroupLabels, Gauge>,
+    group_parked: Family<GroupLabels, Gauge>,
+    group_checkpoint_lag: Family<GroupLabels, Gauge>,
     scrape: std::sync::Mutex<()>,
 }
 
@@ -66,6 +122,7 @@ impl Metrics {
         // 100 µs .. ~1.6 s
         let commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 15));
         let head_position = Gauge::default();
+        let writer_queue = Gauge::default();
         let http_requests = Family::new_with_constructor(request_histogram as fn() -> Histogram);
         registry.register("appends", "Append requests committed", appends.clone());
         registry.register(
@@ -93,6 +150,11 @@ impl Metrics {
             "Position the next event will get (events in $all)",
             head_position.clone(),
         );
+        registry.register(
+            "writer_queue_depth",
+            "Requests waiting for the writer",
+            writer_queue.clone(),
+        );
         let projection_position = Family::default();
         let projection_lag = Family::default();
         let projection_rate = Family::default();
@@ -111,6 +173,30 @@ impl Metrics {
             "A projection's recent processing rate",
             projection_rate.clone(),
         );
+        let group_ready = Family::default();
+        let group_in_flight = Family::default();
+        let group_parked = Family::default();
+        let group_checkpoint_lag = Family::default();
+        registry.register(
+            "group_ready_messages",
+            "Messages a consumer group has read and not yet delivered",
+            group_ready.clone(),
+        );
+        registry.register(
+            "group_in_flight_messages",
+            "Messages delivered to a group's consumers and not yet acked",
+            group_in_flight.clone(),
+        );
+        registry.register(
+            "group_parked_messages",
+            "Messages in a group's parked stream not yet replayed",
+            group_parked.clone(),
+        );
+        registry.register(
+            "group_checkpoint_lag",
+            "Revisions (positions for $all) of a group's source past its stored checkpoint",
+            group_checkpoint_lag.clone(),
+        );
         registry.register(
             "http_request_seconds",
             "HTTP request latency by route",
@@ -124,10 +210,15 @@ impl Metrics {
             commit_batch_events,
             commit_seconds,
             head_position,
+            writer_queue,
             http_requests,
             projection_position,
             projection_lag,
             projection_rate,
+            group_ready,
+            group_in_flight,
+            group_parked,
+            group_checkpoint_lag,
             scrape: std::sync::Mutex::new(()),
         }
     }
@@ -151,16 +242,17 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// The registry in Prometheus text format.
-    pub fn encode(&self, head_position: u64, projections: &[ProjectionSample]) -> String {
-        // One scrape at a time: the projection series are rebuilt from the current list, so a
-        // deleted projection's series go away.
+    /// The registry in `format`, with the figures of `scrape`.
+    pub fn encode(&self, scrape: &Scrape, format: Format) -> String {
+        // One scrape at a time: the per-projection and per-group series are rebuilt from the
+        // current lists, so a deleted projection's or group's series go away.
         let _scrape = self.scrape.lock().expect("scrape lock");
-        self.head_position.set(head_position as i64);
+        self.head_position.set(scrape.head_position as i64);
+        self.writer_queue.set(scrape.writer_queue as i64);
         self.projection_position.clear();
         self.projection_lag.clear();
         self.projection_rate.clear();
-        for sample in projections {
+        for sample in &scrape.projections {
             let labels = ProjectionLabels {
                 projection: sample.name.clone(),
             };
@@ -173,11 +265,70 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(sample.events_per_second);
         }
+        for family in [
+            &self.group_ready,
+            &self.group_in_flight,
+            &self.group_parked,
+            &self.group_checkpoint_lag,
+        ] {
+            family.clear();
+        }
+        for sample in &scrape.groups {
+            let labels = GroupLabels {
+                stream: sample.stream.clone(),
+                group: sample.group.clone(),
+            };
+            for (family, value) in [
+                (&self.group_ready, sample.ready),
+                (&self.group_in_flight, sample.in_flight),
+                (&self.group_parked, sample.parked),
+                (&self.group_checkpoint_lag, sample.checkpoint_lag),
+            ] {
+                family.get_or_create(&labels).set(value as i64);
+            }
+        }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
-        text
+        match format {
+            Format::OpenMetrics => text,
+            Format::Text => openmetrics_to_text(&text),
+        }
     }
+}
+
+/// The Prometheus text format (0.0.4) of an OpenMetrics exposition: a counter's family takes the
+/// `_total` name its samples have, and there is no `# EOF` or `# UNIT`.
+fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let comment = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
+        match comment {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let total = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                text.push_str(&format!("{prefix}{name}{total} {tail}\n"));
+            }
+            None => {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+    }
+    text
 }
 
 /// A rate of progress (events per second) over windows of at least a second, as the status of
@@ -232,6 +383,37 @@ impl RateMeter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_format_names_counters_as_their_samples() {
+        let metrics = Metrics::new();
+        metrics.record_commit(1, 1, Duration::from_millis(1));
+        let scrape = Scrape {
+            head_position: 1,
+            writer_queue: 0,
+            projections: Vec::new(),
+            groups: vec![GroupSample {
+                stream: "$all".into(),
+                group: "g".into(),
+                ready: 1,
+                in_flight: 2,
+                parked: 3,
+                checkpoint_lag: 4,
+            }],
+        };
+        let text = metrics.encode(&scrape, Format::Text);
+        assert!(
+            text.contains("# TYPE refract_appends_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP refract_appends_total Append requests committed.\n"));
+        assert!(text.contains("refract_appends_total 1\n"));
+        assert!(text.contains(r#"refract_group_parked_messages{stream="$all",group="g"} 3"#));
+        assert!(!text.contains("# EOF"));
+        let openmetrics = metrics.encode(&scrape, Format::OpenMetrics);
+        assert!(openmetrics.contains("# TYPE refract_appends counter\n"));
+        assert!(openmetrics.ends_with("# EOF\n"));
+    }
 
     #[test]
     fn a_rate_is_measured_over_a_closed_window() {

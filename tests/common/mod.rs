@@ -323,6 +323,30 @@ impl Server {
     }
 }
 
+/// Runs `command` with `input` on its standard input and collects its output.
+pub fn run_with_input(
+    command: &mut Command,
+    input: &[u8],
+) -> std::io::Result<std::process::Output> {
+    use std::io::Write;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().expect("stdin").write_all(input)?;
+    child.wait_with_output()
+}
+
+/// Waits until `done` holds, failing the test after 10 s.
+pub async fn wait_until<F: Future<Output = bool>>(mut done: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done().await {
+        assert!(std::time::Instant::now() < deadline, "not done within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A small deterministic generator (xorshift), so a failing workload can be replayed.
 pub struct Random(pub u64);
 

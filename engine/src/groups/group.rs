@@ -1155,6 +1155,7 @@ impl Group {
                 })
                 .collect(),
             checkpoint: self.record.checkpoint(),
+            checkpoint_next: self.record.next,
             last_known: self
                 .next_read
                 .checked_sub(1)

@@ -124,6 +124,9 @@ pub struct Info {
     pub parked: u64,
     /// Deliveries since the group started on this server, retries included.
     pub delivered: u64,
+    /// The first revision (or position) the stored checkpoint does not cover.
+    #[serde(skip)]
+    pub checkpoint_next: u64,
 }
 
 type Key = (String, String);

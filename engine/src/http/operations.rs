@@ -2,14 +2,14 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
-use crate::metrics::ProjectionSample;
+use crate::metrics::{Format, GroupSample, ProjectionSample, Scrape};
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
@@ -47,19 +47,25 @@ pub async fn info(State(state): State<AppState>) -> Result<Json<Info>, ApiError>
     }))
 }
 
-/// Prometheus text format.
+/// Prometheus metrics: the text format (0.0.4), or OpenMetrics when the `Accept` header asks
+/// for it.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text exposition format",
+    responses((status = 200, description = "Prometheus text exposition format (or OpenMetrics)",
         content_type = "text/plain", body = String)))]
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok());
+    let format = Format::accepted(accept);
+    let scrape = Scrape {
+        head_position: state.store.head(),
+        writer_queue: state.store.queue_depth() as u64,
+        projections: projection_samples(&state),
+        groups: group_samples(&state).await,
+    };
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state
-            .metrics
-            .encode(state.store.head(), &projection_samples(&state)),
+        [(header::CONTENT_TYPE, format.content_type())],
+        state.metrics.encode(&scrape, format),
     )
 }
 
@@ -74,6 +80,34 @@ fn projection_samples(state: &AppState) -> Vec<ProjectionSample> {
             events_per_second: status.events_per_second,
         })
         .collect()
+}
+
+async fn group_samples(state: &AppState) -> Vec<GroupSample> {
+    let mut samples = Vec::new();
+    for info in state.groups.list().await {
+        // Where the source ends: the head for `$all`, the stream's next revision otherwise.
+        let end = if info.stream == crate::groups::ALL {
+            state.store.head()
+        } else {
+            let stream = info.stream.clone();
+            state
+                .store
+                .blocking(move |store| store.last_revision(&stream))
+                .await
+                .ok()
+                .flatten()
+                .map_or(0, |last| last + 1)
+        };
+        samples.push(GroupSample {
+            stream: info.stream,
+            group: info.group,
+            ready: info.ready as u64,
+            in_flight: info.in_flight as u64,
+            parked: info.parked,
+            checkpoint_lag: end.saturating_sub(info.checkpoint_next),
+        });
+    }
+    samples
 }
 
 /// This document: every route with its request and response schemas (OpenAPI 3.1).

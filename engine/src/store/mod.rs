@@ -356,6 +356,12 @@ impl Store {
         *self.inner.head.borrow()
     }
 
+    /// Requests waiting for the writer.
+    pub fn queue_depth(&self) -> usize {
+        let requests = &self.inner.requests;
+        requests.max_capacity() - requests.capacity()
+    }
+
     /// A receiver that changes whenever a commit makes new events visible.
     pub fn watch_head(&self) -> watch::Receiver<u64> {
         self.inner.head.clone()
