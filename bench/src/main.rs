@@ -180,6 +180,7 @@ impl BenchServer {
             sse_heartbeat: Duration::from_secs(15),
             sandbox: Sandbox::default(),
             partition_workers: refract::cli::default_partition_workers(),
+            cors_origins: Vec::new(),
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready, address) = oneshot::channel();

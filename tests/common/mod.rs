@@ -1,6 +1,8 @@
 //! Starts the real `refract` binary on a temporary data directory and a free port.
 #![allow(dead_code)] // Each test file uses a different part of this harness.
 
+pub mod browser;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -35,8 +37,13 @@ impl Server {
 
     /// A server on `dir`, which the caller keeps (for restarts).
     pub fn start_in(dir: &Path, args: &[&str]) -> Server {
+        Server::start_listening(dir, "127.0.0.1:0", args)
+    }
+
+    /// A server on `dir` at the address `listen` (to come back at the same one after a kill).
+    pub fn start_listening(dir: &Path, listen: &str, args: &[&str]) -> Server {
         let mut child = Command::new(BINARY)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .args(["serve", "--listen", listen, "--data"])
             .arg(dir)
             .args(args)
             .env("RUST_LOG", "error")

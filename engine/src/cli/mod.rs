@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use axum::http::HeaderValue;
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use serde_json::Value;
@@ -113,9 +114,27 @@ struct ServeArgs {
     /// the cores, as reading ahead and committing keep the other half busy.
     #[arg(long, value_name = "N")]
     projection_workers: Option<usize>,
+    /// A web origin (`https://app.example.com`) whose pages may call the API from a browser:
+    /// CORS on every route, Server-Sent Events included; repeatable. None by default.
+    #[arg(long = "cors-origin", value_name = "ORIGIN", value_parser = parse_origin)]
+    cors_origins: Vec<HeaderValue>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+}
+
+/// An origin as browsers send it: scheme, host and optional port, no path.
+fn parse_origin(text: &str) -> Result<HeaderValue, String> {
+    let uri: axum::http::Uri = text
+        .parse()
+        .map_err(|error| format!("{text:?} is not an origin: {error}"))?;
+    let plain_path = uri.path_and_query().is_none_or(|path| path.as_str() == "/");
+    if uri.scheme().is_none() || uri.host().is_none() || !plain_path || text.ends_with('/') {
+        return Err(format!(
+            "{text:?} is not an origin: give scheme and host (and port), as https://app.example.com"
+        ));
+    }
+    HeaderValue::from_str(text).map_err(|error| error.to_string())
 }
 
 impl ServeArgs {
@@ -450,6 +469,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         partition_workers: args
             .projection_workers
             .unwrap_or_else(default_partition_workers),
+        cors_origins: args.cors_origins,
     };
     crate::http::serve(config).await
 }

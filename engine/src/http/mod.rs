@@ -20,10 +20,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -137,6 +139,7 @@ pub fn app(
     config: ServeConfig,
 ) -> Router {
     let tokens = Arc::new(config.tokens);
+    let cors = cors(config.cors_origins);
     let (router, document) = routes(&tokens);
     let openapi = Arc::new(
         document
@@ -160,7 +163,30 @@ pub fn app(
         .layer(middleware::from_fn_with_state(tokens, auth::admit))
         .layer(middleware::from_fn(error::read_whole_body))
         .layer(middleware::from_fn_with_state(metrics, record_request))
+        // Outermost: a preflight is answered before auth, which it carries no token for.
+        .layer(tower::util::option_layer(cors))
         .with_state(state)
+}
+
+/// CORS for pages of `origins`: the API's methods and headers, and `Last-Event-ID` so an
+/// `EventSource` resumes where it was. Bearer tokens travel in a header, so no credentials.
+fn cors(origins: Vec<HeaderValue>) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::ACCEPT,
+                HeaderName::from_static("expected-revision"),
+                HeaderName::from_static("last-event-id"),
+            ])
+            .max_age(Duration::from_secs(3600)),
+    )
 }
 
 async fn record_request(
@@ -197,6 +223,8 @@ pub struct ServeConfig {
     pub sandbox: Sandbox,
     /// Threads a partitioned projection's batches run on (1: in log order on one).
     pub partition_workers: usize,
+    /// Web origins whose pages may call the API (CORS).
+    pub cors_origins: Vec<HeaderValue>,
 }
 
 /// Runs the server until SIGTERM or Ctrl-C, then drains requests and closes the store.
