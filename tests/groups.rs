@@ -116,13 +116,19 @@ async fn settings_defaults_and_bad_input() {
         json!({"message_timeout_ms": 0}),
         json!({"stream_prefix": "order-"}),
         json!({"min_checkpoint_count": 10, "max_checkpoint_count": 5}),
-        json!({"strategy": {"sharded": "nobody"}}),
         json!([1, 2]),
     ] {
         let (code, body) = server.put("/groups/orders/bad", bad.clone()).await;
         assert_eq!(code, 400, "{bad}: {body}");
         assert_eq!(body["error"], "invalid_request", "{body}");
     }
+    let (code, body) = server
+        .put(
+            "/groups/orders/bad",
+            json!({"strategy": {"sharded": "nobody"}}),
+        )
+        .await;
+    assert_eq!((code, body["error"].as_str()), (404, Some("not_found")));
     let (code, _) = server.get("/groups/orders/bad").await;
     assert_eq!(code, 404);
 
@@ -137,12 +143,18 @@ async fn settings_defaults_and_bad_input() {
         .post("/groups/orders/g/pull?consumer=a&max=0", json!(null))
         .await;
     assert_eq!(code, 400);
-    for ids in [json!(["12"]), json!(["not-an-id"])] {
-        let (code, body) = server
+    for (ids, code, error) in [
+        (json!(["12"]), 409, "not_delivered"),
+        (json!(["not-an-id"]), 400, "invalid_request"),
+    ] {
+        let (status, body) = server
             .post("/groups/orders/g/ack", json!({ "ack_ids": ids }))
             .await;
-        assert_eq!(code, 400, "{body}");
-        assert!(body["message"].as_str().unwrap().contains("unknown ack id"));
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (code, Some(error)),
+            "{body}"
+        );
     }
     let (code, _) = server
         .post(
@@ -684,7 +696,15 @@ async fn the_client_library_speaks_groups() {
         .await
         .unwrap();
     let unknown = client.ack("jobs", "g", &["999".into()]).await.unwrap_err();
-    assert!(unknown.to_string().contains("unknown ack id"), "{unknown}");
+    assert!(
+        unknown.to_string().contains("has not delivered"),
+        "{unknown}"
+    );
+    let malformed = client.ack("jobs", "g", &["x9".into()]).await.unwrap_err();
+    assert!(
+        malformed.to_string().contains("is not an ack id"),
+        "{malformed}"
+    );
 
     // The puller stops on its next message and leaves; a push consumer takes the rest,
     // which with the pinned strategy waits for the puller's buckets to be free.

@@ -275,7 +275,13 @@ async fn bad_uploads_are_refused_with_the_reason() {
     let (code, _) = server.get("/projections/counter/tables/t/k").await;
     assert_eq!(code, 404);
     let (code, body) = server.get("/projections/$by_category/state").await;
-    assert_eq!(code, 400, "{body}");
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("read its output streams")
+    );
     let (code, _) = server.get("/projections/counter/tables/t?limit=0").await;
     assert_eq!(code, 400);
 }

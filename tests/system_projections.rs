@@ -335,19 +335,40 @@ async fn configuration_by_api_and_by_flag() {
     wait_caught_up(&server, "$by_correlation_id").await;
     assert_eq!(links(&server, "$bc-k-1").await, ["order-1-a@0"]);
 
-    for (projection, body) in [
-        ("$by_category", json!({"category_separator": ""})),
-        ("$by_category", json!({"correlation_property": "x"})),
-        ("$by_event_type", json!({"category_position": "first"})),
-        ("$by_category", json!({"category_position": "middle"})),
-        ("$by_category", json!({"colour": "red"})),
+    for (projection, body, expected) in [
+        (
+            "$by_category",
+            json!({"category_separator": ""}),
+            (400, "invalid_request"),
+        ),
+        (
+            "$by_category",
+            json!({"category_position": "middle"}),
+            (400, "invalid_request"),
+        ),
+        (
+            "$by_category",
+            json!({"colour": "red"}),
+            (400, "invalid_request"),
+        ),
+        // Valid settings, of another system projection.
+        (
+            "$by_category",
+            json!({"correlation_property": "x"}),
+            (409, "conflict"),
+        ),
+        (
+            "$by_event_type",
+            json!({"category_position": "first"}),
+            (409, "conflict"),
+        ),
     ] {
         let (status, answer) = server
             .put(&format!("/projections/{projection}/config"), body.clone())
             .await;
         assert_eq!(
             (status, answer["error"].as_str()),
-            (400, Some("invalid_request")),
+            (expected.0, Some(expected.1)),
             "{body}"
         );
     }

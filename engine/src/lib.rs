@@ -15,6 +15,7 @@
 //! - [`client`]: a typed async client for that API, used by the CLI and the benchmarks.
 //! - [`cli`]: the `refract` command line: `serve`, client commands and `bench`.
 //! - [`metrics`]: the Prometheus registry every part records into.
+//! - [`json`]: JSON bodies read as JSON Schema reads them (`1.0` is an integer).
 //! - [`names`]: the one rule for names of streams, projections, sharders, groups, consumers.
 //!
 //! Dependencies point one way: `cli` → `http`/`client` → `projections`/`subscribe` → `store`.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod client;
 pub mod groups;
 pub mod http;
+pub mod json;
 pub mod metrics;
 pub mod names;
 pub mod projections;

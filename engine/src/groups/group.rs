@@ -19,7 +19,9 @@ use super::strategy::{Keying, Spread};
 use super::{ConsumerInfo, Delivery, GroupError, Info, NackAction, parked_stream_name};
 use crate::sharding::Sharder;
 use crate::store::Parking;
-use crate::store::{AllFilter, Direction, IndexConfig, RecordedEvent, Store, StoreError};
+use crate::store::{
+    AllFilter, Direction, IndexConfig, RecordedEvent, Store, StoreError, parse_revision,
+};
 use crate::subscribe::{Item, Source, Start, Subscription};
 /// How often the task looks for closed push consumers when nothing else wakes it.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
@@ -83,8 +85,8 @@ fn ack_id((origin, sequence): Key) -> String {
 
 fn parse_ack_id(id: &str) -> Option<Key> {
     match id.strip_prefix('p') {
-        Some(revision) => revision.parse().ok().map(|r| (Origin::Parked, r)),
-        None => id.parse().ok().map(|s| (Origin::Source, s)),
+        Some(revision) => parse_revision(revision).map(|r| (Origin::Parked, r)),
+        None => parse_revision(id).map(|s| (Origin::Source, s)),
     }
 }
 
@@ -738,20 +740,28 @@ impl Group {
 
     /// Ack ids must name a message the group has read; acking one twice is harmless.
     fn parse_ids(&self, ids: &[String]) -> Result<Vec<Key>, GroupError> {
-        ids.iter()
+        let keys = ids
+            .iter()
             .map(|id| {
-                parse_ack_id(id)
-                    .filter(|&(origin, sequence)| match origin {
-                        Origin::Source => sequence < self.next_read,
-                        Origin::Parked => sequence < self.parked_read,
-                    })
-                    .ok_or_else(|| {
-                        GroupError::Invalid(format!(
-                            "unknown ack id {id:?}: the group never delivered it"
-                        ))
-                    })
+                parse_ack_id(id).ok_or_else(|| {
+                    GroupError::Invalid(format!(
+                        "{id:?} is not an ack id: a revision or position, or p and a parked one"
+                    ))
+                })
             })
-            .collect()
+            .collect::<Result<Vec<Key>, GroupError>>()?;
+        for (id, &(origin, sequence)) in ids.iter().zip(&keys) {
+            let read = match origin {
+                Origin::Source => sequence < self.next_read,
+                Origin::Parked => sequence < self.parked_read,
+            };
+            if !read {
+                return Err(GroupError::NotDelivered(format!(
+                    "ack id {id:?}: the group has not delivered that message"
+                )));
+            }
+        }
+        Ok(keys)
     }
 
     fn ack(&mut self, ids: &[String]) -> Result<(), GroupError> {

@@ -41,6 +41,9 @@ pub enum GroupError {
     NotFound { stream: String, group: String },
     #[error("{0}")]
     Invalid(String),
+    /// An ack or nack of a message the group has not delivered.
+    #[error("{0}")]
+    NotDelivered(String),
     /// `max_subscriber_count` reached.
     #[error("{0}")]
     Full(String),
@@ -58,9 +61,7 @@ pub enum GroupError {
 impl From<ShardError> for GroupError {
     fn from(error: ShardError) -> Self {
         match error {
-            ShardError::NotFound(name) => {
-                GroupError::Invalid(format!("no sharder is named {name:?}"))
-            }
+            ShardError::NotFound(name) => GroupError::NoSharder(name),
             ShardError::Invalid(message) => GroupError::Invalid(message),
             ShardError::Store(error) => GroupError::Store(error),
         }
@@ -101,6 +102,7 @@ pub struct ConsumerInfo {
 
 /// A group's settings and statistics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = GroupInfo)]
 pub struct Info {
     pub stream: String,
     pub group: String,

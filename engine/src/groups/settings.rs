@@ -42,7 +42,6 @@ pub enum Strategy {
 pub struct Settings {
     /// `start`, `end` (default) or a revision/position: where a new group begins. An update
     /// keeps the group's checkpoint whatever this says.
-    #[schema(value_type = Object)]
     pub start_from: StartFrom,
     /// Deliver the events links point at (default true) rather than the links.
     pub resolve_links: bool,
@@ -64,7 +63,6 @@ pub struct Settings {
     pub max_checkpoint_count: u64,
     /// 0 = unlimited.
     pub max_subscriber_count: usize,
-    #[schema(value_type = Object)]
     pub strategy: Strategy,
     /// `$all` only: deliver events of streams starting with one of these (comma-separated).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -132,10 +130,13 @@ impl Settings {
 
     /// Parses a request body: empty means every default.
     pub fn parse(body: &[u8]) -> Result<Settings, String> {
-        if body.iter().all(u8::is_ascii_whitespace) {
+        // No body, or `null`: every setting takes its default.
+        if let Ok(text) = std::str::from_utf8(body)
+            && matches!(text.trim(), "" | "null")
+        {
             return Ok(Settings::default());
         }
-        serde_json::from_slice(body).map_err(|error| format!("invalid settings: {error}"))
+        crate::json::from_slice(body).map_err(|error| format!("invalid settings: {error}"))
     }
 }
 

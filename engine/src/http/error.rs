@@ -16,8 +16,8 @@ use serde_json::{Map, Value};
 
 use crate::store::{ExpectedRevision, StoreError};
 
-/// The body of every error response.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+/// The body of every error response (its schema is stated in [`super::openapi`]).
+#[derive(Debug, Serialize)]
 pub struct ErrorBody {
     /// A stable code: `invalid_request`, `unauthorized`, `forbidden`, `not_found`,
     /// `stream_not_found`, `wrong_expected_revision`, `stream_deleted`, `payload_too_large`,
@@ -27,13 +27,13 @@ pub struct ErrorBody {
     pub message: String,
     /// With `wrong_expected_revision`: the expected revision as sent.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
     pub expected: Option<Value>,
     /// With `wrong_expected_revision`: the stream's last revision, `null` when it has none.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
     pub actual: Option<Value>,
 }
+
+super::openapi::exact_schema!(ErrorBody);
 
 #[derive(Debug)]
 pub struct ApiError {

@@ -14,6 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody};
+use super::openapi::{MessageStream, exact_schema};
 use super::streams::{EventJson, check_content_type};
 use crate::groups::settings::Settings;
 use crate::groups::{Delivery, GroupError, Info, NackAction, parked_stream_name};
@@ -30,6 +31,9 @@ impl From<GroupError> for ApiError {
         match error {
             GroupError::NotFound { .. } => ApiError::not_found(message),
             GroupError::Invalid(_) => ApiError::invalid(message),
+            GroupError::NotDelivered(_) => {
+                ApiError::new(StatusCode::CONFLICT, "not_delivered", message)
+            }
             GroupError::Full(_) => {
                 ApiError::new(StatusCode::CONFLICT, "max_subscribers_reached", message)
             }
@@ -99,9 +103,13 @@ pub async fn info(
 #[utoipa::path(put, path = "/groups/{stream}/{group}", tag = "groups",
     params(("stream" = String, Path, description = "A stream, a system stream or $all"),
         ("group" = String, Path, description = "Group name")),
-    request_body(content = Settings, description = "Every field optional; EventStoreDB's defaults"),
+    request_body(content = Option<Settings>, content_type = "application/json",
+        description = "Every field optional (and the body too); EventStoreDB's defaults"),
     responses((status = 201, body = Info), (status = 200, body = Info),
-        (status = 400, body = ErrorBody)))]
+        (status = 400, body = ErrorBody),
+        (status = 404, description = "The sharder the strategy names does not exist",
+            body = ErrorBody),
+        (status = 410, description = "The stream was deleted permanently", body = ErrorBody)))]
 pub async fn put(
     State(state): State<AppState>,
     ApiPath((stream, group)): ApiPath<(String, String)>,
@@ -138,15 +146,15 @@ pub struct PullQuery {
     /// Who pulls; a new name joins the group.
     consumer: String,
     /// Most messages to return (default 10).
+    #[param(minimum = 1, maximum = 10000)]
     max: Option<usize>,
-    /// How long to wait when no message is ready (default 0, at most 60,000).
+    /// How long to wait when no message is ready (default 0; longer waits end at 60,000).
     wait_ms: Option<u64>,
 }
 
 /// Up to `max` messages for a consumer, waiting up to `wait_ms` when none is ready.
 #[utoipa::path(post, path = "/groups/{stream}/{group}/pull", tag = "groups",
     params(("stream" = String, Path), ("group" = String, Path), PullQuery),
-    request_body(content = Option<Object>, description = "Empty"),
     responses((status = 200, body = Messages), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn pull(
@@ -176,6 +184,7 @@ pub async fn pull(
 pub struct SubscribeQuery {
     consumer: String,
     /// Unacked messages the consumer holds at most (default 10).
+    #[param(minimum = 1, maximum = 10000)]
     buffer: Option<usize>,
 }
 
@@ -184,7 +193,7 @@ pub struct SubscribeQuery {
 #[utoipa::path(get, path = "/groups/{stream}/{group}/subscribe", tag = "groups",
     params(("stream" = String, Path), ("group" = String, Path), SubscribeQuery),
     responses((status = 200, description = "`event: message` with `id:` the ack id and `data:` \
-        a message as `pull` returns them", content_type = "text/event-stream", body = String),
+        a message as `pull` returns them", content_type = "text/event-stream", body = MessageStream),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn subscribe(
     State(state): State<AppState>,
@@ -214,14 +223,22 @@ pub async fn subscribe(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AckBody {
+    #[schema(value_type = Vec<AckId>)]
     pub ack_ids: Vec<String>,
 }
+
+/// A message's ack id: its revision or position, `p` and a revision for a replayed parked one.
+pub struct AckId;
+
+exact_schema!(AckId);
 
 /// Acknowledge messages: done, never delivered again.
 #[utoipa::path(post, path = "/groups/{stream}/{group}/ack", tag = "groups",
     params(("stream" = String, Path), ("group" = String, Path)),
     request_body = AckBody,
-    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "An ack id of a message the group has not delivered",
+            body = ErrorBody)))]
 pub async fn ack(
     State(state): State<AppState>,
     ApiPath((stream, group)): ApiPath<(String, String)>,
@@ -236,6 +253,7 @@ pub async fn ack(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NackBody {
+    #[schema(value_type = Vec<AckId>)]
     pub ack_ids: Vec<String>,
     /// `park`, `retry` (default), `skip` or `stop`.
     pub action: Option<NackAction>,
@@ -248,7 +266,9 @@ pub struct NackBody {
 #[utoipa::path(post, path = "/groups/{stream}/{group}/nack", tag = "groups",
     params(("stream" = String, Path), ("group" = String, Path)),
     request_body = NackBody,
-    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "An ack id of a message the group has not delivered",
+            body = ErrorBody)))]
 pub async fn nack(
     State(state): State<AppState>,
     ApiPath((stream, group)): ApiPath<(String, String)>,
@@ -281,7 +301,6 @@ pub struct Replaying {
 /// Deliver the parked messages again, before new ones.
 #[utoipa::path(post, path = "/groups/{stream}/{group}/replay-parked", tag = "groups",
     params(("stream" = String, Path), ("group" = String, Path), ReplayQuery),
-    request_body(content = Option<Object>, description = "Empty"),
     responses((status = 200, body = Replaying), (status = 404, body = ErrorBody)))]
 pub async fn replay_parked(
     State(state): State<AppState>,
@@ -302,6 +321,7 @@ pub struct ParkedQuery {
     /// First revision of the parked stream to return (default 0).
     from: Option<u64>,
     /// Most messages to return (default 100, at most 4,096).
+    #[param(minimum = 1, maximum = 4096)]
     limit: Option<usize>,
 }
 

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod error;
 mod groups;
+pub mod openapi;
 mod operations;
 mod projections;
 mod sharders;
@@ -59,26 +60,10 @@ pub struct AppState {
     openapi: Arc<String>,
 }
 
-#[derive(OpenApi)]
-#[openapi(
-    info(title = "Refract", description = "An event store with durable streams, projections and \
-        consumer groups. Errors are `{\"error\": code, \"message\": sentence}`."),
-    tags(
-        (name = "events", description = "Append, read, metadata, delete"),
-        (name = "subscriptions", description = "Catch-up then live, as Server-Sent Events"),
-        (name = "projections", description = "System and user projections"),
-        (name = "sharders", description = "Sharding functions"),
-        (name = "groups", description = "Consumer groups (persistent subscriptions)"),
-        (name = "operations", description = "Health, info, metrics, this document"),
-    ),
-    components(schemas(error::ErrorBody))
-)]
-struct ApiDoc;
-
 /// The routes and the OpenAPI document describing exactly them. Each route is declared in the
 /// router of the role it needs, whose layer checks the caller's token; the document states the
 /// same role on every operation.
-fn routes(tokens: &Arc<Tokens>) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+fn routes(tokens: &Arc<Tokens>) -> (Router<AppState>, serde_json::Value) {
     let public = OpenApiRouter::new()
         .routes(routes!(operations::health))
         .routes(routes!(operations::openapi));
@@ -120,12 +105,13 @@ fn routes(tokens: &Arc<Tokens>) -> (Router<AppState>, utoipa::openapi::OpenApi) 
         .routes(routes!(sharders::deploy, sharders::delete))
         .routes(routes!(groups::put, groups::delete))
         .routes(routes!(groups::replay_parked));
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(public)
         .merge(auth::guard(reader, Role::Reader, tokens))
         .merge(auth::guard(writer, Role::Writer, tokens))
         .merge(auth::guard(admin, Role::Admin, tokens))
-        .split_for_parts()
+        .split_for_parts();
+    (router, openapi::document(document))
 }
 
 /// Builds the application: routes, fallbacks, limits, auth and request metrics.
@@ -141,11 +127,8 @@ pub fn app(
     let tokens = Arc::new(config.tokens);
     let cors = cors(config.cors_origins);
     let (router, document) = routes(&tokens);
-    let openapi = Arc::new(
-        document
-            .to_pretty_json()
-            .expect("the OpenAPI document serialises"),
-    );
+    let openapi =
+        Arc::new(serde_json::to_string_pretty(&document).expect("the OpenAPI document serialises"));
     let state = AppState {
         store,
         projections,

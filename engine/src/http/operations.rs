@@ -18,6 +18,7 @@ pub struct Health {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(as = ServerInfo)]
 pub struct Info {
     pub version: &'static str,
     /// Position the next event will get: the number of events in `$all`.

@@ -14,6 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody, check_media_type};
+use super::openapi::{AnyJson, Component};
 use crate::projections::{ConfigChange, DeployOptions, Mode, ProjectionError, ProjectionStatus};
 use crate::store::IndexConfig;
 
@@ -23,9 +24,13 @@ const MAX_ROWS: usize = 4096;
 impl From<ProjectionError> for ApiError {
     fn from(error: ProjectionError) -> Self {
         match error {
-            ProjectionError::NotFound(_) => ApiError::not_found(error.to_string()),
+            ProjectionError::NotFound(_) | ProjectionError::Missing(_) => {
+                ApiError::not_found(error.to_string())
+            }
             ProjectionError::Invalid(message) => ApiError::invalid(message),
-            ProjectionError::System(_) => ApiError::invalid(error.to_string()),
+            ProjectionError::Conflict(message) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", message)
+            }
             ProjectionError::Store(error) => error.into(),
         }
     }
@@ -52,8 +57,9 @@ pub async fn status(
 /// Start a projection: it catches up from where it stopped.
 #[utoipa::path(post, path = "/projections/{name}/start", tag = "projections",
     params(("name" = String, Path, description = "Projection name")),
-    request_body(content = Option<Object>, description = "Empty"),
-    responses((status = 200, body = ProjectionStatus), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = ProjectionStatus), (status = 404, body = ErrorBody),
+        (status = 409, description = "A projection without a usable component",
+            body = ErrorBody)))]
 pub async fn start(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -64,7 +70,6 @@ pub async fn start(
 /// Stop a projection: it processes nothing until started again.
 #[utoipa::path(post, path = "/projections/{name}/stop", tag = "projections",
     params(("name" = String, Path, description = "Projection name")),
-    request_body(content = Option<Object>, description = "Empty"),
     responses((status = 200, body = ProjectionStatus), (status = 404, body = ErrorBody)))]
 pub async fn stop(
     State(state): State<AppState>,
@@ -76,7 +81,6 @@ pub async fn stop(
 /// Reset a projection: drop its output and reprocess from position 0.
 #[utoipa::path(post, path = "/projections/{name}/reset", tag = "projections",
     params(("name" = String, Path, description = "Projection name")),
-    request_body(content = Option<Object>, description = "Empty"),
     responses((status = 200, body = ProjectionStatus), (status = 404, body = ErrorBody)))]
 pub async fn reset(
     State(state): State<AppState>,
@@ -89,9 +93,9 @@ pub async fn reset(
 /// the rebuilt one has caught up, then it takes over in one step.
 #[utoipa::path(post, path = "/projections/{name}/rebuild", tag = "projections",
     params(("name" = String, Path, description = "Projection name")),
-    request_body(content = Option<Object>, description = "Empty"),
-    responses((status = 200, body = ProjectionStatus), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = ProjectionStatus), (status = 404, body = ErrorBody),
+        (status = 409, description = "A system projection (rebuilt by reset), or one without a \
+            usable component", body = ErrorBody)))]
 pub async fn rebuild(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -102,8 +106,8 @@ pub async fn rebuild(
 /// Cancel a rebuild: the partial build is dropped, the live version carries on.
 #[utoipa::path(delete, path = "/projections/{name}/rebuild", tag = "projections",
     params(("name" = String, Path, description = "Projection name")),
-    responses((status = 200, body = ProjectionStatus), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = ProjectionStatus), (status = 404,
+        description = "No such projection, or no rebuild in progress", body = ErrorBody)))]
 pub async fn cancel_rebuild(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -127,13 +131,14 @@ pub async fn get_config(
     params(("name" = String, Path, description = "A system projection")),
     request_body(content = ConfigChange, content_type = "application/json"),
     responses((status = 200, body = IndexConfig), (status = 400, body = ErrorBody),
-        (status = 404, body = ErrorBody)))]
+        (status = 404, body = ErrorBody), (status = 409, description = "Fields that configure \
+            other system projections", body = ErrorBody)))]
 pub async fn put_config(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<IndexConfig>, ApiError> {
-    let change: ConfigChange = serde_json::from_slice(&body)
+    let change: ConfigChange = crate::json::from_slice(&body)
         .map_err(|error| ApiError::invalid(format!("invalid configuration: {error}")))?;
     Ok(Json(state.projections.configure(&name, change).await?))
 }
@@ -157,7 +162,7 @@ pub struct DeployQuery {
 /// from position 0 of its source.
 #[utoipa::path(put, path = "/projections/{name}", tag = "projections",
     params(("name" = String, Path, description = "Projection name"), DeployQuery),
-    request_body(content = Vec<u8>, content_type = "application/wasm",
+    request_body(content = Component, content_type = "application/wasm",
         description = "A component of the refract:projection/projection world"),
     responses((status = 201, body = ProjectionStatus), (status = 200, body = ProjectionStatus),
         (status = 400, body = ErrorBody), (status = 415, body = ErrorBody)))]
@@ -214,7 +219,8 @@ pub struct DeleteQuery {
 /// Delete a Wasm projection with its state and tables.
 #[utoipa::path(delete, path = "/projections/{name}", tag = "projections",
     params(("name" = String, Path, description = "Projection name"), DeleteQuery),
-    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "A system projection: stop it instead", body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -315,7 +321,7 @@ pub struct RowsPage {
 pub struct RowJson {
     key: String,
     /// The row's JSON (absent when the row is not JSON).
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = AnyJson, required = false)]
     #[serde(skip_serializing_if = "Option::is_none")]
     value: Option<Box<RawValue>>,
     /// The row's bytes when they are not JSON.

@@ -10,6 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody};
+use super::openapi::{BASE64_PATTERN, Component, exact_schema};
 use super::projections::check_wasm_content_type;
 use crate::sharding::{ShardError, ShardInput};
 
@@ -49,7 +50,7 @@ pub async fn list(State(state): State<AppState>) -> Json<Vec<SharderInfo>> {
 /// Upload a sharder: a component of the refract:projection/sharder world.
 #[utoipa::path(put, path = "/sharders/{name}", tag = "sharders",
     params(("name" = String, Path, description = "Sharder name")),
-    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    request_body(content = Component, content_type = "application/wasm"),
     responses((status = 201, body = SharderInfo), (status = 200, body = SharderInfo),
         (status = 400, body = ErrorBody), (status = 415, body = ErrorBody)))]
 pub async fn deploy(
@@ -71,7 +72,7 @@ pub async fn deploy(
 /// Download a sharder's component, to run the same function elsewhere.
 #[utoipa::path(get, path = "/sharders/{name}", tag = "sharders",
     params(("name" = String, Path, description = "Sharder name")),
-    responses((status = 200, body = Vec<u8>, content_type = "application/wasm"),
+    responses((status = 200, body = Component, content_type = "application/wasm"),
         (status = 404, body = ErrorBody)))]
 pub async fn download(
     State(state): State<AppState>,
@@ -102,14 +103,39 @@ pub async fn delete(
 #[into_params(parameter_in = Query)]
 pub struct ShardQuery {
     /// How many shards to place the events on (1 to 1,048,576).
+    #[param(minimum = 1, maximum = 1048576)]
     shards: u32,
 }
+
+/// What `POST /sharders/{name}/shard` takes: events as written, each with its stream.
+pub struct ShardRequest;
+
+impl ShardRequest {
+    pub fn json_schema() -> serde_json::Value {
+        let event = serde_json::json!({
+            "type": "object",
+            "required": ["stream"],
+            "properties": {
+                "stream": {"type": "string", "minLength": 1},
+                "type": {"type": ["string", "null"]},
+                "id": {"type": ["string", "null"]},
+                "data": {"description": "Any JSON value"},
+                "data_base64": {"type": "string", "pattern": BASE64_PATTERN},
+                "metadata": {"type": ["object", "null"]},
+            },
+            "not": {"required": ["data", "data_base64"]},
+        });
+        serde_json::json!({"type": "array", "maxItems": MAX_SHARD_EVENTS, "items": event})
+    }
+}
+
+exact_schema!(ShardRequest);
 
 /// The shard of each event, in order: `[{"stream", "type", "data", "metadata"}, …]` →
 /// `[shard, …]`.
 #[utoipa::path(post, path = "/sharders/{name}/shard", tag = "sharders",
     params(("name" = String, Path, description = "Sharder name"), ShardQuery),
-    request_body(content = Vec<Object>, content_type = "application/json",
+    request_body(content = ShardRequest, content_type = "application/json",
         description = "Events as written, each with its stream"),
     responses((status = 200, body = Vec<u32>), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody)))]

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody, check_media_type};
+use super::openapi::{AnyJson, BASE64_PATTERN, exact_schema};
 use crate::names::Name;
 use crate::store::{
     AllFilter, AppendOutcome, Direction, ExpectedRevision, MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES,
@@ -25,27 +26,73 @@ pub const ALL: &str = "$all";
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 4096;
 
-/// One event to append.
-#[derive(Debug, Deserialize, ToSchema)]
+/// One event to append. Its schema ([`EventBody::schema`]) states every rule [`new_event`]
+/// applies, the ones across fields included.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventBody {
-    /// A UUID; generated when absent. Re-sending the same ids makes the append idempotent.
-    #[schema(value_type = Option<String>, format = Uuid)]
     pub id: Option<String>,
-    /// The event type, non-empty.
     #[serde(rename = "type")]
     pub event_type: Option<String>,
-    /// Any JSON value (`null` when absent).
-    #[schema(value_type = Option<Object>)]
     pub data: Option<Box<RawValue>>,
-    /// Opaque bytes, base64-encoded, instead of `data`.
     pub data_base64: Option<String>,
-    /// Optional: `application/json` with `data`, `application/octet-stream` with `data_base64`.
     pub content_type: Option<String>,
-    /// A JSON object; `$correlationId` in it feeds `$by_correlation_id`.
-    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Box<RawValue>>,
 }
+
+impl EventBody {
+    pub fn json_schema() -> serde_json::Value {
+        let octets = "application/octet-stream";
+        serde_json::json!({
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["type"],
+            "properties": {
+                "id": {"type": ["string", "null"], "format": "uuid",
+                       "description": "Generated when absent; re-sending the same ids makes \
+                                       the append idempotent"},
+                "type": {"type": "string", "minLength": 1, "maxLength": MAX_EVENT_TYPE_BYTES,
+                         "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$",
+                         "description": "The event type; at most 1024 bytes of UTF-8"},
+                "data": {"description": "Any JSON value (`null` when absent)"},
+                "data_base64": {"type": ["string", "null"], "contentEncoding": "base64",
+                                "pattern": BASE64_PATTERN,
+                                "description": "Opaque bytes, base64-encoded, instead of `data`"},
+                "content_type": {"enum": ["application/json", octets, null],
+                                 "description": "`application/json` with `data`, \
+                                                 `application/octet-stream` with `data_base64`"},
+                "metadata": {"type": ["object", "null"],
+                             "description": "`$correlationId` in it feeds `$by_correlation_id`"},
+            },
+            "allOf": [
+                {"not": {"required": ["data", "data_base64"],
+                         "properties": {"data": {"not": {"type": "null"}},
+                                        "data_base64": {"type": "string"}}}},
+                {"if": {"required": ["content_type"],
+                        "properties": {"content_type": {"const": octets}}},
+                 "then": {"required": ["data_base64"],
+                          "properties": {"data_base64": {"type": "string"}}}},
+                {"if": {"required": ["content_type"],
+                        "properties": {"content_type": {"const": "application/json"}}},
+                 "then": {"properties": {"data_base64": {"type": "null"}}}},
+            ],
+        })
+    }
+}
+
+exact_schema!(EventBody);
+
+/// What `POST /streams/{stream}` takes: an event, or a non-empty array of events.
+pub struct AppendBody;
+
+impl AppendBody {
+    pub fn json_schema() -> serde_json::Value {
+        let event = serde_json::json!({"$ref": "#/components/schemas/EventBody"});
+        serde_json::json!({"oneOf": [event, {"type": "array", "minItems": 1, "items": event}]})
+    }
+}
+
+exact_schema!(AppendBody);
 
 /// Where an append landed.
 #[derive(Debug, Serialize, ToSchema)]
@@ -129,7 +176,7 @@ pub struct EventJson<'a> {
     pub event_type: &'a str,
     /// The JSON data; absent for binary events.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = AnyJson, required = false)]
     pub data: Option<&'a RawValue>,
     /// Binary data, base64-encoded; present instead of `data` for binary events.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -222,10 +269,10 @@ fn expected_revision(
                 .map_err(|_| ApiError::invalid("Expected-Revision must be ASCII text"))
         })
         .transpose()?;
-    match header.or(query) {
-        Some(text) => text.trim().parse().map_err(ApiError::invalid),
-        None => Ok(ExpectedRevision::Any),
-    }
+    // Both are checked; the header wins when both are given.
+    let parse = |text: Option<&str>| text.map(str::parse).transpose().map_err(ApiError::invalid);
+    let (header, query) = (parse(header)?, parse(query)?);
+    Ok(header.or(query).unwrap_or_default())
 }
 
 fn check_limit(limit: Option<usize>) -> Result<usize, ApiError> {
@@ -290,9 +337,11 @@ fn parse_events(body: &[u8]) -> Result<Vec<NewEvent>, ApiError> {
 fn new_event(index: usize, body: EventBody) -> Result<NewEvent, ApiError> {
     let invalid = |reason: String| ApiError::invalid(format!("event {index}: {reason}"));
     let id = match body.id {
-        Some(id) => {
-            Uuid::parse_str(&id).map_err(|_| invalid(format!("id {id:?} is not a UUID")))?
-        }
+        // The hyphenated form only, as the schema's `uuid` format says.
+        Some(id) => Some(&id)
+            .filter(|id| id.len() == 36)
+            .and_then(|id| Uuid::parse_str(id).ok())
+            .ok_or_else(|| invalid(format!("id {id:?} is not a UUID")))?,
         None => Uuid::new_v4(),
     };
     let event_type = body.event_type.unwrap_or_default();
@@ -362,8 +411,8 @@ fn new_event(index: usize, body: EventBody) -> Result<NewEvent, ApiError> {
     tag = "events",
     params(("stream" = String, Path, description = "Stream name"), AppendQuery,
            ("Expected-Revision" = Option<String>, Header, description = "As expected_revision")),
-    request_body(content = Vec<EventBody>, content_type = "application/json",
-        description = "An array of events; a single event object is accepted too"),
+    request_body(content = AppendBody, content_type = "application/json",
+        description = "An event, or an array of events appended together"),
     responses(
         (status = 200, description = "Appended (or an idempotent re-send)", body = AppendResponse),
         (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
@@ -550,7 +599,9 @@ pub async fn delete_stream(
 fn metadata_stream(name: &str) -> Result<(), ApiError> {
     Name::Stream.check(name).map_err(ApiError::invalid)?;
     if name == ALL {
-        return Err(ApiError::invalid("$all has no metadata"));
+        return Err(ApiError::not_found(
+            "$all has no metadata: it is the log of every stream",
+        ));
     }
     Ok(())
 }
@@ -563,7 +614,8 @@ fn metadata_stream(name: &str) -> Result<(), ApiError> {
     params(("stream" = String, Path, description = "Stream name")),
     responses(
         (status = 200, body = StreamMetadata),
-        (status = 400, body = ErrorBody), (status = 410, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 404, description = "`$all`, which has none",
+            body = ErrorBody), (status = 410, body = ErrorBody),
     )
 )]
 pub async fn get_metadata(
@@ -587,7 +639,8 @@ pub async fn get_metadata(
     request_body(content = StreamMetadata, content_type = "application/json"),
     responses(
         (status = 200, body = StreamMetadata),
-        (status = 400, body = ErrorBody), (status = 410, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 404, description = "`$all`, which has none",
+            body = ErrorBody), (status = 410, body = ErrorBody),
         (status = 415, body = ErrorBody),
     )
 )]
@@ -599,7 +652,7 @@ pub async fn put_metadata(
 ) -> Result<Json<StreamMetadata>, ApiError> {
     metadata_stream(&stream)?;
     check_content_type(&headers)?;
-    let metadata: StreamMetadata = serde_json::from_slice(&body)
+    let metadata: StreamMetadata = crate::json::from_slice(&body)
         .map_err(|error| ApiError::invalid(format!("invalid metadata: {error}")))?;
     state.store.set_metadata(stream, metadata.clone()).await?;
     Ok(Json(metadata))

@@ -12,8 +12,10 @@ use utoipa::IntoParams;
 
 use super::AppState;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody};
+use super::openapi::EventStream;
 use super::streams::{ALL, EventJson, all_filter};
 use crate::names::Name;
+use crate::store::parse_revision;
 use crate::subscribe::{Item, Source, Start, Subscription};
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -41,24 +43,26 @@ pub struct AnySubscribeQuery {
 }
 
 fn start(from: Option<&str>, headers: &HeaderMap) -> Result<Start, ApiError> {
+    let from = match from {
+        None | Some("start") => Start::Beginning,
+        Some("end") => Start::End,
+        Some(number) => parse_revision(number).map(Start::At).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "from must be start, end or a number, not {number:?}"
+            ))
+        })?,
+    };
+    // Both are checked; a Last-Event-ID resumes where the client was, whatever `from` says.
     if let Some(last) = headers.get("last-event-id") {
         let next = last
             .to_str()
             .ok()
-            .and_then(|text| text.trim().parse::<u64>().ok())
+            .and_then(parse_revision)
             .and_then(|last| last.checked_add(1))
             .ok_or_else(|| ApiError::invalid("Last-Event-ID must be a revision or position"))?;
         return Ok(Start::At(next));
     }
-    match from {
-        None | Some("start") => Ok(Start::Beginning),
-        Some("end") => Ok(Start::End),
-        Some(number) => number.parse().map(Start::At).map_err(|_| {
-            ApiError::invalid(format!(
-                "from must be start, end or a number, not {number:?}"
-            ))
-        }),
-    }
+    Ok(from)
 }
 
 /// Subscribe to a stream: its history, a `caught_up` event, then live events.
@@ -75,7 +79,7 @@ fn start(from: Option<&str>, headers: &HeaderMap) -> Result<Start, ApiError> {
     responses(
         (status = 200, description = "Server-Sent Events: `event: event` with `id:` the revision \
             and `data:` the event JSON; one `event: caught_up`; comment heartbeats every 15 s",
-            content_type = "text/event-stream", body = String),
+            content_type = "text/event-stream", body = EventStream),
         (status = 400, body = ErrorBody), (status = 410, body = ErrorBody),
     )
 )]
@@ -120,7 +124,7 @@ pub async fn subscribe_stream(
            ("Last-Event-ID" = Option<String>, Header, description = "Resume after this position")),
     responses(
         (status = 200, description = "Server-Sent Events as for a stream, with positions as ids",
-            content_type = "text/event-stream", body = String),
+            content_type = "text/event-stream", body = EventStream),
         (status = 400, body = ErrorBody),
     )
 )]

@@ -126,6 +126,7 @@ pub struct ConfigChange {
     /// `$by_category`, `$stream_by_category`: separator between category and the rest
     /// (also accepted as `separator`).
     #[serde(alias = "separator")]
+    #[schema(min_length = 1)]
     pub category_separator: Option<String>,
     /// `$by_category`, `$stream_by_category`: cut at the `first` or `last` separator
     /// (also accepted as `position`).
@@ -134,6 +135,7 @@ pub struct ConfigChange {
     /// `$by_correlation_id`: the metadata property holding the correlation id (also accepted as
     /// `property`).
     #[serde(alias = "property")]
+    #[schema(min_length = 1)]
     pub correlation_property: Option<String>,
 }
 
@@ -164,8 +166,13 @@ pub enum ProjectionError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("{0} is a system projection: it has no state or tables; read its output streams")]
-    System(String),
+    /// The projection exists but cannot do this now, or ever (a system projection).
+    #[error("{0}")]
+    Conflict(String),
+    /// What was asked for is not there: a rebuild not in progress, the state of a system
+    /// projection.
+    #[error("{0}")]
+    Missing(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -232,7 +239,8 @@ impl Projections {
     /// Builds the projection again beside the live version and switches when caught up.
     pub async fn rebuild(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
         if is_system(name) {
-            return Err(ProjectionError::Invalid(format!(
+            system(name)?;
+            return Err(ProjectionError::Conflict(format!(
                 "{name} is a system projection: it is rebuilt with reset"
             )));
         }
@@ -242,7 +250,8 @@ impl Projections {
     /// Drops a rebuild in progress; the live version carries on.
     pub async fn cancel_rebuild(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
         if is_system(name) {
-            return Err(ProjectionError::Invalid(format!(
+            system(name)?;
+            return Err(ProjectionError::Missing(format!(
                 "{name} is a system projection: it has no rebuild"
             )));
         }
@@ -278,7 +287,8 @@ impl Projections {
     /// streams it emitted to and linked into.
     pub async fn delete(&self, name: &str, delete_emitted: bool) -> Result<(), ProjectionError> {
         if is_system(name) {
-            return Err(ProjectionError::Invalid(format!(
+            system(name)?;
+            return Err(ProjectionError::Conflict(format!(
                 "{name} is a system projection; stop it instead"
             )));
         }
@@ -325,7 +335,9 @@ impl Projections {
     fn reject_system(&self, name: &str) -> Result<(), ProjectionError> {
         if is_system(name) {
             system(name)?;
-            return Err(ProjectionError::System(name.to_owned()));
+            return Err(ProjectionError::Missing(format!(
+                "{name} is a system projection: it has no state or tables; read its output streams"
+            )));
         }
         Ok(())
     }
@@ -350,7 +362,8 @@ impl Projections {
             SystemIndex::ByEventType => !category && !correlation,
         };
         if !allowed {
-            return Err(ProjectionError::Invalid(format!(
+            // A valid change, of the configuration another system projection reads.
+            return Err(ProjectionError::Conflict(format!(
                 "{name} is not configured by these fields"
             )));
         }

@@ -292,7 +292,7 @@ impl WasmProjections {
         let mut entries = self.entries.lock().await;
         let entry = entry_mut(&mut entries, name)?;
         let Some(compiled) = entry.compiled.clone() else {
-            return Err(ProjectionError::Invalid(format!(
+            return Err(ProjectionError::Conflict(format!(
                 "{name} has no usable component; upload it again"
             )));
         };
@@ -315,7 +315,7 @@ impl WasmProjections {
         let mut entries = self.entries.lock().await;
         let entry = entry_mut(&mut entries, name)?;
         if entry.building.is_none() {
-            return Err(ProjectionError::Invalid(format!(
+            return Err(ProjectionError::Missing(format!(
                 "{name} is not being rebuilt"
             )));
         }
@@ -536,7 +536,7 @@ impl WasmProjections {
         let mut entries = self.entries.lock().await;
         let entry = entry_mut(&mut entries, name)?;
         if entry.compiled.is_none() {
-            return Err(ProjectionError::Invalid(format!(
+            return Err(ProjectionError::Conflict(format!(
                 "{name} has no usable component; upload it again"
             )));
         }

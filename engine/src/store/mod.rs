@@ -108,13 +108,19 @@ impl std::str::FromStr for ExpectedRevision {
             "any" => Ok(ExpectedRevision::Any),
             "no_stream" => Ok(ExpectedRevision::NoStream),
             "stream_exists" => Ok(ExpectedRevision::StreamExists),
-            number => number.parse().map(ExpectedRevision::Exact).map_err(|_| {
+            number => parse_revision(number).map(ExpectedRevision::Exact).ok_or_else(|| {
                 format!(
                     "expected revision must be any, no_stream, stream_exists or a revision number, not {number:?}"
                 )
             }),
         }
     }
+}
+
+/// A revision or position in text: 1 to 19 ASCII digits (every real one fits), nothing else.
+pub fn parse_revision(text: &str) -> Option<u64> {
+    let digits = (1..=19).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_digit());
+    digits.then(|| text.parse().ok()).flatten()
 }
 
 impl std::fmt::Display for ExpectedRevision {

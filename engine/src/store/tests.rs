@@ -28,6 +28,20 @@ fn revisions(slice: &Slice) -> Vec<u64> {
     slice.events.iter().map(|event| event.revision).collect()
 }
 
+#[test]
+fn revisions_in_text_are_one_to_nineteen_digits() {
+    assert_eq!(parse_revision("0"), Some(0));
+    assert_eq!(
+        parse_revision("9999999999999999999"),
+        Some(9_999_999_999_999_999_999)
+    );
+    for refused in ["10000000000000000000", "+5", " 5", "", "5 ", "x"] {
+        assert_eq!(parse_revision(refused), None, "{refused:?}");
+    }
+    assert_eq!("7".parse(), Ok(ExpectedRevision::Exact(7)));
+    assert!("+7".parse::<ExpectedRevision>().is_err());
+}
+
 #[tokio::test]
 async fn appends_get_gap_free_positions_and_per_stream_revisions() {
     let dir = tempfile::tempdir().unwrap();
