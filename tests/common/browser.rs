@@ -1,6 +1,7 @@
 //! Headless Chromium driven over WebDriver (Debian's `chromium` and `chromium-driver`; `.ci/run`
 //! installs them), for tests of what a browser sees.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,10 +26,13 @@ impl Browser {
     /// Starts chromedriver and a headless Chromium session.
     pub async fn start() -> Browser {
         let port = free_port();
+        // In a process group of its own, with the Chromium it starts, so a failing test that
+        // never closes the session still leaves no browser behind.
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("chromedriver runs: install Debian's chromium-driver (.ci/run does)");
         let base = format!("http://127.0.0.1:{port}");
@@ -127,17 +131,17 @@ impl Browser {
         }
     }
 
-    /// Ends the session (closing Chromium) and chromedriver.
-    pub async fn close(mut self) {
+    /// Ends the session (closing Chromium), then chromedriver (on drop).
+    pub async fn close(self) {
         let url = format!("{}/session/{}", self.base, self.session);
         let _ = self.http.delete(url).send().await;
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
     }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        let group = format!("-{}", self.driver.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.driver.wait();
     }
 }
