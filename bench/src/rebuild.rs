@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::wasm_projections::{read_guest, write_orders};
 use refract::metrics::Metrics;
 use refract::projections::component::Runtime;
-use refract::projections::{DeployOptions, Projections};
+use refract::projections::{DeployOptions, Emitted, Projections};
 use refract::sandbox::Sandbox;
 use refract::store::{Store, StoreOptions};
 
@@ -52,7 +52,7 @@ pub async fn run(dir: &Path, guests: &Path, sizes: &[u64]) -> anyhow::Result<()>
                     .await?;
                 wait(&projections, name, head, false).await?;
                 let started = Instant::now();
-                projections.rebuild(name).await?;
+                projections.rebuild(name, Emitted::Keep).await?;
                 wait(&projections, name, head, true).await?;
                 let rebuild = started.elapsed();
                 let rate = head as f64 / rebuild.as_secs_f64();

@@ -378,6 +378,7 @@ async fn native(store: &Store, name: &str, logic: Logic) -> anyhow::Result<u64> 
         };
         store
             .commit_projection(ProjectionCommit {
+                projection: format!("native-{name}"),
                 shadow: false,
                 data,
                 from: checkpoint.position,
@@ -386,6 +387,7 @@ async fn native(store: &Store, name: &str, logic: Logic) -> anyhow::Result<u64> 
                 rows,
                 emits: Vec::new(),
                 links: Vec::new(),
+                parked: Vec::new(),
             })
             .await?;
         checkpoint = next;

@@ -174,6 +174,10 @@ pub fn fnv1a_64(bytes: &[u8]) -> u64 {
 /// What a projection can do besides changing its state: tables, emitted events, links, logs.
 pub struct Ctx<'a> {
     host: &'a dyn __private::HostApi,
+    /// The position of the event being handled.
+    current: u64,
+    /// The event the host was last told emits come from.
+    told: Option<u64>,
 }
 
 impl Ctx<'_> {
@@ -215,6 +219,7 @@ impl Ctx<'_> {
         if metadata == b"{}" {
             metadata.clear();
         }
+        self.tell_cause();
         self.host
             .emit(stream, event_type, &data, &metadata)
             .map_err(|reason| anyhow::anyhow!("cannot emit {event_type} to {stream}: {reason}"))
@@ -230,6 +235,15 @@ impl Ctx<'_> {
     /// Writes a line to the server's log.
     pub fn log(&self, message: &str) {
         self.host.log(message);
+    }
+
+    /// Tells the host which event what is emitted now comes from (once per event that emits),
+    /// so the host gives emitted events their `$causationId` and `$correlationId`.
+    fn tell_cause(&mut self) {
+        if self.told != Some(self.current) {
+            self.host.caused_by(self.current);
+            self.told = Some(self.current);
+        }
     }
 }
 
@@ -259,8 +273,9 @@ impl Table<'_> {
         Ok(())
     }
 
-    pub fn delete(&mut self, key: &str) {
+    pub fn delete(&mut self, key: &str) -> anyhow::Result<()> {
         self.host.table_delete(self.name, key);
+        Ok(())
     }
 }
 
@@ -287,6 +302,7 @@ pub mod __private {
             metadata: &[u8],
         ) -> Result<(), String>;
         fn link_to(&self, stream: &str, position: u64) -> Result<(), String>;
+        fn caused_by(&self, position: u64);
         fn log(&self, message: &str);
     }
 
@@ -330,7 +346,11 @@ pub mod __private {
         partitioning: Partitioning,
         apply: Apply<S>,
     ) -> Result<(), String> {
-        let mut ctx = Ctx { host };
+        let mut ctx = Ctx {
+            host,
+            current: 0,
+            told: None,
+        };
         let mut states: HashMap<String, Loaded<S>> = HashMap::new();
         // The partition of the previous event, whose state is `current`: consecutive events of
         // one partition (every event, when unpartitioned) skip the map.
@@ -359,6 +379,7 @@ pub mod __private {
                 current = Some((partition.to_owned(), loaded));
             }
             let (_, loaded) = current.as_mut().expect("loaded above");
+            ctx.current = event.position;
             apply(&mut loaded.state, &event, &mut ctx).map_err(|error| {
                 format!(
                     "{} at position {} ({}@{}): {error:#}",
@@ -429,6 +450,7 @@ mod tests {
         states: RefCell<BTreeMap<String, Vec<u8>>>,
         rows: RefCell<BTreeMap<(String, String), Vec<u8>>>,
         emitted: RefCell<Vec<(String, String)>>,
+        causes: RefCell<Vec<u64>>,
         state_reads: RefCell<u32>,
     }
 
@@ -464,6 +486,9 @@ mod tests {
         }
         fn link_to(&self, _: &str, _: u64) -> Result<(), String> {
             Ok(())
+        }
+        fn caused_by(&self, position: u64) {
+            self.causes.borrow_mut().push(position);
         }
         fn log(&self, _: &str) {}
     }
@@ -535,6 +560,30 @@ mod tests {
     }
 
     #[test]
+    fn the_host_hears_once_per_emitting_event_which_event_it_is() {
+        fn notify(count: &mut Count, event: &Event, ctx: &mut Ctx) -> anyhow::Result<()> {
+            count.n += 1;
+            if event.event_type() == "Twice" {
+                ctx.emit("out", "A", &1)?;
+                ctx.emit("out", "B", &2)?;
+            }
+            Ok(())
+        }
+        let host = MemoryHost::default();
+        let mut events = vec![
+            event("a", "Twice", "{}"),
+            event("a", "Quiet", "{}"),
+            event("a", "Twice", "{}"),
+        ];
+        for (position, event) in (10..).zip(&mut events) {
+            event.position = position;
+        }
+        handle(&host, events, Partitioning::None, notify).unwrap();
+        assert_eq!(*host.causes.borrow(), [10, 12]);
+        assert_eq!(host.emitted.borrow().len(), 4);
+    }
+
+    #[test]
     fn custom_partitions_skip_events_without_a_key() {
         let host = MemoryHost::default();
         fn by_tenant(event: &Event) -> Option<String> {
@@ -557,7 +606,11 @@ mod tests {
     #[test]
     fn emitting_reaches_the_host_and_fnv_matches_its_reference_values() {
         let host = MemoryHost::default();
-        let mut ctx = Ctx { host: &host };
+        let mut ctx = Ctx {
+            host: &host,
+            current: 0,
+            told: None,
+        };
         ctx.emit("out", "Seen", &serde_json::json!({"x": 1}))
             .unwrap();
         assert_eq!(host.emitted.borrow()[0], ("out".into(), "Seen".into()));

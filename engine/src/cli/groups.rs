@@ -30,7 +30,9 @@ pub(super) enum GroupCommand {
 
 #[derive(Debug, Args)]
 pub(super) struct GroupArgs {
+    /// The stream the group reads: a stream, a system stream such as `$ce-order`, or `$all`.
     stream: String,
+    /// The group's name.
     group: String,
     #[command(flatten)]
     client: ClientArgs,
@@ -44,7 +46,9 @@ pub(super) struct ListArgs {
 
 #[derive(Debug, Args)]
 pub(super) struct GroupSettingsArgs {
+    /// The stream the group reads: a stream, a system stream such as `$ce-order`, or `$all`.
     stream: String,
+    /// The group's name.
     group: String,
     /// Settings as JSON, as `PUT /groups/{stream}/{group}` takes them; the flags below win.
     #[arg(long)]
@@ -58,8 +62,10 @@ pub(super) struct GroupSettingsArgs {
     /// Use the sharded strategy with this uploaded sharder.
     #[arg(long)]
     sharder: Option<String>,
+    /// A message not acked within this many milliseconds goes out again (default 30,000).
     #[arg(long)]
     message_timeout_ms: Option<u64>,
+    /// Deliveries of a message before it is parked (default 10).
     #[arg(long)]
     max_retry_count: Option<u32>,
     /// 0 = unlimited.
@@ -109,7 +115,9 @@ impl GroupSettingsArgs {
 
 #[derive(Debug, Args)]
 pub(super) struct ReplayArgs {
+    /// The stream the group reads: a stream, a system stream such as `$ce-order`, or `$all`.
     stream: String,
+    /// The group's name.
     group: String,
     /// Replay only this many parked messages.
     #[arg(long)]
@@ -120,7 +128,9 @@ pub(super) struct ReplayArgs {
 
 #[derive(Debug, Args)]
 pub(super) struct ConsumeArgs {
+    /// The stream the group reads: a stream, a system stream such as `$ce-order`, or `$all`.
     stream: String,
+    /// The group's name.
     group: String,
     /// The consumer's name (default: refract-cli-<process id>).
     #[arg(long)]

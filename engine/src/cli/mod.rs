@@ -16,8 +16,8 @@ use futures::StreamExt;
 use serde_json::Value;
 
 use crate::client::{
-    self, AppendResult, Client, DeployOptions, Event, Mode, NewEvent, ReadOptions, RowsQuery,
-    SubscribeFrom, SubscriptionMessage,
+    self, AppendResult, Client, DeployOptions, Emitted, Event, Mode, NewEvent, OnError,
+    ReadOptions, RowsQuery, SubscribeFrom, SubscriptionMessage,
 };
 use crate::http::{ServeConfig, Tokens};
 use crate::sandbox::Sandbox;
@@ -181,6 +181,7 @@ struct ClientArgs {
 
 #[derive(Debug, Args)]
 struct AppendArgs {
+    /// The stream to append to.
     stream: String,
     /// Event type; without it, events are read as JSON lines from stdin.
     #[arg(long = "type", value_name = "TYPE")]
@@ -239,10 +240,12 @@ struct ReadArgs {
 
 #[derive(Debug, Args)]
 struct DeleteArgs {
+    /// The stream to delete.
     stream: String,
     /// Tombstone: reads and appends fail for good.
     #[arg(long)]
     hard: bool,
+    /// any, no_stream, stream_exists or a revision: delete only if the stream is there.
     #[arg(long, default_value = "any")]
     expected_revision: ExpectedRevision,
     #[command(flatten)]
@@ -266,8 +269,13 @@ enum ProjectionCommand {
     Rebuild(RebuildArgs),
     /// Deploy a WebAssembly component (built for wasm32-wasip2) as a projection.
     Deploy(DeployArgs),
-    /// Print a projection's state (one partition's, with --partition).
+    /// Print a projection's state: one partition's with --partition, else its partitions (or the
+    /// one state of an unpartitioned projection).
     State(StateArgs),
+    /// Set aside the event a faulted projection stopped at, and run on past it.
+    Skip(SkipArgs),
+    /// List the events a projection set aside (`--on-error skip|park`, or `skip`), with why.
+    Parked(ParkedArgs),
     /// Print rows of a projection's read-model table: one by key, or a page in key order.
     Table(TableArgs),
     /// Delete a projection with its state and tables.
@@ -296,12 +304,25 @@ struct DeployArgs {
     /// Return once the rebuild an update starts is under way, instead of when it took over.
     #[arg(long)]
     no_wait: bool,
+    /// What the switch to the new version does with the streams the live version emitted to:
+    /// `keep` them (nothing sent is sent again; the new version emits past the switch) or
+    /// `replace` them with what the new version emits from position 0.
+    #[arg(long, value_enum, default_value = "keep")]
+    emitted: Emitted,
+    /// An event the projection cannot handle: `stop` at it, `skip` it, or `park` it and hold
+    /// its partition (skipped and parked events are listed by `refract projection parked`).
+    #[arg(long, value_enum, default_value = "stop")]
+    on_error: OnError,
+    /// Replace emitted streams without asking.
+    #[arg(long)]
+    yes: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
 
 #[derive(Debug, Args)]
 struct RebuildArgs {
+    /// The projection's name.
     name: String,
     /// Wait (with a progress bar) until the rebuilt version has taken over.
     #[arg(long)]
@@ -309,23 +330,66 @@ struct RebuildArgs {
     /// Cancel the rebuild in progress instead.
     #[arg(long, conflicts_with = "wait")]
     cancel: bool,
+    /// What the switch does with the streams the live version emitted to (see `deploy`).
+    #[arg(long, value_enum, default_value = "keep")]
+    emitted: Emitted,
+    /// Replace emitted streams without asking.
+    #[arg(long)]
+    yes: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
 
 #[derive(Debug, Args)]
 struct StateArgs {
+    /// The projection's name.
     name: String,
     /// The partition (for a projection partitioned by stream: the stream name).
     #[arg(long)]
     partition: Option<String>,
+    /// Without --partition: only partitions whose key starts with this.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Without --partition: start after this key.
+    #[arg(long)]
+    after: Option<String>,
+    /// Without --partition: partitions per page.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+struct SkipArgs {
+    /// The projection's name.
+    name: String,
+    /// The position it stopped at (its fault's).
+    #[arg(long)]
+    position: u64,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+struct ParkedArgs {
+    /// The projection's name.
+    name: String,
+    /// First revision of the parked stream to list.
+    #[arg(long, default_value_t = 0)]
+    from: u64,
+    /// Events to list.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
     #[command(flatten)]
     client: ClientArgs,
 }
 
 #[derive(Debug, Args)]
 struct TableArgs {
+    /// The projection's name.
     name: String,
+    /// The table's name.
     table: String,
     /// One row's key; without it, a page of rows.
     key: Option<String>,
@@ -344,6 +408,7 @@ struct TableArgs {
 
 #[derive(Debug, Args)]
 struct DeleteProjectionArgs {
+    /// The projection's name.
     name: String,
     /// Also delete the streams it emitted to and its streams of links.
     #[arg(long)]
@@ -425,8 +490,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal, not in a log file.
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -690,6 +758,35 @@ async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Says what replacing the emitted streams of `name` may rewrite, and asks to go on.
+async fn confirm_replace(client: &Client, name: &str) -> anyhow::Result<()> {
+    let status = match client.projection(name).await {
+        Ok(status) => status,
+        // Nothing emitted yet: a new projection replaces nothing.
+        Err(_) => return Ok(()),
+    };
+    let Some(emitted) = status.emitted.filter(|emitted| emitted.streams > 0) else {
+        return Ok(());
+    };
+    eprintln!(
+        "{name} emitted to {} streams holding {} events. With --emitted replace, the new version \
+         replaces them at the switch: each stream whose events differ is soft-deleted and written \
+         again, with new event ids (consumers see those events again).",
+        emitted.streams, emitted.events
+    );
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("not replacing emitted streams without --yes (no terminal to ask on)");
+    }
+    eprint!("Replace them? [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if !matches!(answer.trim(), "y" | "Y" | "yes") {
+        anyhow::bail!("not replacing the emitted streams of {name}");
+    }
+    Ok(())
+}
+
 async fn projection(command: ProjectionCommand) -> anyhow::Result<()> {
     let (client_args, statuses) = match &command {
         ProjectionCommand::Deploy(args) => {
@@ -700,8 +797,13 @@ async fn projection(command: ProjectionCommand) -> anyhow::Result<()> {
                 emit: args.emit,
                 enabled: !args.disabled,
                 rebuild: !args.keep_data,
+                emitted: args.emitted,
+                on_error: args.on_error,
             };
             let client = args.client.client()?;
+            if options.rebuild && args.emitted == Emitted::Replace && !args.yes {
+                confirm_replace(&client, &args.name).await?;
+            }
             let (created, mut status) = client.deploy(&args.name, component, &options).await?;
             if status.rebuild.is_some() && !args.no_wait {
                 status = rebuild::wait_for_rebuild(&client, &args.name).await?;
@@ -723,9 +825,10 @@ async fn projection(command: ProjectionCommand) -> anyhow::Result<()> {
             let status = if args.cancel {
                 client.cancel_rebuild(&args.name).await?
             } else {
-                let started = client
-                    .projection_command(&args.name, client::ProjectionCommand::Rebuild)
-                    .await?;
+                if args.emitted == Emitted::Replace && !args.yes {
+                    confirm_replace(&client, &args.name).await?;
+                }
+                let started = client.rebuild(&args.name, args.emitted).await?;
                 if args.wait {
                     rebuild::wait_for_rebuild(&client, &args.name).await?
                 } else {
@@ -735,12 +838,66 @@ async fn projection(command: ProjectionCommand) -> anyhow::Result<()> {
             (&args.client, vec![status])
         }
         ProjectionCommand::State(args) => {
-            let state = args
-                .client
-                .client()?
-                .projection_state(&args.name, args.partition.as_deref())
+            let client = args.client.client()?;
+            let partition = match &args.partition {
+                Some(partition) => Some(partition.clone()),
+                None => {
+                    let query = RowsQuery {
+                        prefix: args.prefix.clone(),
+                        after: args.after.clone(),
+                        limit: Some(args.limit),
+                    };
+                    let page = client.partitions(&args.name, &query).await?;
+                    // An unpartitioned projection has its one state: show it.
+                    let unpartitioned = page.partitions == [""] && args.after.is_none();
+                    if !unpartitioned {
+                        for key in &page.partitions {
+                            println!("{key}");
+                        }
+                        if let Some(next) = page.next {
+                            eprintln!("more partitions follow: --after {next:?}");
+                        }
+                        return Ok(());
+                    }
+                    None
+                }
+            };
+            let state = client
+                .projection_state(&args.name, partition.as_deref())
                 .await?;
             println!("{}", render_json(&state, args.client.json)?);
+            return Ok(());
+        }
+        ProjectionCommand::Skip(args) => {
+            let status = args
+                .client
+                .client()?
+                .skip(&args.name, args.position)
+                .await?;
+            (&args.client, vec![status])
+        }
+        ProjectionCommand::Parked(args) => {
+            let parked = args
+                .client
+                .client()?
+                .projection_parked(&args.name, args.from, args.limit)
+                .await?;
+            for event in &parked {
+                if args.client.json {
+                    println!("{}", serde_json::to_string(event)?);
+                } else {
+                    let reason = &event["reason"];
+                    println!(
+                        "{}\t{} {}@{}\t{}: {}",
+                        event["revision"],
+                        event["event"]["type"].as_str().unwrap_or_default(),
+                        event["event"]["revision"],
+                        event["event"]["stream"].as_str().unwrap_or_default(),
+                        reason["on_error"].as_str().unwrap_or_default(),
+                        reason["error"].as_str().unwrap_or_default(),
+                    );
+                }
+            }
             return Ok(());
         }
         ProjectionCommand::Table(args) => {
@@ -808,6 +965,11 @@ async fn projection(command: ProjectionCommand) -> anyhow::Result<()> {
     if matches!(command, ProjectionCommand::Deploy(_)) {
         return Ok(());
     }
+    let faulted: Vec<String> = statuses
+        .iter()
+        .filter(|status| status.fault.is_some())
+        .map(|status| status.name.clone())
+        .collect();
     println!(
         "{:<24} {:<7} {:<11} {:>12} {:>12} {:>9} {:>12}",
         "name", "kind", "status", "position", "head", "progress", "events/s"
@@ -846,5 +1008,37 @@ async fn projection(command: ProjectionCommand) -> anyhow::Result<()> {
             }
         }
     }
+    if matches!(command, ProjectionCommand::Status(_)) && !faulted.is_empty() {
+        anyhow::bail!("{} is faulted", faulted.join(", "));
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every argument of every command says what it is for.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for argument in command.get_arguments() {
+                let id = argument.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if argument.get_help().is_none() && argument.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "refract", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+    }
 }

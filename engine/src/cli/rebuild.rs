@@ -15,22 +15,19 @@ pub(super) async fn wait_for_rebuild(
     client: &Client,
     name: &str,
 ) -> anyhow::Result<ProjectionStatus> {
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template(
-            "{spinner} rebuilding {msg} [{bar:40}] {pos}/{len} events, {per_sec}, ETA {eta}",
-        )
-        .expect("a valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_message(name.to_owned());
+    let mut bar: Option<ProgressBar> = None;
     loop {
         let status = client.projection(name).await?;
         let Some(rebuild) = &status.rebuild else {
-            bar.finish_and_clear();
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
             return Ok(status);
         };
         if let Some(fault) = &rebuild.fault {
-            bar.abandon();
+            if let Some(bar) = bar {
+                bar.abandon();
+            }
             anyhow::bail!(
                 "the rebuild of {name} (version {}) faulted at position {}: {}; version {} keeps serving",
                 rebuild.version,
@@ -39,8 +36,22 @@ pub(super) async fn wait_for_rebuild(
                 status.version
             );
         }
+        // Drawn from the first status on, so it starts at the real head and position.
+        let bar = bar.get_or_insert_with(|| {
+            let bar = ProgressBar::new(status.head_position).with_style(
+                ProgressStyle::with_template(
+                    "{spinner} rebuilding {prefix} [{bar:40}] {pos}/{len} events, {msg}, ETA {eta}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(name.to_owned());
+            bar.set_position(rebuild.position);
+            bar
+        });
         bar.set_length(status.head_position);
         bar.set_position(rebuild.position);
+        bar.set_message(format!("{:.0} events/s", rebuild.events_per_second));
         tokio::time::sleep(POLL).await;
     }
 }

@@ -59,7 +59,9 @@ pub(super) enum SharderCommand {
 
 #[derive(Debug, Args)]
 pub(super) struct SharderDeployArgs {
+    /// The sharder's name.
     name: String,
+    /// The sharder component file (`.wasm`).
     file: PathBuf,
     #[command(flatten)]
     client: ClientArgs,
@@ -82,6 +84,7 @@ pub(super) struct SharderListArgs {
 
 #[derive(Debug, Args)]
 pub(super) struct SharderNameArgs {
+    /// The sharder's name.
     name: String,
     #[command(flatten)]
     client: ClientArgs,

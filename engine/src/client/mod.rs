@@ -26,7 +26,7 @@ mod sharded;
 
 pub use crate::groups::settings::{Settings as GroupSettings, StartFrom, StartName, Strategy};
 pub use crate::groups::{ConsumerInfo, Info as GroupInfo, NackAction};
-pub use crate::projections::{DeployOptions, Mode, ProjectionStatus};
+pub use crate::projections::{DeployOptions, Emitted, Mode, OnError, ProjectionStatus};
 use crate::store::ExpectedRevision;
 pub use sharded::{
     Checkpoints, FanIn, FanInSubscription, ShardedClient, SharderSource, shard_input,
@@ -190,6 +190,28 @@ pub struct RowsQuery {
     pub after: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
+}
+
+/// A page of keys (a projection's partitions).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct KeysPage {
+    pub partitions: Vec<String>,
+    pub next: Option<String>,
+}
+
+fn emitted_name(emitted: Emitted) -> &'static str {
+    match emitted {
+        Emitted::Keep => "keep",
+        Emitted::Replace => "replace",
+    }
+}
+
+fn on_error_name(on_error: OnError) -> &'static str {
+    match on_error {
+        OnError::Stop => "stop",
+        OnError::Skip => "skip",
+        OnError::Park => "park",
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -378,6 +400,44 @@ impl Client {
         Ok(self.send(request).await?.json().await?)
     }
 
+    /// Builds projection `name` again beside its live version; `emitted` says what the switch
+    /// does with the streams the live version emitted to.
+    pub async fn rebuild(&self, name: &str, emitted: Emitted) -> anyhow::Result<ProjectionStatus> {
+        let request = self
+            .request(Method::POST, &["projections", name, "rebuild"])
+            .query(&[("emitted", emitted_name(emitted))]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    /// Sets aside the event a faulted projection stopped at (`position`) and runs on past it.
+    pub async fn skip(&self, name: &str, position: u64) -> anyhow::Result<ProjectionStatus> {
+        let request = self
+            .request(Method::POST, &["projections", name, "skip"])
+            .query(&[("position", position)]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    /// A page of a projection's partitions that have a state, in key order.
+    pub async fn partitions(&self, name: &str, query: &RowsQuery) -> anyhow::Result<KeysPage> {
+        let request = self
+            .request(Method::GET, &["projections", name, "partitions"])
+            .query(query);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    /// The events a projection set aside, with why, from revision `from` of its parked stream.
+    pub async fn projection_parked(
+        &self,
+        name: &str,
+        from: u64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<Value>> {
+        let request = self
+            .request(Method::GET, &["projections", name, "parked"])
+            .query(&[("from", from), ("limit", limit as u64)]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
     /// Drops a rebuild in progress; the live version carries on.
     pub async fn cancel_rebuild(&self, name: &str) -> anyhow::Result<ProjectionStatus> {
         let request = self.request(Method::DELETE, &["projections", name, "rebuild"]);
@@ -402,6 +462,8 @@ impl Client {
                 ("emit", &options.emit.to_string()),
                 ("enabled", &options.enabled.to_string()),
                 ("rebuild", &options.rebuild.to_string()),
+                ("emitted", emitted_name(options.emitted)),
+                ("on_error", on_error_name(options.on_error)),
             ])
             .header("content-type", "application/wasm")
             .body(component);

@@ -79,6 +79,8 @@ fn routes(tokens: &Arc<Tokens>) -> (Router<AppState>, serde_json::Value) {
         .routes(routes!(projections::get_rows))
         .routes(routes!(projections::get_row))
         .routes(routes!(projections::get_config))
+        .routes(routes!(projections::partitions))
+        .routes(routes!(projections::parked))
         .routes(routes!(sharders::list))
         .routes(routes!(sharders::download))
         .routes(routes!(sharders::shard))
@@ -102,6 +104,7 @@ fn routes(tokens: &Arc<Tokens>) -> (Router<AppState>, serde_json::Value) {
         .routes(routes!(projections::reset))
         .routes(routes!(projections::rebuild, projections::cancel_rebuild))
         .routes(routes!(projections::put_config))
+        .routes(routes!(projections::skip))
         .routes(routes!(sharders::deploy, sharders::delete))
         .routes(routes!(groups::put, groups::delete))
         .routes(routes!(groups::replay_parked));

@@ -93,6 +93,7 @@ fn parameter_schema(
         ("name", true) => name_schema(Name::Projection, method == "put"),
         ("consumer", false) => name_schema(Name::Consumer, false),
         ("limit", false) => json!({"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+        ("partition" | "prefix" | "after" | "key", _) => return None,
         ("direction", false) => json!({"type": "string", "enum": ["forward", "backward"]}),
         ("from", false) if path.ends_with("/subscribe") => {
             json!({"type": "string", "pattern": FROM_PATTERN})

@@ -15,11 +15,24 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody, check_media_type};
 use super::openapi::{AnyJson, Component};
-use crate::projections::{ConfigChange, DeployOptions, Mode, ProjectionError, ProjectionStatus};
+use super::streams::EventJson;
+use crate::projections::{
+    ConfigChange, DeployOptions, Emitted, Mode, OnError, ProjectionError, ProjectionStatus,
+};
 use crate::store::IndexConfig;
 
-/// Most rows one table page returns.
-const MAX_ROWS: usize = 4096;
+/// Most rows, partitions or parked events one page returns.
+const MAX_PAGE: usize = 4096;
+
+/// A page's `limit`: 100 by default, 1 to [`MAX_PAGE`].
+fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit.unwrap_or(100) {
+        limit @ 1..=MAX_PAGE => Ok(limit),
+        _ => Err(ApiError::invalid(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        ))),
+    }
+}
 
 impl From<ProjectionError> for ApiError {
     fn from(error: ProjectionError) -> Self {
@@ -99,8 +112,132 @@ pub async fn reset(
 pub async fn rebuild(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<RebuildQuery>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
-    Ok(Json(state.projections.rebuild(&name).await?))
+    let emitted = query.emitted.unwrap_or_default();
+    Ok(Json(state.projections.rebuild(&name, emitted).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RebuildQuery {
+    /// What the switch does with the streams the live version emitted to and linked into:
+    /// `keep` (default) or `replace`, as for an update.
+    emitted: Option<Emitted>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SkipQuery {
+    /// The position the projection stopped at (its fault's).
+    position: u64,
+}
+
+/// Set aside the event a faulted projection stopped at (linked from its parked stream with
+/// the fault as the reason) and run on past it.
+#[utoipa::path(post, path = "/projections/{name}/skip", tag = "projections",
+    params(("name" = String, Path, description = "Projection name"), SkipQuery),
+    responses((status = 200, body = ProjectionStatus), (status = 404, body = ErrorBody),
+        (status = 409, description = "The projection did not stop at that position",
+            body = ErrorBody)))]
+pub async fn skip(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<SkipQuery>,
+) -> Result<Json<ProjectionStatus>, ApiError> {
+    Ok(Json(state.projections.skip(&name, query.position).await?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PartitionsQuery {
+    /// Only partitions whose key starts with this.
+    prefix: Option<String>,
+    /// Continue after this key (the `next` of the previous page).
+    after: Option<String>,
+    /// Partitions per page, default 100, at most 4096.
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PartitionsPage {
+    /// Keys of partitions that have a state (`""` for an unpartitioned projection's).
+    partitions: Vec<String>,
+    /// The `after` of the next page; `null` at the end.
+    next: Option<String>,
+}
+
+/// The partitions of a projection that have a state, in key order.
+#[utoipa::path(get, path = "/projections/{name}/partitions", tag = "projections",
+    params(("name" = String, Path, description = "Projection name"), PartitionsQuery),
+    responses((status = 200, body = PartitionsPage), (status = 404, body = ErrorBody)))]
+pub async fn partitions(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<PartitionsQuery>,
+) -> Result<Json<PartitionsPage>, ApiError> {
+    let limit = page_limit(query.limit)?;
+    let page = state
+        .projections
+        .partitions(&name, query.prefix.unwrap_or_default(), query.after, limit)
+        .await?;
+    Ok(Json(PartitionsPage {
+        partitions: page.keys,
+        next: page.next,
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ParkedQuery {
+    /// First revision of the parked stream to return (default 0).
+    from: Option<u64>,
+    /// Most events to return (default 100, at most 4,096).
+    limit: Option<usize>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ParkedEventJson<'a> {
+    /// The revision in `$projection-{name}-parked`.
+    pub revision: u64,
+    /// Why it was set aside: `{"stream", "revision", "type", "on_error", "error",
+    /// "partition"}` (`"by_hand": true` for `skip` requests).
+    #[schema(value_type = AnyJson)]
+    pub reason: Option<Box<RawValue>>,
+    pub event: EventJson<'a>,
+}
+
+/// The events a projection set aside (`on_error: skip|park`, or `skip` by hand), with why.
+#[utoipa::path(get, path = "/projections/{name}/parked", tag = "projections",
+    params(("name" = String, Path, description = "Projection name"), ParkedQuery),
+    responses((status = 200, body = Vec<ParkedEventJson>), (status = 404, body = ErrorBody)))]
+pub async fn parked(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ParkedQuery>,
+) -> Result<Response, ApiError> {
+    let parked = state
+        .projections
+        .parked(&name, query.from.unwrap_or(0), page_limit(query.limit)?)
+        .await?;
+    let json: Vec<ParkedEventJson> = parked
+        .iter()
+        .map(|(event, reason)| ParkedEventJson {
+            revision: event
+                .link
+                .as_ref()
+                .map_or(event.revision, |link| link.revision),
+            reason: reason
+                .as_ref()
+                .and_then(|reason| serde_json::from_slice(reason).ok()),
+            event: EventJson::new(event),
+        })
+        .collect();
+    Ok(Json(json).into_response())
 }
 
 /// Cancel a rebuild: the partial build is dropped, the live version carries on.
@@ -153,9 +290,19 @@ pub struct DeployQuery {
     emit: Option<bool>,
     /// Start it at once (default true).
     enabled: Option<bool>,
-    /// For an existing projection: start its data afresh from position 0 (default true), or
-    /// continue from its checkpoint with the new code (false).
+    /// For an existing projection: build the new version beside the live one from position 0
+    /// and switch when it has caught up (default true), or continue from the checkpoint with
+    /// the new code (false).
     rebuild: Option<bool>,
+    /// What that switch does with the streams the live version emitted to and linked into:
+    /// `keep` them as they are (default: nothing sent downstream is sent again; the new version
+    /// emits for events past the switch) or `replace` them with what the new version emitted
+    /// from position 0.
+    emitted: Option<Emitted>,
+    /// An event the projection cannot handle: `stop` at it (default), `skip` it, or `park` it
+    /// and hold its partition; skipped and parked events are linked from
+    /// `$projection-{name}-parked` with the reason.
+    on_error: Option<OnError>,
 }
 
 /// Deploy a WebAssembly component as a projection: new (201) or a new version (200). It runs
@@ -185,6 +332,8 @@ pub async fn deploy(
         emit: query.emit.unwrap_or(defaults.emit),
         enabled: query.enabled.unwrap_or(defaults.enabled),
         rebuild: query.rebuild.unwrap_or(defaults.rebuild),
+        emitted: query.emitted.unwrap_or(defaults.emitted),
+        on_error: query.on_error.unwrap_or(defaults.on_error),
     };
     let (created, status) = state
         .projections
@@ -340,12 +489,7 @@ pub async fn get_rows(
     ApiPath((name, table)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<RowsQuery>,
 ) -> Result<Json<RowsPage>, ApiError> {
-    let limit = query.limit.unwrap_or(100);
-    if limit == 0 || limit > MAX_ROWS {
-        return Err(ApiError::invalid(format!(
-            "limit must be between 1 and {MAX_ROWS}"
-        )));
-    }
+    let limit = page_limit(query.limit)?;
     let page = state
         .projections
         .rows(

@@ -17,8 +17,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::names::Name;
 use crate::sandbox::Sandbox;
 use crate::sandbox::{GuestEngine, Limits, context, explain_failure, sha256_hex};
+use crate::store::{IndexConfig, ProjectionView, RowChange};
 use crate::store::{MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES, NewEvent};
-use crate::store::{ProjectionView, RowChange};
 
 wasmtime::component::bindgen!({
     path: "../guest-sdk/macros/wit",
@@ -134,6 +134,8 @@ pub struct InstanceSetup {
     pub projection: String,
     pub data: u64,
     pub may_emit: bool,
+    /// The rules that say where an event's correlation id is, for what it causes to be emitted.
+    pub index_config: IndexConfig,
 }
 
 /// One sandboxed instance of a projection with its pending batch.
@@ -178,11 +180,38 @@ impl Instance {
     /// Hands events to the guest; its writes collect in the pending batch.
     pub fn handle(&mut self, events: &[Event]) -> anyhow::Result<()> {
         self.store.set_epoch_deadline(self.sandbox.deadline_ticks());
+        let batch = &mut self.store.data_mut().batch;
+        batch.cause = None;
+        batch.caused.clear();
         match self.bindings.call_handle(&mut self.store, events) {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                self.store.data_mut().batch.attribute_causes(events);
+                Ok(())
+            }
             Ok(Err(message)) => Err(anyhow!("the projection failed: {message}")),
             Err(error) => Err(self.describe_trap(error)),
         }
+    }
+
+    /// Handles one event; a trap's message names the event, as the SDK's errors do.
+    pub fn handle_event(&mut self, event: &Event) -> anyhow::Result<()> {
+        let failed = self.handle(std::slice::from_ref(event));
+        match failed {
+            Err(error) if !format!("{error}").starts_with("the projection failed: ") => Err(error
+                .context(format!(
+                    "{} at position {} ({}@{})",
+                    event.event_type, event.position, event.revision, event.stream
+                ))),
+            other => other,
+        }
+    }
+
+    /// The partition of an event of a custom-partitioned projection.
+    pub fn partition_key(&mut self, event: &Event) -> anyhow::Result<Option<String>> {
+        self.store.set_epoch_deadline(self.sandbox.deadline_ticks());
+        self.bindings
+            .call_partition_key(&mut self.store, event)
+            .map_err(|error| self.describe_trap(error))
     }
 
     /// A trap's message, with the sandbox's reasons and the guest's panic message spelled out.
@@ -323,6 +352,10 @@ struct Batch {
     rows: HashMap<(String, String), Option<Vec<u8>>>,
     emits: Vec<(String, NewEvent)>,
     links: Vec<(String, u64)>,
+    /// The event the guest said it handles now (`caused-by`).
+    cause: Option<u64>,
+    /// Emits of the current call, by index in `emits`, with the position of their cause.
+    caused: Vec<(usize, u64)>,
     emitted_before: u64,
     bytes: usize,
     /// The guest's last panic message, logged by the SDK just before the panic traps.
@@ -340,6 +373,8 @@ impl Batch {
             rows: HashMap::new(),
             emits: Vec::new(),
             links: Vec::new(),
+            cause: None,
+            caused: Vec::new(),
             emitted_before: 0,
             bytes: 0,
             panic: None,
@@ -358,6 +393,8 @@ impl Batch {
         self.rows.clear();
         self.emits.clear();
         self.links.clear();
+        self.cause = None;
+        self.caused.clear();
         self.bytes = 0;
     }
 
@@ -400,6 +437,29 @@ impl Batch {
         match &self.view {
             Some(view) => Ok(view),
             None => trap!("state was used outside of handle()"),
+        }
+    }
+
+    /// Gives the events emitted during a call the id of their cause (one of `events`, which the
+    /// call handled) as `$causationId`, and its correlation id when it has one and they do not.
+    fn attribute_causes(&mut self, events: &[Event]) {
+        let config = &self.setup.index_config;
+        for (index, position) in self.caused.drain(..) {
+            let Ok(found) = events.binary_search_by_key(&position, |event| event.position) else {
+                continue;
+            };
+            let cause = &events[found];
+            let metadata = &mut self.emits[index].1.metadata;
+            let mut object: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(metadata).unwrap_or_default();
+            object.insert("$causationId".into(), cause.id.clone().into());
+            let property = &config.correlation_property;
+            if !object.contains_key(property)
+                && let Some(correlation) = config.correlation_id(&cause.metadata)
+            {
+                object.insert(property.clone(), correlation.into_owned().into());
+            }
+            *metadata = serde_json::to_vec(&object).expect("a JSON object");
         }
     }
 
@@ -507,8 +567,16 @@ impl self::refract::projection::host::Host for HostState {
             binary,
             metadata,
         };
+        if let Some(cause) = self.batch.cause {
+            self.batch.caused.push((self.batch.emits.len(), cause));
+        }
         self.batch.emits.push((stream, event));
         Ok(Ok(()))
+    }
+
+    fn caused_by(&mut self, position: u64) -> wasmtime::Result<()> {
+        self.batch.cause = Some(position);
+        Ok(())
     }
 
     fn link_to(&mut self, stream: String, position: u64) -> wasmtime::Result<Result<(), String>> {

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::store::RowPage;
 use crate::store::{CategoryPosition, IndexConfig, SystemIndex};
+use crate::store::{KeyPage, RecordedEvent, RowPage};
 use crate::store::{Store, StoreError};
 use component::Runtime;
 pub use wasm::DeployOptions;
@@ -44,6 +44,40 @@ pub enum RunStatus {
 pub enum Mode {
     Continuous,
     OneTime,
+}
+
+/// What a new version of a projection does, at the switch, with the streams the live version
+/// emitted to and linked into.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum Emitted {
+    /// Left as they are: the new version emits only for events past the switch. What was sent
+    /// downstream is not sent again.
+    #[default]
+    Keep,
+    /// Made what the new version emitted from position 0: streams that differ are soft-deleted
+    /// and written again, with new event ids.
+    Replace,
+}
+
+/// What a projection does with an event it cannot handle.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum OnError {
+    /// Fault at the event (the events before it are kept); `start` tries it again.
+    #[default]
+    Stop,
+    /// Set the event aside, with the reason, in `$projection-{name}-parked`, and go on.
+    Skip,
+    /// As `skip`, and hold its partition: the partition's later events are set aside too, in
+    /// order, while the other partitions go on.
+    Park,
 }
 
 /// Why a projection stopped on an event.
@@ -86,6 +120,13 @@ pub struct ProjectionStatus {
     /// For a partitioned projection whose batches ran on several workers since it started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel: Option<ParallelStatus>,
+    /// A Wasm projection's answer to an event it cannot handle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_error: Option<OnError>,
+    /// For a Wasm projection asked for by name: the streams of events it emitted to (and owns)
+    /// and the events they hold, which a rebuild with `emitted=replace` may rewrite.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emitted: Option<Rewrites>,
 }
 
 /// How a partitioned projection's batches ran on the partition workers: in windows of a few
@@ -117,6 +158,19 @@ pub struct RebuildStatus {
     pub fault: Option<Fault>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel: Option<ParallelStatus>,
+    /// What the switch does with the live version's emitted streams.
+    pub emitted: Emitted,
+    /// With `replace`, in `GET /projections/{name}`: what the switch would rewrite if it came
+    /// now (streams that differ are soft-deleted and written again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrites: Option<Rewrites>,
+}
+
+/// What a switch that replaces emitted streams would rewrite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Rewrites {
+    pub streams: u64,
+    pub events: u64,
 }
 
 /// Changes to the system projections' configuration; absent fields keep their value.
@@ -237,14 +291,18 @@ impl Projections {
     }
 
     /// Builds the projection again beside the live version and switches when caught up.
-    pub async fn rebuild(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
+    pub async fn rebuild(
+        &self,
+        name: &str,
+        emitted: Emitted,
+    ) -> Result<ProjectionStatus, ProjectionError> {
         if is_system(name) {
             system(name)?;
             return Err(ProjectionError::Conflict(format!(
                 "{name} is a system projection: it is rebuilt with reset"
             )));
         }
-        self.wasm.rebuild(name).await
+        self.wasm.rebuild(name, emitted).await
     }
 
     /// Drops a rebuild in progress; the live version carries on.
@@ -256,6 +314,39 @@ impl Projections {
             )));
         }
         self.wasm.cancel_rebuild(name).await
+    }
+
+    /// Sets aside the event a faulted Wasm projection stopped at, and runs on past it.
+    pub async fn skip(
+        &self,
+        name: &str,
+        position: u64,
+    ) -> Result<ProjectionStatus, ProjectionError> {
+        self.reject_system(name)?;
+        self.wasm.skip(name, position).await
+    }
+
+    /// A Wasm projection's partitions with a state, paged by key.
+    pub async fn partitions(
+        &self,
+        name: &str,
+        prefix: String,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<KeyPage, ProjectionError> {
+        self.reject_system(name)?;
+        self.wasm.partitions(name, prefix, after, limit).await
+    }
+
+    /// The events a Wasm projection set aside, with why.
+    pub async fn parked(
+        &self,
+        name: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(RecordedEvent, Option<Vec<u8>>)>, ProjectionError> {
+        self.reject_system(name)?;
+        self.wasm.parked(name, from, limit).await
     }
 
     /// Drops the projection's output and reprocesses from position 0.
@@ -406,6 +497,8 @@ impl Projections {
             rebuild: None,
             digest: None,
             parallel: None,
+            on_error: None,
+            emitted: None,
         }
     }
 }
@@ -418,10 +511,11 @@ fn system(name: &str) -> Result<SystemIndex, ProjectionError> {
     SystemIndex::from_name(name).ok_or_else(|| ProjectionError::NotFound(name.to_owned()))
 }
 
+/// How far `position` is towards `head`, truncated to a thousandth: 1 only once caught up.
 fn fraction(position: u64, head: u64) -> f64 {
-    if head == 0 {
-        1.0
-    } else {
-        (position.min(head) as f64 / head as f64).min(1.0)
+    if position >= head {
+        return 1.0;
     }
+    let thousandths = (u128::from(position) * 1000 / u128::from(head)).min(999);
+    thousandths as f64 / 1000.0
 }

@@ -4,9 +4,14 @@
 //!
 //! A failing batch (error result, trap, deadline, memory limit, or a commit the store refuses) is
 //! run again one event at a time on a fresh instance to find the event that fails; the events
-//! before it are committed and the projection faults at that event's position.
+//! before it are committed. Then, by the projection's `on_error`: it faults at that event's
+//! position (`stop`), or sets the event aside in its parked stream and goes on (`skip`), or does
+//! that and holds the event's partition (`park`): the partition's later events are set aside
+//! too, in log order, before the guest sees a batch, so nothing of a held partition is applied
+//! out of order while the other partitions go on.
 
-use std::collections::HashSet;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::runtime::Handle;
@@ -17,11 +22,11 @@ mod parallel;
 use super::component::{
     Compiled, Event, Instance, InstanceSetup, Partitioning, Runtime, Source, Writes,
 };
-use super::{Fault, Mode};
+use super::{Emitted, Fault, Mode, OnError};
 use crate::metrics::RateMeter;
 use crate::store::EventRecord;
 use crate::store::IndexConfig;
-use crate::store::{Checkpoint, DataChange, ProjectionCommit};
+use crate::store::{Checkpoint, DataChange, ParkedEvent, ProjectionCommit};
 use crate::store::{Store, StoreError};
 pub(crate) use parallel::ParallelCounts;
 use parallel::{NotParallel, WINDOW_EVENTS, Workers};
@@ -44,6 +49,11 @@ pub(super) struct Definition {
     pub enabled: bool,
     pub fault: Option<Fault>,
     pub completed: bool,
+    /// What the switch to this version does with the live version's emitted streams.
+    #[serde(default)]
+    pub emitted: Emitted,
+    #[serde(default)]
+    pub on_error: OnError,
 }
 
 /// A projection's state shared between its runner and the API.
@@ -109,6 +119,8 @@ pub(super) struct Runner {
     pub index_config: IndexConfig,
     pub cancel: CancellationToken,
     pub handle: Handle,
+    /// Partitions held behind a parked event (`on_error: park`): partition → its position.
+    pub held: Mutex<BTreeMap<String, u64>>,
 }
 
 /// Which events the guest is handed.
@@ -175,7 +187,21 @@ impl Runner {
             projection: name,
             data,
             may_emit,
+            index_config: self.index_config.clone(),
         };
+        match self
+            .store
+            .projection_view(data)
+            .and_then(|view| view.held_partitions())
+        {
+            Ok(held) => *self.held.lock().expect("held partitions") = held.into_iter().collect(),
+            Err(error) => {
+                return self.fault(Fault {
+                    message: format!("cannot read the held partitions: {error}"),
+                    position: checkpoint.position,
+                });
+            }
+        }
         let mut instance = match Instance::new(&self.runtime, self.compiled.pre(), setup.clone()) {
             Ok(instance) => instance,
             Err(error) => {
@@ -274,7 +300,8 @@ impl Runner {
         events: &mut Vec<Event>,
         to: u64,
     ) -> Result<Checkpoint, Failure> {
-        if let Some(workers) = workers.filter(|_| events.len() > WINDOW_EVENTS) {
+        let holding = !self.held.lock().expect("held partitions").is_empty();
+        if let Some(workers) = workers.filter(|_| events.len() > WINDOW_EVENTS && !holding) {
             if workers.is_none() {
                 *workers = Workers::new(self, setup).ok();
             }
@@ -288,10 +315,11 @@ impl Runner {
                 }
             }
         }
-        self.process(instance, setup, checkpoint, events, to)
+        self.process(instance, setup, checkpoint, events, to, Vec::new())
     }
 
-    /// Runs one batch in log order and commits it; returns the new checkpoint.
+    /// Runs one batch in log order and commits it; returns the new checkpoint. `parked` are
+    /// events of the batch already set aside (held behind an event parked earlier in it).
     fn process(
         &self,
         instance: &mut Instance,
@@ -299,17 +327,76 @@ impl Runner {
         checkpoint: Checkpoint,
         events: &[Event],
         scanned_to: u64,
+        mut parked: Vec<ParkedEvent>,
     ) -> Result<Checkpoint, Failure> {
+        let runnable = self.set_aside_held(instance, checkpoint, events, &mut parked)?;
         let outcome = self
-            .run_events(instance, checkpoint, events)
-            .and_then(|()| self.commit(instance, checkpoint, events.len(), scanned_to));
+            .run_events(instance, checkpoint, &runnable)
+            .and_then(|()| {
+                let writes = instance.take();
+                let processed = runnable.len() + parked.len();
+                self.commit_writes(checkpoint, processed, scanned_to, writes, parked.clone())
+            });
         match outcome {
             Ok(next) => Ok(next),
             Err(Failure::ShuttingDown) => Err(Failure::ShuttingDown),
-            Err(Failure::Fault(fault)) => {
-                self.locate_fault(instance, setup, checkpoint, events, fault)
+            Err(Failure::Fault(fault)) => self.recover(
+                instance, setup, checkpoint, &runnable, scanned_to, parked, fault,
+            ),
+        }
+    }
+
+    /// The events of `events` the guest is to handle: those of held partitions are added to
+    /// `parked` (in log order) instead.
+    fn set_aside_held<'e>(
+        &self,
+        instance: &mut Instance,
+        checkpoint: Checkpoint,
+        events: &'e [Event],
+        parked: &mut Vec<ParkedEvent>,
+    ) -> Result<Cow<'e, [Event]>, Failure> {
+        let held = self.held.lock().expect("held partitions").clone();
+        if held.is_empty() {
+            return Ok(Cow::Borrowed(events));
+        }
+        let mut runnable = Vec::with_capacity(events.len());
+        for event in events {
+            let partition = self.partition_of(instance, event, checkpoint)?;
+            match partition.and_then(|partition| Some((held.get(&partition)?, partition))) {
+                Some((&holder, partition)) => parked.push(ParkedEvent {
+                    position: event.position,
+                    reason: reason(
+                        event,
+                        OnError::Park,
+                        &format!("held behind the event parked at position {holder}"),
+                        Some(&partition),
+                    ),
+                    holds: None,
+                }),
+                None => runnable.push(event.clone()),
             }
         }
+        parked.sort_by_key(|event| event.position);
+        Ok(Cow::Owned(runnable))
+    }
+
+    /// The partition an event belongs to; `None` when a custom key gives it none.
+    fn partition_of(
+        &self,
+        instance: &mut Instance,
+        event: &Event,
+        checkpoint: Checkpoint,
+    ) -> Result<Option<String>, Failure> {
+        Ok(match self.compiled.info.partitioning {
+            Partitioning::None => Some(String::new()),
+            Partitioning::ByStream => Some(event.stream.clone()),
+            Partitioning::Custom => instance.partition_key(event).map_err(|error| {
+                Failure::Fault(Fault {
+                    message: one_line(&format!("cannot compute a partition: {error:#}")),
+                    position: event.position.max(checkpoint.position),
+                })
+            })?,
+        })
     }
 
     /// Starts a batch on `instance` that reads the data as committed now.
@@ -340,30 +427,36 @@ impl Runner {
         Ok(())
     }
 
-    fn commit(
-        &self,
-        instance: &mut Instance,
-        checkpoint: Checkpoint,
-        processed: usize,
-        to: u64,
-    ) -> Result<Checkpoint, Failure> {
-        let writes = instance.take();
-        self.commit_writes(checkpoint, processed, to, writes)
-    }
-
     fn commit_writes(
         &self,
         checkpoint: Checkpoint,
         processed: usize,
         to: u64,
-        writes: Writes,
+        mut writes: Writes,
+        parked: Vec<ParkedEvent>,
     ) -> Result<Checkpoint, Failure> {
         let next = Checkpoint {
             position: to,
             events_processed: checkpoint.events_processed + processed as u64,
             events_emitted: checkpoint.events_emitted + writes.emits.len() as u64,
         };
+        let shadow = matches!(self.role, Role::Build { .. });
+        let keeps_emitted = self
+            .live
+            .state
+            .lock()
+            .expect("projection state")
+            .definition
+            .emitted
+            == Emitted::Keep;
+        if shadow && keeps_emitted {
+            // The switch keeps the live version's emitted streams: what this version emitted
+            // for the events before it is not kept (the ids stay numbered as if it were).
+            writes.emits.clear();
+            writes.links.clear();
+        }
         let commit = ProjectionCommit {
+            projection: self.live.name.clone(),
             data: self.data(),
             from: checkpoint.position,
             checkpoint: next,
@@ -371,7 +464,8 @@ impl Runner {
             rows: writes.rows,
             emits: writes.emits,
             links: writes.links,
-            shadow: matches!(self.role, Role::Build { .. }),
+            parked,
+            shadow,
         };
         match self.handle.block_on(self.store.commit_projection(commit)) {
             Ok(()) => Ok(next),
@@ -383,14 +477,17 @@ impl Runner {
         }
     }
 
-    /// Finds the event a failed batch fails on, commits the events before it, and returns the
-    /// fault at that event.
-    fn locate_fault(
+    /// Finds the event a failed batch fails on and commits what comes before it; then faults at
+    /// that event, or sets it aside and goes on with the rest of the batch, as `on_error` says.
+    #[allow(clippy::too_many_arguments)]
+    fn recover(
         &self,
         instance: &mut Instance,
         setup: &InstanceSetup,
         checkpoint: Checkpoint,
         events: &[Event],
+        scanned_to: u64,
+        parked: Vec<ParkedEvent>,
         batch_fault: Fault,
     ) -> Result<Checkpoint, Failure> {
         let fresh = || {
@@ -406,7 +503,7 @@ impl Runner {
         self.begin(instance, checkpoint)?;
         let mut failing = None;
         for (index, event) in events.iter().enumerate() {
-            if let Err(error) = instance.handle(std::slice::from_ref(event)) {
+            if let Err(error) = instance.handle_event(event) {
                 failing = Some((index, error));
                 break;
             }
@@ -416,19 +513,69 @@ impl Runner {
             // Every event passes on its own: the store refused the batch's writes.
             return Err(Failure::Fault(batch_fault));
         };
-        let fault = Fault {
-            message: format!("{error:#}"),
-            position: events[index].position,
+        let event = &events[index];
+        let message = one_line(&format!("{error:#}"));
+        let on_error = self
+            .live
+            .state
+            .lock()
+            .expect("projection state")
+            .definition
+            .on_error;
+        let (mut before, after): (Vec<ParkedEvent>, Vec<ParkedEvent>) = parked
+            .into_iter()
+            .partition(|parked| parked.position < event.position);
+        let upto = match on_error {
+            OnError::Stop => event.position,
+            OnError::Skip | OnError::Park => {
+                let holds = match on_error {
+                    OnError::Park => self.partition_of(instance, event, checkpoint)?,
+                    _ => None,
+                };
+                tracing::warn!(projection = %self.live.name, position = event.position, ?on_error, %message, "projection set an event aside");
+                before.push(ParkedEvent {
+                    position: event.position,
+                    reason: reason(event, on_error, &message, holds.as_deref()),
+                    holds: holds.clone(),
+                });
+                if let Some(partition) = holds {
+                    self.held
+                        .lock()
+                        .expect("held partitions")
+                        .insert(partition, event.position);
+                }
+                event.position + 1
+            }
         };
-        let before = &events[..index];
-        if !before.is_empty() {
-            self.run_events(instance, checkpoint, before)?;
-            let next = self.commit(instance, checkpoint, before.len(), fault.position)?;
+        let committed = &events[..index];
+        let next = if committed.is_empty() && before.is_empty() {
+            checkpoint
+        } else {
+            self.run_events(instance, checkpoint, committed)?;
+            let writes = instance.take();
+            let processed = committed.len() + before.len();
+            let next = self.commit_writes(checkpoint, processed, upto, writes, before)?;
             let mut state = self.live.state.lock().expect("projection state");
             state.checkpoint = next;
             state.rate.record(next.events_processed);
+            next
+        };
+        if on_error == OnError::Stop {
+            return Err(Failure::Fault(Fault {
+                message,
+                position: event.position,
+            }));
         }
-        Err(Failure::Fault(fault))
+        let rest = &events[index + 1..];
+        if rest.is_empty() && after.is_empty() {
+            // Nothing left but positions without selected events.
+            if next.position == scanned_to {
+                return Ok(next);
+            }
+            let writes = instance.take();
+            return self.commit_writes(next, 0, scanned_to, writes, Vec::new());
+        }
+        self.process(instance, setup, next, rest, scanned_to, after)
     }
 
     fn data(&self) -> u64 {
@@ -436,6 +583,10 @@ impl Runner {
     }
 
     fn fault(&self, fault: Fault) {
+        let fault = Fault {
+            message: one_line(&fault.message),
+            ..fault
+        };
         tracing::warn!(projection = %self.live.name, position = fault.position, message = %fault.message, rebuild = matches!(self.role, Role::Build { .. }), "projection faulted");
         match self.role {
             Role::Live => self.save(|definition| definition.fault = Some(fault)),
@@ -476,6 +627,24 @@ impl Runner {
             tracing::error!(projection = %self.live.name, %error, "cannot save the projection's status");
         }
     }
+}
+
+/// A message on one line, as logs and statuses show it.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Why an event was set aside, as the parked stream's reasons show it.
+fn reason(event: &Event, on_error: OnError, error: &str, partition: Option<&str>) -> Vec<u8> {
+    let reason = serde_json::json!({
+        "stream": event.stream,
+        "revision": event.revision,
+        "type": event.event_type,
+        "on_error": on_error,
+        "error": error,
+        "partition": partition,
+    });
+    serde_json::to_vec(&reason).expect("a reason is JSON")
 }
 
 fn storage_failure(error: StoreError, position: u64) -> Failure {

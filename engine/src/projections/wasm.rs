@@ -12,12 +12,12 @@ use tokio_util::sync::CancellationToken;
 use super::component::{Compiled, Runtime};
 use super::runner::{Definition, Live, Role, Runner, restart_rate};
 use super::{
-    Fault, Mode, ParallelStatus, ProjectionError, ProjectionKind, ProjectionStatus, RebuildStatus,
-    RunStatus, fraction,
+    Emitted, Fault, Mode, OnError, ParallelStatus, ProjectionError, ProjectionKind,
+    ProjectionStatus, RebuildStatus, Rewrites, RunStatus, fraction,
 };
 use crate::names::Name;
 use crate::store::{BuildChange, Checkpoint, DataChange, ProjectionView, RowPage};
-use crate::store::{Store, StoreError};
+use crate::store::{Direction, KeyPage, RecordedEvent, Store, StoreError, parked_stream};
 
 /// How an upload is to be deployed.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +28,9 @@ pub struct DeployOptions {
     /// For an existing projection: build the new version beside the live one and switch when
     /// it has caught up (`true`), or continue from the checkpoint with the new code (`false`).
     pub rebuild: bool,
+    /// What that switch does with the live version's emitted streams.
+    pub emitted: Emitted,
+    pub on_error: OnError,
 }
 
 impl Default for DeployOptions {
@@ -37,6 +40,8 @@ impl Default for DeployOptions {
             emit: false,
             enabled: true,
             rebuild: true,
+            emitted: Emitted::default(),
+            on_error: OnError::default(),
         }
     }
 }
@@ -233,6 +238,8 @@ impl WasmProjections {
             enabled: options.enabled,
             fault: None,
             completed: false,
+            emitted: options.emitted,
+            on_error: options.on_error,
         };
         if let (Some(entry), true) = (existing, options.rebuild) {
             // The new version builds beside the live one, which keeps serving.
@@ -288,7 +295,11 @@ impl WasmProjections {
     }
 
     /// Rebuilds a projection with its current component beside the live version.
-    pub async fn rebuild(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
+    pub async fn rebuild(
+        &self,
+        name: &str,
+        emitted: Emitted,
+    ) -> Result<ProjectionStatus, ProjectionError> {
         let mut entries = self.entries.lock().await;
         let entry = entry_mut(&mut entries, name)?;
         let Some(compiled) = entry.compiled.clone() else {
@@ -305,6 +316,7 @@ impl WasmProjections {
             .clone();
         definition.fault = None;
         definition.completed = false;
+        definition.emitted = emitted;
         self.begin_build(entry, compiled, definition, None).await?;
         self.publish(name, entry);
         self.status(name)
@@ -390,9 +402,17 @@ impl WasmProjections {
         let mut build = entry.building.take().expect("checked");
         stop_build_runner(&mut build).await;
         stop_runner(entry).await;
+        let keep_emitted = build
+            .live
+            .state
+            .lock()
+            .expect("projection state")
+            .definition
+            .emitted
+            == Emitted::Keep;
         let switched = self
             .store
-            .build_projection(name.to_owned(), BuildChange::Switch { data })
+            .build_projection(name.to_owned(), BuildChange::Switch { data, keep_emitted })
             .await;
         if let Err(error) = switched {
             // The store refused the switch whole: the live version carries on, and the build
@@ -474,6 +494,13 @@ impl WasmProjections {
                 eta_seconds: build.eta_seconds,
                 fault: build.fault,
                 parallel: build.parallel,
+                emitted: building
+                    .state
+                    .lock()
+                    .expect("projection state")
+                    .definition
+                    .emitted,
+                rewrites: None,
             });
         }
         Ok(status)
@@ -515,6 +542,22 @@ impl WasmProjections {
             status.progress = fraction(checkpoint.position, status.head_position);
         }
         status.digest = Some(digest);
+        let owned = name.to_owned();
+        let footprint = self
+            .store
+            .blocking(move |store| store.emitted_footprint(&owned))
+            .await?;
+        status.emitted = footprint.map(|(streams, events)| Rewrites { streams, events });
+        if let Some(rebuild) = &mut status.rebuild
+            && rebuild.emitted == Emitted::Replace
+        {
+            let name = name.to_owned();
+            let preview = self
+                .store
+                .blocking(move |store| store.rewrite_preview(&name))
+                .await?;
+            rebuild.rewrites = preview.map(|(streams, events)| Rewrites { streams, events });
+        }
         Ok(status)
     }
 
@@ -532,6 +575,66 @@ impl WasmProjections {
     }
 
     /// Runs it again: from its checkpoint, after a stop, a fault or completion.
+    /// Sets aside, by hand, the event a faulted projection stopped at, and runs on past it.
+    pub async fn skip(
+        &self,
+        name: &str,
+        position: u64,
+    ) -> Result<ProjectionStatus, ProjectionError> {
+        let mut entries = self.entries.lock().await;
+        let entry = entry_mut(&mut entries, name)?;
+        let (fault, data) = {
+            let state = entry.live.state.lock().expect("projection state");
+            (state.definition.fault.clone(), state.data)
+        };
+        let Some(fault) = fault.filter(|fault| fault.position == position) else {
+            return Err(ProjectionError::Conflict(format!(
+                "{name} did not stop at position {position}: only the event a faulted projection \
+                 stopped at can be skipped"
+            )));
+        };
+        stop_runner(entry).await;
+        let read = self
+            .store
+            .blocking(move |store| {
+                let mut found = None;
+                store.scan_log(position, position + 1, |_, record| {
+                    found = Some(serde_json::json!({
+                        "stream": record.stream,
+                        "revision": record.revision,
+                        "type": record.event_type,
+                    }));
+                    false
+                })?;
+                Ok(found)
+            })
+            .await?;
+        let mut reason = read.unwrap_or_else(|| serde_json::json!({}));
+        reason["on_error"] = "skip".into();
+        reason["error"] = fault.message.into();
+        reason["by_hand"] = true.into();
+        let reason = serde_json::to_vec(&reason).expect("a reason is JSON");
+        let checkpoint = self
+            .store
+            .skip_projection_event(name.to_owned(), data, position, reason)
+            .await?;
+        entry
+            .live
+            .state
+            .lock()
+            .expect("projection state")
+            .checkpoint = checkpoint;
+        tracing::warn!(projection = %name, position, "an event was skipped by hand");
+        self.save_definition(entry, DataChange::Keep, |definition| {
+            definition.enabled = true;
+            definition.fault = None;
+        })
+        .await?;
+        self.start_if_runnable(entry).await;
+        self.publish(name, entry);
+        self.status(name)
+    }
+
     pub async fn start(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
         let mut entries = self.entries.lock().await;
         let entry = entry_mut(&mut entries, name)?;
@@ -629,7 +732,13 @@ impl WasmProjections {
         table: String,
         key: String,
     ) -> Result<Option<Vec<u8>>, ProjectionError> {
-        self.view(name, move |view| view.row(&table, &key)).await
+        let read = self
+            .view(name, move |view| match view.row(&table, &key)? {
+                Some(row) => Ok(Ok(Some(row))),
+                None => known_table(view, table).map(|known| known.map(|()| None)),
+            })
+            .await?;
+        read.map_err(|missing| missing.of(name))
     }
 
     pub async fn rows(
@@ -640,10 +749,65 @@ impl WasmProjections {
         after: Option<String>,
         limit: usize,
     ) -> Result<RowPage, ProjectionError> {
+        let read = self
+            .view(name, move |view| {
+                let page = view.rows(&table, &prefix, after.as_deref(), limit)?;
+                if !page.rows.is_empty() {
+                    return Ok(Ok(page));
+                }
+                known_table(view, table).map(|known| known.map(|()| page))
+            })
+            .await?;
+        read.map_err(|missing| missing.of(name))
+    }
+
+    /// Partitions with a state, paged by key.
+    pub async fn partitions(
+        &self,
+        name: &str,
+        prefix: String,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<KeyPage, ProjectionError> {
         self.view(name, move |view| {
-            view.rows(&table, &prefix, after.as_deref(), limit)
+            view.partitions(&prefix, after.as_deref(), limit)
         })
         .await
+    }
+
+    /// The events the projection set aside, from revision `from` of its parked stream, each
+    /// with why (JSON).
+    pub async fn parked(
+        &self,
+        name: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(RecordedEvent, Option<Vec<u8>>)>, ProjectionError> {
+        self.live(name)?;
+        let name = name.to_owned();
+        let parked = self
+            .store
+            .blocking(move |store| {
+                let Some(view) = store.served_projection_view(&name)? else {
+                    return Ok(Vec::new());
+                };
+                let stream = parked_stream(&name);
+                let read = store.read_stream(&stream, Some(from), Direction::Forward, limit, true);
+                let slice = match read {
+                    Err(StoreError::StreamNotFound(_)) => return Ok(Vec::new()),
+                    other => other?,
+                };
+                slice
+                    .events
+                    .into_iter()
+                    .map(|event| {
+                        let reason = view.parked_reason(event.position)?;
+                        Ok((event, reason))
+                    })
+                    .collect()
+            })
+            .await?;
+        Ok(parked)
     }
 
     /// Reads the data the projection serves, on the blocking pool.
@@ -777,6 +941,7 @@ impl WasmProjections {
             index_config,
             cancel: cancel.clone(),
             handle: tokio::runtime::Handle::current(),
+            held: Mutex::new(BTreeMap::new()),
         };
         let live = live.clone();
         let task = tokio::task::spawn_blocking(move || {
@@ -830,8 +995,43 @@ impl WasmProjections {
             rebuild: None,
             digest: None,
             parallel,
+            on_error: Some(definition.on_error),
+            emitted: None,
         }
     }
+}
+
+/// A table the projection never wrote to, with those it did.
+struct UnknownTable {
+    table: String,
+    known: Vec<String>,
+}
+
+impl UnknownTable {
+    fn of(self, projection: &str) -> ProjectionError {
+        let known = if self.known.is_empty() {
+            "it has none".to_owned()
+        } else {
+            format!("its tables are {}", self.known.join(", "))
+        };
+        ProjectionError::Missing(format!(
+            "{projection} has no table {:?}: {known}",
+            self.table
+        ))
+    }
+}
+
+/// Whether `table` holds rows; when not, what the projection's tables are.
+fn known_table(
+    view: &ProjectionView,
+    table: String,
+) -> Result<Result<(), UnknownTable>, StoreError> {
+    let known = view.tables()?;
+    Ok(if known.contains(&table) {
+        Ok(())
+    } else {
+        Err(UnknownTable { table, known })
+    })
 }
 
 fn entry_mut<'a>(

@@ -46,8 +46,8 @@ use projection_data::{COMPONENTS, PROJECTIONS, SHARDERS};
 pub use group_data::Parking;
 pub use indexes::{CategoryPosition, IndexConfig, IndexProgress, SystemIndex};
 pub use projection_data::{
-    BuildChange, Building, Checkpoint, DataChange, ProjectionCommit, ProjectionView, RowChange,
-    RowPage, StoredProjection,
+    BuildChange, Building, Checkpoint, DataChange, KeyPage, ParkedEvent, ProjectionCommit,
+    ProjectionView, RowChange, RowPage, StoredProjection, parked_stream,
 };
 pub use read::{AllFilter, Slice};
 pub use record::EventRecord;
@@ -491,6 +491,99 @@ impl Store {
             .await
     }
 
+    /// Sets aside the event projection `projection` (data `data`) stopped at, by hand: linked
+    /// from its parked stream with `reason` (JSON); the checkpoint moves past it.
+    pub async fn skip_projection_event(
+        &self,
+        projection: String,
+        data: u64,
+        position: u64,
+        reason: Vec<u8>,
+    ) -> Result<Checkpoint, StoreError> {
+        self.submit(projection_data::SkipEvent {
+            projection,
+            data,
+            position,
+            reason,
+        })
+        .await
+    }
+
+    /// The streams of events the live version of `name` emitted to (and still owns), and the
+    /// events a read of them shows: what a switch that replaces emitted streams may rewrite.
+    /// Blocking; reads every such stream.
+    pub fn emitted_footprint(&self, name: &str) -> Result<Option<(u64, u64)>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let projections = txn.open_table(PROJECTIONS)?;
+        let Some(json) = projections.get(name)? else {
+            return Ok(None);
+        };
+        let stored: StoredProjection =
+            serde_json::from_slice(json.value()).map_err(StoreError::storage)?;
+        let outputs = txn.open_table(projection_data::OUTPUTS)?;
+        let owners = txn.open_table(projection_data::STREAM_OWNERS)?;
+        let (log, streams) = (txn.open_table(LOG)?, txn.open_table(STREAMS)?);
+        let (index, links) = (txn.open_table(STREAM_INDEX)?, txn.open_table(LINKS)?);
+        let (mut count, mut events) = (0, 0);
+        for entry in outputs.range((stored.data, "")..(stored.data + 1, ""))? {
+            let (key, is_link) = entry?;
+            let stream = key.value().1;
+            let owned = owners
+                .get(stream)?
+                .is_some_and(|owner| owner.value() == name);
+            if is_link.value() || !owned {
+                continue;
+            }
+            count += 1;
+            events += visible_events(&streams, &index, &links, &log, stream)?.len() as u64;
+        }
+        Ok(Some((count, events)))
+    }
+
+    /// What a switch to the version of `name` being rebuilt would rewrite if it replaced the
+    /// emitted streams now: (streams soft-deleted and written again, events they get).
+    /// `None` without a rebuild. Blocking; reads every stream the versions emitted to.
+    pub fn rewrite_preview(&self, name: &str) -> Result<Option<(u64, u64)>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let projections = txn.open_table(PROJECTIONS)?;
+        let Some(json) = projections.get(name)? else {
+            return Ok(None);
+        };
+        let stored: StoredProjection =
+            serde_json::from_slice(json.value()).map_err(StoreError::storage)?;
+        let Some(building) = stored.building else {
+            return Ok(None);
+        };
+        let shadow = txn.open_table(projection_data::SHADOW_EVENTS)?;
+        let mut emitted: std::collections::BTreeMap<String, Vec<NewEvent>> = Default::default();
+        for entry in shadow.range((building.data, 0)..(building.data + 1, 0))? {
+            let (_, bytes) = entry?;
+            let record = record::EventRecord::decode(bytes.value())?;
+            emitted
+                .entry(record.stream.to_owned())
+                .or_default()
+                .push(projection_data::new_event(&record));
+        }
+        let outputs = txn.open_table(projection_data::OUTPUTS)?;
+        for entry in outputs.range((stored.data, "")..(stored.data + 1, ""))? {
+            let (key, is_link) = entry?;
+            if !is_link.value() {
+                emitted.entry(key.value().1.to_owned()).or_default();
+            }
+        }
+        let (log, streams) = (txn.open_table(LOG)?, txn.open_table(STREAMS)?);
+        let (index, links) = (txn.open_table(STREAM_INDEX)?, txn.open_table(LINKS)?);
+        let (mut rewritten, mut events) = (0, 0);
+        for (stream, new) in &emitted {
+            let visible = visible_events(&streams, &index, &links, &log, stream)?;
+            if projection_data::extends(&visible, new).is_none() {
+                rewritten += 1;
+                events += new.len() as u64;
+            }
+        }
+        Ok(Some((rewritten, events)))
+    }
+
     /// Commits a projection's batch: its effects and checkpoint, all or nothing.
     pub async fn commit_projection(&self, commit: ProjectionCommit) -> Result<(), StoreError> {
         self.submit(projection_data::CommitProjection { commit })
@@ -809,6 +902,33 @@ pub(crate) fn load_stream(
     };
     state.next_revision = after_last.max(state.deleted_before);
     Ok(Some(state))
+}
+
+/// The events a read of the stream shows now, as they were written (none for a stream of links
+/// or a deleted one).
+pub(crate) fn visible_events(
+    streams: &impl ReadableTable<&'static str, &'static [u8]>,
+    index: &impl ReadableTable<(u64, u64), u64>,
+    links: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    log: &impl ReadableTable<u64, &'static [u8]>,
+    stream: &str,
+) -> Result<Vec<NewEvent>, StoreError> {
+    let Some(state) = load_stream(streams, index, links, stream)? else {
+        return Ok(Vec::new());
+    };
+    if state.links || state.tombstoned || state.soft_deleted {
+        return Ok(Vec::new());
+    }
+    let mut events = Vec::new();
+    for entry in index.range((state.id, state.deleted_before)..(state.id, state.next_revision))? {
+        let (_, position) = entry?;
+        let Some(bytes) = log.get(position.value())? else {
+            continue;
+        };
+        let record = record::EventRecord::decode(bytes.value())?;
+        events.push(projection_data::new_event(&record));
+    }
+    Ok(events)
 }
 
 #[cfg(test)]

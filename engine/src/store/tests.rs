@@ -653,6 +653,7 @@ async fn a_switch_that_cannot_write_its_streams_changes_nothing() {
         .await
         .unwrap();
     let batch = |data, shadow| ProjectionCommit {
+        projection: "p".into(),
         data,
         from: 0,
         checkpoint: projection_data::Checkpoint {
@@ -664,6 +665,7 @@ async fn a_switch_that_cannot_write_its_streams_changes_nothing() {
         rows: Vec::new(),
         emits: vec![("notify-1".into(), event("Notified"))],
         links: Vec::new(),
+        parked: Vec::new(),
         shadow,
     };
     store.commit_projection(batch(live, false)).await.unwrap();
@@ -688,7 +690,13 @@ async fn a_switch_that_cannot_write_its_streams_changes_nothing() {
         .unwrap();
 
     let refused = store
-        .build_projection("p".into(), BuildChange::Switch { data: build })
+        .build_projection(
+            "p".into(),
+            BuildChange::Switch {
+                data: build,
+                keep_emitted: false,
+            },
+        )
         .await
         .unwrap_err();
     assert!(refused.to_string().contains("notify-2"), "{refused}");

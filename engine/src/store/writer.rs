@@ -341,7 +341,7 @@ pub(super) fn initialize(db: &Database, options: &StoreOptions) -> Result<Recove
             set_index_config(&mut indexer, &mut tables, config)?;
         }
         // Created here so readers can open them before the first projection or group exists.
-        tables.projections()?;
+        tables.projections_mut()?.claim_earlier_outputs()?;
         tables.groups()?;
         Recovered {
             next_position,

@@ -239,6 +239,9 @@ fn expand_projection(args: Tokens, function: &ItemFn) -> syn::Result<Tokens> {
                 fn link_to(&self, stream: &str, position: u64) -> ::std::result::Result<(), ::std::string::String> {
                     host::link_to(stream, position)
                 }
+                fn caused_by(&self, position: u64) {
+                    host::caused_by(position)
+                }
                 fn log(&self, message: &str) {
                     host::log(message)
                 }

@@ -297,7 +297,7 @@ impl Runner {
             links: merged.links,
             bytes: 0,
         };
-        match self.commit_writes(checkpoint, processed, scanned_to, writes) {
+        match self.commit_writes(checkpoint, processed, scanned_to, writes, Vec::new()) {
             Ok(next) => {
                 let mut state = self.live.state.lock().expect("projection state");
                 state.parallel.parallel_events += merged.counts.parallel_events;

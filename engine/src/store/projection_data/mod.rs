@@ -18,9 +18,17 @@
 //! - `projection_shadow_events`, `projection_shadow_links`: (data id, sequence) → what a
 //!   version being rebuilt emitted or linked, held back from the real streams until it takes
 //!   over from the live version.
+//! - `stream_owners`: stream → the projection that owns it, and `owned_streams`: (projection,
+//!   stream) → whether it is a stream of links. A projection owns the streams it first wrote to;
+//!   no other projection may write to them, and resets, deletes and switches touch only the
+//!   streams a projection owns.
+//! - `projection_parked`: (data id, position) → why the event was set aside (JSON), for the
+//!   links in `$projection-{name}-parked`; `projection_held`: (data id, partition) → the
+//!   position of the parked event that holds the partition (`on_error: park`).
 
 use redb::{
-    ReadOnlyTable, ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction,
+    ReadOnlyTable, ReadTransaction, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+    WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 
@@ -29,8 +37,8 @@ use super::{NewEvent, StoreError};
 mod rebuild;
 mod writes;
 
-pub(super) use rebuild::BuildProjection;
-pub(super) use writes::{CommitProjection, RemoveProjection, SaveProjection};
+pub(super) use rebuild::{BuildProjection, extends, new_event};
+pub(super) use writes::{CommitProjection, RemoveProjection, SaveProjection, SkipEvent};
 
 pub(crate) const PROJECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("projections");
 pub(crate) const COMPONENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("components");
@@ -47,6 +55,12 @@ pub(crate) const SHADOW_EVENTS: TableDefinition<(u64, u64), &[u8]> =
     TableDefinition::new("projection_shadow_events");
 pub(crate) const SHADOW_LINKS: TableDefinition<(u64, u64), (&str, u64)> =
     TableDefinition::new("projection_shadow_links");
+pub(crate) const STREAM_OWNERS: TableDefinition<&str, &str> = TableDefinition::new("stream_owners");
+pub(crate) const OWNED_STREAMS: TableDefinition<(&str, &str), bool> =
+    TableDefinition::new("owned_streams");
+pub(crate) const PARKED: TableDefinition<(u64, u64), &[u8]> =
+    TableDefinition::new("projection_parked");
+pub(crate) const HELD: TableDefinition<(u64, &str), u64> = TableDefinition::new("projection_held");
 /// `meta` key: the next projection data id.
 pub(crate) const NEXT_DATA_ID: &str = "next_projection_data_id";
 
@@ -71,6 +85,21 @@ pub struct Building {
     pub definition: serde_json::Value,
 }
 
+/// The stream of links to the events a projection set aside.
+pub fn parked_stream(projection: &str) -> String {
+    format!("$projection-{projection}-parked")
+}
+
+/// An event a projection set aside instead of faulting (`on_error: skip` or `park`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkedEvent {
+    pub position: u64,
+    /// Why, as JSON: the store keeps it without reading it.
+    pub reason: Vec<u8>,
+    /// The partition the event holds from now on (`park`), if any.
+    pub holds: Option<String>,
+}
+
 /// What happens to a projection's rebuild.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BuildChange {
@@ -82,9 +111,11 @@ pub enum BuildChange {
     },
     /// Drops the build in progress; the live version carries on.
     Cancel,
-    /// The build with this data id becomes the live version; its emitted events and links go
-    /// to the real streams, the old version's data is dropped.
-    Switch { data: u64 },
+    /// The build with this data id becomes the live version and the old version's data is
+    /// dropped. With `keep_emitted` the streams the old version emitted to and linked into stay
+    /// as they are (and the build's own emits and links are dropped); otherwise they become what
+    /// the build emitted and linked.
+    Switch { data: u64, keep_emitted: bool },
 }
 
 /// How far a projection's data has got.
@@ -113,6 +144,8 @@ pub type RowChange = ((String, String), Option<Vec<u8>>);
 /// A batch's effects, committed atomically with its checkpoint.
 #[derive(Debug, Clone, Default)]
 pub struct ProjectionCommit {
+    /// The projection's name: it owns the streams it writes to.
+    pub projection: String,
     pub data: u64,
     /// The checkpoint the batch started from; the commit is refused if the data moved since
     /// (a reset, a delete, or another runner).
@@ -125,6 +158,8 @@ pub struct ProjectionCommit {
     pub emits: Vec<(String, NewEvent)>,
     /// (stream of links, position of the linked event), in order.
     pub links: Vec<(String, u64)>,
+    /// Events set aside instead of faulting, in order.
+    pub parked: Vec<ParkedEvent>,
     /// A rebuild's batch: emits and links are held in the shadow tables.
     pub shadow: bool,
 }
@@ -142,7 +177,12 @@ impl ProjectionCommit {
             .map(|((table, key), row)| table.len() + key.len() + row.as_ref().map_or(0, Vec::len))
             .sum();
         let emits: usize = self.emits.iter().map(|(_, event)| event.size()).sum();
-        states + rows + emits + self.links.len() * 16
+        let parked: usize = self
+            .parked
+            .iter()
+            .map(|parked| parked.reason.len() + 8)
+            .sum();
+        states + rows + emits + parked + self.links.len() * 16
     }
 }
 
@@ -157,6 +197,10 @@ pub(super) struct ProjectionTables<'txn> {
     pub sharders: Table<'txn, &'static str, &'static str>,
     pub shadow_events: Table<'txn, (u64, u64), &'static [u8]>,
     pub shadow_links: Table<'txn, (u64, u64), (&'static str, u64)>,
+    pub stream_owners: Table<'txn, &'static str, &'static str>,
+    pub owned_streams: Table<'txn, (&'static str, &'static str), bool>,
+    pub parked: Table<'txn, (u64, u64), &'static [u8]>,
+    pub held: Table<'txn, (u64, &'static str), u64>,
 }
 
 impl<'txn> ProjectionTables<'txn> {
@@ -171,7 +215,75 @@ impl<'txn> ProjectionTables<'txn> {
             sharders: txn.open_table(SHARDERS)?,
             shadow_events: txn.open_table(SHADOW_EVENTS)?,
             shadow_links: txn.open_table(SHADOW_LINKS)?,
+            stream_owners: txn.open_table(STREAM_OWNERS)?,
+            owned_streams: txn.open_table(OWNED_STREAMS)?,
+            parked: txn.open_table(PARKED)?,
+            held: txn.open_table(HELD)?,
         })
+    }
+
+    /// The projection that owns `stream`, if one does.
+    pub fn owner(&self, stream: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .stream_owners
+            .get(stream)?
+            .map(|owner| owner.value().to_owned()))
+    }
+
+    /// Makes `projection` the owner of `stream` (which no other projection owns).
+    pub fn claim(&mut self, projection: &str, stream: &str, links: bool) -> Result<(), StoreError> {
+        if self.stream_owners.get(stream)?.is_none() {
+            self.stream_owners.insert(stream, projection)?;
+            self.owned_streams.insert((projection, stream), links)?;
+        }
+        Ok(())
+    }
+
+    /// Gives each stored projection the streams its live data wrote to and no projection owns:
+    /// stores from before streams had owners.
+    pub fn claim_earlier_outputs(&mut self) -> Result<(), StoreError> {
+        if !self.owned_streams.is_empty()? {
+            return Ok(());
+        }
+        let mut claims = Vec::new();
+        for entry in self.projections.iter()? {
+            let (name, json) = entry?;
+            let stored: StoredProjection =
+                serde_json::from_slice(json.value()).map_err(StoreError::storage)?;
+            let parked = parked_stream(name.value());
+            for output in self
+                .outputs
+                .range((stored.data, "")..(stored.data + 1, ""))?
+            {
+                let (key, is_link) = output?;
+                let stream = key.value().1;
+                if stream != parked {
+                    claims.push((name.value().to_owned(), stream.to_owned(), is_link.value()));
+                }
+            }
+        }
+        for (projection, stream, is_link) in claims {
+            self.claim(&projection, &stream, is_link)?;
+        }
+        Ok(())
+    }
+
+    /// Gives up every stream `projection` owns.
+    pub fn release_all(&mut self, projection: &str) -> Result<(), StoreError> {
+        let mut owned = Vec::new();
+        for entry in self.owned_streams.range((projection, "")..)? {
+            let (key, _) = entry?;
+            let (owner, stream) = key.value();
+            if owner != projection {
+                break;
+            }
+            owned.push(stream.to_owned());
+        }
+        for stream in &owned {
+            self.stream_owners.remove(stream.as_str())?;
+            self.owned_streams.remove((projection, stream.as_str()))?;
+        }
+        Ok(())
     }
 
     pub fn save(&mut self, name: &str, stored: &StoredProjection) -> Result<(), StoreError> {
@@ -208,6 +320,10 @@ impl<'txn> ProjectionTables<'txn> {
             .retain_in((data, 0)..(data + 1, 0), |_, _| false)?;
         self.shadow_links
             .retain_in((data, 0)..(data + 1, 0), |_, _| false)?;
+        self.parked
+            .retain_in((data, 0)..(data + 1, 0), |_, _| false)?;
+        self.held
+            .retain_in((data, "")..(data + 1, ""), |_, _| false)?;
         Ok(outputs)
     }
 
@@ -236,6 +352,16 @@ pub struct ProjectionView {
     checkpoints: ReadOnlyTable<u64, (u64, u64, u64)>,
     states: ReadOnlyTable<(u64, &'static str), &'static [u8]>,
     rows: ReadOnlyTable<(u64, &'static str, &'static str), &'static [u8]>,
+    parked: ReadOnlyTable<(u64, u64), &'static [u8]>,
+    held: ReadOnlyTable<(u64, &'static str), u64>,
+}
+
+/// One page of keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPage {
+    pub keys: Vec<String>,
+    /// The key to continue after, when there may be more.
+    pub next: Option<String>,
 }
 
 /// One page of a table scan.
@@ -253,7 +379,76 @@ impl ProjectionView {
             checkpoints: txn.open_table(CHECKPOINTS)?,
             states: txn.open_table(STATES)?,
             rows: txn.open_table(ROWS)?,
+            parked: txn.open_table(PARKED)?,
+            held: txn.open_table(HELD)?,
         })
+    }
+
+    /// Why the event at `position` was set aside (JSON), if it was.
+    pub fn parked_reason(&self, position: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .parked
+            .get((self.data, position))?
+            .map(|reason| reason.value().to_vec()))
+    }
+
+    /// The partitions held behind a parked event: partition → that event's position.
+    pub fn held_partitions(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut held = Vec::new();
+        for entry in self.held.range((self.data, "")..(self.data + 1, ""))? {
+            let (key, position) = entry?;
+            held.push((key.value().1.to_owned(), position.value()));
+        }
+        Ok(held)
+    }
+
+    /// Partitions that have a state, whose key starts with `prefix`, after `after`, in order.
+    pub fn partitions(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<KeyPage, StoreError> {
+        let start = match after {
+            Some(after) if after >= prefix => after,
+            _ => prefix,
+        };
+        let mut keys = Vec::new();
+        for entry in self.states.range((self.data, start)..(self.data + 1, ""))? {
+            let (key, _) = entry?;
+            let key = key.value().1;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if Some(key) == after {
+                continue;
+            }
+            if keys.len() == limit {
+                let next = keys.last().cloned();
+                return Ok(KeyPage { keys, next });
+            }
+            keys.push(key.to_owned());
+        }
+        Ok(KeyPage { keys, next: None })
+    }
+
+    /// The names of the tables that hold rows, in order.
+    pub fn tables(&self) -> Result<Vec<String>, StoreError> {
+        let mut tables: Vec<String> = Vec::new();
+        loop {
+            // The smallest name after the last one found is that name followed by a NUL.
+            let from = tables.last().map(|last| format!("{last}\0"));
+            let from = from.as_deref().unwrap_or("");
+            let next = self
+                .rows
+                .range((self.data, from, "")..(self.data + 1, "", ""))?
+                .next()
+                .transpose()?;
+            match next {
+                Some((key, _)) => tables.push(key.value().1.to_owned()),
+                None => return Ok(tables),
+            }
+        }
     }
 
     /// The data id this view reads.

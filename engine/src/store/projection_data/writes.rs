@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use redb::ReadableTable;
 
-use super::{DataChange, ProjectionCommit, ProjectionTables, StoredProjection};
+use super::{DataChange, ProjectionCommit, ProjectionTables, StoredProjection, parked_stream};
 use crate::names::Name;
 use crate::store::record::EventRecord;
 use crate::store::writer::{Operation, Tables, Txn, Writes};
@@ -48,8 +48,10 @@ impl Operation for SaveProjection {
                             delete_outputs: true,
                         })
                     {
-                        writes.delete_outputs(outputs)?;
+                        writes.delete_outputs(&self.name, outputs)?;
                     }
+                    // The parked events' reasons went with the data.
+                    writes.remove_links_stream(&parked_stream(&self.name))?;
                 }
                 writes.new_data()?
             }
@@ -101,8 +103,11 @@ impl Operation for RemoveProjection {
         projections.projections.remove(self.name.as_str())?;
         projections.collect_components()?;
         if self.delete_outputs {
-            writes.delete_outputs(outputs)?;
+            writes.delete_outputs(&self.name, outputs)?;
         }
+        writes.remove_links_stream(&parked_stream(&self.name))?;
+        // The streams it kept stay (unless deleted above), owned by nobody.
+        writes.tables.projections_mut()?.release_all(&self.name)?;
         Ok(())
     }
 }
@@ -131,14 +136,35 @@ impl Operation for CommitProjection {
             }
         }
         check_outputs(txn.tables(), txn.log().next_position, commit)?;
+        if let Some(parked) = commit
+            .parked
+            .iter()
+            .find(|parked| parked.position >= commit.checkpoint.position)
+        {
+            return Err(StoreError::InvalidRequest(format!(
+                "cannot park position {}: the batch ends before it",
+                parked.position
+            )));
+        }
         let mut writes = txn.write();
         if commit.shadow {
             write_shadow(writes.tables.projections_mut()?, commit)?;
         } else {
             writes.write_outputs(commit)?;
+            writes.write_parked(commit)?;
         }
         let projections = writes.tables.projections_mut()?;
         let data = commit.data;
+        for parked in &commit.parked {
+            projections
+                .parked
+                .insert((data, parked.position), parked.reason.as_slice())?;
+            if let Some(partition) = &parked.holds {
+                projections
+                    .held
+                    .insert((data, partition.as_str()), parked.position)?;
+            }
+        }
         for (partition, state) in &commit.states {
             projections
                 .states
@@ -182,6 +208,56 @@ impl Operation for CommitProjection {
     }
 }
 
+/// Sets aside the event a projection faulted at, by hand: it is linked from the parked stream
+/// with `reason`, and the checkpoint moves past it. Answers the new checkpoint.
+pub(in crate::store) struct SkipEvent {
+    pub projection: String,
+    pub data: u64,
+    pub position: u64,
+    pub reason: Vec<u8>,
+}
+
+impl Operation for SkipEvent {
+    type Output = super::Checkpoint;
+
+    fn apply(&self, txn: &mut Txn<'_, '_>) -> Result<super::Checkpoint, StoreError> {
+        let stored = txn.tables().projections()?.checkpoints.get(self.data)?;
+        let Some((position, events_processed, events_emitted)) =
+            stored.map(|stored| stored.value())
+        else {
+            return Err(StoreError::InvalidRequest(
+                "the projection was reset or deleted".into(),
+            ));
+        };
+        if position != self.position {
+            return Err(StoreError::InvalidRequest(format!(
+                "the projection is at position {position}, not {}: only the event it stopped at \
+                 can be skipped",
+                self.position
+            )));
+        }
+        let next = super::Checkpoint {
+            position: position + 1,
+            events_processed,
+            events_emitted,
+        };
+        let stream = parked_stream(&self.projection);
+        let mut writes = txn.write();
+        writes.write_links([(stream.as_str(), self.position)])?;
+        let projections = writes.tables.projections_mut()?;
+        projections
+            .outputs
+            .insert((self.data, stream.as_str()), true)?;
+        projections
+            .parked
+            .insert((self.data, self.position), self.reason.as_slice())?;
+        projections
+            .checkpoints
+            .insert(self.data, (next.position, events_processed, events_emitted))?;
+        Ok(next)
+    }
+}
+
 /// Checks that every emitted event and link of a batch can be written.
 fn check_outputs(
     tables: &Tables,
@@ -207,6 +283,7 @@ fn check_outputs(
             return invalid(format!("cannot both emit and link to {stream}"));
         }
         check_emit_target(tables, stream)?;
+        check_owner(tables, &commit.projection, stream)?;
     }
     for (stream, position) in &commit.links {
         Name::Stream
@@ -223,8 +300,23 @@ fn check_outputs(
             ));
         }
         check_link_target(tables, stream)?;
+        check_owner(tables, &commit.projection, stream)?;
     }
     Ok(())
+}
+
+/// A projection writes only to streams no other projection owns.
+pub(super) fn check_owner(
+    tables: &Tables,
+    projection: &str,
+    stream: &str,
+) -> Result<(), StoreError> {
+    match tables.projections()?.owner(stream)? {
+        Some(owner) if owner != projection => Err(StoreError::InvalidRequest(format!(
+            "cannot write to {stream}: it belongs to projection {owner}"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// A stream can take emitted events unless it was tombstoned or holds links.
@@ -278,10 +370,21 @@ fn write_shadow(
         .next_back()
         .transpose()?
         .map_or(0, |(key, _)| key.value().1 + 1);
-    for (sequence, (stream, position)) in (next..).zip(&commit.links) {
+    let parked = parked_stream(&commit.projection);
+    let links = commit
+        .links
+        .iter()
+        .map(|(stream, position)| (stream.as_str(), *position))
+        .chain(
+            commit
+                .parked
+                .iter()
+                .map(|event| (parked.as_str(), event.position)),
+        );
+    for (sequence, (stream, position)) in (next..).zip(links) {
         projections
             .shadow_links
-            .insert((data, sequence), (stream.as_str(), *position))?;
+            .insert((data, sequence), (stream, position))?;
     }
     Ok(())
 }
@@ -327,10 +430,9 @@ impl Writes<'_, '_> {
             let events: Vec<NewEvent> =
                 rest[..run].iter().map(|(_, event)| event.clone()).collect();
             self.append(stream, ExpectedRevision::Any, &events)?;
-            self.tables
-                .projections_mut()?
-                .outputs
-                .insert((data, stream.as_str()), false)?;
+            let projections = self.tables.projections_mut()?;
+            projections.outputs.insert((data, stream.as_str()), false)?;
+            projections.claim(&commit.projection, stream, false)?;
             rest = &rest[run..];
         }
         if !commit.links.is_empty() {
@@ -338,22 +440,45 @@ impl Writes<'_, '_> {
             self.write_links(commit.links.iter().map(|(s, p)| (s.as_str(), *p)))?;
             for (stream, _) in &commit.links {
                 if recorded.insert(stream.as_str()) {
-                    self.tables
-                        .projections_mut()?
-                        .outputs
-                        .insert((data, stream.as_str()), true)?;
+                    let projections = self.tables.projections_mut()?;
+                    projections.outputs.insert((data, stream.as_str()), true)?;
+                    projections.claim(&commit.projection, stream, true)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Soft-deletes the streams a projection emitted to and removes its streams of links.
+    /// Links a live batch's parked events from the projection's parked stream.
+    fn write_parked(&mut self, commit: &ProjectionCommit) -> Result<(), StoreError> {
+        if commit.parked.is_empty() {
+            return Ok(());
+        }
+        let stream = parked_stream(&commit.projection);
+        self.write_links(
+            commit
+                .parked
+                .iter()
+                .map(|event| (stream.as_str(), event.position)),
+        )?;
+        self.tables
+            .projections_mut()?
+            .outputs
+            .insert((commit.data, stream.as_str()), true)?;
+        Ok(())
+    }
+
+    /// Soft-deletes the streams `projection` emitted to and removes its streams of links: those
+    /// of `outputs` it owns.
     pub(super) fn delete_outputs(
         &mut self,
+        projection: &str,
         outputs: Vec<(String, bool)>,
     ) -> Result<(), StoreError> {
         for (stream, is_link) in outputs {
+            if self.tables.projections()?.owner(&stream)?.as_deref() != Some(projection) {
+                continue;
+            }
             if is_link {
                 self.remove_links_stream(&stream)?;
             } else {
