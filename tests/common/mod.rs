@@ -256,7 +256,7 @@ pub fn guest(package: &str) -> Vec<u8> {
     std::fs::read(&file).unwrap_or_else(|error| panic!("{}: {error}", file.display()))
 }
 
-const GUESTS: [&str; 7] = [
+const GUESTS: [&str; 8] = [
     "order-summary",
     "event-counter",
     "shard-by-customer",
@@ -264,6 +264,7 @@ const GUESTS: [&str; 7] = [
     "fixture-spin",
     "fixture-balloon",
     "fixture-linker",
+    "fixture-notifier",
 ];
 
 impl Server {

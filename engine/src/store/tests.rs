@@ -712,3 +712,76 @@ async fn a_switch_that_cannot_write_its_streams_changes_nothing() {
         Err(StoreError::StreamDeleted(_))
     ));
 }
+
+/// What a replacing switch would rewrite: the streams whose events differ from the rebuilt
+/// version's (a stream it extends or leaves alone is not rewritten), and the events they get.
+#[tokio::test]
+async fn a_rewrite_preview_counts_the_streams_that_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    store
+        .append("order-1".into(), ExpectedRevision::Any, events(1))
+        .await
+        .unwrap();
+    let live = store
+        .save_projection(
+            "p".into(),
+            "c".repeat(64),
+            serde_json::json!({}),
+            Some(b"component".to_vec()),
+            DataChange::Fresh {
+                delete_outputs: false,
+            },
+        )
+        .await
+        .unwrap();
+    let commit = |data, shadow, emits: Vec<(&str, &str)>| ProjectionCommit {
+        projection: "p".into(),
+        data,
+        from: 0,
+        checkpoint: projection_data::Checkpoint {
+            position: 1,
+            events_processed: 1,
+            events_emitted: emits.len() as u64,
+        },
+        emits: emits
+            .into_iter()
+            .map(|(stream, event_type)| (stream.to_owned(), event(event_type)))
+            .collect(),
+        shadow,
+        ..ProjectionCommit::default()
+    };
+    store
+        .commit_projection(commit(
+            live,
+            false,
+            vec![("same", "A"), ("differs", "A"), ("longer", "A")],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(store.emitted_footprint("p").unwrap(), Some((3, 3)));
+    assert_eq!(store.rewrite_preview("p").unwrap(), None, "no rebuild");
+    let build = store
+        .build_projection(
+            "p".into(),
+            BuildChange::Start {
+                component: "c".repeat(64),
+                definition: serde_json::json!({}),
+                component_bytes: None,
+            },
+        )
+        .await
+        .unwrap();
+    let emits = vec![
+        ("same", "A"),
+        ("differs", "B"),
+        ("longer", "A"),
+        ("longer", "A"),
+        ("new", "A"),
+    ];
+    store
+        .commit_projection(commit(build, true, emits))
+        .await
+        .unwrap();
+    assert_eq!(store.rewrite_preview("p").unwrap(), Some((1, 1)));
+}
