@@ -247,9 +247,14 @@ async fn emitted_streams_follow_the_version_that_takes_over() {
     let (code, _) = server.get("/streams/notify-c0").await;
     assert_eq!(code, 404, "version 1 may not emit");
 
-    // Version 2 may emit: its notifications appear with the switch, once each.
+    // Version 2 may emit and replaces what was emitted: its notifications appear with the
+    // switch, once each.
     let (code, deployed) = server
-        .deploy("orders", guest("order-summary"), "?emit=true")
+        .deploy(
+            "orders",
+            guest("order-summary"),
+            "?emit=true&emitted=replace",
+        )
         .await;
     assert_eq!(code, 200, "{deployed}");
     let switched = server.caught_up("orders").await;
@@ -266,7 +271,9 @@ async fn emitted_streams_follow_the_version_that_takes_over() {
     assert_eq!(orders, expected);
 
     // Version 3 may not emit: the notifications go with version 2.
-    server.deploy("orders", guest("order-summary"), "").await;
+    server
+        .deploy("orders", guest("order-summary"), "?emitted=replace")
+        .await;
     let switched = server.caught_up("orders").await;
     assert_eq!(switched["version"], 3);
     let (code, _) = server.get("/streams/notify-c0").await;
@@ -402,7 +409,7 @@ async fn a_switch_that_cannot_write_its_streams_changes_nothing() {
 
     server.post("/projections/orders/stop", json!(null)).await;
     let (code, status) = server
-        .post("/projections/orders/rebuild", json!(null))
+        .post("/projections/orders/rebuild?emitted=replace", json!(null))
         .await;
     assert_eq!(code, 200, "{status}");
     let (code, body) = server.delete("/streams/notify-c2?hard=true").await;
