@@ -375,3 +375,81 @@ async fn group_commands() {
     let gone = refract(&server, &["group", "info", "jobs", "workers"], None);
     assert!(!gone.status.success());
 }
+
+/// `projection status` exits non-zero for a faulted projection; a replacing upgrade asks first
+/// and, without a terminal to ask on, refuses unless `--yes`.
+#[tokio::test(flavor = "multi_thread")]
+async fn projection_status_and_replacing_upgrades() {
+    let server = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let trap = dir.path().join("trap.wasm");
+    std::fs::write(&trap, common::guest("fixture-trap")).unwrap();
+    let summary = dir.path().join("summary.wasm");
+    std::fs::write(&summary, common::guest("order-summary")).unwrap();
+    let trap = trap.to_str().unwrap();
+    let summary = summary.to_str().unwrap();
+
+    stdout(&refract(
+        &server,
+        &["projection", "deploy", "t", trap],
+        None,
+    ));
+    server
+        .post("/streams/work-1", json!({"type": "Poison"}))
+        .await;
+    server.wait_status("t", "faulted").await;
+    let output = refract(&server, &["projection", "status", "t"], None);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("faulted"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("t is faulted"));
+
+    server
+        .post(
+            "/streams/order-1",
+            json!([{"type": "OrderPlaced", "data": {"customer_id": "c1", "total_cents": 1}},
+                   {"type": "OrderShipped"}]),
+        )
+        .await;
+    let deploy = ["projection", "deploy", "orders", summary, "--emit"];
+    stdout(&refract(&server, &deploy, None));
+    server.caught_up("orders").await;
+    let replace = [&deploy[..], &["--emitted", "replace"]].concat();
+    let output = refract(&server, &replace, None);
+    assert!(!output.status.success(), "no terminal, no --yes");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("emitted to 1 streams holding 1 events"),
+        "{stderr}"
+    );
+    assert_eq!(server.get("/projections/orders").await.1["version"], 1);
+    let yes = [&replace[..], &["--yes"]].concat();
+    stdout(&refract(&server, &yes, None));
+    assert_eq!(server.caught_up("orders").await["version"], 2);
+}
+
+/// Logs written to a file (or any non-terminal) carry no colour codes.
+#[test]
+fn logs_off_a_terminal_have_no_colours() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(common::BINARY)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    while !log.contains("refract is listening") {
+        let mut line = String::new();
+        assert_ne!(
+            std::io::BufRead::read_line(&mut stderr, &mut line).unwrap(),
+            0
+        );
+        log.push_str(&line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(!log.contains('\u{1b}'), "{log:?}");
+}

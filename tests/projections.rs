@@ -489,10 +489,14 @@ async fn bad_guests_fault_only_themselves() {
         let status = server.wait_status(name, "faulted").await;
         let fault = &status["fault"];
         assert_eq!(fault["position"], poison, "{name}: {status}");
+        let text = fault["message"].as_str().unwrap();
+        assert!(text.contains(message), "{name}: {status}");
+        // The event is named, as the SDK's error results name it, on one line.
         assert!(
-            fault["message"].as_str().unwrap().contains(message),
-            "{name}: {status}"
+            text.contains(&format!("Poison at position {poison} (0@work-2)")),
+            "{name}: {text}"
         );
+        assert!(!text.contains('\n'), "{name}: {text}");
         assert_eq!(
             status["position"], poison,
             "{name}: the events before it are kept"

@@ -519,3 +519,21 @@ fn fraction(position: u64, head: u64) -> f64 {
     let thousandths = (u128::from(position) * 1000 / u128::from(head)).min(999);
     thousandths as f64 / 1000.0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::fraction;
+
+    #[test]
+    fn progress_is_truncated_and_whole_only_at_the_head() {
+        assert_eq!(fraction(0, 0), 1.0);
+        assert_eq!(fraction(5, 5), 1.0);
+        assert_eq!(
+            fraction(999_999, 1_000_000),
+            0.999,
+            "not rounded up to 100%"
+        );
+        assert_eq!(fraction(1_234, 10_000), 0.123);
+        assert_eq!(fraction(u64::MAX - 1, u64::MAX), 0.999);
+    }
+}
