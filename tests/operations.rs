@@ -155,6 +155,11 @@ async fn openapi_document_matches_the_router() {
                 continue;
             }
             operations += 1;
+            // Without tokens the server takes none, and the document asks for none.
+            assert!(
+                operation.get("security").is_none(),
+                "{method} {path} asks for a token the server does not take"
+            );
             let responses = operation["responses"].as_object().unwrap();
             assert!(
                 !responses.is_empty(),

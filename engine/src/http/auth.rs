@@ -107,13 +107,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Puts every route of `router` behind `role`: its layer lets a request through only with a
-/// token of that role or above (when tokens are configured), and the document says so on each
-/// operation.
+/// token of that role or above. With tokens configured the document says so on each operation;
+/// without, the server takes no tokens (loopback clients only) and the document asks for none.
 pub fn guard(
     mut router: OpenApiRouter<AppState>,
     role: Role,
     tokens: &Arc<Tokens>,
 ) -> OpenApiRouter<AppState> {
+    if !tokens.is_empty() {
+        declare_role(&mut router, role);
+    }
+    router.route_layer(middleware::from_fn_with_state(
+        (tokens.clone(), role),
+        require_role,
+    ))
+}
+
+/// States on every operation of `router` that it needs a bearer token of `role`.
+fn declare_role(router: &mut OpenApiRouter<AppState>, role: Role) {
     let document = router.get_openapi_mut();
     let requirement = SecurityRequirement::new(SECURITY_SCHEME, [role.name()]);
     for item in document.paths.paths.values_mut() {
@@ -137,10 +148,6 @@ pub fn guard(
             SECURITY_SCHEME,
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
-    router.route_layer(middleware::from_fn_with_state(
-        (tokens.clone(), role),
-        require_role,
-    ))
 }
 
 /// The name of the bearer-token scheme in the OpenAPI document.
