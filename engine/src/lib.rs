@@ -32,3 +32,4 @@ pub mod sandbox;
 pub mod sharding;
 pub mod store;
 pub mod subscribe;
+pub mod wal;

@@ -22,7 +22,9 @@ use crate::client::{
 use crate::http::{ServeConfig, Tokens};
 use crate::sandbox::Sandbox;
 use crate::store::{CategoryPosition, IndexConfig};
-use crate::store::{ExpectedRevision, StoreOptions, default_cache_bytes};
+use crate::store::{
+    DEFAULT_CHECKPOINT_INTERVAL, ExpectedRevision, StoreOptions, default_cache_bytes,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -522,6 +524,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokens,
         store: StoreOptions {
             durable: !args.no_fsync,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             cache_bytes: args
                 .cache_mib
                 .map_or_else(default_cache_bytes, |mib| mib << 20),

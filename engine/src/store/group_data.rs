@@ -16,7 +16,7 @@ pub(crate) const PARKED_REASONS: TableDefinition<(&str, &str, u64), &str> =
     TableDefinition::new("group_parked_reasons");
 
 /// Messages to park: (position of the event, reason), each linked from the parked stream.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Parking {
     pub stream: String,
     pub group: String,
@@ -49,6 +49,7 @@ impl<'txn> GroupTables<'txn> {
 }
 
 /// Creates or replaces a group's record.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct SaveGroup {
     pub stream: String,
     pub group: String,
@@ -68,6 +69,7 @@ impl Operation for SaveGroup {
 }
 
 /// Removes a group's record, parking reasons and parked stream.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct RemoveGroup {
     pub stream: String,
     pub group: String,
@@ -92,6 +94,7 @@ impl Operation for RemoveGroup {
 
 /// Links each message from the parked stream and records why it was parked; durable when
 /// answered.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct ParkMessages {
     pub parking: Parking,
 }

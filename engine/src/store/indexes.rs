@@ -24,7 +24,7 @@ use super::{INDEX_CONFIG, LINKS_PER_CHUNK, StoreError, load_stream};
 use crate::metrics::RateMeter;
 
 /// A built-in index and the system projection that presents it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SystemIndex {
     ByCategory,
     ByCorrelationId,
@@ -434,6 +434,7 @@ impl Indexer {
 }
 
 /// Starts or stops an index.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct SetRunning {
     pub index: SystemIndex,
     pub running: bool,
@@ -456,6 +457,7 @@ impl Operation for SetRunning {
 }
 
 /// Drops an index's output streams; it then rebuilds them from position 0.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct Reset {
     pub index: SystemIndex,
 }
@@ -473,7 +475,9 @@ impl Operation for Reset {
 }
 
 /// Replaces the indexes' configuration.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct SetConfig {
+    #[serde(with = "super::logged::as_json")]
     pub config: IndexConfig,
 }
 

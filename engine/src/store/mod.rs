@@ -23,6 +23,7 @@
 
 pub(crate) mod group_data;
 pub(crate) mod indexes;
+mod logged;
 pub(crate) mod projection_data;
 mod read;
 pub(crate) mod record;
@@ -40,6 +41,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
+use crate::wal::Wal;
 use group_data::{GROUPS, PARKED_REASONS};
 use projection_data::{COMPONENTS, PROJECTIONS, SHARDERS};
 // The types the `Store` handle's methods take and give.
@@ -64,6 +66,8 @@ const PAGE_BYTES: u64 = 4096;
 pub(crate) const LINKS_PER_CHUNK: u64 = 64;
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(crate) const NEXT_STREAM_ID: &str = "next_stream_id";
+/// The last write-ahead log entry the database holds.
+pub(crate) const WAL_APPLIED: &str = "wal_applied";
 /// Streams created by clients' writes, as opposed to the indexes' output streams.
 pub(crate) const CLIENT_STREAMS: &str = "client_streams";
 pub(crate) const INDEX_CURSORS: TableDefinition<&str, (bool, u64)> =
@@ -73,6 +77,10 @@ pub(crate) const INDEX_CONFIG: &str = "index_config";
 
 /// The name of the database file inside the data directory.
 pub const DATABASE_FILE: &str = "refract.redb";
+/// How often a store makes its database durable unless told otherwise.
+pub const DEFAULT_CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+/// The write-ahead log's directory in the data directory.
+pub const WAL_DIR: &str = "wal";
 
 /// Largest event (type, data and metadata together) the store accepts.
 pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
@@ -80,7 +88,7 @@ pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
 pub const MAX_EVENT_TYPE_BYTES: usize = 1024;
 
 /// How a write states what it expects the stream to look like.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum ExpectedRevision {
     #[default]
     Any,
@@ -136,7 +144,7 @@ impl std::fmt::Display for ExpectedRevision {
 
 /// An event to append. `data` is JSON text unless `binary`; `metadata` is a JSON object's text
 /// or empty.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewEvent {
     pub id: Uuid,
     pub event_type: String,
@@ -252,9 +260,12 @@ impl_from_redb!(
 
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// Fsync every commit before acknowledging it. Turning this off trades the last moments of
-    /// writes on a power loss for throughput; the database itself stays consistent either way.
+    /// Sync the write-ahead log before acknowledging a write. Turning this off trades the last
+    /// moments of writes on a power loss for throughput; the store stays consistent either way.
     pub durable: bool,
+    /// How often the database is made durable (a checkpoint), which bounds the log replayed
+    /// when the store opens.
+    pub checkpoint_interval: std::time::Duration,
     /// Memory for redb's page cache.
     pub cache_bytes: usize,
     /// Save redb's allocator state with every commit (and commit in two phases), so that opening
@@ -286,6 +297,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             durable: true,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             cache_bytes: default_cache_bytes(),
             quick_repair: false,
             index_batch: 100_000,
@@ -326,17 +338,34 @@ impl Store {
                 .create(&path)?,
         );
         let recovered = writer::initialize(&db, &options)?;
+        let wal_dir = data_dir.join(WAL_DIR);
+        let wal = Wal::open(&wal_dir, recovered.wal_applied + 1).map_err(|error| {
+            StoreError::Storage(format!(
+                "cannot open the log in {}: {error}",
+                wal_dir.display()
+            ))
+        })?;
         let (head_sender, head) = watch::channel(recovered.next_position);
         let (requests, queue) = mpsc::channel(writer::QUEUE_CAPACITY);
         let index_progress = Arc::new(Mutex::new([IndexProgress::default(); 4]));
-        let writer = writer::Writer::new(
+        let mut writer = writer::Writer::new(
             db.clone(),
             options,
             metrics,
             head_sender,
             recovered,
             index_progress.clone(),
+            wal,
         );
+        let started = std::time::Instant::now();
+        let replayed = writer.replay()?;
+        if replayed > 0 {
+            tracing::info!(
+                entries = replayed,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "replayed the write-ahead log"
+            );
+        }
         let writer_thread = std::thread::Builder::new()
             .name("refract-writer".into())
             .spawn(move || writer.run(queue))

@@ -8,6 +8,7 @@ use super::StoreError;
 use super::writer::{Operation, Txn};
 
 /// Stores a sharder's component under its name, replacing the one it had.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct SaveSharder {
     pub name: String,
     pub component: String,
@@ -40,6 +41,7 @@ impl Operation for SaveSharder {
     }
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct RemoveSharder {
     pub name: String,
 }

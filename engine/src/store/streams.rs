@@ -11,6 +11,7 @@ use super::{
     AppendOutcome, CLIENT_STREAMS, ExpectedRevision, NewEvent, StoreError, StreamMetadata,
 };
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct Append {
     pub stream: String,
     pub expected: ExpectedRevision,
@@ -38,8 +39,10 @@ impl Operation for Append {
     }
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct SetMetadata {
     pub stream: String,
+    #[serde(with = "super::logged::as_json")]
     pub metadata: StreamMetadata,
 }
 
@@ -66,6 +69,7 @@ impl Operation for SetMetadata {
     }
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct Delete {
     pub stream: String,
     pub expected: ExpectedRevision,

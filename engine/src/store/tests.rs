@@ -785,3 +785,120 @@ async fn a_rewrite_preview_counts_the_streams_that_differ() {
         .unwrap();
     assert_eq!(store.rewrite_preview("p").unwrap(), Some((1, 1)));
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for item in std::fs::read_dir(from).unwrap() {
+        let item = item.unwrap();
+        let target = to.join(item.file_name());
+        if item.file_type().unwrap().is_dir() {
+            copy_dir(&item.path(), &target);
+        } else {
+            std::fs::copy(item.path(), target).unwrap();
+        }
+    }
+}
+
+fn all_events(store: &Store) -> Vec<(u64, String, u64, Uuid, i64)> {
+    let filter = AllFilter {
+        stream_prefixes: Vec::new(),
+        type_prefixes: Vec::new(),
+        include_system: true,
+    };
+    store
+        .read_all(None, Direction::Forward, 4096, &filter)
+        .unwrap()
+        .events
+        .into_iter()
+        .map(|event| {
+            (
+                event.position,
+                event.stream,
+                event.revision,
+                event.id,
+                event.created_ms,
+            )
+        })
+        .collect()
+}
+
+/// What `kill -9` leaves once the log is synced but before a checkpoint: the log holds every
+/// acknowledged write, the database only its last durable commit. Opening replays the log, and
+/// the writes come back with the positions, revisions, times and outcomes they were answered
+/// with; rejected requests stay rejected, and numbering goes on where it left off.
+#[tokio::test]
+async fn opening_replays_the_log_past_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let options = StoreOptions {
+        checkpoint_interval: std::time::Duration::from_secs(3600),
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&data, options, Arc::new(Metrics::new())).unwrap();
+    for n in 0..20 {
+        store
+            .append(format!("order-{}", n % 4), ExpectedRevision::Any, events(3))
+            .await
+            .unwrap();
+    }
+    let conflict = store
+        .append("order-0".into(), ExpectedRevision::Exact(2), events(1))
+        .await;
+    assert!(matches!(
+        conflict,
+        Err(StoreError::WrongExpectedRevision { .. })
+    ));
+    let metadata = StreamMetadata {
+        max_count: Some(5),
+        ..StreamMetadata::default()
+    };
+    store
+        .set_metadata("order-1".into(), metadata.clone())
+        .await
+        .unwrap();
+    store
+        .delete("order-2".into(), ExpectedRevision::Any, false)
+        .await
+        .unwrap();
+    store
+        .delete("order-3".into(), ExpectedRevision::Any, true)
+        .await
+        .unwrap();
+    let answered = all_events(&store);
+    assert_eq!(answered.len(), 60);
+
+    let crashed = dir.path().join("crashed");
+    copy_dir(&data, &crashed);
+    {
+        // The database alone has none of it: without the log, all of it would be lost.
+        let db = Database::open(crashed.join(DATABASE_FILE)).unwrap();
+        let txn = db.begin_read().unwrap();
+        assert_eq!(txn.open_table(LOG).unwrap().len().unwrap(), 0);
+    }
+
+    let reopened = open(&crashed);
+    assert_eq!(all_events(&reopened), answered);
+    assert_eq!(reopened.head(), 60);
+    assert_eq!(reopened.metadata("order-1").unwrap(), Some(metadata));
+    assert!(matches!(
+        read(&reopened, "order-2"),
+        Err(StoreError::StreamNotFound(_))
+    ));
+    assert!(matches!(
+        read(&reopened, "order-3"),
+        Err(StoreError::StreamDeleted(_))
+    ));
+    let next = reopened
+        .append("order-0".into(), ExpectedRevision::Exact(14), events(1))
+        .await
+        .unwrap();
+    assert_eq!((next.first_revision, next.first_position), (15, 60));
+    reopened.shutdown().await;
+    drop(reopened);
+
+    // A clean shutdown checkpoints: the database alone holds everything.
+    let db = Database::open(crashed.join(DATABASE_FILE)).unwrap();
+    let txn = db.begin_read().unwrap();
+    assert_eq!(txn.open_table(LOG).unwrap().len().unwrap(), 61);
+    store.shutdown().await;
+}

@@ -14,8 +14,16 @@
 //!   failure is its answer and nothing of it commits.
 //!
 //! So "a rejected request writes nothing" holds by construction, not by each operation's care.
-//! A failure of the commit itself fails every operation of the batch: nothing of it is visible,
-//! nothing is acknowledged.
+//!
+//! Durability comes from the write-ahead log, not from redb: a batch is first written to the log
+//! as one entry (its operations and the time it is stamped with) and synced, then applied to redb
+//! in a non-durable commit, which readers see at once, then answered. Every checkpoint interval
+//! an empty durable redb commit makes everything applied so far durable
+//! (each commit records the last entry it applied), and the log's segments before it are
+//! dropped. Opening replays the entries past that record; applying is deterministic, so they
+//! give the same state and answers as the first time. A failure to write the log or to apply an
+//! entry already in it stops the writer: the outcome of what it held is whatever the log holds
+//! when the store is opened again.
 
 use std::cell::OnceCell;
 use std::sync::{Arc, Mutex};
@@ -29,23 +37,27 @@ use super::group_data::GroupTables;
 use super::indexes::{
     CursorTable, IndexConfig, IndexProgress, IndexTables, Indexer, set_index_config,
 };
+use super::logged::{self, CommandRef, Logged};
 use super::projection_data::ProjectionTables;
 use super::record::StreamState;
 use super::{
     INDEX_CONFIG, INDEX_CURSORS, LINKS, LOG, META, NEXT_STREAM_ID, SETTINGS, STREAM_INDEX, STREAMS,
-    StoreError, StoreOptions, load_stream,
+    StoreError, StoreOptions, WAL_APPLIED, load_stream,
 };
 use crate::metrics::Metrics;
+use crate::wal::Wal;
 
 /// Operations waiting for the writer; senders wait when it is full, which is the backpressure.
 pub(super) const QUEUE_CAPACITY: usize = 8192;
 /// A batch stops taking queued operations once it holds this many payload bytes.
 const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
-/// With fsync turned off, still make the database durable this often.
-const NON_DURABLE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// Log bytes that make a checkpoint due before its interval is over.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// The term entries are written in, until the log is replicated.
+const TERM: u64 = 1;
 
 /// A change the writer makes inside a batch's transaction.
-pub(super) trait Operation: Send + 'static {
+pub(super) trait Operation: Logged + Send + 'static {
     type Output: Send + 'static;
 
     /// Reads and checks through `txn.tables()`, then writes after `txn.write()`.
@@ -87,8 +99,18 @@ pub(super) fn queue<O: Operation>(
     (Queued::Operation(Box::new(pending)), answer)
 }
 
+/// An operation as a job whose answer nobody waits for: an entry replayed from the log.
+pub(super) fn unanswered<O: Operation>(operation: O) -> Box<dyn Job> {
+    match queue(operation).0 {
+        Queued::Operation(job) => job,
+        Queued::Shutdown(_) => unreachable!("queue makes operations"),
+    }
+}
+
 /// An operation of any output type, as the batch loop handles it.
 pub(super) trait Job: Send {
+    /// The operation as the log holds it.
+    fn command(&self) -> CommandRef<'_>;
     fn payload_bytes(&self) -> usize;
     fn needs_fsync(&self) -> bool;
     fn is_append(&self) -> bool;
@@ -110,6 +132,10 @@ struct Pending<O: Operation> {
 }
 
 impl<O: Operation> Job for Pending<O> {
+    fn command(&self) -> CommandRef<'_> {
+        self.operation.command()
+    }
+
     fn payload_bytes(&self) -> usize {
         self.operation.payload_bytes()
     }
@@ -317,6 +343,8 @@ pub(super) struct Recovered {
     pub next_position: u64,
     pub next_stream_id: u64,
     pub indexer: Indexer,
+    /// The last log entry the database holds.
+    pub wal_applied: u64,
 }
 
 /// Creates the tables of a new store and reads what the writer continues from. A `config` that
@@ -331,6 +359,10 @@ pub(super) fn initialize(db: &Database, options: &StoreOptions) -> Result<Recove
             .last()?
             .map_or(0, |(position, _)| position.value() + 1);
         let next_stream_id = tables.meta.get(NEXT_STREAM_ID)?.map_or(0, |id| id.value());
+        let wal_applied = tables
+            .meta
+            .get(WAL_APPLIED)?
+            .map_or(0, |index| index.value());
         let stored_config = match tables.settings.get(INDEX_CONFIG)? {
             Some(json) => serde_json::from_slice(json.value()).map_err(StoreError::storage)?,
             None => IndexConfig::default(),
@@ -347,6 +379,7 @@ pub(super) fn initialize(db: &Database, options: &StoreOptions) -> Result<Recove
             next_position,
             next_stream_id,
             indexer,
+            wal_applied,
         }
     };
     txn.commit()?;
@@ -361,7 +394,20 @@ pub(super) struct Writer {
     log: LogState,
     /// Where status queries read the indexes' progress.
     index_progress: Arc<Mutex<[IndexProgress; 4]>>,
-    last_durable_commit: Instant,
+    wal: Wal,
+    /// The last log entry applied to redb, and the one being applied.
+    applied_index: u64,
+    /// The last log entry redb holds durably.
+    durable_index: u64,
+    last_checkpoint: Instant,
+    /// Whether anything was committed since the last checkpoint.
+    committed_since_checkpoint: bool,
+    /// Log bytes written since the last checkpoint.
+    bytes_since_checkpoint: u64,
+    /// Why the writer stopped taking operations: the log or redb failed with an entry in flight.
+    stopped: Option<String>,
+    /// Reused to encode entries.
+    entry_buffer: Vec<u8>,
 }
 
 /// Why a transaction did not commit.
@@ -380,6 +426,7 @@ impl Writer {
         head: watch::Sender<u64>,
         recovered: Recovered,
         index_progress: Arc<Mutex<[IndexProgress; 4]>>,
+        wal: Wal,
     ) -> Self {
         let mut writer = Writer {
             db,
@@ -394,10 +441,47 @@ impl Writer {
                 record_buffer: Vec::new(),
             },
             index_progress,
-            last_durable_commit: Instant::now(),
+            wal,
+            applied_index: recovered.wal_applied,
+            durable_index: recovered.wal_applied,
+            last_checkpoint: Instant::now(),
+            committed_since_checkpoint: false,
+            bytes_since_checkpoint: 0,
+            stopped: None,
+            entry_buffer: Vec::new(),
         };
         writer.publish_index_progress();
         writer
+    }
+
+    /// Applies the log's entries that redb does not hold yet, then makes them durable.
+    pub(super) fn replay(&mut self) -> Result<u64, StoreError> {
+        if self.wal.next_index() <= self.applied_index {
+            // The log lost entries redb holds (it was not synced before a checkpoint, or was
+            // removed): numbering goes on after what redb holds.
+            self.wal
+                .reset(self.applied_index + 1)
+                .map_err(|error| StoreError::Storage(format!("cannot reset the log: {error}")))?;
+        }
+        let entries = self
+            .wal
+            .read_from(self.applied_index + 1)
+            .map_err(|error| StoreError::Storage(format!("cannot read the log: {error}")))?;
+        let replayed = entries.len() as u64;
+        for entry in entries {
+            let (now_ms, batch) = logged::decode(&entry.payload).map_err(|error| {
+                StoreError::Storage(format!("log entry {} cannot be read: {error}", entry.index))
+            })?;
+            self.apply(entry.index, now_ms, batch);
+            if let Some(reason) = &self.stopped {
+                return Err(StoreError::Storage(reason.clone()));
+            }
+        }
+        self.checkpoint(true);
+        match &self.stopped {
+            Some(reason) => Err(StoreError::Storage(reason.clone())),
+            None => Ok(replayed),
+        }
     }
 
     pub(super) fn run(mut self, mut queue: mpsc::Receiver<Queued>) {
@@ -435,18 +519,104 @@ impl Writer {
                 }
             }
             if shutdown.is_none() || !batch.is_empty() {
-                self.commit(std::mem::take(&mut batch), shutdown.is_some());
+                self.commit(std::mem::take(&mut batch));
             }
             if let Some(reply) = shutdown {
-                if !self.options.durable || self.log.indexer.behind(self.log.next_position) {
-                    // Non-durable commits only reach the disk with a later durable one.
-                    if let Err(error) = self.commit_empty_durably() {
-                        tracing::error!(%error, "final durable commit failed");
-                    }
-                }
+                self.checkpoint(true);
                 let _ = reply.send(());
                 return;
             }
+        }
+    }
+
+    /// Logs a batch as one entry, syncs it (unless fsync is off or nothing in it asks), applies
+    /// it, answers it, and checkpoints when one is due. An empty batch lets the indexes catch up.
+    pub(super) fn commit(&mut self, batch: Vec<Box<dyn Job>>) {
+        if let Some(reason) = &self.stopped {
+            for job in batch {
+                job.fail(StoreError::Storage(reason.clone()));
+            }
+            return;
+        }
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_millis() as i64);
+        if batch.is_empty() {
+            self.log.now_ms = now_ms;
+            self.commit_together(batch);
+        } else {
+            match self.log_entry(now_ms, &batch) {
+                Ok(index) => self.apply(index, now_ms, batch),
+                Err(error) => {
+                    let reason = format!(
+                        "the write-ahead log failed ({error}); the store takes no writes until \
+                         it is opened again"
+                    );
+                    tracing::error!(%reason);
+                    for job in batch {
+                        job.fail(StoreError::Storage(reason.clone()));
+                    }
+                    self.stopped = Some(reason);
+                    return;
+                }
+            }
+        }
+        self.checkpoint(false);
+    }
+
+    /// Writes the batch to the log, synced when its answers need it; answers the entry's index.
+    fn log_entry(&mut self, now_ms: i64, batch: &[Box<dyn Job>]) -> Result<u64, StoreError> {
+        logged::encode(now_ms, batch, &mut self.entry_buffer)?;
+        let index = self
+            .wal
+            .append(TERM, &self.entry_buffer)
+            .map_err(StoreError::storage)?;
+        self.bytes_since_checkpoint += self.entry_buffer.len() as u64;
+        if self.options.durable && batch.iter().any(|job| job.needs_fsync()) {
+            self.wal.sync().map_err(StoreError::storage)?;
+        }
+        Ok(index)
+    }
+
+    /// Applies a logged batch. Operations that poison it are taken out; the rest commit
+    /// together, then each poisoning operation gets a transaction of its own.
+    fn apply(&mut self, index: u64, now_ms: i64, batch: Vec<Box<dyn Job>>) {
+        self.applied_index = index;
+        self.log.now_ms = now_ms;
+        let poisoned = self.commit_together(batch);
+        for job in poisoned {
+            for again in self.commit_together(vec![job]) {
+                // It failed alone too: nothing of it was committed, its error is the answer.
+                again.answer();
+            }
+        }
+    }
+
+    /// Makes redb durable up to the last applied entry, when due (or `force`d), and drops the
+    /// log segments it no longer needs.
+    fn checkpoint(&mut self, force: bool) {
+        let due = self.last_checkpoint.elapsed() >= self.options.checkpoint_interval
+            || self.bytes_since_checkpoint >= CHECKPOINT_BYTES;
+        if self.stopped.is_some() || !(force || (due && self.committed_since_checkpoint)) {
+            return;
+        }
+        // The log first: after a power cut it must not end before what redb holds.
+        let result = self
+            .wal
+            .sync()
+            .map_err(StoreError::storage)
+            .and_then(|()| self.commit_empty_durably());
+        if let Err(error) = result {
+            tracing::error!(%error, "checkpoint failed; the log keeps what it holds");
+            self.last_checkpoint = Instant::now();
+            return;
+        }
+        self.last_checkpoint = Instant::now();
+        self.committed_since_checkpoint = false;
+        self.bytes_since_checkpoint = 0;
+        self.durable_index = self.applied_index;
+        if let Err(error) = self.wal.purge_before(self.durable_index + 1) {
+            tracing::warn!(%error, "cannot drop old log segments");
         }
     }
 
@@ -457,29 +627,13 @@ impl Writer {
         Ok(())
     }
 
-    /// Commits a batch. Operations that poison it are taken out; the rest commit together, then
-    /// each poisoning operation gets a transaction of its own.
-    fn commit(&mut self, batch: Vec<Box<dyn Job>>, force_durable: bool) {
-        let poisoned = self.commit_together(batch, force_durable);
-        for job in poisoned {
-            for again in self.commit_together(vec![job], force_durable) {
-                // It failed alone too: nothing of it was committed, its error is the answer.
-                again.answer();
-            }
-        }
-    }
-
     /// Commits the batch without the operations that poison it, which it returns unanswered.
-    fn commit_together(
-        &mut self,
-        mut batch: Vec<Box<dyn Job>>,
-        force_durable: bool,
-    ) -> Vec<Box<dyn Job>> {
+    fn commit_together(&mut self, mut batch: Vec<Box<dyn Job>>) -> Vec<Box<dyn Job>> {
         let mut poisoned = Vec::new();
         loop {
             let started = Instant::now();
             let rewind = self.log.rewind_point();
-            match self.write(&mut batch, force_durable) {
+            match self.write(&mut batch) {
                 Ok(()) => {
                     self.committed(&batch, rewind.next_position, started);
                     for job in batch {
@@ -496,22 +650,32 @@ impl Writer {
                 }
                 Err(Failure::Storage(error)) => {
                     self.log.rewind(rewind);
-                    tracing::error!(%error, requests = batch.len(), "commit failed; the batch is rejected");
-                    let index_only = batch.is_empty();
-                    for job in batch {
-                        job.fail(StoreError::Storage(error.to_string()));
-                    }
-                    if index_only {
-                        // An index-only commit failed: do not spin on it.
+                    if batch.is_empty() {
+                        // An index-only commit failed: nothing was logged; do not spin on it.
+                        tracing::error!(%error, "index commit failed");
                         std::thread::sleep(Duration::from_millis(100));
+                        return poisoned;
                     }
-                    return poisoned;
+                    // The entry is in the log but not in redb: applying later entries would
+                    // answer from a state that replay will not see.
+                    let reason = format!(
+                        "applying log entry {} failed ({error}); the store takes no writes until \
+                         it is opened again",
+                        self.applied_index
+                    );
+                    tracing::error!(%reason);
+                    for job in batch.into_iter().chain(poisoned) {
+                        job.fail(StoreError::Storage(reason.clone()));
+                    }
+                    self.stopped = Some(reason);
+                    return Vec::new();
                 }
             }
         }
     }
 
     fn committed(&mut self, batch: &[Box<dyn Job>], position_before: u64, started: Instant) {
+        self.committed_since_checkpoint = true;
         let events = self.log.next_position - position_before;
         if !batch.is_empty() {
             let appends = batch
@@ -533,22 +697,13 @@ impl Writer {
         *self.index_progress.lock().expect("index progress lock") = progress;
     }
 
-    /// Runs the batch in one transaction, then lets the indexes catch up in the same one.
-    fn write(&mut self, batch: &mut [Box<dyn Job>], force_durable: bool) -> Result<(), Failure> {
+    /// Runs the batch in one non-durable transaction (the log made it durable), then lets the
+    /// indexes catch up in the same one.
+    fn write(&mut self, batch: &mut [Box<dyn Job>]) -> Result<(), Failure> {
         let mut txn = self.db.begin_write().map_err(storage_failure)?;
         txn.set_quick_repair(self.options.quick_repair);
-        // Index-only commits need no fsync of their own: links and checkpoints commit together,
-        // so a crash merely rewinds an index to its last durable checkpoint.
-        let durable = (self.options.durable && batch.iter().any(|job| job.needs_fsync()))
-            || force_durable
-            || self.last_durable_commit.elapsed() >= NON_DURABLE_SYNC_INTERVAL;
-        if !durable {
-            txn.set_durability(Durability::None)
-                .map_err(|error| Failure::Storage(StoreError::storage(error)))?;
-        }
-        self.log.now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_millis() as i64);
+        txn.set_durability(Durability::None)
+            .map_err(|error| Failure::Storage(StoreError::storage(error)))?;
         let position_before = self.log.next_position;
         let stream_id_before = self.log.next_stream_id;
         let mut bytes_written = 0u64;
@@ -587,11 +742,14 @@ impl Writer {
                     .insert(NEXT_STREAM_ID, self.log.next_stream_id)
                     .map_err(storage_failure)?;
             }
+            if !batch.is_empty() {
+                tables
+                    .meta
+                    .insert(WAL_APPLIED, self.applied_index)
+                    .map_err(storage_failure)?;
+            }
         }
         txn.commit().map_err(storage_failure)?;
-        if durable {
-            self.last_durable_commit = Instant::now();
-        }
         self.metrics.record_bytes_written(bytes_written);
         Ok(())
     }
@@ -602,14 +760,15 @@ fn storage_failure(error: impl Into<StoreError>) -> Failure {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use redb::ReadableTableMetadata;
 
     use crate::store::{ExpectedRevision, NewEvent};
 
     /// Writes a row, then fails: the kind of operation the poisoning exists for.
-    struct WritesThenFails;
+    #[derive(serde::Serialize, serde::Deserialize)]
+    pub(in crate::store) struct WritesThenFails;
 
     impl Operation for WritesThenFails {
         type Output = ();
@@ -626,7 +785,8 @@ mod tests {
     }
 
     /// Fails before writing: a plain rejection.
-    struct Refused;
+    #[derive(serde::Serialize, serde::Deserialize)]
+    pub(in crate::store) struct Refused;
 
     impl Operation for Refused {
         type Output = ();
@@ -663,6 +823,7 @@ mod tests {
             head,
             recovered,
             Arc::new(Mutex::new([IndexProgress::default(); 4])),
+            Wal::open(&dir.path().join("wal"), 1).unwrap(),
         );
         let append = |stream: &str| {
             queue(crate::store::streams::Append {
@@ -682,7 +843,7 @@ mod tests {
                 Queued::Shutdown(_) => unreachable!(),
             })
             .collect();
-        writer.commit(batch, false);
+        writer.commit(batch);
 
         fn answer<T>(mut receiver: oneshot::Receiver<Result<T, StoreError>>) -> Result<T, String> {
             receiver

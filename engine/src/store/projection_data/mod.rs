@@ -91,7 +91,7 @@ pub fn parked_stream(projection: &str) -> String {
 }
 
 /// An event a projection set aside instead of faulting (`on_error: skip` or `park`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ParkedEvent {
     pub position: u64,
     /// Why, as JSON: the store keeps it without reading it.
@@ -101,11 +101,12 @@ pub struct ParkedEvent {
 }
 
 /// What happens to a projection's rebuild.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum BuildChange {
     /// Starts building this version from position 0 (dropping a build in progress).
     Start {
         component: String,
+        #[serde(with = "crate::store::logged::as_json")]
         definition: serde_json::Value,
         component_bytes: Option<Vec<u8>>,
     },
@@ -119,7 +120,7 @@ pub enum BuildChange {
 }
 
 /// How far a projection's data has got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Checkpoint {
     /// Every event below this position has been processed.
     pub position: u64,
@@ -129,7 +130,7 @@ pub struct Checkpoint {
 }
 
 /// What happens to a projection's data when its definition is saved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DataChange {
     /// The data stays (a settings change, or new code continuing from the checkpoint).
     Keep,
@@ -142,7 +143,7 @@ pub enum DataChange {
 pub type RowChange = ((String, String), Option<Vec<u8>>);
 
 /// A batch's effects, committed atomically with its checkpoint.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ProjectionCommit {
     /// The projection's name: it owns the streams it writes to.
     pub projection: String,

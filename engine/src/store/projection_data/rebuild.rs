@@ -12,6 +12,7 @@ use crate::store::writer::{Operation, Tables, Txn, Writes};
 use crate::store::{ExpectedRevision, NewEvent, StoreError, visible_events};
 
 /// Starts, cancels or switches in a projection's rebuild; answers the data id it concerns.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(in crate::store) struct BuildProjection {
     pub name: String,
     pub change: BuildChange,

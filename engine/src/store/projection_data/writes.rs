@@ -12,9 +12,11 @@ use crate::store::writer::{Operation, Tables, Txn, Writes};
 use crate::store::{ExpectedRevision, NewEvent, StoreError};
 
 /// Creates or replaces a projection's definition; answers the id its data lives under.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(in crate::store) struct SaveProjection {
     pub name: String,
     pub component: String,
+    #[serde(with = "crate::store::logged::as_json")]
     pub definition: serde_json::Value,
     /// The component's bytes, when it may not be stored yet.
     pub component_bytes: Option<Vec<u8>>,
@@ -79,6 +81,7 @@ impl Operation for SaveProjection {
 }
 
 /// Removes a projection and its data; with `delete_outputs` also the streams it wrote.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(in crate::store) struct RemoveProjection {
     pub name: String,
     pub delete_outputs: bool,
@@ -113,6 +116,7 @@ impl Operation for RemoveProjection {
 }
 
 /// A projection's batch: its effects and checkpoint, all or nothing.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(in crate::store) struct CommitProjection {
     pub commit: ProjectionCommit,
 }
@@ -210,6 +214,7 @@ impl Operation for CommitProjection {
 
 /// Sets aside the event a projection faulted at, by hand: it is linked from the parked stream
 /// with `reason`, and the checkpoint moves past it. Answers the new checkpoint.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(in crate::store) struct SkipEvent {
     pub projection: String,
     pub data: u64,

@@ -1,0 +1,551 @@
+//! The write-ahead log: a segmented, preallocated, checksummed sequence of entries, each one
+//! batch of the writer, numbered by `index` and stamped with the `term` it was written in.
+//!
+//! An entry on disk is a 24-byte header — payload length, CRC-32 of everything after the CRC,
+//! term, index — then the payload. Segments are files named by their first index and made full
+//! size when created, so appending overwrites allocated space and `fdatasync` flushes data
+//! only. Reading stops at the first entry whose length is zero, whose checksum fails or whose
+//! index is not the next one: a torn tail was never synced, so never acknowledged. Opening cuts
+//! the log there and clears what lies past it, so stale bytes can never pass for entries later.
+//!
+//! The log can also drop entries after an index (a follower's conflicting tail), drop segments
+//! before one (once the database holds them durably) and keep a vote: what a replicated log
+//! needs from its storage.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Bytes of a segment when created; an entry larger than that gets a segment of its own size.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+const HEADER_BYTES: usize = 24;
+const SEGMENT_SUFFIX: &str = ".wal";
+const VOTE_FILE: &str = "vote";
+
+/// One entry, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub term: u64,
+    pub index: u64,
+    pub payload: Vec<u8>,
+}
+
+struct Segment {
+    first_index: u64,
+    path: PathBuf,
+    file: File,
+    /// Where the next entry goes (the end of the last entry in it).
+    end: u64,
+    capacity: u64,
+    /// Whether bytes were written since its last sync.
+    dirty: bool,
+}
+
+/// The log in a directory of its own.
+pub struct Wal {
+    dir: PathBuf,
+    /// Oldest first; the last one takes appends.
+    segments: Vec<Segment>,
+    next_index: u64,
+    last_term: u64,
+}
+
+impl Wal {
+    /// Opens the log in `dir` (creating it), cutting it at the first entry that is torn. An empty
+    /// log numbers its first entry `next_index_if_empty`.
+    pub fn open(dir: &Path, next_index_if_empty: u64) -> io::Result<Wal> {
+        fs::create_dir_all(dir)?;
+        let mut firsts = Vec::new();
+        for item in fs::read_dir(dir)? {
+            let name = item?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(first) = name
+                .strip_suffix(SEGMENT_SUFFIX)
+                .and_then(|stem| stem.parse::<u64>().ok())
+            {
+                firsts.push(first);
+            }
+        }
+        firsts.sort_unstable();
+        let mut wal = Wal {
+            dir: dir.to_path_buf(),
+            segments: Vec::new(),
+            next_index: next_index_if_empty,
+            last_term: 0,
+        };
+        let mut torn = false;
+        for first in firsts {
+            let path = wal.segment_path(first);
+            if torn || (!wal.segments.is_empty() && first != wal.next_index) {
+                // Past the end of the log: never synced as part of it.
+                fs::remove_file(&path)?;
+                torn = true;
+                continue;
+            }
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let capacity = file.metadata()?.len();
+            let mut segment = Segment {
+                first_index: first,
+                path,
+                file,
+                end: 0,
+                capacity,
+                dirty: false,
+            };
+            let mut next_index = first;
+            let mut last_term = wal.last_term;
+            let complete = scan(&segment.file, capacity, |offset, header, _| {
+                if header.index != next_index {
+                    return false;
+                }
+                next_index += 1;
+                last_term = header.term;
+                segment.end = offset + (HEADER_BYTES as u64) + header.length;
+                true
+            })?;
+            if !complete {
+                segment.clear_after_end()?;
+                torn = true;
+            }
+            if segment.end == 0 {
+                // Nothing of it was synced; the next append makes it again.
+                fs::remove_file(&segment.path)?;
+                continue;
+            }
+            wal.next_index = next_index;
+            wal.last_term = last_term;
+            wal.segments.push(segment);
+        }
+        if !torn && let Some(last) = wal.segments.last_mut() {
+            // Entries end at zeroed space, but unsynced writes may have reached the disk out
+            // of order: an old entry past the gap could one day line up as the next one.
+            last.clear_after_end()?;
+        }
+        Ok(wal)
+    }
+
+    /// The index the next entry gets.
+    pub fn next_index(&self) -> u64 {
+        self.next_index
+    }
+
+    /// The first index still held, if any entry is.
+    pub fn first_index(&self) -> Option<u64> {
+        let first = self.segments.first()?.first_index;
+        (first < self.next_index).then_some(first)
+    }
+
+    /// The term of the last entry (0 for a log that never held one).
+    pub fn last_term(&self) -> u64 {
+        self.last_term
+    }
+
+    /// Writes an entry and answers its index. It is durable once [`Wal::sync`] returns.
+    pub fn append(&mut self, term: u64, payload: &[u8]) -> io::Result<u64> {
+        let index = self.next_index;
+        let needed = (HEADER_BYTES + payload.len()) as u64;
+        let roll = match self.segments.last() {
+            Some(segment) => segment.end + needed > segment.capacity,
+            None => true,
+        };
+        if roll {
+            self.create_segment(index, needed.max(SEGMENT_BYTES))?;
+        }
+        let mut bytes = Vec::with_capacity(HEADER_BYTES + payload.len());
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&[0; 4]);
+        bytes.extend_from_slice(&term.to_le_bytes());
+        bytes.extend_from_slice(&index.to_le_bytes());
+        bytes.extend_from_slice(payload);
+        let checksum = crc32fast::hash(&bytes[8..]);
+        bytes[4..8].copy_from_slice(&checksum.to_le_bytes());
+        let segment = self.segments.last_mut().expect("a segment to append to");
+        segment.file.write_all_at(&bytes, segment.end)?;
+        segment.end += needed;
+        segment.dirty = true;
+        self.next_index += 1;
+        self.last_term = term;
+        Ok(index)
+    }
+
+    /// Makes every entry appended so far durable.
+    pub fn sync(&mut self) -> io::Result<()> {
+        for segment in self.segments.iter_mut().filter(|segment| segment.dirty) {
+            segment.file.sync_data()?;
+            segment.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Whether entries were appended since the last sync.
+    pub fn has_unsynced(&self) -> bool {
+        self.segments.iter().any(|segment| segment.dirty)
+    }
+
+    /// Reads the entries from `from` (inclusive) to the end, oldest first.
+    pub fn read_from(&self, from: u64) -> io::Result<Vec<Entry>> {
+        let mut entries = Vec::new();
+        for (position, segment) in self.segments.iter().enumerate() {
+            let last_in_segment = self
+                .segments
+                .get(position + 1)
+                .map_or(self.next_index, |next| next.first_index);
+            if last_in_segment <= from {
+                continue;
+            }
+            scan(&segment.file, segment.end, |_, header, payload| {
+                if header.index >= from {
+                    entries.push(Entry {
+                        term: header.term,
+                        index: header.index,
+                        payload: payload.to_vec(),
+                    });
+                }
+                true
+            })?;
+        }
+        Ok(entries)
+    }
+
+    /// Drops every entry after `index`; the next append gets `index + 1`.
+    pub fn truncate_after(&mut self, index: u64) -> io::Result<()> {
+        if index + 1 >= self.next_index {
+            return Ok(());
+        }
+        while let Some(segment) = self.segments.last() {
+            if segment.first_index <= index {
+                break;
+            }
+            let segment = self.segments.pop().expect("a last segment");
+            fs::remove_file(&segment.path)?;
+        }
+        let mut last_term = 0;
+        if let Some(segment) = self.segments.last_mut() {
+            let mut end = 0;
+            scan(&segment.file, segment.end, |offset, header, _| {
+                if header.index > index {
+                    return false;
+                }
+                end = offset + (HEADER_BYTES as u64) + header.length;
+                last_term = header.term;
+                true
+            })?;
+            segment.end = end;
+            segment.clear_after_end()?;
+        }
+        self.next_index = index + 1;
+        self.last_term = last_term;
+        sync_dir(&self.dir)
+    }
+
+    /// Drops the segments whose entries all come before `index` (the database holds them).
+    pub fn purge_before(&mut self, index: u64) -> io::Result<()> {
+        while self.segments.len() > 1 && self.segments[1].first_index <= index {
+            let segment = self.segments.remove(0);
+            fs::remove_file(&segment.path)?;
+        }
+        Ok(())
+    }
+
+    /// Stores a vote durably, replacing the one kept before.
+    pub fn save_vote(&self, vote: &[u8]) -> io::Result<()> {
+        let temporary = self.dir.join(format!("{VOTE_FILE}.new"));
+        let file = File::create(&temporary)?;
+        file.write_all_at(vote, 0)?;
+        file.sync_all()?;
+        fs::rename(&temporary, self.dir.join(VOTE_FILE))?;
+        sync_dir(&self.dir)
+    }
+
+    /// The vote kept last, if any.
+    pub fn vote(&self) -> io::Result<Option<Vec<u8>>> {
+        match fs::read(self.dir.join(VOTE_FILE)) {
+            Ok(vote) => Ok(Some(vote)),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Drops every entry; the next append gets `next_index`.
+    pub fn reset(&mut self, next_index: u64) -> io::Result<()> {
+        for segment in self.segments.drain(..) {
+            fs::remove_file(&segment.path)?;
+        }
+        self.next_index = next_index;
+        self.last_term = 0;
+        sync_dir(&self.dir)
+    }
+
+    /// Bytes the segments take on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.iter().map(|segment| segment.capacity).sum()
+    }
+
+    fn segment_path(&self, first_index: u64) -> PathBuf {
+        self.dir.join(format!("{first_index:020}{SEGMENT_SUFFIX}"))
+    }
+
+    fn create_segment(&mut self, first_index: u64, capacity: u64) -> io::Result<()> {
+        let path = self.segment_path(first_index);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        file.set_len(capacity)?;
+        // The new name and size must survive a power cut before entries in it are acknowledged.
+        file.sync_all()?;
+        sync_dir(&self.dir)?;
+        self.segments.push(Segment {
+            first_index,
+            path,
+            file,
+            end: 0,
+            capacity,
+            dirty: false,
+        });
+        Ok(())
+    }
+}
+
+impl Segment {
+    /// Zeroes everything past `end`, so nothing written there before reads as an entry.
+    fn clear_after_end(&mut self) -> io::Result<()> {
+        self.file.set_len(self.end)?;
+        self.file.set_len(self.capacity)?;
+        self.file.sync_all()
+    }
+}
+
+struct Header {
+    length: u64,
+    term: u64,
+    index: u64,
+}
+
+/// Calls `visit` with each whole entry of `file` before `limit`, in order, until it answers
+/// false; answers whether the entries ended cleanly (at `limit` or at zeroed space).
+fn scan(
+    file: &File,
+    limit: u64,
+    mut visit: impl FnMut(u64, &Header, &[u8]) -> bool,
+) -> io::Result<bool> {
+    const CHUNK: usize = 1 << 20;
+    let mut offset = 0u64;
+    let mut buffer = Vec::new();
+    let mut buffer_start = 0u64;
+    // Reads `length` bytes at `at` through a buffer that holds at least a chunk ahead.
+    let mut read = |at: u64, length: usize, buffer: &mut Vec<u8>| -> io::Result<Option<Vec<u8>>> {
+        if at + length as u64 > limit {
+            return Ok(None);
+        }
+        let buffered_end = buffer_start + buffer.len() as u64;
+        if at < buffer_start || at + length as u64 > buffered_end {
+            let size = (length.max(CHUNK) as u64).min(limit - at) as usize;
+            buffer.resize(size, 0);
+            file.read_exact_at(buffer, at)?;
+            buffer_start = at;
+        }
+        let start = (at - buffer_start) as usize;
+        Ok(Some(buffer[start..start + length].to_vec()))
+    };
+    loop {
+        let Some(header_bytes) = read(offset, HEADER_BYTES, &mut buffer)? else {
+            return Ok(offset == limit);
+        };
+        let length = u32::from_le_bytes(header_bytes[0..4].try_into().expect("4 bytes")) as u64;
+        let checksum = u32::from_le_bytes(header_bytes[4..8].try_into().expect("4 bytes"));
+        if length == 0 && checksum == 0 {
+            // Preallocated space: the clean end of the segment's entries.
+            return Ok(true);
+        }
+        let header = Header {
+            length,
+            term: u64::from_le_bytes(header_bytes[8..16].try_into().expect("8 bytes")),
+            index: u64::from_le_bytes(header_bytes[16..24].try_into().expect("8 bytes")),
+        };
+        let Some(payload) = read(offset + HEADER_BYTES as u64, length as usize, &mut buffer)?
+        else {
+            return Ok(false);
+        };
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&header_bytes[8..]);
+        hasher.update(&payload);
+        if hasher.finalize() != checksum {
+            return Ok(false);
+        }
+        if !visit(offset, &header, &payload) {
+            return Ok(false);
+        }
+        offset += HEADER_BYTES as u64 + length;
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payloads(wal: &Wal, from: u64) -> Vec<(u64, Vec<u8>)> {
+        wal.read_from(from)
+            .unwrap()
+            .into_iter()
+            .map(|entry| (entry.index, entry.payload))
+            .collect()
+    }
+
+    #[test]
+    fn entries_read_back_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path(), 1).unwrap();
+        assert_eq!(wal.first_index(), None);
+        for n in 0..100u8 {
+            let index = wal.append(3, &vec![n; n as usize + 1]).unwrap();
+            assert_eq!(index, n as u64 + 1);
+        }
+        wal.sync().unwrap();
+        drop(wal);
+        let wal = Wal::open(dir.path(), 1).unwrap();
+        assert_eq!(wal.next_index(), 101);
+        assert_eq!(wal.first_index(), Some(1));
+        assert_eq!(wal.last_term(), 3);
+        let read = payloads(&wal, 95);
+        assert_eq!(read.len(), 6);
+        assert_eq!(read[0], (95, vec![94; 95]));
+    }
+
+    #[test]
+    fn an_empty_log_starts_where_it_is_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path(), 42).unwrap();
+        assert_eq!(wal.append(1, b"x").unwrap(), 42);
+        wal.sync().unwrap();
+        drop(wal);
+        let wal = Wal::open(dir.path(), 7).unwrap();
+        assert_eq!(wal.next_index(), 43);
+    }
+
+    #[test]
+    fn a_torn_entry_ends_the_log_and_what_follows_is_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path(), 1).unwrap();
+        for n in 0..10u8 {
+            wal.append(1, &[n; 100]).unwrap();
+        }
+        wal.sync().unwrap();
+        drop(wal);
+        // Flip a byte in the payload of entry 6.
+        let path = dir.path().join(format!("{:020}.wal", 1));
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0xff], 5 * 124 + HEADER_BYTES as u64 + 7)
+            .unwrap();
+        drop(file);
+        let mut wal = Wal::open(dir.path(), 1).unwrap();
+        assert_eq!(wal.next_index(), 6);
+        assert_eq!(payloads(&wal, 1).len(), 5);
+        // The entries after the torn one are gone for good: new ones take their places, and
+        // once a new entry is torn too, no old one can follow it.
+        wal.append(2, &[9; 50]).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let wal = Wal::open(dir.path(), 1).unwrap();
+        assert_eq!(wal.next_index(), 7);
+        assert_eq!(payloads(&wal, 6), vec![(6, vec![9; 50])]);
+    }
+
+    #[test]
+    fn entries_after_a_zeroed_gap_never_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path(), 1).unwrap();
+        for n in 0..10u8 {
+            wal.append(1, &[n; 100]).unwrap();
+        }
+        wal.sync().unwrap();
+        drop(wal);
+        // Entry 6 never reached the disk, the ones after it did.
+        let path = dir.path().join(format!("{:020}.wal", 1));
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0; 124], 5 * 124).unwrap();
+        drop(file);
+        let mut wal = Wal::open(dir.path(), 1).unwrap();
+        assert_eq!(wal.next_index(), 6);
+        // A new entry 6 of the same size ends where the old entry 7 began.
+        wal.append(2, &[9; 100]).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let wal = Wal::open(dir.path(), 1).unwrap();
+        assert_eq!(wal.next_index(), 7);
+        assert_eq!(payloads(&wal, 6), vec![(6, vec![9; 100])]);
+    }
+
+    #[test]
+    fn entries_roll_over_segments_and_purge_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path(), 1).unwrap();
+        let big = vec![7u8; (SEGMENT_BYTES / 2) as usize];
+        for _ in 0..5 {
+            wal.append(1, &big).unwrap();
+        }
+        wal.sync().unwrap();
+        assert!(wal.segments.len() >= 3);
+        wal.purge_before(5).unwrap();
+        assert_eq!(wal.first_index(), Some(5));
+        assert_eq!(payloads(&wal, 1).len(), 1);
+        drop(wal);
+        let wal = Wal::open(dir.path(), 1).unwrap();
+        assert_eq!(wal.first_index(), Some(5));
+        assert_eq!(wal.next_index(), 6);
+    }
+
+    #[test]
+    fn an_entry_larger_than_a_segment_gets_one_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path(), 1).unwrap();
+        wal.append(1, b"small").unwrap();
+        let huge = vec![1u8; SEGMENT_BYTES as usize + 10];
+        wal.append(1, &huge).unwrap();
+        wal.append(1, b"after").unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let wal = Wal::open(dir.path(), 1).unwrap();
+        let read = payloads(&wal, 1);
+        assert_eq!(read.len(), 3);
+        assert_eq!(read[1].1.len(), huge.len());
+        assert_eq!(read[2], (3, b"after".to_vec()));
+    }
+
+    #[test]
+    fn truncation_drops_the_tail_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(dir.path(), 1).unwrap();
+        let big = vec![7u8; (SEGMENT_BYTES / 3) as usize];
+        for _ in 0..7 {
+            wal.append(1, &big).unwrap();
+        }
+        wal.truncate_after(2).unwrap();
+        assert_eq!(wal.next_index(), 3);
+        assert_eq!(wal.append(2, b"new").unwrap(), 3);
+        wal.sync().unwrap();
+        drop(wal);
+        let wal = Wal::open(dir.path(), 1).unwrap();
+        assert_eq!(wal.next_index(), 4);
+        assert_eq!(wal.last_term(), 2);
+        assert_eq!(payloads(&wal, 3), vec![(3, b"new".to_vec())]);
+    }
+
+    #[test]
+    fn the_vote_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), 1).unwrap();
+        assert_eq!(wal.vote().unwrap(), None);
+        wal.save_vote(b"term 3, node 2").unwrap();
+        wal.save_vote(b"term 4, node 1").unwrap();
+        let wal = Wal::open(dir.path(), 1).unwrap();
+        assert_eq!(wal.vote().unwrap(), Some(b"term 4, node 1".to_vec()));
+    }
+}
