@@ -16,12 +16,15 @@
 //! - [`cli`]: the `refract` command line: `serve`, client commands and `bench`.
 //! - [`metrics`]: the Prometheus registry every part records into.
 //! - [`json`]: JSON bodies read as JSON Schema reads them (`1.0` is an integer).
+//! - [`wal`]: the write-ahead log the store's writer logs each batch to; [`disk`]: the storage
+//!   it and the database sit on.
 //! - [`names`]: the one rule for names of streams, projections, sharders, groups, consumers.
 //!
 //! Dependencies point one way: `cli` → `http`/`client` → `projections`/`subscribe` → `store`.
 
 pub mod cli;
 pub mod client;
+pub mod disk;
 pub mod groups;
 pub mod http;
 pub mod json;

@@ -12,12 +12,12 @@
 //! before one (once the database holds them durably) and keep a vote: what a replicated log
 //! needs from its storage.
 
-use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 
-/// Bytes of a segment when created; an entry larger than that gets a segment of its own size.
+use crate::disk::{LogFile, LogStorage};
+
+/// Bytes of a segment when created, by default; an entry larger than that gets a segment of
+/// its own size.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 const HEADER_BYTES: usize = 24;
 const SEGMENT_SUFFIX: &str = ".wal";
@@ -33,8 +33,8 @@ pub struct Entry {
 
 struct Segment {
     first_index: u64,
-    path: PathBuf,
-    file: File,
+    name: String,
+    file: Box<dyn LogFile>,
     /// Where the next entry goes (the end of the last entry in it).
     end: u64,
     capacity: u64,
@@ -42,9 +42,10 @@ struct Segment {
     dirty: bool,
 }
 
-/// The log in a directory of its own.
+/// The log, in storage of its own.
 pub struct Wal {
-    dir: PathBuf,
+    storage: Box<dyn LogStorage>,
+    segment_bytes: u64,
     /// Oldest first; the last one takes appends.
     segments: Vec<Segment>,
     next_index: u64,
@@ -52,14 +53,15 @@ pub struct Wal {
 }
 
 impl Wal {
-    /// Opens the log in `dir` (creating it), cutting it at the first entry that is torn. An empty
-    /// log numbers its first entry `next_index_if_empty`.
-    pub fn open(dir: &Path, next_index_if_empty: u64) -> io::Result<Wal> {
-        fs::create_dir_all(dir)?;
+    /// Opens the log in `storage`, cutting it at the first entry that is torn. An empty log
+    /// numbers its first entry `next_index_if_empty`. New segments get `segment_bytes`.
+    pub fn open(
+        storage: Box<dyn LogStorage>,
+        next_index_if_empty: u64,
+        segment_bytes: u64,
+    ) -> io::Result<Wal> {
         let mut firsts = Vec::new();
-        for item in fs::read_dir(dir)? {
-            let name = item?.file_name();
-            let Some(name) = name.to_str() else { continue };
+        for name in storage.names()? {
             if let Some(first) = name
                 .strip_suffix(SEGMENT_SUFFIX)
                 .and_then(|stem| stem.parse::<u64>().ok())
@@ -69,25 +71,26 @@ impl Wal {
         }
         firsts.sort_unstable();
         let mut wal = Wal {
-            dir: dir.to_path_buf(),
+            storage,
+            segment_bytes,
             segments: Vec::new(),
             next_index: next_index_if_empty,
             last_term: 0,
         };
         let mut torn = false;
         for first in firsts {
-            let path = wal.segment_path(first);
+            let name = segment_name(first);
             if torn || (!wal.segments.is_empty() && first != wal.next_index) {
                 // Past the end of the log: never synced as part of it.
-                fs::remove_file(&path)?;
+                wal.storage.remove(&name)?;
                 torn = true;
                 continue;
             }
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            let capacity = file.metadata()?.len();
+            let file = wal.storage.open(&name)?;
+            let capacity = file.size()?;
             let mut segment = Segment {
                 first_index: first,
-                path,
+                name,
                 file,
                 end: 0,
                 capacity,
@@ -95,7 +98,7 @@ impl Wal {
             };
             let mut next_index = first;
             let mut last_term = wal.last_term;
-            let complete = scan(&segment.file, capacity, |offset, header, _| {
+            let complete = scan(&*segment.file, capacity, |offset, header, _| {
                 if header.index != next_index {
                     return false;
                 }
@@ -110,7 +113,7 @@ impl Wal {
             }
             if segment.end == 0 {
                 // Nothing of it was synced; the next append makes it again.
-                fs::remove_file(&segment.path)?;
+                wal.storage.remove(&segment.name)?;
                 continue;
             }
             wal.next_index = next_index;
@@ -150,7 +153,7 @@ impl Wal {
             None => true,
         };
         if roll {
-            self.create_segment(index, needed.max(SEGMENT_BYTES))?;
+            self.create_segment(index, needed.max(self.segment_bytes))?;
         }
         let mut bytes = Vec::with_capacity(HEADER_BYTES + payload.len());
         bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -161,7 +164,7 @@ impl Wal {
         let checksum = crc32fast::hash(&bytes[8..]);
         bytes[4..8].copy_from_slice(&checksum.to_le_bytes());
         let segment = self.segments.last_mut().expect("a segment to append to");
-        segment.file.write_all_at(&bytes, segment.end)?;
+        segment.file.write_at(&bytes, segment.end)?;
         segment.end += needed;
         segment.dirty = true;
         self.next_index += 1;
@@ -172,7 +175,7 @@ impl Wal {
     /// Makes every entry appended so far durable.
     pub fn sync(&mut self) -> io::Result<()> {
         for segment in self.segments.iter_mut().filter(|segment| segment.dirty) {
-            segment.file.sync_data()?;
+            segment.file.sync()?;
             segment.dirty = false;
         }
         Ok(())
@@ -194,7 +197,7 @@ impl Wal {
             if last_in_segment <= from {
                 continue;
             }
-            scan(&segment.file, segment.end, |_, header, payload| {
+            scan(&*segment.file, segment.end, |_, header, payload| {
                 if header.index >= from {
                     entries.push(Entry {
                         term: header.term,
@@ -218,12 +221,12 @@ impl Wal {
                 break;
             }
             let segment = self.segments.pop().expect("a last segment");
-            fs::remove_file(&segment.path)?;
+            self.storage.remove(&segment.name)?;
         }
         let mut last_term = 0;
         if let Some(segment) = self.segments.last_mut() {
             let mut end = 0;
-            scan(&segment.file, segment.end, |offset, header, _| {
+            scan(&*segment.file, segment.end, |offset, header, _| {
                 if header.index > index {
                     return false;
                 }
@@ -236,45 +239,36 @@ impl Wal {
         }
         self.next_index = index + 1;
         self.last_term = last_term;
-        sync_dir(&self.dir)
+        self.storage.sync()
     }
 
     /// Drops the segments whose entries all come before `index` (the database holds them).
     pub fn purge_before(&mut self, index: u64) -> io::Result<()> {
         while self.segments.len() > 1 && self.segments[1].first_index <= index {
             let segment = self.segments.remove(0);
-            fs::remove_file(&segment.path)?;
+            self.storage.remove(&segment.name)?;
         }
         Ok(())
     }
 
     /// Stores a vote durably, replacing the one kept before.
     pub fn save_vote(&self, vote: &[u8]) -> io::Result<()> {
-        let temporary = self.dir.join(format!("{VOTE_FILE}.new"));
-        let file = File::create(&temporary)?;
-        file.write_all_at(vote, 0)?;
-        file.sync_all()?;
-        fs::rename(&temporary, self.dir.join(VOTE_FILE))?;
-        sync_dir(&self.dir)
+        self.storage.replace(VOTE_FILE, vote)
     }
 
     /// The vote kept last, if any.
     pub fn vote(&self) -> io::Result<Option<Vec<u8>>> {
-        match fs::read(self.dir.join(VOTE_FILE)) {
-            Ok(vote) => Ok(Some(vote)),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(error),
-        }
+        self.storage.read(VOTE_FILE)
     }
 
     /// Drops every entry; the next append gets `next_index`.
     pub fn reset(&mut self, next_index: u64) -> io::Result<()> {
         for segment in self.segments.drain(..) {
-            fs::remove_file(&segment.path)?;
+            self.storage.remove(&segment.name)?;
         }
         self.next_index = next_index;
         self.last_term = 0;
-        sync_dir(&self.dir)
+        self.storage.sync()
     }
 
     /// Bytes the segments take on disk.
@@ -282,25 +276,13 @@ impl Wal {
         self.segments.iter().map(|segment| segment.capacity).sum()
     }
 
-    fn segment_path(&self, first_index: u64) -> PathBuf {
-        self.dir.join(format!("{first_index:020}{SEGMENT_SUFFIX}"))
-    }
-
     fn create_segment(&mut self, first_index: u64, capacity: u64) -> io::Result<()> {
-        let path = self.segment_path(first_index);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
-        file.set_len(capacity)?;
-        // The new name and size must survive a power cut before entries in it are acknowledged.
-        file.sync_all()?;
-        sync_dir(&self.dir)?;
+        let name = segment_name(first_index);
+        // Its name and size survive a power cut before entries in it are acknowledged.
+        let file = self.storage.create(&name, capacity)?;
         self.segments.push(Segment {
             first_index,
-            path,
+            name,
             file,
             end: 0,
             capacity,
@@ -313,10 +295,12 @@ impl Wal {
 impl Segment {
     /// Zeroes everything past `end`, so nothing written there before reads as an entry.
     fn clear_after_end(&mut self) -> io::Result<()> {
-        self.file.set_len(self.end)?;
-        self.file.set_len(self.capacity)?;
-        self.file.sync_all()
+        self.file.zero_from(self.end)
     }
+}
+
+fn segment_name(first_index: u64) -> String {
+    format!("{first_index:020}{SEGMENT_SUFFIX}")
 }
 
 struct Header {
@@ -326,9 +310,10 @@ struct Header {
 }
 
 /// Calls `visit` with each whole entry of `file` before `limit`, in order, until it answers
-/// false; answers whether the entries ended cleanly (at `limit` or at zeroed space).
+/// false; answers whether the entries ended cleanly (at zeroed space, or too close to `limit`
+/// for a header: appending rolls over to a new segment there).
 fn scan(
-    file: &File,
+    file: &dyn LogFile,
     limit: u64,
     mut visit: impl FnMut(u64, &Header, &[u8]) -> bool,
 ) -> io::Result<bool> {
@@ -345,7 +330,7 @@ fn scan(
         if at < buffer_start || at + length as u64 > buffered_end {
             let size = (length.max(CHUNK) as u64).min(limit - at) as usize;
             buffer.resize(size, 0);
-            file.read_exact_at(buffer, at)?;
+            file.read_at(buffer, at)?;
             buffer_start = at;
         }
         let start = (at - buffer_start) as usize;
@@ -353,7 +338,7 @@ fn scan(
     };
     loop {
         let Some(header_bytes) = read(offset, HEADER_BYTES, &mut buffer)? else {
-            return Ok(offset == limit);
+            return Ok(true);
         };
         let length = u32::from_le_bytes(header_bytes[0..4].try_into().expect("4 bytes")) as u64;
         let checksum = u32::from_le_bytes(header_bytes[4..8].try_into().expect("4 bytes"));
@@ -383,13 +368,37 @@ fn scan(
     }
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::FileExt;
+    use std::path::Path;
+
     use super::*;
+    use crate::disk::Directory;
+
+    fn open(dir: &Path, next_index_if_empty: u64) -> Wal {
+        let storage = Directory::open(dir.to_path_buf()).unwrap();
+        Wal::open(Box::new(storage), next_index_if_empty, SEGMENT_BYTES).unwrap()
+    }
+
+    /// Writes `count` entries of 100 bytes (124 with their header) to a log of `segment_bytes`
+    /// segments in `dir`, syncs them and closes the log.
+    fn write_entries(dir: &Path, count: u8, segment_bytes: u64) {
+        let storage = Directory::open(dir.to_path_buf()).unwrap();
+        let mut wal = Wal::open(Box::new(storage), 1, segment_bytes).unwrap();
+        for n in 0..count {
+            wal.append(1, &[n; 100]).unwrap();
+        }
+        wal.sync().unwrap();
+    }
+
+    /// Overwrites bytes of the first segment, as a disk might have left them.
+    fn overwrite(dir: &Path, offset: u64, bytes: &[u8]) {
+        let path = dir.join(format!("{:020}.wal", 1));
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(bytes, offset).unwrap();
+    }
 
     fn payloads(wal: &Wal, from: u64) -> Vec<(u64, Vec<u8>)> {
         wal.read_from(from)
@@ -402,7 +411,7 @@ mod tests {
     #[test]
     fn entries_read_back_after_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::open(dir.path(), 1).unwrap();
+        let mut wal = open(dir.path(), 1);
         assert_eq!(wal.first_index(), None);
         for n in 0..100u8 {
             let index = wal.append(3, &vec![n; n as usize + 1]).unwrap();
@@ -410,7 +419,7 @@ mod tests {
         }
         wal.sync().unwrap();
         drop(wal);
-        let wal = Wal::open(dir.path(), 1).unwrap();
+        let wal = open(dir.path(), 1);
         assert_eq!(wal.next_index(), 101);
         assert_eq!(wal.first_index(), Some(1));
         assert_eq!(wal.last_term(), 3);
@@ -422,30 +431,21 @@ mod tests {
     #[test]
     fn an_empty_log_starts_where_it_is_told() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::open(dir.path(), 42).unwrap();
+        let mut wal = open(dir.path(), 42);
         assert_eq!(wal.append(1, b"x").unwrap(), 42);
         wal.sync().unwrap();
         drop(wal);
-        let wal = Wal::open(dir.path(), 7).unwrap();
+        let wal = open(dir.path(), 7);
         assert_eq!(wal.next_index(), 43);
     }
 
     #[test]
     fn a_torn_entry_ends_the_log_and_what_follows_is_cleared() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::open(dir.path(), 1).unwrap();
-        for n in 0..10u8 {
-            wal.append(1, &[n; 100]).unwrap();
-        }
-        wal.sync().unwrap();
-        drop(wal);
+        write_entries(dir.path(), 10, SEGMENT_BYTES);
         // Flip a byte in the payload of entry 6.
-        let path = dir.path().join(format!("{:020}.wal", 1));
-        let file = OpenOptions::new().write(true).open(&path).unwrap();
-        file.write_all_at(&[0xff], 5 * 124 + HEADER_BYTES as u64 + 7)
-            .unwrap();
-        drop(file);
-        let mut wal = Wal::open(dir.path(), 1).unwrap();
+        overwrite(dir.path(), 5 * 124 + HEADER_BYTES as u64 + 7, &[0xff]);
+        let mut wal = open(dir.path(), 1);
         assert_eq!(wal.next_index(), 6);
         assert_eq!(payloads(&wal, 1).len(), 5);
         // The entries after the torn one are gone for good: new ones take their places, and
@@ -453,32 +453,34 @@ mod tests {
         wal.append(2, &[9; 50]).unwrap();
         wal.sync().unwrap();
         drop(wal);
-        let wal = Wal::open(dir.path(), 1).unwrap();
+        let wal = open(dir.path(), 1);
         assert_eq!(wal.next_index(), 7);
         assert_eq!(payloads(&wal, 6), vec![(6, vec![9; 50])]);
     }
 
     #[test]
+    fn a_segment_ending_too_close_to_its_end_for_a_header_is_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        // Three entries fill all but 10 bytes of a segment; the fourth rolls over.
+        write_entries(dir.path(), 5, 3 * 124 + 10);
+        let wal = open(dir.path(), 1);
+        assert_eq!(wal.next_index(), 6);
+        assert_eq!(payloads(&wal, 1).len(), 5);
+    }
+
+    #[test]
     fn entries_after_a_zeroed_gap_never_come_back() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::open(dir.path(), 1).unwrap();
-        for n in 0..10u8 {
-            wal.append(1, &[n; 100]).unwrap();
-        }
-        wal.sync().unwrap();
-        drop(wal);
+        write_entries(dir.path(), 10, SEGMENT_BYTES);
         // Entry 6 never reached the disk, the ones after it did.
-        let path = dir.path().join(format!("{:020}.wal", 1));
-        let file = OpenOptions::new().write(true).open(&path).unwrap();
-        file.write_all_at(&[0; 124], 5 * 124).unwrap();
-        drop(file);
-        let mut wal = Wal::open(dir.path(), 1).unwrap();
+        overwrite(dir.path(), 5 * 124, &[0; 124]);
+        let mut wal = open(dir.path(), 1);
         assert_eq!(wal.next_index(), 6);
         // A new entry 6 of the same size ends where the old entry 7 began.
         wal.append(2, &[9; 100]).unwrap();
         wal.sync().unwrap();
         drop(wal);
-        let wal = Wal::open(dir.path(), 1).unwrap();
+        let wal = open(dir.path(), 1);
         assert_eq!(wal.next_index(), 7);
         assert_eq!(payloads(&wal, 6), vec![(6, vec![9; 100])]);
     }
@@ -486,7 +488,7 @@ mod tests {
     #[test]
     fn entries_roll_over_segments_and_purge_keeps_the_newest() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::open(dir.path(), 1).unwrap();
+        let mut wal = open(dir.path(), 1);
         let big = vec![7u8; (SEGMENT_BYTES / 2) as usize];
         for _ in 0..5 {
             wal.append(1, &big).unwrap();
@@ -497,7 +499,7 @@ mod tests {
         assert_eq!(wal.first_index(), Some(5));
         assert_eq!(payloads(&wal, 1).len(), 1);
         drop(wal);
-        let wal = Wal::open(dir.path(), 1).unwrap();
+        let wal = open(dir.path(), 1);
         assert_eq!(wal.first_index(), Some(5));
         assert_eq!(wal.next_index(), 6);
     }
@@ -505,14 +507,14 @@ mod tests {
     #[test]
     fn an_entry_larger_than_a_segment_gets_one_of_its_own() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::open(dir.path(), 1).unwrap();
+        let mut wal = open(dir.path(), 1);
         wal.append(1, b"small").unwrap();
         let huge = vec![1u8; SEGMENT_BYTES as usize + 10];
         wal.append(1, &huge).unwrap();
         wal.append(1, b"after").unwrap();
         wal.sync().unwrap();
         drop(wal);
-        let wal = Wal::open(dir.path(), 1).unwrap();
+        let wal = open(dir.path(), 1);
         let read = payloads(&wal, 1);
         assert_eq!(read.len(), 3);
         assert_eq!(read[1].1.len(), huge.len());
@@ -522,7 +524,7 @@ mod tests {
     #[test]
     fn truncation_drops_the_tail_across_segments() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::open(dir.path(), 1).unwrap();
+        let mut wal = open(dir.path(), 1);
         let big = vec![7u8; (SEGMENT_BYTES / 3) as usize];
         for _ in 0..7 {
             wal.append(1, &big).unwrap();
@@ -532,7 +534,7 @@ mod tests {
         assert_eq!(wal.append(2, b"new").unwrap(), 3);
         wal.sync().unwrap();
         drop(wal);
-        let wal = Wal::open(dir.path(), 1).unwrap();
+        let wal = open(dir.path(), 1);
         assert_eq!(wal.next_index(), 4);
         assert_eq!(wal.last_term(), 2);
         assert_eq!(payloads(&wal, 3), vec![(3, b"new".to_vec())]);
@@ -541,11 +543,11 @@ mod tests {
     #[test]
     fn the_vote_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(dir.path(), 1).unwrap();
+        let wal = open(dir.path(), 1);
         assert_eq!(wal.vote().unwrap(), None);
         wal.save_vote(b"term 3, node 2").unwrap();
         wal.save_vote(b"term 4, node 1").unwrap();
-        let wal = Wal::open(dir.path(), 1).unwrap();
+        let wal = open(dir.path(), 1);
         assert_eq!(wal.vote().unwrap(), Some(b"term 4, node 1".to_vec()));
     }
 }

@@ -22,9 +22,7 @@ use crate::client::{
 use crate::http::{ServeConfig, Tokens};
 use crate::sandbox::Sandbox;
 use crate::store::{CategoryPosition, IndexConfig};
-use crate::store::{
-    DEFAULT_CHECKPOINT_INTERVAL, ExpectedRevision, StoreOptions, default_cache_bytes,
-};
+use crate::store::{ExpectedRevision, StoreOptions, default_cache_bytes};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -76,12 +74,12 @@ struct ServeArgs {
     /// A file of ROLE:TOKEN lines.
     #[arg(long, value_name = "FILE")]
     tokens_file: Option<PathBuf>,
-    /// Acknowledge appends without waiting for fsync (faster; the last second of writes can be
-    /// lost on power failure, the database stays consistent).
+    /// Answer writes before the log is synced (faster; a power failure loses the writes since
+    /// the last checkpoint, a quarter of a second; the store stays consistent).
     #[arg(long)]
     no_fsync: bool,
-    /// Make restarts after a crash fast (milliseconds instead of a walk over the whole file)
-    /// at the cost of a second fsync per commit (about 10% of append throughput).
+    /// Make restarts after a crash fast (milliseconds instead of a walk over the whole
+    /// database file) at the cost of a second fsync per checkpoint.
     #[arg(long)]
     quick_repair: bool,
     /// Memory for the database's page cache, in MiB (default: a quarter of the machine's).
@@ -524,13 +522,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokens,
         store: StoreOptions {
             durable: !args.no_fsync,
-            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             cache_bytes: args
                 .cache_mib
                 .map_or_else(default_cache_bytes, |mib| mib << 20),
             quick_repair: args.quick_repair,
             index_batch: args.index_batch,
             index_config,
+            ..StoreOptions::default()
         },
         sse_heartbeat: std::time::Duration::from_secs(args.sse_heartbeat_seconds.max(1)),
         sandbox: Sandbox {

@@ -463,6 +463,15 @@ impl Writer {
                 .reset(self.applied_index + 1)
                 .map_err(|error| StoreError::Storage(format!("cannot reset the log: {error}")))?;
         }
+        if let Some(first) = self.wal.first_index()
+            && first > self.applied_index + 1
+        {
+            return Err(StoreError::Storage(format!(
+                "the write-ahead log starts at entry {first}, but the database holds entries up \
+                 to {} only: entries in between are missing",
+                self.applied_index
+            )));
+        }
         let entries = self
             .wal
             .read_from(self.applied_index + 1)
@@ -823,7 +832,12 @@ pub(super) mod tests {
             head,
             recovered,
             Arc::new(Mutex::new([IndexProgress::default(); 4])),
-            Wal::open(&dir.path().join("wal"), 1).unwrap(),
+            Wal::open(
+                Box::new(crate::disk::Directory::open(dir.path().join("wal")).unwrap()),
+                1,
+                crate::wal::SEGMENT_BYTES,
+            )
+            .unwrap(),
         );
         let append = |stream: &str| {
             queue(crate::store::streams::Append {
