@@ -457,8 +457,8 @@ impl Writer {
     /// Applies the log's entries that redb does not hold yet, then makes them durable.
     pub(super) fn replay(&mut self) -> Result<u64, StoreError> {
         if self.wal.next_index() <= self.applied_index {
-            // The log lost entries redb holds (it was not synced before a checkpoint, or was
-            // removed): numbering goes on after what redb holds.
+            // The log ends before what redb holds: a checkpoint syncs the log first, so it was
+            // removed or damaged. Numbering goes on after what redb holds.
             self.wal
                 .reset(self.applied_index + 1)
                 .map_err(|error| StoreError::Storage(format!("cannot reset the log: {error}")))?;
