@@ -50,6 +50,8 @@ pub struct Wal {
     segments: Vec<Segment>,
     next_index: u64,
     last_term: u64,
+    /// Reused to lay out each entry, header and payload, for one write.
+    frame: Vec<u8>,
 }
 
 impl Wal {
@@ -76,6 +78,7 @@ impl Wal {
             segments: Vec::new(),
             next_index: next_index_if_empty,
             last_term: 0,
+            frame: Vec::new(),
         };
         let mut torn = false;
         for first in firsts {
@@ -155,16 +158,17 @@ impl Wal {
         if roll {
             self.create_segment(index, needed.max(self.segment_bytes))?;
         }
-        let mut bytes = Vec::with_capacity(HEADER_BYTES + payload.len());
-        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&[0; 4]);
-        bytes.extend_from_slice(&term.to_le_bytes());
-        bytes.extend_from_slice(&index.to_le_bytes());
-        bytes.extend_from_slice(payload);
-        let checksum = crc32fast::hash(&bytes[8..]);
-        bytes[4..8].copy_from_slice(&checksum.to_le_bytes());
+        let frame = &mut self.frame;
+        frame.clear();
+        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&[0; 4]);
+        frame.extend_from_slice(&term.to_le_bytes());
+        frame.extend_from_slice(&index.to_le_bytes());
+        frame.extend_from_slice(payload);
+        let checksum = crc32fast::hash(&frame[8..]);
+        frame[4..8].copy_from_slice(&checksum.to_le_bytes());
         let segment = self.segments.last_mut().expect("a segment to append to");
-        segment.file.write_at(&bytes, segment.end)?;
+        segment.file.write_at(frame, segment.end)?;
         segment.end += needed;
         segment.dirty = true;
         self.next_index += 1;
@@ -179,11 +183,6 @@ impl Wal {
             segment.dirty = false;
         }
         Ok(())
-    }
-
-    /// Whether entries were appended since the last sync.
-    pub fn has_unsynced(&self) -> bool {
-        self.segments.iter().any(|segment| segment.dirty)
     }
 
     /// Reads the entries from `from` (inclusive) to the end, oldest first.
@@ -269,11 +268,6 @@ impl Wal {
         self.next_index = next_index;
         self.last_term = 0;
         self.storage.sync()
-    }
-
-    /// Bytes the segments take on disk.
-    pub fn disk_bytes(&self) -> u64 {
-        self.segments.iter().map(|segment| segment.capacity).sum()
     }
 
     fn create_segment(&mut self, first_index: u64, capacity: u64) -> io::Result<()> {

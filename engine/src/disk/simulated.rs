@@ -283,12 +283,32 @@ pub struct SimulatedDirectory {
 }
 
 impl SimulatedDirectory {
+    /// A file's name on the disk.
+    fn path(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
     fn handle(&self, name: &str) -> SimulatedHandle {
         SimulatedHandle {
             disk: self.disk.clone(),
-            name: format!("{}{name}", self.prefix),
+            name: self.path(name),
             born: self.born,
         }
+    }
+
+    /// Makes a file hold `bytes`, durably.
+    fn put(&self, name: &str, bytes: Vec<u8>) -> io::Result<()> {
+        let name = self.path(name);
+        self.alive(|files| {
+            files.insert(
+                name,
+                SimulatedFile {
+                    current: bytes.clone(),
+                    durable: bytes,
+                    unsynced: Vec::new(),
+                },
+            );
+        })
     }
 
     /// Works on the directory's files, unless the machine this handle belongs to is off.
@@ -322,23 +342,12 @@ impl LogStorage for SimulatedDirectory {
     }
 
     fn create(&self, name: &str, len: u64) -> io::Result<Box<dyn LogFile>> {
-        let handle = self.handle(name);
-        self.alive(|files| {
-            let bytes = vec![0; len as usize];
-            files.insert(
-                handle.name.clone(),
-                SimulatedFile {
-                    current: bytes.clone(),
-                    durable: bytes,
-                    unsynced: Vec::new(),
-                },
-            );
-        })?;
-        Ok(Box::new(handle))
+        self.put(name, vec![0; len as usize])?;
+        Ok(Box::new(self.handle(name)))
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
-        let name = format!("{}{name}", self.prefix);
+        let name = self.path(name);
         self.alive(|files| {
             files.remove(&name);
         })
@@ -349,21 +358,11 @@ impl LogStorage for SimulatedDirectory {
     }
 
     fn replace(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
-        let name = format!("{}{name}", self.prefix);
-        self.alive(|files| {
-            files.insert(
-                name,
-                SimulatedFile {
-                    current: bytes.to_vec(),
-                    durable: bytes.to_vec(),
-                    unsynced: Vec::new(),
-                },
-            );
-        })
+        self.put(name, bytes.to_vec())
     }
 
     fn read(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
-        let name = format!("{}{name}", self.prefix);
+        let name = self.path(name);
         self.alive(|files| files.get(&name).map(|file| file.current.clone()))
     }
 }

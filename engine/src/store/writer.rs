@@ -397,8 +397,6 @@ pub(super) struct Writer {
     wal: Wal,
     /// The last log entry applied to redb, and the one being applied.
     applied_index: u64,
-    /// The last log entry redb holds durably.
-    durable_index: u64,
     last_checkpoint: Instant,
     /// Whether anything was committed since the last checkpoint.
     committed_since_checkpoint: bool,
@@ -443,7 +441,6 @@ impl Writer {
             index_progress,
             wal,
             applied_index: recovered.wal_applied,
-            durable_index: recovered.wal_applied,
             last_checkpoint: Instant::now(),
             committed_since_checkpoint: false,
             bytes_since_checkpoint: 0,
@@ -542,9 +539,7 @@ impl Writer {
     /// it, answers it, and checkpoints when one is due. An empty batch lets the indexes catch up.
     pub(super) fn commit(&mut self, batch: Vec<Box<dyn Job>>) {
         if let Some(reason) = &self.stopped {
-            for job in batch {
-                job.fail(StoreError::Storage(reason.clone()));
-            }
+            fail_all(reason, batch);
             return;
         }
         let now_ms = SystemTime::now()
@@ -557,15 +552,7 @@ impl Writer {
             match self.log_entry(now_ms, &batch) {
                 Ok(index) => self.apply(index, now_ms, batch),
                 Err(error) => {
-                    let reason = format!(
-                        "the write-ahead log failed ({error}); the store takes no writes until \
-                         it is opened again"
-                    );
-                    tracing::error!(%reason);
-                    for job in batch {
-                        job.fail(StoreError::Storage(reason.clone()));
-                    }
-                    self.stopped = Some(reason);
+                    self.stop(format!("the write-ahead log failed ({error})"), batch);
                     return;
                 }
             }
@@ -615,18 +602,25 @@ impl Writer {
             .sync()
             .map_err(StoreError::storage)
             .and_then(|()| self.commit_empty_durably());
+        self.last_checkpoint = Instant::now();
         if let Err(error) = result {
             tracing::error!(%error, "checkpoint failed; the log keeps what it holds");
-            self.last_checkpoint = Instant::now();
             return;
         }
-        self.last_checkpoint = Instant::now();
         self.committed_since_checkpoint = false;
         self.bytes_since_checkpoint = 0;
-        self.durable_index = self.applied_index;
-        if let Err(error) = self.wal.purge_before(self.durable_index + 1) {
+        if let Err(error) = self.wal.purge_before(self.applied_index + 1) {
             tracing::warn!(%error, "cannot drop old log segments");
         }
+    }
+
+    /// Stops taking writes, with an entry in the log that redb may not hold: `jobs`, and every
+    /// request after them, fail until the store is opened again and replays the log.
+    fn stop(&mut self, cause: String, jobs: impl IntoIterator<Item = Box<dyn Job>>) {
+        let reason = format!("{cause}; the store takes no writes until it is opened again");
+        tracing::error!(%reason);
+        fail_all(&reason, jobs);
+        self.stopped = Some(reason);
     }
 
     fn commit_empty_durably(&self) -> Result<(), StoreError> {
@@ -667,16 +661,9 @@ impl Writer {
                     }
                     // The entry is in the log but not in redb: applying later entries would
                     // answer from a state that replay will not see.
-                    let reason = format!(
-                        "applying log entry {} failed ({error}); the store takes no writes until \
-                         it is opened again",
-                        self.applied_index
-                    );
-                    tracing::error!(%reason);
-                    for job in batch.into_iter().chain(poisoned) {
-                        job.fail(StoreError::Storage(reason.clone()));
-                    }
-                    self.stopped = Some(reason);
+                    let cause =
+                        format!("applying log entry {} failed ({error})", self.applied_index);
+                    self.stop(cause, batch.into_iter().chain(poisoned));
                     return Vec::new();
                 }
             }
@@ -761,6 +748,12 @@ impl Writer {
         txn.commit().map_err(storage_failure)?;
         self.metrics.record_bytes_written(bytes_written);
         Ok(())
+    }
+}
+
+fn fail_all(reason: &str, jobs: impl IntoIterator<Item = Box<dyn Job>>) {
+    for job in jobs {
+        job.fail(StoreError::Storage(reason.to_owned()));
     }
 }
 
