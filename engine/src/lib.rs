@@ -30,6 +30,8 @@ pub mod http;
 pub mod json;
 pub mod metrics;
 pub mod names;
+#[cfg(test)]
+mod power_cut;
 pub mod projections;
 pub mod sandbox;
 pub mod sharding;

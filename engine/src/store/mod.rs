@@ -348,7 +348,7 @@ impl Store {
 
     /// Opens a store on a database and a log storage of the caller's (a simulated disk in
     /// tests); `path` names the database.
-    fn open_on(
+    pub(crate) fn open_on(
         db: Database,
         path: PathBuf,
         log: Box<dyn LogStorage>,
@@ -975,7 +975,5 @@ pub(crate) fn visible_events(
     Ok(events)
 }
 
-#[cfg(test)]
-mod power_cut;
 #[cfg(test)]
 mod tests;
