@@ -13,6 +13,7 @@
 //! needs from its storage.
 
 use std::io;
+use std::sync::Arc;
 
 use crate::disk::{LogFile, LogStorage};
 
@@ -34,12 +35,22 @@ pub struct Entry {
 struct Segment {
     first_index: u64,
     name: String,
-    file: Box<dyn LogFile>,
+    /// Shared with a sync running on another thread.
+    file: Arc<dyn LogFile>,
     /// Where the next entry goes (the end of the last entry in it).
     end: u64,
     capacity: u64,
     /// Whether bytes were written since its last sync.
     dirty: bool,
+}
+
+/// The segment files a sync must flush.
+pub struct PendingSync(Vec<Arc<dyn LogFile>>);
+
+impl PendingSync {
+    pub fn run(self) -> io::Result<()> {
+        self.0.iter().try_for_each(|file| file.sync())
+    }
 }
 
 /// The log, in storage of its own.
@@ -94,7 +105,7 @@ impl Wal {
             let mut segment = Segment {
                 first_index: first,
                 name,
-                file,
+                file: Arc::from(file),
                 end: 0,
                 capacity,
                 dirty: false,
@@ -178,11 +189,23 @@ impl Wal {
 
     /// Makes every entry appended so far durable.
     pub fn sync(&mut self) -> io::Result<()> {
-        for segment in self.segments.iter_mut().filter(|segment| segment.dirty) {
-            segment.file.sync()?;
-            segment.dirty = false;
-        }
-        Ok(())
+        self.take_sync().run()
+    }
+
+    /// The sync of every entry appended so far, to run on another thread while the caller goes
+    /// on. The log counts them as synced from here: a caller whose sync fails must stop using
+    /// the log, whose durable end is then unknown.
+    pub fn take_sync(&mut self) -> PendingSync {
+        let files = self
+            .segments
+            .iter_mut()
+            .filter(|segment| segment.dirty)
+            .map(|segment| {
+                segment.dirty = false;
+                segment.file.clone()
+            })
+            .collect();
+        PendingSync(files)
     }
 
     /// Reads the entries from `from` (inclusive) to the end, oldest first.
@@ -277,7 +300,7 @@ impl Wal {
         self.segments.push(Segment {
             first_index,
             name,
-            file,
+            file: Arc::from(file),
             end: 0,
             capacity,
             dirty: false,

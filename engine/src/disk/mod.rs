@@ -30,7 +30,7 @@ pub trait LogStorage: Send {
 }
 
 /// One of the log's files.
-pub trait LogFile: Send {
+pub trait LogFile: Send + Sync {
     /// Bytes in the file.
     fn size(&self) -> io::Result<u64>;
     fn read_at(&self, out: &mut [u8], offset: u64) -> io::Result<()>;

@@ -45,7 +45,7 @@ use super::{
     StoreError, StoreOptions, WAL_APPLIED, load_stream,
 };
 use crate::metrics::Metrics;
-use crate::wal::Wal;
+use crate::wal::{PendingSync, Wal};
 
 /// Operations waiting for the writer; senders wait when it is full, which is the backpressure.
 pub(super) const QUEUE_CAPACITY: usize = 8192;
@@ -395,6 +395,8 @@ pub(super) struct Writer {
     /// Where status queries read the indexes' progress.
     index_progress: Arc<Mutex<[IndexProgress; 4]>>,
     wal: Wal,
+    /// Syncs the log while the batch it holds is applied.
+    syncer: Syncer,
     /// The last log entry applied to redb, and the one being applied.
     applied_index: u64,
     last_checkpoint: Instant,
@@ -440,6 +442,7 @@ impl Writer {
             },
             index_progress,
             wal,
+            syncer: Syncer::start(),
             applied_index: recovered.wal_applied,
             last_checkpoint: Instant::now(),
             committed_since_checkpoint: false,
@@ -563,13 +566,16 @@ impl Writer {
     /// Writes the batch to the log, synced when its answers need it; answers the entry's index.
     fn log_entry(&mut self, now_ms: i64, batch: &[Box<dyn Job>]) -> Result<u64, StoreError> {
         logged::encode(now_ms, batch, &mut self.entry_buffer)?;
+        #[cfg(test)]
+        logged::assert_round_trip(&self.entry_buffer);
         let index = self
             .wal
             .append(TERM, &self.entry_buffer)
             .map_err(StoreError::storage)?;
         self.bytes_since_checkpoint += self.entry_buffer.len() as u64;
         if self.options.durable && batch.iter().any(|job| job.needs_fsync()) {
-            self.wal.sync().map_err(StoreError::storage)?;
+            // Applying the batch overlaps the sync; it commits once the sync is done.
+            self.syncer.begin(self.wal.take_sync());
         }
         Ok(index)
     }
@@ -585,6 +591,12 @@ impl Writer {
                 // It failed alone too: nothing of it was committed, its error is the answer.
                 again.answer();
             }
+        }
+        // Nothing committed when every operation was refused; the sync still must end.
+        if let Err(error) = self.syncer.wait()
+            && self.stopped.is_none()
+        {
+            self.stop(format!("syncing log entry {index} failed ({error})"), []);
         }
     }
 
@@ -745,9 +757,65 @@ impl Writer {
                     .map_err(storage_failure)?;
             }
         }
+        // Readers see the batch only once its log entry is durable.
+        self.syncer.wait().map_err(|error| {
+            Failure::Storage(StoreError::Storage(format!(
+                "syncing the log failed: {error}"
+            )))
+        })?;
         txn.commit().map_err(storage_failure)?;
         self.metrics.record_bytes_written(bytes_written);
         Ok(())
+    }
+}
+
+/// Runs the log's syncs on a thread of their own, so the writer applies a batch while the
+/// entry holding it reaches the disk.
+struct Syncer {
+    requests: std::sync::mpsc::Sender<PendingSync>,
+    results: std::sync::mpsc::Receiver<std::io::Result<()>>,
+    /// Whether a sync was begun and not waited for.
+    running: bool,
+}
+
+impl Syncer {
+    fn start() -> Syncer {
+        let (requests, pending) = std::sync::mpsc::channel::<PendingSync>();
+        let (done, results) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("refract-log-sync".into())
+            .spawn(move || {
+                // Ends with the writer, which holds the other end.
+                for sync in pending {
+                    if done.send(sync.run()).is_err() {
+                        return;
+                    }
+                }
+            })
+            .expect("cannot start the log sync thread");
+        Syncer {
+            requests,
+            results,
+            running: false,
+        }
+    }
+
+    fn begin(&mut self, sync: PendingSync) {
+        debug_assert!(!self.running, "one sync at a time");
+        self.requests
+            .send(sync)
+            .expect("the log sync thread runs as long as the writer");
+        self.running = true;
+    }
+
+    /// Waits for the sync begun last, if any.
+    fn wait(&mut self) -> std::io::Result<()> {
+        if !std::mem::take(&mut self.running) {
+            return Ok(());
+        }
+        self.results
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the log sync thread is gone")))
     }
 }
 
