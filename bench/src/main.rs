@@ -100,6 +100,11 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "{:<44} {:>12} {:>10} {:>10} {:>12} {:>10}",
         "scenario", "events/s", "p50", "p99", "disk B/ev", "peak RSS"
     );
+    if args.wants("single") || args.wants("batch") {
+        let ceiling = dir.join("ceiling");
+        let seconds = args.seconds;
+        tokio::task::block_in_place(|| disk_ceiling(&ceiling, seconds))?;
+    }
     let server = BenchServer::start(&dir.join("appends")).await?;
     if args.wants("single") {
         for clients in [1, 16, 64] {
@@ -155,6 +160,37 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("consumer groups (delivered + acked messages/s):");
         groups::run(&dir.join("groups"), args.seconds).await?;
     }
+    Ok(())
+}
+
+/// The disk's rate of sequential 4 KiB writes each followed by `fdatasync`: the most durable
+/// appends a second one client can have, whatever the store.
+fn disk_ceiling(dir: &Path, seconds: u64) -> anyhow::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("ceiling");
+    let mut file = std::fs::File::create(&path)?;
+    let block = vec![0x5a_u8; 4096];
+    let mut latencies = Latencies::default();
+    let mut writes = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let write_started = Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        latencies.0.push(write_started.elapsed().as_micros() as u64);
+        writes += 1;
+    }
+    let elapsed = started.elapsed();
+    drop(file);
+    std::fs::remove_file(&path)?;
+    report(
+        "ceiling: 4 KiB write + fdatasync",
+        writes,
+        elapsed,
+        &mut latencies,
+        None,
+    );
     Ok(())
 }
 
