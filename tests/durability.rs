@@ -19,10 +19,10 @@ async fn kill_9_loses_no_acknowledged_event_and_shows_no_partial_batch() {
     crash_and_check(&[]).await;
 }
 
-/// The same with redb's quick repair, which changes how a crashed file is reopened.
+/// The same without redb's quick repair, which changes how a crashed file is reopened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_with_quick_repair_loses_nothing_either() {
-    crash_and_check(&["--quick-repair"]).await;
+async fn kill_9_without_quick_repair_loses_nothing_either() {
+    crash_and_check(&["--quick-repair=false"]).await;
 }
 
 async fn crash_and_check(args: &[&str]) {

@@ -4,6 +4,7 @@
 //! The server runs in this process (the clients too, sharing the same cores), except for the
 //! startup measurement, which starts the real `refract` binary on the many-streams store.
 
+mod footprint;
 mod groups;
 mod rebuild;
 mod sharding;
@@ -43,8 +44,9 @@ struct BenchArgs {
     /// Streams written in the many-streams scenario (3 events each).
     #[arg(long, default_value_t = 1_000_000)]
     streams: u64,
-    /// Many-streams scenario: write and restart with `--quick-repair`.
-    #[arg(long)]
+    /// Many-streams scenario: write and restart with `--quick-repair` on (the default) or off.
+    #[arg(long, value_name = "BOOL", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
     quick_repair: bool,
     /// Events written with the system projections stopped before they catch up on them.
     #[arg(long, default_value_t = 10_000_000)]
@@ -59,8 +61,12 @@ struct BenchArgs {
     /// Log sizes of the rebuild scenario (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1000000,10000000")]
     rebuild_events: Vec<u64>,
-    /// Run only these scenarios (comma-separated): single, batch, read, streams, projections,
-    /// wasm, rebuild, sharding, groups.
+    /// Footprint scenario: single events to new streams, then batches of 1,000 (the PostgreSQL
+    /// peer's events).
+    #[arg(long, value_delimiter = ',', default_value = "200000,300")]
+    footprint: Vec<u64>,
+    /// Run only these scenarios (comma-separated): single, batch, footprint, read, streams,
+    /// projections, wasm, rebuild, sharding, groups.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -136,6 +142,14 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
             report(label, events, started.elapsed(), &mut latencies, None);
         }
         store.shutdown().await;
+    }
+    if args.wants("footprint") {
+        println!("footprint of the PostgreSQL peer's events:");
+        let (singles, batches) = match args.footprint[..] {
+            [singles, batches] => (singles, batches),
+            _ => anyhow::bail!("--footprint takes two numbers: SINGLES,BATCHES"),
+        };
+        footprint::run(&dir.join("footprint"), singles, batches).await?;
     }
     if args.wants("streams") {
         many_streams(&dir.join("streams"), args.streams, args.quick_repair).await?;
@@ -523,16 +537,25 @@ async fn many_streams(dir: &Path, streams: u64, quick_repair: bool) -> anyhow::R
         disk >> 20,
         disk as f64 / streams as f64,
     );
-    let (startup, rss_kib) = startup_time(dir, quick_repair, Stop::Gracefully).await?;
+    let server = RunningServer::start(dir, quick_repair).await?;
     println!(
-        "  server start on this store: {startup:.2?} to answer /health; RSS then {} MiB",
-        rss_kib / 1024
+        "  server start on this store: {:.2?} to answer /health; RSS then {} MiB",
+        server.startup,
+        server.rss_kib / 1024
     );
-    startup_time(dir, quick_repair, Stop::Kill).await?;
+    server.stop().await?;
+    RunningServer::start(dir, quick_repair)
+        .await?
+        .kill()
+        .await?;
     // The server above was killed: this start recovers the database first.
-    let (startup, _) = startup_time(dir, quick_repair, Stop::Gracefully).await?;
-    println!("  server start after a kill -9: {startup:.2?} to answer /health");
-    Ok(())
+    let server = RunningServer::start(dir, quick_repair).await?;
+    println!(
+        "  server start after a kill -9: {:.2?} to answer /health",
+        server.startup
+    );
+    server.stop().await?;
+    startup_after_kill_under_load(dir, quick_repair).await
 }
 
 /// The `refract` binary built beside this one (`cargo build --release -p refract -p
@@ -549,61 +572,116 @@ fn refract_binary() -> anyhow::Result<PathBuf> {
     Ok(binary)
 }
 
-enum Stop {
-    Gracefully,
-    Kill,
+/// A `refract serve` child process that answered `/health`.
+struct RunningServer {
+    child: tokio::process::Child,
+    address: SocketAddr,
+    /// From spawning the process to its first answer to `/health`.
+    startup: Duration,
+    rss_kib: u64,
 }
 
-/// Starts the real binary on `dir`, times it until it answers `/health`, and stops it.
-async fn startup_time(
-    dir: &Path,
-    quick_repair: bool,
-    stop: Stop,
-) -> anyhow::Result<(Duration, u64)> {
-    let binary = refract_binary()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let started = Instant::now();
-    let mut child = tokio::process::Command::new(binary)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
-        .arg(dir)
-        .args(quick_repair.then_some("--quick-repair"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start the server")?;
-    let client = Client::new(&format!("http://127.0.0.1:{port}"), None)?;
-    while !client.healthy().await {
-        if child.try_wait()?.is_some() {
-            let output = child.wait_with_output().await?;
-            anyhow::bail!(
-                "the server exited: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
+impl RunningServer {
+    /// Starts the real binary on `dir` and times it until it answers `/health`.
+    async fn start(dir: &Path, quick_repair: bool) -> anyhow::Result<RunningServer> {
+        let binary = refract_binary()?;
+        let address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new(binary)
+            .args(["serve", "--listen", &address.to_string(), "--data"])
+            .arg(dir)
+            .arg(format!("--quick-repair={quick_repair}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the server")?;
+        let client = Client::new(&format!("http://{address}"), None)?;
+        while !client.healthy().await {
+            if child.try_wait()?.is_some() {
+                let output = child.wait_with_output().await?;
+                anyhow::bail!(
+                    "the server exited: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                anyhow::bail!("the server did not start within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        if started.elapsed() > Duration::from_secs(60) {
-            anyhow::bail!("the server did not start within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        let startup = started.elapsed();
+        let rss_kib = child.id().map_or(0, |pid| {
+            status_kib(&format!("/proc/{pid}/status"), "VmRSS:")
+        });
+        Ok(RunningServer {
+            child,
+            address,
+            startup,
+            rss_kib,
+        })
     }
-    let startup = started.elapsed();
-    let rss = child.id().map_or(0, |pid| {
-        status_kib(&format!("/proc/{pid}/status"), "VmRSS:")
-    });
-    match stop {
-        Stop::Kill => child.kill().await?,
-        Stop::Gracefully => {
-            let pid = child.id().context("the server has no pid")?.to_string();
-            tokio::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .await?;
-            child.wait().await?;
-        }
+
+    /// `kill -9`.
+    async fn kill(mut self) -> anyhow::Result<()> {
+        Ok(self.child.kill().await?)
     }
-    Ok((startup, rss))
+
+    /// SIGTERM, then waits for the exit; returns what the server logged.
+    async fn stop(self) -> anyhow::Result<String> {
+        let pid = self
+            .child
+            .id()
+            .context("the server has no pid")?
+            .to_string();
+        tokio::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await?;
+        let output = self.child.wait_with_output().await?;
+        Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// Appends batches of 1,000 from four clients, kills the server with `kill -9` in the middle,
+/// and times the next start, which replays the log written since the last checkpoint.
+async fn startup_after_kill_under_load(dir: &Path, quick_repair: bool) -> anyhow::Result<()> {
+    let server = RunningServer::start(dir, quick_repair).await?;
+    let events: Vec<NewEvent> = (0..1000).map(sample_event).collect();
+    let body = bytes::Bytes::from(serde_json::to_vec(&events)?);
+    let mut loaders = Vec::new();
+    for client in 0..4 {
+        let (address, body) = (server.address, body.clone());
+        loaders.push(tokio::spawn(async move {
+            let path = format!("/streams/killed-{client}");
+            let Ok(mut connection) = Connection::open(address).await else {
+                return;
+            };
+            // Until the kill ends the connection.
+            while connection.post(&path, body.clone()).await.is_ok() {}
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.kill().await?;
+    for loader in loaders {
+        loader.await?;
+    }
+    let restarted = RunningServer::start(dir, quick_repair).await?;
+    let startup = restarted.startup;
+    let log = restarted.stop().await?;
+    let replayed = log
+        .lines()
+        .find(|line| line.contains("replayed the write-ahead log"))
+        .and_then(|line| {
+            let entries = line.split("entries=").nth(1)?;
+            entries.split_whitespace().next().map(str::to_owned)
+        })
+        .unwrap_or_else(|| "no".to_owned());
+    println!(
+        "  server start after a kill -9 under load (batches of 1,000): {startup:.2?} to answer \
+         /health, replaying {replayed} log entries"
+    );
+    Ok(())
 }
 
 fn status_kib(path: &str, field: &str) -> u64 {

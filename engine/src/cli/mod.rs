@@ -78,9 +78,11 @@ struct ServeArgs {
     /// the last checkpoint, a quarter of a second; the store stays consistent).
     #[arg(long)]
     no_fsync: bool,
-    /// Make restarts after a crash fast (milliseconds instead of a walk over the whole
-    /// database file) at the cost of a second fsync per checkpoint.
-    #[arg(long)]
+    /// Keep restarts after a crash fast (milliseconds instead of a walk over the whole
+    /// database file) at the cost of a second fsync per checkpoint; `--quick-repair=false`
+    /// turns it off.
+    #[arg(long, value_name = "BOOL", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
     quick_repair: bool,
     /// Memory for the database's page cache, in MiB (default: a quarter of the machine's).
     #[arg(long)]

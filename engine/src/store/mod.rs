@@ -303,7 +303,7 @@ impl Default for StoreOptions {
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
             cache_bytes: default_cache_bytes(),
             log_segment_bytes: crate::wal::SEGMENT_BYTES,
-            quick_repair: false,
+            quick_repair: true,
             index_batch: 100_000,
             index_config: None,
         }
@@ -877,13 +877,23 @@ impl Store {
     /// Bytes of the database pages in use by every table (the file itself grows in larger
     /// steps). Blocking.
     pub fn used_bytes(&self) -> Result<u64, StoreError> {
+        Ok(self.table_bytes()?.iter().map(|(_, bytes)| bytes).sum())
+    }
+
+    /// The bytes of database pages each table uses, largest first. Blocking.
+    pub fn table_bytes(&self) -> Result<Vec<(String, u64)>, StoreError> {
         let txn = self.inner.db.begin_read()?;
-        let mut pages = 0;
+        let mut tables = Vec::new();
         for table in txn.list_tables()? {
+            let name = redb::TableHandle::name(&table).to_owned();
             let stats = txn.open_untyped_table(table)?.stats()?;
-            pages += stats.leaf_pages() + stats.branch_pages();
+            tables.push((
+                name,
+                (stats.leaf_pages() + stats.branch_pages()) * PAGE_BYTES,
+            ));
         }
-        Ok(pages * PAGE_BYTES)
+        tables.sort_by_key(|(_, bytes)| std::cmp::Reverse(*bytes));
+        Ok(tables)
     }
 
     /// The number of streams clients have created (not counting system output streams). Blocking.
