@@ -43,6 +43,10 @@ impl Seeded {
     }
 }
 
+/// How long a sync of a log file takes: long enough for the writer to log the next entry
+/// meanwhile, as it does on a real disk.
+const LOG_SYNC_TIME: std::time::Duration = std::time::Duration::from_micros(200);
+
 #[derive(Default)]
 pub struct SimulatedDisk {
     state: Mutex<State>,
@@ -95,7 +99,13 @@ impl SimulatedFile {
     }
 
     fn sync(&mut self) {
-        for change in self.unsynced.drain(..) {
+        self.sync_first(self.unsynced.len());
+    }
+
+    /// Makes the oldest `count` unsynced changes durable.
+    fn sync_first(&mut self, count: usize) {
+        let count = count.min(self.unsynced.len());
+        for change in self.unsynced.drain(..count) {
             change.apply(&mut self.durable);
         }
     }
@@ -235,7 +245,11 @@ impl LogFile for SimulatedHandle {
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.alive(SimulatedFile::sync)
+        // As a disk's, a sync takes a while and covers the writes made before it began: those
+        // made meanwhile (the next log entry's) stay unsynced until a sync of their own.
+        let covered = self.alive(|file| file.unsynced.len())?;
+        std::thread::sleep(LOG_SYNC_TIME);
+        self.alive(|file| file.sync_first(covered))
     }
 
     fn zero_from(&self, offset: u64) -> io::Result<()> {

@@ -17,7 +17,9 @@
 //!
 //! Durability comes from the write-ahead log, not from redb: a batch is first written to the log
 //! as one entry (its operations and the time it is stamped with) and synced, then applied to redb
-//! in a non-durable commit, which readers see at once, then answered. Every checkpoint interval
+//! in a non-durable commit, which readers see at once, then answered. Applying overlaps the
+//! sync, and so does logging the operations that arrived meanwhile as the next entry, whose sync
+//! then follows at once; commits and answers stay in log order. Every checkpoint interval
 //! an empty durable redb commit makes everything applied so far durable
 //! (each commit records the last entry it applied), and the log's segments before it are
 //! dropped. Opening replays the entries past that record; applying is deterministic, so they
@@ -408,6 +410,19 @@ pub(super) struct Writer {
     stopped: Option<String>,
     /// Reused to encode entries.
     entry_buffer: Vec<u8>,
+    /// Where operations wait; absent while the log is replayed.
+    queue: Option<mpsc::Receiver<Queued>>,
+    /// The next batch, logged (and its sync begun) while the entry before it was syncing.
+    prepared: Option<Prepared>,
+    /// A shutdown taken from the queue: everything queued before it is committed first.
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+/// A batch in the log, not yet applied.
+struct Prepared {
+    index: u64,
+    now_ms: i64,
+    batch: Vec<Box<dyn Job>>,
 }
 
 /// Why a transaction did not commit.
@@ -449,6 +464,9 @@ impl Writer {
             bytes_since_checkpoint: 0,
             stopped: None,
             entry_buffer: Vec::new(),
+            queue: None,
+            prepared: None,
+            shutdown: None,
         };
         writer.publish_index_progress();
         writer
@@ -493,9 +511,28 @@ impl Writer {
         }
     }
 
-    pub(super) fn run(mut self, mut queue: mpsc::Receiver<Queued>) {
-        let mut batch: Vec<Box<dyn Job>> = Vec::new();
+    pub(super) fn run(mut self, queue: mpsc::Receiver<Queued>) {
+        self.queue = Some(queue);
         loop {
+            if let Some(Prepared {
+                index,
+                now_ms,
+                batch,
+            }) = self.prepared.take()
+            {
+                match &self.stopped {
+                    Some(reason) => fail_all(reason, batch),
+                    None => self.apply(index, now_ms, batch),
+                }
+                self.checkpoint(false);
+                continue;
+            }
+            if let Some(reply) = self.shutdown.take() {
+                self.checkpoint(true);
+                let _ = reply.send(());
+                return;
+            }
+            let queue = self.queue.as_mut().expect("the queue while running");
             // While an index is behind, catching up is work to do between requests.
             let first = if self.log.indexer.behind(self.log.next_position) {
                 match queue.try_recv() {
@@ -509,32 +546,65 @@ impl Writer {
                     None => return,
                 }
             };
-            let mut shutdown = None;
-            let mut bytes = 0;
-            let mut next = first;
-            while let Some(queued) = next.take() {
-                match queued {
-                    Queued::Shutdown(reply) => {
-                        shutdown = Some(reply);
-                        break;
-                    }
-                    Queued::Operation(job) => {
-                        bytes += job.payload_bytes();
-                        batch.push(job);
-                    }
+            let batch = self.take_queued(first);
+            if self.shutdown.is_none() || !batch.is_empty() {
+                self.commit(batch);
+            }
+        }
+    }
+
+    /// `first` and the operations queued after it, up to a batch's size or a shutdown.
+    fn take_queued(&mut self, first: Option<Queued>) -> Vec<Box<dyn Job>> {
+        let mut batch = Vec::new();
+        let Some(queue) = self.queue.as_mut() else {
+            return batch;
+        };
+        let mut bytes = 0;
+        let mut next = first;
+        while let Some(queued) = next.take() {
+            match queued {
+                Queued::Shutdown(reply) => {
+                    self.shutdown = Some(reply);
+                    break;
                 }
-                if bytes < MAX_BATCH_BYTES {
-                    next = queue.try_recv().ok();
+                Queued::Operation(job) => {
+                    bytes += job.payload_bytes();
+                    batch.push(job);
                 }
             }
-            if shutdown.is_none() || !batch.is_empty() {
-                self.commit(std::mem::take(&mut batch));
+            if bytes < MAX_BATCH_BYTES {
+                next = queue.try_recv().ok();
             }
-            if let Some(reply) = shutdown {
-                self.checkpoint(true);
-                let _ = reply.send(());
-                return;
+        }
+        batch
+    }
+
+    /// While the entry being applied still syncs, logs the operations queued since as the next
+    /// entry and begins its sync, which then follows this one without waiting for this commit,
+    /// its answers and the next batch's taking. Applying stays in log order, as replay does.
+    fn prepare_next(&mut self) {
+        if self.prepared.is_some()
+            || self.shutdown.is_some()
+            || self.stopped.is_some()
+            || !self.syncer.is_pending(self.applied_index)
+        {
+            return;
+        }
+        let first = self.queue.as_mut().and_then(|queue| queue.try_recv().ok());
+        let batch = self.take_queued(first);
+        if batch.is_empty() {
+            return;
+        }
+        let now_ms = now_ms();
+        match self.log_entry(now_ms, &batch) {
+            Ok(index) => {
+                self.prepared = Some(Prepared {
+                    index,
+                    now_ms,
+                    batch,
+                })
             }
+            Err(error) => self.stop(format!("the write-ahead log failed ({error})"), batch),
         }
     }
 
@@ -545,9 +615,7 @@ impl Writer {
             fail_all(reason, batch);
             return;
         }
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_millis() as i64);
+        let now_ms = now_ms();
         if batch.is_empty() {
             self.log.now_ms = now_ms;
             self.commit_together(batch);
@@ -575,7 +643,7 @@ impl Writer {
         self.bytes_since_checkpoint += self.entry_buffer.len() as u64;
         if self.options.durable && batch.iter().any(|job| job.needs_fsync()) {
             // Applying the batch overlaps the sync; it commits once the sync is done.
-            self.syncer.begin(self.wal.take_sync());
+            self.syncer.begin(index, self.wal.take_sync());
         }
         Ok(index)
     }
@@ -593,7 +661,7 @@ impl Writer {
             }
         }
         // Nothing committed when every operation was refused; the sync still must end.
-        if let Err(error) = self.syncer.wait()
+        if let Err(error) = self.syncer.wait_for(index)
             && self.stopped.is_none()
         {
             self.stop(format!("syncing log entry {index} failed ({error})"), []);
@@ -757,8 +825,9 @@ impl Writer {
                     .map_err(storage_failure)?;
             }
         }
+        self.prepare_next();
         // Readers see the batch only once its log entry is durable.
-        self.syncer.wait().map_err(|error| {
+        self.syncer.wait_for(self.applied_index).map_err(|error| {
             Failure::Storage(StoreError::Storage(format!(
                 "syncing the log failed: {error}"
             )))
@@ -769,25 +838,29 @@ impl Writer {
     }
 }
 
-/// Runs the log's syncs on a thread of their own, so the writer applies a batch while the
-/// entry holding it reaches the disk.
+/// Runs the log's syncs on a thread of their own, in the order they are begun, so the writer
+/// applies a batch while the entry holding it reaches the disk.
 struct Syncer {
-    requests: std::sync::mpsc::Sender<PendingSync>,
-    results: std::sync::mpsc::Receiver<std::io::Result<()>>,
-    /// Whether a sync was begun and not waited for.
-    running: bool,
+    requests: std::sync::mpsc::Sender<(u64, PendingSync)>,
+    results: std::sync::mpsc::Receiver<(u64, std::io::Result<()>)>,
+    /// The entry of the last sync begun.
+    begun: u64,
+    /// The entry of the last sync known to be done.
+    done: u64,
+    /// Why a sync failed: the log's durable end is unknown from then on, so every wait fails.
+    failed: Option<String>,
 }
 
 impl Syncer {
     fn start() -> Syncer {
-        let (requests, pending) = std::sync::mpsc::channel::<PendingSync>();
+        let (requests, pending) = std::sync::mpsc::channel::<(u64, PendingSync)>();
         let (done, results) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("refract-log-sync".into())
             .spawn(move || {
                 // Ends with the writer, which holds the other end.
-                for sync in pending {
-                    if done.send(sync.run()).is_err() {
+                for (index, sync) in pending {
+                    if done.send((index, sync.run())).is_err() {
                         return;
                     }
                 }
@@ -796,27 +869,57 @@ impl Syncer {
         Syncer {
             requests,
             results,
-            running: false,
+            begun: 0,
+            done: 0,
+            failed: None,
         }
     }
 
-    fn begin(&mut self, sync: PendingSync) {
-        debug_assert!(!self.running, "one sync at a time");
+    /// Begins the sync of every log entry up to `index`, after the syncs begun before it.
+    fn begin(&mut self, index: u64, sync: PendingSync) {
+        debug_assert!(index > self.begun, "syncs are begun in log order");
         self.requests
-            .send(sync)
+            .send((index, sync))
             .expect("the log sync thread runs as long as the writer");
-        self.running = true;
+        self.begun = index;
     }
 
-    /// Waits for the sync begun last, if any.
-    fn wait(&mut self) -> std::io::Result<()> {
-        if !std::mem::take(&mut self.running) {
-            return Ok(());
+    /// Whether a sync that entry `index` waits for is still running.
+    fn is_pending(&mut self, index: u64) -> bool {
+        while let Ok((done, result)) = self.results.try_recv() {
+            self.finished(done, result);
         }
-        self.results
-            .recv()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the log sync thread is gone")))
+        self.failed.is_none() && self.done < index.min(self.begun)
     }
+
+    /// Waits until the syncs that cover entry `index` are done (those begun up to it).
+    fn wait_for(&mut self, index: u64) -> std::io::Result<()> {
+        while self.failed.is_none() && self.done < index.min(self.begun) {
+            match self.results.recv() {
+                Ok((done, result)) => self.finished(done, result),
+                Err(_) => self.failed = Some("the log sync thread is gone".into()),
+            }
+        }
+        match &self.failed {
+            Some(reason) => Err(std::io::Error::other(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn finished(&mut self, index: u64, result: std::io::Result<()>) {
+        match result {
+            Ok(()) => self.done = index,
+            Err(error) => {
+                self.failed.get_or_insert_with(|| error.to_string());
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 
 fn fail_all(reason: &str, jobs: impl IntoIterator<Item = Box<dyn Job>>) {
