@@ -45,8 +45,19 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 /// How long shutdown waits for open requests before it closes the store anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// What every handler reaches, behind one `Arc`: axum clones the state for each request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+pub struct Services {
     pub store: Store,
     pub projections: Projections,
     pub sharders: Sharders,
@@ -132,7 +143,7 @@ pub fn app(
     let (router, document) = routes(&tokens);
     let openapi =
         Arc::new(serde_json::to_string_pretty(&document).expect("the OpenAPI document serialises"));
-    let state = AppState {
+    let state = AppState(Arc::new(Services {
         store,
         projections,
         sharders,
@@ -142,7 +153,7 @@ pub fn app(
         data_dir: config.data_dir,
         heartbeat: config.sse_heartbeat,
         openapi,
-    };
+    }));
     router
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
