@@ -80,7 +80,7 @@ impl LogStorage for Directory {
             .create(true)
             .truncate(true)
             .open(self.path.join(name))?;
-        // Allocated up front, so syncing later writes flushes data, not the file's size.
+        // Full size up front, so syncing later writes never has a new size to record.
         file.set_len(len)?;
         file.sync_all()?;
         self.sync()?;
