@@ -75,7 +75,7 @@ struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     tokens_file: Option<PathBuf>,
     /// Answer writes before the log is synced (faster; a power failure loses the writes since
-    /// the last checkpoint, a quarter of a second; the store stays consistent).
+    /// the last checkpoint, at most half a second; the store stays consistent).
     #[arg(long)]
     no_fsync: bool,
     /// Keep restarts after a crash fast (milliseconds instead of a walk over the whole

@@ -325,6 +325,36 @@ struct Inner {
     writer_thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Wakes the writer every checkpoint interval (within 10 ms to 1 s), so a checkpoint never
+/// waits for the next write. Holds the queue weakly: it ends once the store is gone.
+fn start_ticks(
+    queue: mpsc::WeakSender<writer::Queued>,
+    interval: std::time::Duration,
+) -> Result<(), StoreError> {
+    let interval = interval.clamp(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_secs(1),
+    );
+    std::thread::Builder::new()
+        .name("refract-checkpoint-tick".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                let Some(queue) = queue.upgrade() else {
+                    return;
+                };
+                // A full queue has writes to carry the checkpoint already.
+                if let Err(mpsc::error::TrySendError::Closed(_)) =
+                    queue.try_send(writer::Queued::Tick)
+                {
+                    return;
+                }
+            }
+        })
+        .map_err(StoreError::storage)?;
+    Ok(())
+}
+
 impl Store {
     /// Opens (or creates) the store in `data_dir` and starts its writer.
     pub fn open(
@@ -381,10 +411,12 @@ impl Store {
                 "replayed the write-ahead log"
             );
         }
+        let checkpoint_interval = writer.checkpoint_interval();
         let writer_thread = std::thread::Builder::new()
             .name("refract-writer".into())
             .spawn(move || writer.run(queue))
             .map_err(StoreError::storage)?;
+        start_ticks(requests.downgrade(), checkpoint_interval)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 db,

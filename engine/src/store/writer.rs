@@ -86,6 +86,9 @@ pub(super) enum Queued {
     Operation(Box<dyn Job>),
     /// Commit what came before, make it durable, and stop.
     Shutdown(oneshot::Sender<()>),
+    /// Wakes an idle writer, so that a checkpoint falls due without a write to carry it: with
+    /// `--no-fsync`, it is what makes the last writes of a burst durable.
+    Tick,
 }
 
 /// An operation queued with the channel its typed answer goes back on.
@@ -105,7 +108,7 @@ pub(super) fn queue<O: Operation>(
 pub(super) fn unanswered<O: Operation>(operation: O) -> Box<dyn Job> {
     match queue(operation).0 {
         Queued::Operation(job) => job,
-        Queued::Shutdown(_) => unreachable!("queue makes operations"),
+        Queued::Shutdown(_) | Queued::Tick => unreachable!("queue makes operations"),
     }
 }
 
@@ -511,6 +514,10 @@ impl Writer {
         }
     }
 
+    pub(super) fn checkpoint_interval(&self) -> Duration {
+        self.options.checkpoint_interval
+    }
+
     pub(super) fn run(mut self, queue: mpsc::Receiver<Queued>) {
         self.queue = Some(queue);
         loop {
@@ -546,9 +553,12 @@ impl Writer {
                     None => return,
                 }
             };
+            let indexing = first.is_none();
             let batch = self.take_queued(first);
-            if self.shutdown.is_none() || !batch.is_empty() {
+            if !batch.is_empty() || (indexing && self.shutdown.is_none()) {
                 self.commit(batch);
+            } else {
+                self.checkpoint(false);
             }
         }
     }
@@ -571,6 +581,7 @@ impl Writer {
                     bytes += job.payload_bytes();
                     batch.push(job);
                 }
+                Queued::Tick => {}
             }
             if bytes < MAX_BATCH_BYTES {
                 next = queue.try_recv().ok();
@@ -1018,7 +1029,7 @@ pub(super) mod tests {
             .into_iter()
             .map(|queued| match queued {
                 Queued::Operation(job) => job,
-                Queued::Shutdown(_) => unreachable!(),
+                Queued::Shutdown(_) | Queued::Tick => unreachable!(),
             })
             .collect();
         writer.commit(batch);
