@@ -24,6 +24,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod disk;
 pub mod groups;
 pub mod http;

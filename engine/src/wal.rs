@@ -4,13 +4,14 @@
 //! An entry on disk is a 24-byte header — payload length, CRC-32 of everything after the CRC,
 //! term, index — then the payload. Segments are files named by their first index and made full
 //! size when created, so appending never changes a file's size for `fdatasync` to record
-//! (reserving the blocks as well, with `fallocate`, measured no faster). Reading stops at the first entry whose length is zero, whose checksum fails or whose
-//! index is not the next one: a torn tail was never synced, so never acknowledged. Opening cuts
-//! the log there and clears what lies past it, so stale bytes can never pass for entries later.
+//! (reserving the blocks as well, with `fallocate`, measured no faster). Reading stops at the
+//! first entry whose length is zero, whose checksum fails or whose index is not the next one:
+//! a torn tail was never synced, so never acknowledged. Opening cuts the log there and clears
+//! what lies past it, so stale bytes can never pass for entries later.
 //!
 //! The log can also drop entries after an index (a follower's conflicting tail), drop segments
-//! before one (once the database holds them durably) and keep a vote: what a replicated log
-//! needs from its storage.
+//! before one (once the database holds them durably) and keep small state beside it, such as
+//! a vote: what a replicated log needs from its storage.
 
 use std::io;
 use std::sync::Arc;
@@ -22,7 +23,6 @@ use crate::disk::{LogFile, LogStorage};
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 const HEADER_BYTES: usize = 24;
 const SEGMENT_SUFFIX: &str = ".wal";
-const VOTE_FILE: &str = "vote";
 
 /// One entry, as read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,6 +210,12 @@ impl Wal {
 
     /// Reads the entries from `from` (inclusive) to the end, oldest first.
     pub fn read_from(&self, from: u64) -> io::Result<Vec<Entry>> {
+        self.read_range(from, u64::MAX)
+    }
+
+    /// Reads the entries from `from` (inclusive) to `until` (exclusive) that the log holds,
+    /// oldest first.
+    pub fn read_range(&self, from: u64, until: u64) -> io::Result<Vec<Entry>> {
         let mut entries = Vec::new();
         for (position, segment) in self.segments.iter().enumerate() {
             let last_in_segment = self
@@ -219,7 +225,13 @@ impl Wal {
             if last_in_segment <= from {
                 continue;
             }
+            if segment.first_index >= until {
+                break;
+            }
             scan(&*segment.file, segment.end, |_, header, payload| {
+                if header.index >= until {
+                    return false;
+                }
                 if header.index >= from {
                     entries.push(Entry {
                         term: header.term,
@@ -273,14 +285,16 @@ impl Wal {
         Ok(())
     }
 
-    /// Stores a vote durably, replacing the one kept before.
-    pub fn save_vote(&self, vote: &[u8]) -> io::Result<()> {
-        self.storage.replace(VOTE_FILE, vote)
+    /// Stores a small piece of state beside the log (a vote, where the log was purged to)
+    /// durably, replacing what was kept under that name before.
+    pub fn save_state(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        debug_assert!(!name.ends_with(SEGMENT_SUFFIX), "state is not a segment");
+        self.storage.replace(name, bytes)
     }
 
-    /// The vote kept last, if any.
-    pub fn vote(&self) -> io::Result<Option<Vec<u8>>> {
-        self.storage.read(VOTE_FILE)
+    /// The state kept last under `name`, if any.
+    pub fn state(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        self.storage.read(name)
     }
 
     /// Drops every entry; the next append gets `next_index`.
@@ -558,13 +572,33 @@ mod tests {
     }
 
     #[test]
-    fn the_vote_is_kept() {
+    fn state_beside_the_log_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let wal = open(dir.path(), 1);
-        assert_eq!(wal.vote().unwrap(), None);
-        wal.save_vote(b"term 3, node 2").unwrap();
-        wal.save_vote(b"term 4, node 1").unwrap();
+        assert_eq!(wal.state("vote").unwrap(), None);
+        wal.save_state("vote", b"term 3, node 2").unwrap();
+        wal.save_state("vote", b"term 4, node 1").unwrap();
+        wal.save_state("purged", b"7").unwrap();
         let wal = open(dir.path(), 1);
-        assert_eq!(wal.vote().unwrap(), Some(b"term 4, node 1".to_vec()));
+        assert_eq!(wal.state("vote").unwrap(), Some(b"term 4, node 1".to_vec()));
+        assert_eq!(wal.state("purged").unwrap(), Some(b"7".to_vec()));
+    }
+
+    #[test]
+    fn a_range_reads_only_its_entries_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        // Three entries of 124 bytes per 400-byte segment: entries 1-3, 4-6, 7-9, 10.
+        write_entries(dir.path(), 10, 400);
+        let wal = open(dir.path(), 1);
+        let indexes = |from, until| -> Vec<u64> {
+            let entries = wal.read_range(from, until).unwrap();
+            entries.iter().map(|entry| entry.index).collect()
+        };
+        assert_eq!(indexes(2, 5), vec![2, 3, 4]);
+        assert_eq!(indexes(4, 7), vec![4, 5, 6]);
+        assert_eq!(indexes(9, 100), vec![9, 10]);
+        assert_eq!(indexes(11, 20), Vec::<u64>::new());
+        assert_eq!(indexes(5, 5), Vec::<u64>::new());
+        assert_eq!(wal.read_range(3, 4).unwrap()[0].payload, vec![2; 100]);
     }
 }
