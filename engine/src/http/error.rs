@@ -110,6 +110,15 @@ impl From<StoreError> for ApiError {
             StoreError::ShuttingDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
             }
+            StoreError::NotLeader { leader_url } => {
+                let mut error =
+                    ApiError::new(StatusCode::MISDIRECTED_REQUEST, "not_leader", message);
+                error.details.insert(
+                    "leader_url".into(),
+                    leader_url.map_or(Value::Null, Value::from),
+                );
+                error
+            }
             StoreError::Storage(_) => {
                 tracing::error!(%message, "storage failure");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)

@@ -27,7 +27,9 @@ mod logged;
 pub(crate) mod projection_data;
 mod read;
 pub(crate) mod record;
+pub mod replicated;
 mod sharder_data;
+pub(crate) mod snapshot;
 mod streams;
 mod writer;
 
@@ -213,7 +215,7 @@ pub struct LinkInfo {
     pub revision: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("expected revision {expected} but the stream is at {}", describe_revision(*.actual))]
     WrongExpectedRevision {
@@ -228,6 +230,10 @@ pub enum StoreError {
     InvalidRequest(String),
     #[error("the store is shutting down")]
     ShuttingDown,
+    /// A write reached a node of a cluster that is not its leader (or stopped being it before
+    /// the write was committed).
+    #[error("this node is not the cluster's leader")]
+    NotLeader { leader_url: Option<String> },
     #[error("storage failure: {0}")]
     Storage(String),
 }
@@ -390,6 +396,43 @@ impl Store {
         let wal = Wal::open(log, recovered.wal_applied + 1, options.log_segment_bytes).map_err(
             |error| StoreError::Storage(format!("cannot open the write-ahead log: {error}")),
         )?;
+        Store::start(db, path, recovered, Some(wal), None, options, metrics)
+    }
+
+    /// Opens (or creates) a store in `data_dir` whose log a cluster keeps: the writer hands its
+    /// batches to `proposer`, and the cluster applies its committed entries with
+    /// [`Store::apply_replicated`]. `node_id` tells this node's proposals from others'.
+    pub fn open_replicated(
+        data_dir: &Path,
+        options: StoreOptions,
+        metrics: Arc<Metrics>,
+        node_id: u64,
+        proposer: Box<dyn replicated::Proposer>,
+    ) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|error| {
+            StoreError::Storage(format!("cannot create {}: {error}", data_dir.display()))
+        })?;
+        let path = data_dir.join(DATABASE_FILE);
+        let db = Arc::new(
+            redb::Builder::new()
+                .set_cache_size(options.cache_bytes)
+                .create(&path)?,
+        );
+        let recovered = writer::initialize(&db, &options)?;
+        let replica = replicated::Replica::new(&db, node_id, proposer)?;
+        Store::start(db, path, recovered, None, Some(replica), options, metrics)
+    }
+
+    /// Starts the writer on a database, after replaying `wal` (a single node's log) into it.
+    fn start(
+        db: Arc<Database>,
+        path: PathBuf,
+        recovered: writer::Recovered,
+        wal: Option<Wal>,
+        replica: Option<replicated::Replica>,
+        options: StoreOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
         let (head_sender, head) = watch::channel(recovered.next_position);
         let (requests, queue) = mpsc::channel(writer::QUEUE_CAPACITY);
         let index_progress = Arc::new(Mutex::new([IndexProgress::default(); 4]));
@@ -412,9 +455,17 @@ impl Store {
             );
         }
         let checkpoint_interval = writer.checkpoint_interval();
+        let replicated = replica.is_some();
+        writer.replica = replica;
         let writer_thread = std::thread::Builder::new()
             .name("refract-writer".into())
-            .spawn(move || writer.run(queue))
+            .spawn(move || {
+                if replicated {
+                    writer.run_replicated(queue)
+                } else {
+                    writer.run(queue)
+                }
+            })
             .map_err(StoreError::storage)?;
         start_ticks(requests.downgrade(), checkpoint_interval)?;
         Ok(Store {
@@ -823,12 +874,16 @@ impl Store {
 
     async fn submit<O: writer::Operation>(&self, operation: O) -> Result<O::Output, StoreError> {
         let (queued, answer) = writer::queue(operation);
+        self.send(queued).await?;
+        answer.await.map_err(|_| StoreError::ShuttingDown)?
+    }
+
+    async fn send(&self, queued: writer::Queued) -> Result<(), StoreError> {
         self.inner
             .requests
             .send(queued)
             .await
-            .map_err(|_| StoreError::ShuttingDown)?;
-        answer.await.map_err(|_| StoreError::ShuttingDown)?
+            .map_err(|_| StoreError::ShuttingDown)
     }
 
     /// Reads a stream. Blocking: call from a blocking context.

@@ -26,6 +26,9 @@
 //! give the same state and answers as the first time. A failure to write the log or to apply an
 //! entry already in it stops the writer: the outcome of what it held is whatever the log holds
 //! when the store is opened again.
+//!
+//! A replicated store has no log of its own: its batches are proposed to the cluster and applied
+//! once committed, on every node ([`super::replicated`]).
 
 use std::cell::OnceCell;
 use std::sync::{Arc, Mutex};
@@ -52,7 +55,7 @@ use crate::wal::{PendingSync, Wal};
 /// Operations waiting for the writer; senders wait when it is full, which is the backpressure.
 pub(super) const QUEUE_CAPACITY: usize = 8192;
 /// A batch stops taking queued operations once it holds this many payload bytes.
-const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
+pub(super) const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
 /// Log bytes that make a checkpoint due before its interval is over.
 const CHECKPOINT_BYTES: u64 = 64 << 20;
 /// The term entries are written in, until the log is replicated.
@@ -89,6 +92,17 @@ pub(super) enum Queued {
     /// Wakes an idle writer, so that a checkpoint falls due without a write to carry it: with
     /// `--no-fsync`, it is what makes the last writes of a burst durable.
     Tick,
+    /// A replicated log's committed entries, to apply in order.
+    Apply(
+        Vec<super::replicated::ReplicatedEntry>,
+        oneshot::Sender<Result<(), StoreError>>,
+    ),
+    /// A proposed batch the replicated log did not take: its operations get `error`.
+    ProposalFailed(u64, StoreError),
+    /// Make everything applied durable and answer a read of that state, for a snapshot.
+    Snapshot(oneshot::Sender<Result<super::replicated::StoreSnapshot, StoreError>>),
+    /// Replace the whole state with a snapshot's.
+    Install(std::fs::File, oneshot::Sender<Result<(), StoreError>>),
 }
 
 /// An operation queued with the channel its typed answer goes back on.
@@ -108,7 +122,7 @@ pub(super) fn queue<O: Operation>(
 pub(super) fn unanswered<O: Operation>(operation: O) -> Box<dyn Job> {
     match queue(operation).0 {
         Queued::Operation(job) => job,
-        Queued::Shutdown(_) | Queued::Tick => unreachable!("queue makes operations"),
+        _ => unreachable!("queue makes operations"),
     }
 }
 
@@ -392,25 +406,28 @@ pub(super) fn initialize(db: &Database, options: &StoreOptions) -> Result<Recove
 }
 
 pub(super) struct Writer {
-    db: Arc<Database>,
-    options: StoreOptions,
+    pub(super) db: Arc<Database>,
+    pub(super) options: StoreOptions,
     metrics: Arc<Metrics>,
     head: watch::Sender<u64>,
-    log: LogState,
+    pub(super) log: LogState,
     /// Where status queries read the indexes' progress.
     index_progress: Arc<Mutex<[IndexProgress; 4]>>,
-    wal: Wal,
+    /// The log of a single node; a replicated store's log belongs to the cluster.
+    wal: Option<Wal>,
     /// Syncs the log while the batch it holds is applied.
     syncer: Syncer,
     /// The last log entry applied to redb, and the one being applied.
     applied_index: u64,
+    /// What a replicated store tracks of its log and its proposals.
+    pub(super) replica: Option<super::replicated::Replica>,
     last_checkpoint: Instant,
     /// Whether anything was committed since the last checkpoint.
     committed_since_checkpoint: bool,
     /// Log bytes written since the last checkpoint.
     bytes_since_checkpoint: u64,
     /// Why the writer stopped taking operations: the log or redb failed with an entry in flight.
-    stopped: Option<String>,
+    pub(super) stopped: Option<String>,
     /// Reused to encode entries.
     entry_buffer: Vec<u8>,
     /// Where operations wait; absent while the log is replayed.
@@ -437,6 +454,7 @@ enum Failure {
 }
 
 impl Writer {
+    /// A writer for `wal` (a single node's log), or for a replicated log when `wal` is `None`.
     pub(super) fn new(
         db: Arc<Database>,
         options: StoreOptions,
@@ -444,7 +462,7 @@ impl Writer {
         head: watch::Sender<u64>,
         recovered: Recovered,
         index_progress: Arc<Mutex<[IndexProgress; 4]>>,
-        wal: Wal,
+        wal: Option<Wal>,
     ) -> Self {
         let mut writer = Writer {
             db,
@@ -462,6 +480,7 @@ impl Writer {
             wal,
             syncer: Syncer::start(),
             applied_index: recovered.wal_applied,
+            replica: None,
             last_checkpoint: Instant::now(),
             committed_since_checkpoint: false,
             bytes_since_checkpoint: 0,
@@ -477,14 +496,16 @@ impl Writer {
 
     /// Applies the log's entries that redb does not hold yet, then makes them durable.
     pub(super) fn replay(&mut self) -> Result<u64, StoreError> {
-        if self.wal.next_index() <= self.applied_index {
+        let Some(wal) = self.wal.as_mut() else {
+            return Ok(0);
+        };
+        if wal.next_index() <= self.applied_index {
             // The log ends before what redb holds: a checkpoint syncs the log first, so it was
             // removed or damaged. Numbering goes on after what redb holds.
-            self.wal
-                .reset(self.applied_index + 1)
+            wal.reset(self.applied_index + 1)
                 .map_err(|error| StoreError::Storage(format!("cannot reset the log: {error}")))?;
         }
-        if let Some(first) = self.wal.first_index()
+        if let Some(first) = wal.first_index()
             && first > self.applied_index + 1
         {
             return Err(StoreError::Storage(format!(
@@ -493,8 +514,7 @@ impl Writer {
                 self.applied_index
             )));
         }
-        let entries = self
-            .wal
+        let entries = wal
             .read_from(self.applied_index + 1)
             .map_err(|error| StoreError::Storage(format!("cannot read the log: {error}")))?;
         let replayed = entries.len() as u64;
@@ -512,6 +532,16 @@ impl Writer {
             Some(reason) => Err(StoreError::Storage(reason.clone())),
             None => Ok(replayed),
         }
+    }
+
+    /// Continues from the state a database was (re)initialized to.
+    pub(super) fn continue_from(&mut self, recovered: Recovered) {
+        self.log.next_position = recovered.next_position;
+        self.log.next_stream_id = recovered.next_stream_id;
+        self.log.indexer = recovered.indexer;
+        self.applied_index = recovered.wal_applied;
+        self.head.send_replace(recovered.next_position);
+        self.publish_index_progress();
     }
 
     pub(super) fn checkpoint_interval(&self) -> Duration {
@@ -582,6 +612,7 @@ impl Writer {
                     batch.push(job);
                 }
                 Queued::Tick => {}
+                replicated => super::replicated::refuse(replicated),
             }
             if bytes < MAX_BATCH_BYTES {
                 next = queue.try_recv().ok();
@@ -647,21 +678,23 @@ impl Writer {
         logged::encode(now_ms, batch, &mut self.entry_buffer)?;
         #[cfg(test)]
         logged::assert_round_trip(&self.entry_buffer);
-        let index = self
-            .wal
+        let wal = self.wal.as_mut().ok_or_else(|| {
+            StoreError::Storage("a replicated store has no log of its own".into())
+        })?;
+        let index = wal
             .append(TERM, &self.entry_buffer)
             .map_err(StoreError::storage)?;
         self.bytes_since_checkpoint += self.entry_buffer.len() as u64;
         if self.options.durable && batch.iter().any(|job| job.needs_fsync()) {
             // Applying the batch overlaps the sync; it commits once the sync is done.
-            self.syncer.begin(index, self.wal.take_sync());
+            self.syncer.begin(index, wal.take_sync());
         }
         Ok(index)
     }
 
     /// Applies a logged batch. Operations that poison it are taken out; the rest commit
     /// together, then each poisoning operation gets a transaction of its own.
-    fn apply(&mut self, index: u64, now_ms: i64, batch: Vec<Box<dyn Job>>) {
+    pub(super) fn apply(&mut self, index: u64, now_ms: i64, batch: Vec<Box<dyn Job>>) {
         self.applied_index = index;
         self.log.now_ms = now_ms;
         let poisoned = self.commit_together(batch);
@@ -681,18 +714,18 @@ impl Writer {
 
     /// Makes redb durable up to the last applied entry, when due (or `force`d), and drops the
     /// log segments it no longer needs.
-    fn checkpoint(&mut self, force: bool) {
+    pub(super) fn checkpoint(&mut self, force: bool) {
         let due = self.last_checkpoint.elapsed() >= self.options.checkpoint_interval
             || self.bytes_since_checkpoint >= CHECKPOINT_BYTES;
         if self.stopped.is_some() || !(force || (due && self.committed_since_checkpoint)) {
             return;
         }
         // The log first: after a power cut it must not end before what redb holds.
-        let result = self
-            .wal
-            .sync()
-            .map_err(StoreError::storage)
-            .and_then(|()| self.commit_empty_durably());
+        let synced = match self.wal.as_mut() {
+            Some(wal) => wal.sync().map_err(StoreError::storage),
+            None => Ok(()),
+        };
+        let result = synced.and_then(|()| self.commit_empty_durably());
         self.last_checkpoint = Instant::now();
         if let Err(error) = result {
             tracing::error!(%error, "checkpoint failed; the log keeps what it holds");
@@ -700,14 +733,17 @@ impl Writer {
         }
         self.committed_since_checkpoint = false;
         self.bytes_since_checkpoint = 0;
-        if let Err(error) = self.wal.purge_before(self.applied_index + 1) {
+        // A replicated log is purged by the cluster, once a snapshot covers it.
+        if let Some(wal) = self.wal.as_mut()
+            && let Err(error) = wal.purge_before(self.applied_index + 1)
+        {
             tracing::warn!(%error, "cannot drop old log segments");
         }
     }
 
     /// Stops taking writes, with an entry in the log that redb may not hold: `jobs`, and every
     /// request after them, fail until the store is opened again and replays the log.
-    fn stop(&mut self, cause: String, jobs: impl IntoIterator<Item = Box<dyn Job>>) {
+    pub(super) fn stop(&mut self, cause: String, jobs: impl IntoIterator<Item = Box<dyn Job>>) {
         let reason = format!("{cause}; the store takes no writes until it is opened again");
         tracing::error!(%reason);
         fail_all(&reason, jobs);
@@ -722,7 +758,7 @@ impl Writer {
     }
 
     /// Commits the batch without the operations that poison it, which it returns unanswered.
-    fn commit_together(&mut self, mut batch: Vec<Box<dyn Job>>) -> Vec<Box<dyn Job>> {
+    pub(super) fn commit_together(&mut self, mut batch: Vec<Box<dyn Job>>) -> Vec<Box<dyn Job>> {
         let mut poisoned = Vec::new();
         loop {
             let started = Instant::now();
@@ -779,7 +815,7 @@ impl Writer {
         self.publish_index_progress();
     }
 
-    fn publish_index_progress(&mut self) {
+    pub(super) fn publish_index_progress(&mut self) {
         let progress = self.log.indexer.progress();
         *self.index_progress.lock().expect("index progress lock") = progress;
     }
@@ -829,7 +865,9 @@ impl Writer {
                     .insert(NEXT_STREAM_ID, self.log.next_stream_id)
                     .map_err(storage_failure)?;
             }
-            if !batch.is_empty() {
+            if let Some(replica) = &self.replica {
+                replica.write_state(&mut tables).map_err(Failure::Storage)?;
+            } else if !batch.is_empty() {
                 tables
                     .meta
                     .insert(WAL_APPLIED, self.applied_index)
@@ -844,6 +882,9 @@ impl Writer {
             )))
         })?;
         txn.commit().map_err(storage_failure)?;
+        if let Some(replica) = &mut self.replica {
+            replica.state_written();
+        }
         self.metrics.record_bytes_written(bytes_written);
         Ok(())
     }
@@ -927,13 +968,13 @@ impl Syncer {
     }
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 
-fn fail_all(reason: &str, jobs: impl IntoIterator<Item = Box<dyn Job>>) {
+pub(super) fn fail_all(reason: &str, jobs: impl IntoIterator<Item = Box<dyn Job>>) {
     for job in jobs {
         job.fail(StoreError::Storage(reason.to_owned()));
     }
@@ -1007,12 +1048,14 @@ pub(super) mod tests {
             head,
             recovered,
             Arc::new(Mutex::new([IndexProgress::default(); 4])),
-            Wal::open(
-                Box::new(crate::disk::Directory::open(dir.path().join("wal")).unwrap()),
-                1,
-                crate::wal::SEGMENT_BYTES,
-            )
-            .unwrap(),
+            Some(
+                Wal::open(
+                    Box::new(crate::disk::Directory::open(dir.path().join("wal")).unwrap()),
+                    1,
+                    crate::wal::SEGMENT_BYTES,
+                )
+                .unwrap(),
+            ),
         );
         let append = |stream: &str| {
             queue(crate::store::streams::Append {
@@ -1029,7 +1072,7 @@ pub(super) mod tests {
             .into_iter()
             .map(|queued| match queued {
                 Queued::Operation(job) => job,
-                Queued::Shutdown(_) | Queued::Tick => unreachable!(),
+                _ => unreachable!(),
             })
             .collect();
         writer.commit(batch);
