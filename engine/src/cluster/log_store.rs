@@ -139,7 +139,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                         ),
                     ));
                 }
-                encode(&entry, buffer)?;
+                encode_entry(&entry, buffer)?;
                 wal.append(entry.log_id.leader_id.term, buffer)?;
             }
             wal.take_sync()
@@ -199,7 +199,7 @@ impl RaftLogReader<TypeConfig> for LogReader {
             .wal
             .read_range(from, until)?
             .into_iter()
-            .map(|entry| decode(entry.term, entry.index, &entry.payload))
+            .map(|entry| decode_entry(entry.term, entry.index, &entry.payload))
             .collect()
     }
 
@@ -218,12 +218,12 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn log_id(term: u64, index: u64) -> LogId {
+pub(crate) fn log_id(term: u64, index: u64) -> LogId {
     LogId::new(CommittedLeaderIdOf::<TypeConfig>::from(term), index)
 }
 
 /// An entry's payload as the log keeps it (`out` is cleared first).
-fn encode(entry: &Entry, out: &mut Vec<u8>) -> io::Result<()> {
+pub(crate) fn encode_entry(entry: &Entry, out: &mut Vec<u8>) -> io::Result<()> {
     out.clear();
     match &entry.payload {
         EntryPayload::Blank => out.push(BLANK),
@@ -242,7 +242,8 @@ fn encode(entry: &Entry, out: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
-fn decode(term: u64, index: u64, payload: &[u8]) -> io::Result<Entry> {
+/// An entry from its log id and its payload as the log keeps it.
+pub(crate) fn decode_entry(term: u64, index: u64, payload: &[u8]) -> io::Result<Entry> {
     let damaged = || {
         io::Error::new(
             io::ErrorKind::InvalidData,

@@ -5,6 +5,8 @@
 //! ids: one leader per term, so a log id is a term and an index, as the log's header holds).
 
 pub mod log_store;
+pub mod network;
+pub mod node;
 pub mod state_machine;
 
 use std::fmt;

@@ -9,6 +9,7 @@ mod groups;
 pub mod openapi;
 mod operations;
 mod projections;
+pub mod raft;
 mod sharders;
 mod streams;
 mod subscriptions;

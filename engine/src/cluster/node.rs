@@ -1,0 +1,462 @@
+//! A node of a cluster: openraft running on the node's log and store, the proposer that hands
+//! the writer's batches to it, and the handlers of the messages other nodes send.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::VoteRequest;
+use openraft::type_config::alias::SnapshotOf;
+use openraft::{Config, Raft, SnapshotPolicy};
+use serde::Serialize;
+
+use super::log_store::LogStore;
+use super::network::{self, Network, SnapshotHeader};
+use super::state_machine::{SnapshotFile, StateMachine};
+use super::{Member, Proposal, TypeConfig};
+use crate::disk::Directory;
+use crate::metrics::Metrics;
+use crate::store::replicated::Proposer;
+use crate::store::{Store, StoreError, StoreOptions};
+
+/// The Raft log's directory in a node's data directory.
+pub const RAFT_LOG_DIR: &str = "raft-log";
+/// The snapshots' directory in a node's data directory.
+pub const SNAPSHOT_DIR: &str = "snapshots";
+
+pub type RaftHandle = Raft<TypeConfig, StateMachine>;
+
+/// Who a node is and whom it forms a cluster with.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    /// Where this node's API listens, as the others reach it.
+    pub url: String,
+    /// The other voters of a new cluster, by id; empty for a node that joins as a learner.
+    pub peers: BTreeMap<u64, String>,
+}
+
+/// A running node.
+pub struct Node {
+    pub id: u64,
+    pub raft: RaftHandle,
+    pub store: Store,
+    snapshots: PathBuf,
+}
+
+/// How long a leader waits between heartbeats, and a follower without one before it stands
+/// for election, in milliseconds: loopback and LAN clusters; failover takes about the timeout.
+const HEARTBEAT_MS: u64 = 100;
+const ELECTION_TIMEOUT_MS: (u64, u64) = (500, 1000);
+
+fn raft_config() -> anyhow::Result<Config> {
+    let config = Config {
+        cluster_name: "refract".into(),
+        heartbeat_interval: HEARTBEAT_MS,
+        election_timeout_min: ELECTION_TIMEOUT_MS.0,
+        election_timeout_max: ELECTION_TIMEOUT_MS.1,
+        // A node cut off and back must not depose a healthy leader with its higher term.
+        enable_pre_vote: Some(true),
+        // Out of the deadlock a partial partition can cause (openraft #2080).
+        quorum_loss_probe_interval: Some(2 * ELECTION_TIMEOUT_MS.1),
+        // The store's last commits before a crash may not be durable, and the committed index
+        // is not kept: a restarted leader learns what is committed by an election.
+        enable_leader_restore: Some(false),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(20_000),
+        max_in_snapshot_log_to_keep: 2_000,
+        purge_batch_size: 512,
+        install_snapshot_timeout: 10_000,
+        ..Config::default()
+    };
+    Ok(config.validate()?)
+}
+
+/// Hands the writer's batches to openraft, and reports back the ones it refuses.
+#[derive(Clone)]
+struct RaftProposer {
+    id: u64,
+    raft: Arc<OnceLock<RaftHandle>>,
+    store: Arc<OnceLock<Store>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Proposer for RaftProposer {
+    fn propose(&self, sequence: u64, batch: Vec<u8>) {
+        let proposer = self.clone();
+        self.runtime.spawn(async move {
+            let (Some(raft), Some(store)) = (proposer.raft.get(), proposer.store.get()) else {
+                return;
+            };
+            let proposal = Proposal {
+                proposer: proposer.id,
+                sequence,
+                batch,
+            };
+            if let Err(error) = raft.client_write(proposal).await {
+                store.proposal_failed(sequence, refused(&error)).await;
+            }
+        });
+    }
+}
+
+/// What the writer's callers get for a batch openraft did not take.
+fn refused(error: &RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> StoreError {
+    match error.forward_to_leader() {
+        Some(forward) => StoreError::NotLeader {
+            leader_url: forward.leader_node.as_ref().map(|node| node.url.clone()),
+        },
+        None => match error {
+            RaftError::Fatal(_) => StoreError::ShuttingDown,
+            RaftError::APIError(error) => StoreError::InvalidRequest(error.to_string()),
+        },
+    }
+}
+
+impl Node {
+    /// Opens the node's store and log in `data_dir` and starts Raft. A node with peers whose log
+    /// is empty forms the cluster with them (every one of them does the same, with the same
+    /// members, so they agree on its first entry).
+    pub async fn start(
+        config: &NodeConfig,
+        data_dir: &Path,
+        options: StoreOptions,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Node> {
+        let log_dir = data_dir.join(RAFT_LOG_DIR);
+        let log = LogStore::open(Box::new(Directory::open(log_dir.clone())?))
+            .with_context(|| format!("cannot open the Raft log in {}", log_dir.display()))?;
+        let proposer = RaftProposer {
+            id: config.id,
+            raft: Arc::new(OnceLock::new()),
+            store: Arc::new(OnceLock::new()),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let store = Store::open_replicated(
+            data_dir,
+            options,
+            metrics,
+            config.id,
+            Box::new(proposer.clone()),
+        )?;
+        let snapshots = data_dir.join(SNAPSHOT_DIR);
+        let state_machine = StateMachine::new(store.clone(), snapshots.clone())?;
+        let raft = Raft::new(
+            config.id,
+            Arc::new(raft_config()?),
+            Network::new(),
+            log,
+            state_machine,
+        )
+        .await?;
+        let _ = proposer.raft.set(raft.clone());
+        let _ = proposer.store.set(store.clone());
+        if !config.peers.is_empty() && !raft.is_initialized().await? {
+            let mut members: BTreeMap<u64, Member> = config
+                .peers
+                .iter()
+                .map(|(id, url)| (*id, Member { url: url.clone() }))
+                .collect();
+            members.insert(
+                config.id,
+                Member {
+                    url: config.url.clone(),
+                },
+            );
+            if let Err(error) = raft.initialize(members).await {
+                // Another member's log reached this one first: the cluster is formed.
+                tracing::info!(%error, "the cluster was already formed");
+            }
+        }
+        Ok(Node {
+            id: config.id,
+            raft,
+            store,
+            snapshots,
+        })
+    }
+
+    /// Stops Raft, then the store.
+    pub async fn shutdown(&self) {
+        if let Err(error) = self.raft.shutdown().await {
+            tracing::warn!(%error, "raft did not stop cleanly");
+        }
+        self.store.shutdown().await;
+    }
+
+    /// Answers another node's append (the body as [`network::encode_append`] made it).
+    pub async fn handle_append(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+        let rpc = network::decode_append(body).map_err(|error| error.to_string())?;
+        Ok(answer(self.raft.append_entries(rpc).await))
+    }
+
+    pub async fn handle_vote(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+        let rpc: VoteRequest<TypeConfig> =
+            serde_json::from_slice(body).map_err(|error| error.to_string())?;
+        Ok(answer(self.raft.vote(rpc).await))
+    }
+
+    pub async fn handle_pre_vote(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+        let rpc: VoteRequest<TypeConfig> =
+            serde_json::from_slice(body).map_err(|error| error.to_string())?;
+        Ok(answer(self.raft.pre_vote(rpc).await))
+    }
+
+    /// Installs a snapshot another node streams: `body` yields its header and rows.
+    pub async fn handle_snapshot(
+        &self,
+        mut body: impl futures::Stream<Item = Result<bytes::Bytes, String>> + Unpin,
+    ) -> Result<Vec<u8>, String> {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+
+        // The header first: its length, then the JSON.
+        let mut start = Vec::new();
+        let mut rows_start = None;
+        while rows_start.is_none() {
+            let chunk = body
+                .next()
+                .await
+                .ok_or("a snapshot cut short in its header")??;
+            start.extend_from_slice(&chunk);
+            if start.len() >= 4 {
+                let length = u32::from_le_bytes(start[..4].try_into().expect("4")) as usize;
+                if start.len() >= 4 + length {
+                    rows_start = Some(4 + length);
+                }
+            }
+        }
+        let (header, first_rows) =
+            network::unframe::<SnapshotHeader>(&start).map_err(|error| error.to_string())?;
+        let path = self
+            .snapshots
+            .join(format!("incoming-{}", uuid::Uuid::new_v4().simple()));
+        let write = async {
+            let mut file = tokio::fs::File::create(&path).await?;
+            file.write_all(first_rows).await?;
+            while let Some(chunk) = body.next().await {
+                file.write_all(&chunk.map_err(std::io::Error::other)?)
+                    .await?;
+            }
+            file.sync_all().await
+        };
+        if let Err(error) = write.await {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(format!("cannot keep the snapshot: {error}"));
+        }
+        let snapshot = SnapshotOf::<TypeConfig, SnapshotFile> {
+            meta: header.meta,
+            snapshot: SnapshotFile { path },
+        };
+        Ok(answer(
+            self.raft.install_full_snapshot(header.vote, snapshot).await,
+        ))
+    }
+}
+
+/// An answer to another node, as [`network`] reads it.
+fn answer<T: Serialize, E: std::fmt::Display>(result: Result<T, E>) -> Vec<u8> {
+    let result = result.map_err(|error| error.to_string());
+    serde_json::to_vec(&result).expect("answers are JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::{Direction, ExpectedRevision, NewEvent};
+
+    struct Running {
+        node: Arc<Node>,
+        url: String,
+        server: tokio::task::JoinHandle<()>,
+    }
+
+    fn event(kind: &str) -> NewEvent {
+        NewEvent {
+            id: uuid::Uuid::new_v4(),
+            event_type: kind.into(),
+            data: b"{}".to_vec(),
+            binary: false,
+            metadata: Vec::new(),
+        }
+    }
+
+    /// Starts three nodes on loopback that form a cluster.
+    async fn three_nodes(dir: &Path) -> Vec<Running> {
+        let mut listeners = Vec::new();
+        for _ in 0..3 {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            listeners.push((listener, url));
+        }
+        let urls: BTreeMap<u64, String> = (1..=3)
+            .zip(listeners.iter().map(|(_, url)| url.clone()))
+            .collect();
+        let mut running = Vec::new();
+        for ((listener, url), id) in listeners.into_iter().zip(1..) {
+            let config = NodeConfig {
+                id,
+                url: url.clone(),
+                peers: urls
+                    .iter()
+                    .filter(|(other, _)| **other != id)
+                    .map(|(other, url)| (*other, url.clone()))
+                    .collect(),
+            };
+            let options = StoreOptions {
+                cache_bytes: 16 << 20,
+                ..StoreOptions::default()
+            };
+            let node = Node::start(
+                &config,
+                &dir.join(id.to_string()),
+                options,
+                Arc::new(Metrics::new()),
+            )
+            .await
+            .unwrap();
+            let node = Arc::new(node);
+            let routes = crate::http::raft::routes(node.clone());
+            let server = tokio::spawn(async move {
+                axum::serve(listener, routes).await.unwrap();
+            });
+            running.push(Running { node, url, server });
+        }
+        running
+    }
+
+    /// Waits until every node in `nodes` sees the same leader, and answers its id.
+    async fn agreed_leader(nodes: &[&Running]) -> u64 {
+        for _ in 0..300 {
+            let mut seen = Vec::new();
+            for running in nodes {
+                seen.push(running.node.raft.current_leader().await);
+            }
+            if let Some(Some(leader)) = seen.first()
+                && seen.iter().all(|other| *other == Some(*leader))
+                && nodes.iter().any(|running| running.node.id == *leader)
+            {
+                return *leader;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no leader agreed on");
+    }
+
+    /// Waits until a node has applied `events` events.
+    async fn caught_up(node: &Node, events: u64) {
+        for _ in 0..300 {
+            if node.store.head() >= events {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("node {} did not catch up", node.id);
+    }
+
+    fn ids(node: &Node, stream: &str) -> Vec<uuid::Uuid> {
+        let slice = node
+            .store
+            .read_stream(stream, None, Direction::Forward, 100, false)
+            .unwrap();
+        slice.events.into_iter().map(|event| event.id).collect()
+    }
+
+    /// Three nodes elect a leader and replicate its writes; a follower refuses writes and names
+    /// the leader; two conditional writes racing on the leader give one success; when the leader
+    /// stops, the other two elect a new one that has every acknowledged write and takes more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn three_nodes_replicate_and_survive_the_loss_of_their_leader() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = three_nodes(dir.path()).await;
+        let all: Vec<&Running> = nodes.iter().collect();
+        let leader_id = agreed_leader(&all).await;
+        let leader = &nodes[(leader_id - 1) as usize];
+        let follower = nodes
+            .iter()
+            .find(|running| running.node.id != leader_id)
+            .unwrap();
+
+        let placed = event("Placed");
+        let placed_id = placed.id;
+        let outcome = leader
+            .node
+            .store
+            .append("order-1".into(), ExpectedRevision::NoStream, vec![placed])
+            .await
+            .unwrap();
+        assert_eq!(outcome.first_position, 0);
+
+        let refused = follower
+            .node
+            .store
+            .append("order-1".into(), ExpectedRevision::Any, vec![event("Paid")])
+            .await;
+        match refused {
+            Err(StoreError::NotLeader { leader_url }) => {
+                assert_eq!(leader_url.as_deref(), Some(leader.url.as_str()))
+            }
+            other => panic!("a follower took a write: {other:?}"),
+        }
+
+        let race = |kind: &'static str| {
+            let store = leader.node.store.clone();
+            tokio::spawn(async move {
+                store
+                    .append(
+                        "order-2".into(),
+                        ExpectedRevision::NoStream,
+                        vec![event(kind)],
+                    )
+                    .await
+            })
+        };
+        let (first, second) = (race("A"), race("B"));
+        let results = [first.await.unwrap(), second.await.unwrap()];
+        assert_eq!(results.iter().filter(|result| result.is_ok()).count(), 1);
+        assert!(
+            results
+                .iter()
+                .any(|result| matches!(result, Err(StoreError::WrongExpectedRevision { .. })))
+        );
+
+        for running in &nodes {
+            caught_up(&running.node, 2).await;
+            assert_eq!(ids(&running.node, "order-1"), vec![placed_id]);
+            assert_eq!(ids(&running.node, "order-2"), ids(&leader.node, "order-2"));
+        }
+
+        leader.node.shutdown().await;
+        leader.server.abort();
+        let survivors: Vec<&Running> = nodes
+            .iter()
+            .filter(|running| running.node.id != leader_id)
+            .collect();
+        let new_leader_id = agreed_leader(&survivors).await;
+        assert_ne!(new_leader_id, leader_id);
+        let new_leader = survivors
+            .iter()
+            .find(|running| running.node.id == new_leader_id)
+            .unwrap();
+        let paid = event("Paid");
+        let paid_id = paid.id;
+        let outcome = new_leader
+            .node
+            .store
+            .append("order-1".into(), ExpectedRevision::Exact(0), vec![paid])
+            .await
+            .unwrap();
+        assert_eq!(outcome.first_position, 2);
+        for running in &survivors {
+            caught_up(&running.node, 3).await;
+            assert_eq!(ids(&running.node, "order-1"), vec![placed_id, paid_id]);
+        }
+        for running in survivors {
+            running.node.shutdown().await;
+            running.server.abort();
+        }
+    }
+}
