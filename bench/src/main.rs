@@ -231,6 +231,7 @@ impl BenchServer {
             sandbox: Sandbox::default(),
             partition_workers: refract::cli::default_partition_workers(),
             cors_origins: Vec::new(),
+            cluster: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready, address) = oneshot::channel();

@@ -123,6 +123,42 @@ struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Run as a node of a cluster, with this id (unique in the cluster, never reused). Without
+    /// it the server is a single node.
+    #[arg(long, value_name = "ID")]
+    node_id: Option<u64>,
+    /// Another voter of the cluster, as ID=HOST:PORT (the address its --listen gives);
+    /// repeatable. Nodes started with the same voters form the cluster by themselves.
+    #[arg(long = "peer", value_name = "ID=HOST:PORT", value_parser = parse_peer, requires = "node_id")]
+    peers: Vec<(u64, String)>,
+    /// A secret every node of the cluster is started with: Raft's messages without it are
+    /// refused. Without one, nodes take messages from loopback only.
+    #[arg(
+        long,
+        env = "REFRACT_CLUSTER_SECRET",
+        value_name = "SECRET",
+        requires = "node_id"
+    )]
+    cluster_secret: Option<String>,
+}
+
+/// A peer as `ID=HOST:PORT`.
+fn parse_peer(text: &str) -> Result<(u64, String), String> {
+    let (id, address) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not a peer: give it as ID=HOST:PORT"))?;
+    let id = id
+        .parse::<u64>()
+        .map_err(|_| format!("{id:?} is not a node id (a number)"))?;
+    let port = address
+        .rsplit_once(':')
+        .map(|(_, port)| port.parse::<u16>());
+    if !matches!(port, Some(Ok(_))) || address.contains('/') {
+        return Err(format!(
+            "{address:?} is not an address: give it as HOST:PORT"
+        ));
+    }
+    Ok((id, address.to_owned()))
 }
 
 /// An origin as browsers send it: scheme, host and optional port, no path.
@@ -491,7 +527,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // openraft narrates every election and vote at info; its warnings are what matter.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
     // Colours only for a person at a terminal, not in a log file.
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
@@ -541,6 +578,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .projection_workers
             .unwrap_or_else(default_partition_workers),
         cors_origins: args.cors_origins,
+        cluster: match args.node_id {
+            None => None,
+            Some(node_id) => {
+                let mut peers = std::collections::BTreeMap::new();
+                for (id, address) in args.peers {
+                    if id == node_id {
+                        anyhow::bail!("--peer {id}={address} names this node (--node-id {id})");
+                    }
+                    if peers.insert(id, address).is_some() {
+                        anyhow::bail!("--peer {id} is given twice");
+                    }
+                }
+                Some(crate::http::ClusterOptions {
+                    node_id,
+                    peers,
+                    secret: args.cluster_secret,
+                })
+            }
+        },
     };
     crate::http::serve(config).await
 }

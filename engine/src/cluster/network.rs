@@ -27,27 +27,26 @@ pub const APPEND_PATH: &str = "/raft/append";
 pub const VOTE_PATH: &str = "/raft/vote";
 pub const PRE_VOTE_PATH: &str = "/raft/pre-vote";
 pub const SNAPSHOT_PATH: &str = "/raft/snapshot";
+/// The header a node sends the cluster's secret in.
+pub const SECRET_HEADER: &str = "refract-cluster-secret";
 
 /// Opens connections to the other nodes.
 #[derive(Clone)]
 pub struct Network {
     client: reqwest::Client,
+    secret: Option<String>,
 }
 
 impl Network {
-    pub fn new() -> Network {
+    /// Talks to the other nodes, sending them `secret` when the cluster has one.
+    pub fn new(secret: Option<String>) -> Network {
         Network {
             client: reqwest::Client::builder()
                 .connect_timeout(std::time::Duration::from_secs(1))
                 .build()
                 .expect("an HTTP client"),
+            secret,
         }
-    }
-}
-
-impl Default for Network {
-    fn default() -> Self {
-        Network::new()
     }
 }
 
@@ -55,6 +54,7 @@ impl Default for Network {
 pub struct Peer {
     url: String,
     client: reqwest::Client,
+    secret: Option<String>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -64,6 +64,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Peer {
             url: node.url.trim_end_matches('/').to_owned(),
             client: self.client.clone(),
+            secret: self.secret.clone(),
         }
     }
 }
@@ -93,6 +94,9 @@ impl Peer {
         let mut request = self.client.post(format!("{}{path}", self.url)).body(body);
         if let Some(timeout) = timeout {
             request = request.timeout(timeout);
+        }
+        if let Some(secret) = &self.secret {
+            request = request.header(SECRET_HEADER, secret);
         }
         let response = request
             .send()

@@ -34,8 +34,10 @@ pub struct NodeConfig {
     pub id: u64,
     /// Where this node's API listens, as the others reach it.
     pub url: String,
-    /// The other voters of a new cluster, by id; empty for a node that joins as a learner.
+    /// The other voters of a new cluster, by id (none: a cluster of this node alone).
     pub peers: BTreeMap<u64, String>,
+    /// Sent with every message to the other nodes, which check it.
+    pub secret: Option<String>,
 }
 
 /// A running node.
@@ -115,9 +117,9 @@ fn refused(error: &RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Store
 }
 
 impl Node {
-    /// Opens the node's store and log in `data_dir` and starts Raft. A node with peers whose log
-    /// is empty forms the cluster with them (every one of them does the same, with the same
-    /// members, so they agree on its first entry).
+    /// Opens the node's store and log in `data_dir` and starts Raft. A node whose log is empty
+    /// forms the cluster with its peers (every one of them does the same, with the same members,
+    /// so they agree on its first entry).
     pub async fn start(
         config: &NodeConfig,
         data_dir: &Path,
@@ -145,14 +147,14 @@ impl Node {
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config()?),
-            Network::new(),
+            Network::new(config.secret.clone()),
             log,
             state_machine,
         )
         .await?;
         let _ = proposer.raft.set(raft.clone());
         let _ = proposer.store.set(store.clone());
-        if !config.peers.is_empty() && !raft.is_initialized().await? {
+        if !raft.is_initialized().await? {
             let mut members: BTreeMap<u64, Member> = config
                 .peers
                 .iter()
@@ -305,6 +307,7 @@ mod tests {
                     .filter(|(other, _)| **other != id)
                     .map(|(other, url)| (*other, url.clone()))
                     .collect(),
+                secret: None,
             };
             let options = StoreOptions {
                 cache_bytes: 16 << 20,
@@ -319,7 +322,7 @@ mod tests {
             .await
             .unwrap();
             let node = Arc::new(node);
-            let routes = crate::http::raft::routes(node.clone());
+            let routes: axum::Router = crate::http::raft::routes(node.clone(), None);
             let server = tokio::spawn(async move {
                 axum::serve(listener, routes).await.unwrap();
             });

@@ -21,7 +21,7 @@ use crate::store::{ExpectedRevision, StoreError};
 pub struct ErrorBody {
     /// A stable code: `invalid_request`, `unauthorized`, `forbidden`, `not_found`,
     /// `stream_not_found`, `wrong_expected_revision`, `stream_deleted`, `payload_too_large`,
-    /// `unsupported_media_type`, `internal`.
+    /// `unsupported_media_type`, `not_leader`, `internal`.
     pub error: String,
     /// What went wrong, for a person.
     pub message: String,
@@ -129,13 +129,24 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let leader = match self.details.get("leader_url") {
+            Some(Value::String(url)) => header::HeaderValue::from_str(url).ok(),
+            _ => None,
+        };
         let mut body = Map::new();
         body.insert("error".into(), Value::from(self.code));
         body.insert("message".into(), Value::from(self.message));
         body.extend(self.details);
-        (self.status, Json(Value::Object(body))).into_response()
+        let mut response = (self.status, Json(Value::Object(body))).into_response();
+        if let Some(leader) = leader {
+            response.headers_mut().insert(LEADER_HEADER, leader);
+        }
+        response
     }
 }
+
+/// Where a node that is not the leader sends writes.
+pub const LEADER_HEADER: &str = "refract-leader";
 
 /// `Query` whose rejection is an [`ApiError`].
 pub struct ApiQuery<T>(pub T);

@@ -4,6 +4,7 @@
 //! built from the same list and cannot drift apart.
 
 pub mod auth;
+mod cluster;
 pub mod error;
 mod groups;
 pub mod openapi;
@@ -32,6 +33,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::cluster::node::{Node, NodeConfig};
 use crate::groups::Groups;
 use crate::metrics::{Metrics, RouteLabels};
 use crate::projections::Projections;
@@ -69,6 +71,8 @@ pub struct Services {
     pub data_dir: PathBuf,
     /// Interval of the comment lines that keep idle SSE connections alive.
     pub heartbeat: Duration,
+    /// The cluster this server is a node of, if any.
+    pub node: Option<Arc<Node>>,
     openapi: Arc<String>,
 }
 
@@ -100,7 +104,8 @@ fn routes(tokens: &Arc<Tokens>) -> (Router<AppState>, serde_json::Value) {
         .routes(routes!(groups::info))
         .routes(routes!(groups::parked))
         .routes(routes!(operations::info))
-        .routes(routes!(operations::metrics));
+        .routes(routes!(operations::metrics))
+        .routes(routes!(cluster::status));
     let writer = OpenApiRouter::new()
         .routes(routes!(streams::append))
         .routes(routes!(streams::put_metadata))
@@ -129,7 +134,9 @@ fn routes(tokens: &Arc<Tokens>) -> (Router<AppState>, serde_json::Value) {
     (router, openapi::document(document))
 }
 
-/// Builds the application: routes, fallbacks, limits, auth and request metrics.
+/// Builds the application: routes, fallbacks, limits, auth and request metrics; on a node of a
+/// cluster, the routes of Raft's messages too.
+#[allow(clippy::too_many_arguments)]
 pub fn app(
     store: Store,
     projections: Projections,
@@ -137,8 +144,16 @@ pub fn app(
     groups: Groups,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    node: Option<Arc<Node>>,
     config: ServeConfig,
 ) -> Router {
+    let raft_routes = node.as_ref().map(|node| {
+        let secret = config
+            .cluster
+            .as_ref()
+            .and_then(|cluster| cluster.secret.clone());
+        raft::routes(node.clone(), secret)
+    });
     let tokens = Arc::new(config.tokens);
     let cors = cors(config.cors_origins);
     let (router, document) = routes(&tokens);
@@ -153,8 +168,13 @@ pub fn app(
         shutdown,
         data_dir: config.data_dir,
         heartbeat: config.sse_heartbeat,
+        node,
         openapi,
     }));
+    let router = match raft_routes {
+        Some(raft_routes) => router.merge(raft_routes),
+        None => router,
+    };
     router
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
@@ -223,6 +243,20 @@ pub struct ServeConfig {
     pub partition_workers: usize,
     /// Web origins whose pages may call the API (CORS).
     pub cors_origins: Vec<HeaderValue>,
+    /// Run as a node of a cluster; `None`: a single node.
+    pub cluster: Option<ClusterOptions>,
+}
+
+/// A node's place in a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// This node's id, unique in the cluster and never reused.
+    pub node_id: u64,
+    /// The other voters, by id: the `host:port` their API listens on.
+    pub peers: std::collections::BTreeMap<u64, String>,
+    /// What nodes show each other; Raft's routes refuse a message without it. Without one,
+    /// they take messages from loopback only.
+    pub secret: Option<String>,
 }
 
 /// Runs the server until SIGTERM or Ctrl-C, then drains requests and closes the store.
@@ -242,12 +276,39 @@ pub async fn serve_until(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let metrics = Arc::new(Metrics::new());
-    let store = Store::open(&config.data_dir, config.store.clone(), metrics.clone())
-        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let address = listener.local_addr()?;
+    let cannot_open = || format!("cannot open the store in {}", config.data_dir.display());
+    let (store, node) = match &config.cluster {
+        None => {
+            let store = Store::open(&config.data_dir, config.store.clone(), metrics.clone())
+                .with_context(cannot_open)?;
+            (store, None)
+        }
+        Some(cluster) => {
+            let node_config = NodeConfig {
+                id: cluster.node_id,
+                url: format!("http://{address}"),
+                peers: cluster
+                    .peers
+                    .iter()
+                    .map(|(id, address)| (*id, format!("http://{address}")))
+                    .collect(),
+                secret: cluster.secret.clone(),
+            };
+            let node = Node::start(
+                &node_config,
+                &config.data_dir,
+                config.store.clone(),
+                metrics.clone(),
+            )
+            .await
+            .with_context(cannot_open)?;
+            (node.store.clone(), Some(Arc::new(node)))
+        }
+    };
     let runtime = Runtime::new(config.data_dir.join("compiled"), config.sandbox)
         .context("cannot start the WebAssembly runtime")?
         .with_partition_workers(config.partition_workers);
@@ -281,6 +342,7 @@ pub async fn serve_until(
         groups.clone(),
         metrics,
         shutdown.clone(),
+        node.clone(),
         config,
     );
     ready(address);
@@ -302,7 +364,10 @@ pub async fn serve_until(
     }
     groups.shutdown().await;
     projections.shutdown().await;
-    store.shutdown().await;
+    match node {
+        Some(node) => node.shutdown().await,
+        None => store.shutdown().await,
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -215,7 +215,7 @@ fn exact_schemas() -> Vec<(&'static str, Value)> {
                         `invalid_request`, `unauthorized`, `forbidden`, `not_found`, \
                         `stream_not_found`, `wrong_expected_revision`, `stream_deleted`, \
                         `conflict`, `not_delivered`, `max_subscribers_reached`, `in_use`, \
-                        `payload_too_large`, `unsupported_media_type`, `internal`"},
+                        `payload_too_large`, `unsupported_media_type`, `not_leader`, `internal`"},
                     "message": {"type": "string", "description": "What went wrong, for a person"},
                     "expected": {
                         "description": "With `wrong_expected_revision`: the expected revision",
@@ -228,6 +228,12 @@ fn exact_schemas() -> Vec<(&'static str, Value)> {
                         "description": "With `wrong_expected_revision`: the stream's last \
                             revision, `null` when it has none",
                         "type": ["integer", "null"], "minimum": 0, "maximum": u64::MAX,
+                    },
+                    "leader_url": {
+                        "description": "With `not_leader`: where the cluster's leader listens, \
+                            `null` while there is none (the same URL is in the `Refract-Leader` \
+                            header)",
+                        "type": ["string", "null"],
                     },
                 },
             }),

@@ -1,21 +1,30 @@
 //! The routes other nodes of a cluster send Raft's messages to. They are not part of the API
-//! clients use (nor of its OpenAPI document).
+//! clients use (nor of its OpenAPI document); with a cluster secret they take only messages that
+//! carry it, and without one only messages from loopback.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use futures::StreamExt;
 
-use crate::cluster::network::{APPEND_PATH, PRE_VOTE_PATH, SNAPSHOT_PATH, VOTE_PATH};
+use super::auth::constant_time_eq;
+use crate::cluster::network::{
+    APPEND_PATH, PRE_VOTE_PATH, SECRET_HEADER, SNAPSHOT_PATH, VOTE_PATH,
+};
 use crate::cluster::node::Node;
 
 /// The Raft routes of `node`.
-pub fn routes(node: Arc<Node>) -> Router {
+pub fn routes<S: Clone + Send + Sync + 'static>(
+    node: Arc<Node>,
+    secret: Option<String>,
+) -> Router<S> {
     Router::new()
         .route(
             APPEND_PATH,
@@ -44,7 +53,31 @@ pub fn routes(node: Arc<Node>) -> Router {
                 reply(node.handle_snapshot(chunks).await)
             }),
         )
+        .layer(middleware::from_fn_with_state(Arc::new(secret), admit))
         .with_state(node)
+}
+
+/// Lets a message in when it carries the cluster's secret, or, without one, comes from loopback.
+async fn admit(
+    State(secret): State<Arc<Option<String>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let admitted = match secret.as_deref() {
+        Some(secret) => request
+            .headers()
+            .get(SECRET_HEADER)
+            .is_some_and(|sent| constant_time_eq(sent.as_bytes(), secret.as_bytes())),
+        None => request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .is_none_or(|peer| peer.0.ip().to_canonical().is_loopback()),
+    };
+    if admitted {
+        next.run(request).await
+    } else {
+        (StatusCode::FORBIDDEN, "not a node of this cluster").into_response()
+    }
 }
 
 fn reply(result: Result<Vec<u8>, String>) -> Response {

@@ -1,0 +1,192 @@
+//! Three `refract serve` nodes on loopback form a cluster: the leader takes writes, followers
+//! refuse them with the leader's URL and serve reads, and the cluster survives `kill -9` of its
+//! leader without losing an acknowledged write.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::Server;
+use common::browser::free_port;
+use serde_json::{Value, json};
+
+struct Cluster {
+    nodes: Vec<Option<Server>>,
+    addresses: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let addresses: Vec<String> = (0..3)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            addresses,
+            _dir: dir,
+        };
+        for id in 1..=3 {
+            let node = cluster.start_node(id);
+            cluster.nodes.push(Some(node));
+        }
+        cluster
+    }
+
+    fn start_node(&self, id: u64) -> Server {
+        let mut args = vec!["--node-id".to_owned(), id.to_string()];
+        for (other, address) in (1..=3).zip(&self.addresses) {
+            if other != id {
+                args.push("--peer".into());
+                args.push(format!("{other}={address}"));
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let dir = self._dir.path().join(id.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        Server::start_listening(Path::new(&dir), &self.addresses[(id - 1) as usize], &args)
+    }
+
+    fn node(&self, id: u64) -> &Server {
+        self.nodes[(id - 1) as usize]
+            .as_ref()
+            .expect("a running node")
+    }
+
+    fn running(&self) -> impl Iterator<Item = (u64, &Server)> {
+        (1..)
+            .zip(&self.nodes)
+            .filter_map(|(id, node)| Some((id, node.as_ref()?)))
+    }
+
+    /// Waits until every running node names the same leader, one of them.
+    async fn leader(&self) -> u64 {
+        for _ in 0..400 {
+            let mut seen = Vec::new();
+            for (_, node) in self.running() {
+                let (status, body) = node.get("/cluster").await;
+                assert_eq!(status, 200, "{body}");
+                seen.push(body["leader"].as_u64());
+            }
+            if let Some(Some(leader)) = seen.first().copied()
+                && seen.iter().all(|other| *other == Some(leader))
+                && self.running().any(|(id, _)| id == leader)
+            {
+                return leader;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the nodes did not agree on a leader");
+    }
+}
+
+/// Waits until `node` holds `count` events in `stream`, and answers their ids.
+async fn events_on(node: &Server, stream: &str, count: usize) -> Vec<Value> {
+    for _ in 0..400 {
+        let (status, page) = node.get(&format!("/streams/{stream}")).await;
+        if status == 200 && page["events"].as_array().unwrap().len() >= count {
+            return page["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|event| event["id"].clone())
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{} did not catch up on {stream}", node.base);
+}
+
+async fn append(node: &Server, stream: &str, expected: &str, id: &str) -> reqwest::Response {
+    node.http
+        .post(node.url(&format!("/streams/{stream}")))
+        .header("Expected-Revision", expected)
+        .json(&json!([{"id": id, "type": "Placed", "data": {"n": 1}}]))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_takes_writes_on_its_leader_and_survives_its_kill() {
+    let mut cluster = Cluster::start();
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+
+    let (status, status_body) = cluster.node(follower).get("/cluster").await;
+    assert_eq!(status, 200);
+    assert_eq!(status_body["node_id"], follower);
+    assert_eq!(status_body["leader_url"], cluster.node(leader).base);
+    let roles: Vec<(u64, String)> = status_body["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|member| {
+            let role = member["role"].as_str().unwrap().to_owned();
+            (member["id"].as_u64().unwrap(), role)
+        })
+        .collect();
+    assert_eq!(roles.len(), 3);
+    for (id, role) in roles {
+        assert_eq!(role, if id == leader { "leader" } else { "follower" });
+    }
+
+    let first = "5b5f4a6e-0000-4000-8000-000000000001";
+    let response = append(cluster.node(leader), "order-1", "no_stream", first).await;
+    assert_eq!(response.status(), 200);
+
+    // A follower refuses the write and names the leader, in a header and in the body.
+    let refused = append(cluster.node(follower), "order-1", "any", first).await;
+    assert_eq!(refused.status(), 421);
+    assert_eq!(
+        refused.headers()["refract-leader"].to_str().unwrap(),
+        cluster.node(leader).base
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "not_leader");
+    assert_eq!(body["leader_url"], cluster.node(leader).base);
+
+    for (_, node) in cluster.running() {
+        assert_eq!(events_on(node, "order-1", 1).await, vec![json!(first)]);
+    }
+
+    // kill -9 of the leader: the others elect a new one, which has the acknowledged write.
+    cluster.nodes[(leader - 1) as usize]
+        .as_mut()
+        .unwrap()
+        .kill();
+    cluster.nodes[(leader - 1) as usize] = None;
+    let new_leader = cluster.leader().await;
+    assert_ne!(new_leader, leader);
+    let second = "5b5f4a6e-0000-4000-8000-000000000002";
+    let response = append(cluster.node(new_leader), "order-1", "0", second).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    // The same write again (a client retrying after a failover): idempotent.
+    let again = append(cluster.node(new_leader), "order-1", "0", second).await;
+    assert_eq!(again.status(), 200);
+
+    // The killed node comes back as a follower and catches up.
+    let restarted = cluster.start_node(leader);
+    cluster.nodes[(leader - 1) as usize] = Some(restarted);
+    assert_eq!(cluster.leader().await, new_leader);
+    for (_, node) in cluster.running() {
+        assert_eq!(
+            events_on(node, "order-1", 2).await,
+            vec![json!(first), json!(second)]
+        );
+        let (status, all) = node.get("/streams/$all").await;
+        assert_eq!(status, 200);
+        assert_eq!(all["events"].as_array().unwrap().len(), 2, "{all}");
+    }
+}
+
+/// A single node has no cluster to show.
+#[tokio::test]
+async fn a_single_node_is_not_a_cluster() {
+    let server = Server::start();
+    let (status, body) = server.get("/cluster").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "not_found");
+}
