@@ -182,6 +182,63 @@ async fn a_cluster_takes_writes_on_its_leader_and_survives_its_kill() {
     }
 }
 
+/// The client and the CLI, given every node, find the leader whichever they ask first, and an
+/// append made while the leader is killed lands once on the new one.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_and_the_cli_follow_the_leader_through_a_failover() {
+    use refract::client::{Client, NewEvent, ReadOptions};
+    use refract::store::ExpectedRevision;
+
+    let mut cluster = Cluster::start();
+    let leader = cluster.leader().await;
+    // The leader last, so the first request goes to a follower.
+    let mut order: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    order.push(leader);
+    let servers = order
+        .iter()
+        .map(|id| cluster.node(*id).base.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let client = Client::new(&servers, None).unwrap();
+    let placed = NewEvent::json("Placed", json!({"n": 1}));
+    client
+        .append("order-7", ExpectedRevision::NoStream, &[placed])
+        .await
+        .unwrap();
+    assert_eq!(
+        client.base().as_str().trim_end_matches('/'),
+        cluster.node(leader).base
+    );
+
+    let output = std::process::Command::new(common::BINARY)
+        .args(["append", "order-7", "--type", "Paid", "--data", "{}"])
+        .args(["--expected-revision", "0", "--server", &servers])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+
+    cluster.nodes[(leader - 1) as usize]
+        .as_mut()
+        .unwrap()
+        .kill();
+    cluster.nodes[(leader - 1) as usize] = None;
+    let shipped = NewEvent::json("Shipped", json!({}));
+    client
+        .append("order-7", ExpectedRevision::Exact(1), &[shipped])
+        .await
+        .unwrap();
+    let page = client
+        .read("order-7", &ReadOptions::default())
+        .await
+        .unwrap();
+    let types: Vec<&str> = page
+        .events
+        .iter()
+        .map(|event| event.event_type.as_str())
+        .collect();
+    assert_eq!(types, ["Placed", "Paid", "Shipped"]);
+}
+
 /// A single node has no cluster to show.
 #[tokio::test]
 async fn a_single_node_is_not_a_cluster() {

@@ -201,7 +201,8 @@ impl ServeArgs {
 /// Options of every client command.
 #[derive(Debug, Args)]
 struct ClientArgs {
-    /// The server to talk to.
+    /// The server to talk to; for a cluster, any of its nodes, comma-separated (writes find
+    /// the leader, and move to another node when one is down).
     #[arg(
         long,
         env = "REFRACT_SERVER",

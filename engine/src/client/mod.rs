@@ -12,8 +12,14 @@
 //! assert_eq!(page.events[0].event_type, "OrderPlaced");
 //! # Ok(()) }
 //! ```
+//!
+//! Given the nodes of a cluster (`"http://a:2113,http://b:2113,http://c:2113"`), the client
+//! sends to one of them, follows a follower's `421` to the leader it names, and moves on to the
+//! next node when one cannot be reached, for up to ten seconds (a failover). An append gets
+//! event ids before it is sent, so sending it again after a lost answer appends it once.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use eventsource_stream::Eventsource;
@@ -243,31 +249,56 @@ pub struct GroupMessage {
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
-    base: Url,
+    /// The nodes given, in order.
+    nodes: Arc<Vec<Url>>,
+    /// The node requests go to: the leader once a follower named it.
+    current: Arc<Mutex<Url>>,
     token: Option<String>,
 }
 
+/// How long a request keeps looking for a leader, or a node that answers.
+const FAILOVER_PATIENCE: Duration = Duration::from_secs(10);
+/// The pause before asking again while no node answers or no leader is known.
+const FAILOVER_PAUSE: Duration = Duration::from_millis(100);
+/// The header a follower names the leader in.
+const LEADER_HEADER: &str = "refract-leader";
+
 impl Client {
-    /// A client for the server at `base` (e.g. `http://127.0.0.1:2113`).
+    /// A client for the server at `base` (e.g. `http://127.0.0.1:2113`), or for the nodes of a
+    /// cluster, comma-separated.
     pub fn new(base: &str, token: Option<String>) -> anyhow::Result<Self> {
-        let base = Url::parse(base).with_context(|| format!("invalid server URL {base:?}"))?;
-        if base.cannot_be_a_base() {
-            anyhow::bail!("invalid server URL {base}");
+        let mut nodes = Vec::new();
+        for text in base.split(',').map(str::trim) {
+            let url = Url::parse(text).with_context(|| format!("invalid server URL {text:?}"))?;
+            if url.cannot_be_a_base() {
+                anyhow::bail!("invalid server URL {url}");
+            }
+            nodes.push(url);
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .build()
             .context("cannot build the HTTP client")?;
-        Ok(Client { http, base, token })
+        Ok(Client {
+            http,
+            current: Arc::new(Mutex::new(nodes[0].clone())),
+            nodes: Arc::new(nodes),
+            token,
+        })
     }
 
-    pub fn base(&self) -> &Url {
-        &self.base
+    /// The node requests go to.
+    pub fn base(&self) -> Url {
+        self.current.lock().expect("the current node").clone()
+    }
+
+    fn set_base(&self, url: Url) {
+        *self.current.lock().expect("the current node") = url;
     }
 
     /// The URL of `segments` below the base, each segment percent-encoded.
     fn url(&self, segments: &[&str]) -> Url {
-        let mut url = self.base.clone();
+        let mut url = self.base();
         url.path_segments_mut()
             .expect("checked in new")
             .pop_if_empty()
@@ -284,9 +315,66 @@ impl Client {
     }
 
     async fn send(&self, request: RequestBuilder) -> anyhow::Result<reqwest::Response> {
-        let response = request.send().await.map_err(|error| {
-            anyhow::anyhow!("cannot reach {}: {}", self.base, with_causes(&error))
-        })?;
+        self.send_to_leader(request, false).await
+    }
+
+    /// Sends a request to the current node; follows a follower's `421` to the leader it names,
+    /// and moves to the next node when one cannot be reached (or, for a request that is safe to
+    /// repeat, when its answer was lost), until [`FAILOVER_PATIENCE`] is over.
+    async fn send_to_leader(
+        &self,
+        request: RequestBuilder,
+        repeatable: bool,
+    ) -> anyhow::Result<reqwest::Response> {
+        let request = request.build().context("cannot build the request")?;
+        let give_up = Instant::now() + FAILOVER_PATIENCE;
+        loop {
+            let base = self.base();
+            let Some(mut attempt) = request.try_clone() else {
+                // A streamed body goes once.
+                let mut request = request;
+                point_at(request.url_mut(), &base);
+                let response = self.http.execute(request).await.map_err(|error| {
+                    anyhow::anyhow!("cannot reach {base}: {}", with_causes(&error))
+                })?;
+                return self.answer(response).await;
+            };
+            point_at(attempt.url_mut(), &base);
+            let patient = Instant::now() < give_up;
+            match self.http.execute(attempt).await {
+                Ok(response) if response.status() == StatusCode::MISDIRECTED_REQUEST && patient => {
+                    let leader = response
+                        .headers()
+                        .get(LEADER_HEADER)
+                        .and_then(|leader| leader.to_str().ok())
+                        .and_then(|leader| Url::parse(leader).ok());
+                    match leader {
+                        Some(leader) if leader != base => self.set_base(leader),
+                        // An election is on: ask again shortly.
+                        _ => tokio::time::sleep(FAILOVER_PAUSE).await,
+                    }
+                }
+                Ok(response) => return self.answer(response).await,
+                Err(error) if patient && (error.is_connect() || repeatable) => {
+                    let next = self
+                        .nodes
+                        .iter()
+                        .position(|node| *node == base)
+                        .map_or(0, |at| (at + 1) % self.nodes.len());
+                    self.set_base(self.nodes[next].clone());
+                    tokio::time::sleep(FAILOVER_PAUSE).await;
+                }
+                Err(error) => {
+                    return Err(anyhow::anyhow!(
+                        "cannot reach {base}: {}",
+                        with_causes(&error)
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn answer(&self, response: reqwest::Response) -> anyhow::Result<reqwest::Response> {
         if response.status().is_success() {
             return Ok(response);
         }
@@ -309,11 +397,25 @@ impl Client {
         expected: ExpectedRevision,
         events: &[NewEvent],
     ) -> anyhow::Result<AppendResult> {
+        // Ids chosen here make sending again after a lost answer safe: the store takes an
+        // event id once.
+        let events: Vec<NewEvent> = events
+            .iter()
+            .map(|event| NewEvent {
+                id: Some(
+                    event
+                        .id
+                        .clone()
+                        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                ),
+                ..event.clone()
+            })
+            .collect();
         let request = self
             .request(Method::POST, &["streams", stream])
             .header("expected-revision", expected.to_string())
-            .json(events);
-        Ok(self.send(request).await?.json().await?)
+            .json(&events);
+        Ok(self.send_to_leader(request, true).await?.json().await?)
     }
 
     pub async fn read(&self, stream: &str, options: &ReadOptions) -> anyhow::Result<ReadPage> {
@@ -694,6 +796,13 @@ fn parse_event_message(id: &str, data: &str) -> anyhow::Result<SubscriptionMessa
         id,
         event: Box::new(event),
     })
+}
+
+/// Sends `url` to the node at `base`, keeping its path and query.
+fn point_at(url: &mut Url, base: &Url) {
+    let _ = url.set_scheme(base.scheme());
+    let _ = url.set_host(base.host_str());
+    let _ = url.set_port(base.port());
 }
 
 /// reqwest's own message hides the cause ("connection refused"); spell out the chain.
