@@ -152,6 +152,26 @@ async fn a_cluster_takes_writes_on_its_leader_and_survives_its_kill() {
         assert_eq!(events_on(node, "order-1", 1).await, vec![json!(first)]);
     }
 
+    // A linearizable read: the leader confirms its leadership and answers with every
+    // acknowledged write; a follower sends the reader to the leader.
+    let (status, page) = cluster
+        .node(leader)
+        .get("/streams/order-1?consistency=linearizable")
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["events"][0]["id"], first);
+    let (status, all) = cluster
+        .node(leader)
+        .get("/streams/$all?consistency=linearizable")
+        .await;
+    assert_eq!(status, 200, "{all}");
+    let (status, body) = cluster
+        .node(follower)
+        .get("/streams/order-1?consistency=linearizable")
+        .await;
+    assert_eq!(status, 421, "{body}");
+    assert_eq!(body["leader_url"], cluster.node(leader).base);
+
     // kill -9 of the leader: the others elect a new one, which has the acknowledged write.
     cluster.nodes[(leader - 1) as usize]
         .as_mut()
@@ -246,4 +266,11 @@ async fn a_single_node_is_not_a_cluster() {
     let (status, body) = server.get("/cluster").await;
     assert_eq!(status, 404);
     assert_eq!(body["error"], "not_found");
+    // Everything a single node acknowledged is applied: any read is linearizable.
+    server.append_n("s", 1).await;
+    let (status, page) = server.get("/streams/s?consistency=linearizable").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["events"].as_array().unwrap().len(), 1);
+    let (status, _) = server.get("/streams/s?consistency=strong").await;
+    assert_eq!(status, 400);
 }

@@ -9,7 +9,7 @@ use anyhow::Context;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::VoteRequest;
 use openraft::type_config::alias::SnapshotOf;
-use openraft::{Config, Raft, SnapshotPolicy};
+use openraft::{Config, Raft, ReadPolicy, SnapshotPolicy};
 use serde::Serialize;
 
 use super::log_store::LogStore;
@@ -177,6 +177,23 @@ impl Node {
             store,
             snapshots,
         })
+    }
+
+    /// Returns once this node is the leader, confirmed by a majority after the call began
+    /// (ReadIndex, never a lease: a paused leader's lease proves nothing), and has applied
+    /// everything committed before it.
+    pub async fn linearize(&self) -> Result<(), StoreError> {
+        match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(_) => Ok(()),
+            Err(error) => match error.forward_to_leader() {
+                Some(forward) => Err(StoreError::NotLeader {
+                    leader_url: forward.leader_node.as_ref().map(|node| node.url.clone()),
+                }),
+                None => Err(StoreError::Unavailable(format!(
+                    "cannot confirm the leadership with a majority: {error}"
+                ))),
+            },
+        }
     }
 
     /// Stops Raft, then the store.

@@ -8,6 +8,16 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
+use super::streams::Consistency;
+
+/// Makes a read linearizable when asked: on a node of a cluster, once this returns, the node
+/// has applied everything acknowledged before it was called. A single node always has.
+pub async fn linearize(state: &AppState, consistency: Option<Consistency>) -> Result<(), ApiError> {
+    match (&state.node, consistency.unwrap_or_default()) {
+        (Some(node), Consistency::Linearizable) => Ok(node.linearize().await?),
+        _ => Ok(()),
+    }
+}
 
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = ClusterStatus)]

@@ -107,7 +107,7 @@ impl From<StoreError> for ApiError {
                 ApiError::new(StatusCode::GONE, "stream_deleted", message)
             }
             StoreError::InvalidRequest(_) => ApiError::invalid(message),
-            StoreError::ShuttingDown => {
+            StoreError::ShuttingDown | StoreError::Unavailable(_) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
             }
             StoreError::NotLeader { leader_url } => {

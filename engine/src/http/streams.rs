@@ -119,6 +119,19 @@ pub enum DirectionParam {
     Backward,
 }
 
+/// How current a read must be.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    /// What this node has applied (on a follower, possibly behind the leader).
+    #[default]
+    Applied,
+    /// Everything acknowledged before the read began: in a cluster the leader confirms it is
+    /// still the leader with a majority (ReadIndex) and waits until it has applied that far; a
+    /// follower answers `421` with the leader's URL.
+    Linearizable,
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ReadAllQuery {
@@ -133,6 +146,8 @@ pub struct ReadAllQuery {
     pub type_prefix: Option<String>,
     /// Also return events of `$`-streams.
     pub include_system: Option<bool>,
+    /// `applied` (default) or `linearizable`.
+    pub consistency: Option<Consistency>,
 }
 
 /// What `GET /streams/{stream}` accepts: the stream parameters, or for `$all` reached through a
@@ -146,6 +161,7 @@ pub struct AnyReadQuery {
     stream_prefix: Option<String>,
     type_prefix: Option<String>,
     include_system: Option<bool>,
+    consistency: Option<Consistency>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -459,11 +475,14 @@ pub async fn append(
         ("limit" = Option<usize>, Query, description = "Events per page: default 100, at most 4096"),
         ("resolve_links" = Option<bool>, Query,
             description = "Return the events links point at (default true) instead of the links"),
+        ("consistency" = Option<Consistency>, Query,
+            description = "`applied` (default) or `linearizable`"),
     ),
     responses(
         (status = 200, description = "A page of events", body = ReadResponse),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 410, body = ErrorBody),
+        (status = 410, body = ErrorBody), (status = 421, body = ErrorBody),
+        (status = 503, body = ErrorBody),
     )
 )]
 pub async fn read_stream(
@@ -480,6 +499,7 @@ pub async fn read_stream(
             stream_prefix,
             type_prefix,
             include_system,
+            consistency,
             ..
         } = query;
         let query = ReadAllQuery {
@@ -489,6 +509,7 @@ pub async fn read_stream(
             stream_prefix,
             type_prefix,
             include_system,
+            consistency,
         };
         return read_all_pages(state, query).await;
     }
@@ -504,6 +525,7 @@ pub async fn read_stream(
     let limit = check_limit(query.limit)?;
     let direction = direction(query.direction);
     let resolve_links = query.resolve_links.unwrap_or(true);
+    super::cluster::linearize(&state, query.consistency).await?;
     let name = stream.clone();
     let slice = state
         .store
@@ -522,7 +544,8 @@ pub async fn read_stream(
     params(ReadAllQuery),
     responses(
         (status = 200, description = "A page of events; `next` is a position", body = ReadResponse),
-        (status = 400, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 421, body = ErrorBody),
+        (status = 503, body = ErrorBody),
     )
 )]
 pub async fn read_all(
@@ -540,6 +563,7 @@ async fn read_all_pages(state: AppState, query: ReadAllQuery) -> Result<Response
         query.type_prefix.as_deref(),
         query.include_system,
     );
+    super::cluster::linearize(&state, query.consistency).await?;
     let slice = state
         .store
         .blocking(move |store| store.read_all(query.from, direction, limit, &filter))

@@ -234,6 +234,9 @@ pub enum StoreError {
     /// the write was committed).
     #[error("this node is not the cluster's leader")]
     NotLeader { leader_url: Option<String> },
+    /// The cluster cannot answer now (no majority reachable).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("storage failure: {0}")]
     Storage(String),
 }
