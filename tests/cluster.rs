@@ -259,6 +259,86 @@ async fn the_client_and_the_cli_follow_the_leader_through_a_failover() {
     assert_eq!(types, ["Placed", "Paid", "Shipped"]);
 }
 
+/// A fourth node joins as a learner and catches up, becomes a voter, and a node is removed;
+/// the CLI shows and changes the members through any node.
+#[tokio::test(flavor = "multi_thread")]
+async fn members_join_as_learners_become_voters_and_leave() {
+    let cluster = Cluster::start();
+    let leader = cluster.leader().await;
+    cluster.node(leader).append_n("before-join", 3).await;
+
+    let fourth_dir = cluster._dir.path().join("4");
+    let any_node = cluster.node(1).base.clone();
+    let fourth = Server::start_listening(
+        &fourth_dir,
+        "127.0.0.1:0",
+        &["--node-id", "4", "--join", &any_node],
+    );
+    let mut roles = Vec::new();
+    for _ in 0..400 {
+        let (_, status) = cluster.node(leader).get("/cluster").await;
+        roles = member_roles(&status);
+        if roles.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(roles.iter().find(|(id, _)| *id == 4).unwrap().1, "learner");
+    assert_eq!(events_on(&fourth, "before-join", 3).await.len(), 3);
+    cluster.node(leader).append_n("after-join", 1).await;
+    assert_eq!(events_on(&fourth, "after-join", 1).await.len(), 1);
+    // A learner takes no writes either.
+    let (status, _) = fourth
+        .post("/streams/x", json!([{"type": "T", "data": {}}]))
+        .await;
+    assert_eq!(status, 421);
+
+    let servers: Vec<String> = cluster
+        .running()
+        .map(|(_, node)| node.base.clone())
+        .collect();
+    let servers = servers.join(",");
+    let cli = |args: &[&str], servers: &str| {
+        let output = std::process::Command::new(common::BINARY)
+            .args(["cluster"])
+            .args(args)
+            .args(["--json", "--server", servers])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    let status = cli(&["voters", "1", "2", "3", "4"], &servers);
+    let roles = member_roles(&status);
+    assert_eq!(
+        roles.iter().filter(|(_, role)| role != "learner").count(),
+        4,
+        "{status}"
+    );
+
+    let leaving = (1..=3).find(|id| *id != leader).unwrap();
+    cli(&["remove", &leaving.to_string()], &servers);
+    // The node taken out no longer hears of the cluster: ask the leader.
+    let status = cli(&["status"], &cluster.node(leader).base);
+    let ids: Vec<u64> = member_roles(&status).iter().map(|(id, _)| *id).collect();
+    assert!(!ids.contains(&leaving), "{status}");
+    assert_eq!(ids.len(), 3, "{status}");
+    cluster.node(leader).append_n("after-leave", 1).await;
+    assert_eq!(events_on(&fourth, "after-leave", 1).await.len(), 1);
+}
+
+fn member_roles(status: &Value) -> Vec<(u64, String)> {
+    status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|member| {
+            let role = member["role"].as_str().unwrap().to_owned();
+            (member["id"].as_u64().unwrap(), role)
+        })
+        .collect()
+}
+
 /// A single node has no cluster to show.
 #[tokio::test]
 async fn a_single_node_is_not_a_cluster() {

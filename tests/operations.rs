@@ -111,6 +111,8 @@ const BODIES: &[(&str, &str)] = &[
     ("put", "/groups/{stream}/{group}"),
     ("post", "/groups/{stream}/{group}/ack"),
     ("post", "/groups/{stream}/{group}/nack"),
+    ("post", "/cluster/learners"),
+    ("post", "/cluster/voters"),
 ];
 
 /// Every operation the document lists is routed (no 404 "no such route", no 405), and every
@@ -295,6 +297,9 @@ const ROLES: &[(&str, &str, Option<&str>)] = &[
     ("get", "/info", Some("reader")),
     ("get", "/metrics", Some("reader")),
     ("get", "/cluster", Some("reader")),
+    ("post", "/cluster/learners", Some("admin")),
+    ("post", "/cluster/voters", Some("admin")),
+    ("delete", "/cluster/members/{id}", Some("admin")),
     ("get", "/streams/$all", Some("reader")),
     ("get", "/streams/$all/subscribe", Some("reader")),
     ("get", "/streams/{stream}", Some("reader")),

@@ -1,5 +1,6 @@
 //! The `refract` command line: the server, client commands for a running server, and benchmarks.
 
+mod cluster;
 mod groups;
 mod rebuild;
 mod sharding;
@@ -54,6 +55,9 @@ enum Command {
     /// Consumer groups: create, inspect, replay parked messages, consume.
     #[command(subcommand)]
     Group(groups::GroupCommand),
+    /// A cluster's members: status, add a learner, set the voters, remove a node.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Run the benchmarks: the `refract-bench` binary beside this one or on the PATH (build it
     /// with `cargo build --release -p refract-bench`); `refract bench --help` lists its options.
     #[command(disable_help_flag = true)]
@@ -131,6 +135,15 @@ struct ServeArgs {
     /// repeatable. Nodes started with the same voters form the cluster by themselves.
     #[arg(long = "peer", value_name = "ID=HOST:PORT", value_parser = parse_peer, requires = "node_id")]
     peers: Vec<(u64, String)>,
+    /// Join an existing cluster as a learner (a read replica): any of its nodes' URLs. Promote
+    /// it to a voter with `refract cluster voters`.
+    #[arg(
+        long,
+        value_name = "URL",
+        requires = "node_id",
+        conflicts_with = "peers"
+    )]
+    join: Option<String>,
     /// A secret every node of the cluster is started with: Raft's messages without it are
     /// refused. Without one, nodes take messages from loopback only.
     #[arg(
@@ -522,6 +535,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Projection(command) => projection(command).await,
         Command::Sharder(command) => sharding::sharder(command).await,
         Command::Group(command) => groups::group(command).await,
+        Command::Cluster(command) => cluster::cluster(command).await,
         Command::Bench(args) => bench(args),
     }
 }
@@ -594,6 +608,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 Some(crate::http::ClusterOptions {
                     node_id,
                     peers,
+                    join: args.join,
                     secret: args.cluster_secret,
                 })
             }

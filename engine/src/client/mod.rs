@@ -782,6 +782,34 @@ impl Client {
             }))
     }
 
+    /// The cluster as the node asked sees it (`GET /cluster`).
+    pub async fn cluster(&self) -> anyhow::Result<Value> {
+        let request = self.request(Method::GET, &["cluster"]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    /// Adds a node as a learner; answers once it caught up, with the cluster's status.
+    pub async fn add_learner(&self, id: u64, url: &str) -> anyhow::Result<Value> {
+        let request = self
+            .request(Method::POST, &["cluster", "learners"])
+            .json(&serde_json::json!({"id": id, "url": url}));
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    /// Sets the cluster's voters.
+    pub async fn set_voters(&self, ids: &[u64]) -> anyhow::Result<Value> {
+        let request = self
+            .request(Method::POST, &["cluster", "voters"])
+            .json(&serde_json::json!({"ids": ids}));
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    /// Takes a node out of the cluster.
+    pub async fn remove_member(&self, id: u64) -> anyhow::Result<Value> {
+        let request = self.request(Method::DELETE, &["cluster", "members", &id.to_string()]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
     /// `true` when the server answers `/health`.
     pub async fn healthy(&self) -> bool {
         let request = self.request(Method::GET, &["health"]);

@@ -1,15 +1,16 @@
 //! A node of a cluster: openraft running on the node's log and store, the proposer that hands
 //! the writer's batches to it, and the handlers of the messages other nodes send.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::VoteRequest;
 use openraft::type_config::alias::SnapshotOf;
-use openraft::{Config, Raft, ReadPolicy, SnapshotPolicy};
+use openraft::{ChangeMembers, Config, Raft, ReadPolicy, SnapshotPolicy};
 use serde::Serialize;
 
 use super::log_store::LogStore;
@@ -38,6 +39,9 @@ pub struct NodeConfig {
     pub peers: BTreeMap<u64, String>,
     /// Sent with every message to the other nodes, which check it.
     pub secret: Option<String>,
+    /// Whether the node joins an existing cluster (which adds it as a learner) instead of
+    /// forming one.
+    pub join: bool,
 }
 
 /// A running node.
@@ -154,7 +158,7 @@ impl Node {
         .await?;
         let _ = proposer.raft.set(raft.clone());
         let _ = proposer.store.set(store.clone());
-        if !raft.is_initialized().await? {
+        if !config.join && !raft.is_initialized().await? {
             let mut members: BTreeMap<u64, Member> = config
                 .peers
                 .iter()
@@ -194,6 +198,41 @@ impl Node {
                 ))),
             },
         }
+    }
+
+    /// Adds a node as a learner (a replica that does not vote) and waits until it has caught
+    /// up with the log.
+    pub async fn add_learner(&self, id: u64, url: String) -> Result<(), StoreError> {
+        let result = self.raft.add_learner(id, Member { url }, true).await;
+        result.map(|_| ()).map_err(|error| refused(&error))
+    }
+
+    /// Makes `voters` the cluster's voters: each must be a member already (add it as a learner
+    /// first); voters left out stay on as learners.
+    pub async fn set_voters(&self, voters: BTreeSet<u64>) -> Result<(), StoreError> {
+        let change = ChangeMembers::ReplaceAllVoters(voters);
+        let result = self.raft.change_membership(change, true).await;
+        result.map(|_| ()).map_err(|error| refused(&error))
+    }
+
+    /// Takes a node out of the cluster: out of the voters first if it is one, then out of the
+    /// members.
+    pub async fn remove_member(&self, id: u64) -> Result<(), StoreError> {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let membership = metrics.membership_config.membership();
+        if membership.get_node(&id).is_none() {
+            return Err(StoreError::InvalidRequest(format!(
+                "node {id} is not a member of the cluster"
+            )));
+        }
+        if membership.voter_ids().any(|voter| voter == id) {
+            let change = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
+            let result = self.raft.change_membership(change, false).await;
+            return result.map(|_| ()).map_err(|error| refused(&error));
+        }
+        let change = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+        let result = self.raft.change_membership(change, false).await;
+        result.map(|_| ()).map_err(|error| refused(&error))
     }
 
     /// Stops Raft, then the store.
@@ -325,6 +364,7 @@ mod tests {
                     .map(|(other, url)| (*other, url.clone()))
                     .collect(),
                 secret: None,
+                join: false,
             };
             let options = StoreOptions {
                 cache_bytes: 16 << 20,

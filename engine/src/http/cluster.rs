@@ -2,12 +2,13 @@
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use openraft::async_runtime::WatchReceiver;
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::{ApiError, ErrorBody};
+use super::error::{ApiError, ApiPath, ErrorBody, LimitedBody, check_media_type};
 use super::streams::Consistency;
 
 /// Makes a read linearizable when asked: on a node of a cluster, once this returns, the node
@@ -101,4 +102,90 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiEr
         term: metrics.current_term,
         members,
     }))
+}
+
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewLearner {
+    /// The node's id: unique in the cluster, never reused.
+    pub id: u64,
+    /// Where the node's API listens, as the other nodes reach it.
+    pub url: String,
+}
+
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Voters {
+    /// The voters from now on; each must be a member already.
+    pub ids: Vec<u64>,
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    check_media_type(headers, "application/json", |media| {
+        media == "application/json"
+    })?;
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::invalid(format!("invalid body: {error}")))
+}
+
+fn node(state: &AppState) -> Result<&crate::cluster::node::Node, ApiError> {
+    state
+        .node
+        .as_deref()
+        .ok_or_else(|| ApiError::not_found("this server is a single node, not part of a cluster"))
+}
+
+/// Adds a node as a learner (a read replica that does not vote); answers once it has caught up.
+#[utoipa::path(post, path = "/cluster/learners", tag = "operations", request_body = NewLearner,
+    responses((status = 200, body = Status), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 421, body = ErrorBody)))]
+pub async fn add_learner(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Status>, ApiError> {
+    let learner: NewLearner = parse_body(&headers, &body)?;
+    let url = reqwest::Url::parse(&learner.url)
+        .map_err(|error| ApiError::invalid(format!("url {:?}: {error}", learner.url)))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(ApiError::invalid("url must be an http(s) URL with a host"));
+    }
+    let url = learner.url.trim_end_matches('/').to_owned();
+    node(&state)?.add_learner(learner.id, url).await?;
+    status(State(state)).await
+}
+
+/// Sets the cluster's voters (promoting learners, demoting voters to learners).
+#[utoipa::path(post, path = "/cluster/voters", tag = "operations", request_body = Voters,
+    responses((status = 200, body = Status), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 421, body = ErrorBody)))]
+pub async fn set_voters(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Status>, ApiError> {
+    let voters: Voters = parse_body(&headers, &body)?;
+    if voters.ids.is_empty() {
+        return Err(ApiError::invalid("a cluster needs at least one voter"));
+    }
+    node(&state)?
+        .set_voters(voters.ids.into_iter().collect())
+        .await?;
+    status(State(state)).await
+}
+
+/// Takes a node out of the cluster (out of the voters first if it is one).
+#[utoipa::path(delete, path = "/cluster/members/{id}", tag = "operations",
+    params(("id" = u64, Path, description = "The node's id")),
+    responses((status = 200, body = Status), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 421, body = ErrorBody)))]
+pub async fn remove_member(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+) -> Result<Json<Status>, ApiError> {
+    node(&state)?.remove_member(id).await?;
+    status(State(state)).await
 }

@@ -124,7 +124,10 @@ fn routes(tokens: &Arc<Tokens>) -> (Router<AppState>, serde_json::Value) {
         .routes(routes!(projections::skip))
         .routes(routes!(sharders::deploy, sharders::delete))
         .routes(routes!(groups::put, groups::delete))
-        .routes(routes!(groups::replay_parked));
+        .routes(routes!(groups::replay_parked))
+        .routes(routes!(cluster::add_learner))
+        .routes(routes!(cluster::set_voters))
+        .routes(routes!(cluster::remove_member));
     let (router, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(public)
         .merge(auth::guard(reader, Role::Reader, tokens))
@@ -254,6 +257,8 @@ pub struct ClusterOptions {
     pub node_id: u64,
     /// The other voters, by id: the `host:port` their API listens on.
     pub peers: std::collections::BTreeMap<u64, String>,
+    /// A node of an existing cluster to join as a learner, instead of forming one.
+    pub join: Option<String>,
     /// What nodes show each other; Raft's routes refuse a message without it. Without one,
     /// they take messages from loopback only.
     pub secret: Option<String>,
@@ -297,6 +302,7 @@ pub async fn serve_until(
                     .map(|(id, address)| (*id, format!("http://{address}")))
                     .collect(),
                 secret: cluster.secret.clone(),
+                join: cluster.join.is_some(),
             };
             let node = Node::start(
                 &node_config,
@@ -335,6 +341,7 @@ pub async fn serve_until(
         "refract is listening"
     );
     let shutdown = CancellationToken::new();
+    let cluster_options = config.cluster.clone();
     let app = app(
         store.clone(),
         projections.clone(),
@@ -346,6 +353,15 @@ pub async fn serve_until(
         config,
     );
     ready(address);
+    if let Some(cluster) = &cluster_options
+        && let Some(join) = &cluster.join
+    {
+        tokio::spawn(join_cluster(
+            join.clone(),
+            cluster.node_id,
+            format!("http://{address}"),
+        ));
+    }
     let stopping = shutdown.clone();
     let server = axum::serve(
         listener,
@@ -370,6 +386,29 @@ pub async fn serve_until(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Asks a cluster to take this node as a learner, until it does.
+async fn join_cluster(cluster: String, id: u64, url: String) {
+    let client = match crate::client::Client::new(&cluster, None) {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::error!(%error, "cannot join the cluster");
+            return;
+        }
+    };
+    loop {
+        match client.add_learner(id, &url).await {
+            Ok(_) => {
+                tracing::info!(%cluster, "joined the cluster as a learner");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%cluster, error = %format!("{error:#}"), "cannot join the cluster yet");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {
