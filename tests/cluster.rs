@@ -14,11 +14,17 @@ use serde_json::{Value, json};
 struct Cluster {
     nodes: Vec<Option<Server>>,
     addresses: Vec<String>,
+    /// Given to every node.
+    extra: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let addresses: Vec<String> = (0..3)
             .map(|_| format!("127.0.0.1:{}", free_port()))
@@ -26,6 +32,7 @@ impl Cluster {
         let mut cluster = Cluster {
             nodes: Vec::new(),
             addresses,
+            extra: extra.iter().map(|arg| arg.to_string()).collect(),
             _dir: dir,
         };
         for id in 1..=3 {
@@ -37,6 +44,7 @@ impl Cluster {
 
     fn start_node(&self, id: u64) -> Server {
         let mut args = vec!["--node-id".to_owned(), id.to_string()];
+        args.extend(self.extra.iter().cloned());
         for (other, address) in (1..=3).zip(&self.addresses) {
             if other != id {
                 args.push("--peer".into());
@@ -325,6 +333,63 @@ async fn members_join_as_learners_become_voters_and_leave() {
     assert_eq!(ids.len(), 3, "{status}");
     cluster.node(leader).append_n("after-leave", 1).await;
     assert_eq!(events_on(&fourth, "after-leave", 1).await.len(), 1);
+}
+
+/// A node that joins after the log was purged gets the leader's database as a snapshot, and
+/// goes on from it with the log.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_joins_after_the_log_was_purged_gets_a_snapshot() {
+    let tuning = ["--snapshot-every", "5", "--log-keep", "0"];
+    let cluster = Cluster::start_with(&tuning);
+    let leader = cluster.leader().await;
+    for n in 0..30 {
+        cluster
+            .node(leader)
+            .append_n(&format!("order-{n}"), 2)
+            .await;
+    }
+    let leader_dir = cluster._dir.path().join(leader.to_string());
+    let mut purged = false;
+    for _ in 0..400 {
+        if leader_dir.join("raft-log").join("purged").exists() {
+            purged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(purged, "the leader never purged its log");
+
+    let fourth_dir = cluster._dir.path().join("4");
+    let mut args = vec!["--node-id", "4", "--join", &cluster.node(leader).base];
+    args.extend(tuning);
+    let fourth = Server::start_listening(&fourth_dir, "127.0.0.1:0", &args);
+    assert_eq!(events_on(&fourth, "order-29", 2).await.len(), 2);
+    let installed = std::fs::read_dir(fourth_dir.join("snapshots"))
+        .unwrap()
+        .filter(|item| item.as_ref().unwrap().file_type().unwrap().is_dir())
+        .count();
+    assert!(installed > 0, "the new node did not get a snapshot");
+    cluster.node(leader).append_n("after-snapshot", 1).await;
+    assert_eq!(events_on(&fourth, "after-snapshot", 1).await.len(), 1);
+    let everything = |server: &Server| {
+        let server = server.base.clone();
+        async move {
+            let client = reqwest::Client::new();
+            let page: Value = client
+                .get(format!("{server}/streams/$all?limit=4096"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            page["events"].clone()
+        }
+    };
+    assert_eq!(
+        everything(&fourth).await,
+        everything(cluster.node(leader)).await
+    );
 }
 
 fn member_roles(status: &Value) -> Vec<(u64, String)> {

@@ -144,6 +144,12 @@ struct ServeArgs {
         conflicts_with = "peers"
     )]
     join: Option<String>,
+    /// Raft log entries between snapshots (after one, the log before it can go).
+    #[arg(long, default_value_t = 20_000, hide = true)]
+    snapshot_every: u64,
+    /// Raft log entries kept behind a snapshot, for followers a little behind.
+    #[arg(long, default_value_t = 2_000, hide = true)]
+    log_keep: u64,
     /// A secret every node of the cluster is started with: Raft's messages without it are
     /// refused. Without one, nodes take messages from loopback only.
     #[arg(
@@ -609,6 +615,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     node_id,
                     peers,
                     join: args.join,
+                    snapshots: crate::cluster::node::SnapshotTuning {
+                        every: args.snapshot_every.max(1),
+                        keep: args.log_keep,
+                    },
                     secret: args.cluster_secret,
                 })
             }

@@ -42,6 +42,25 @@ pub struct NodeConfig {
     /// Whether the node joins an existing cluster (which adds it as a learner) instead of
     /// forming one.
     pub join: bool,
+    /// When snapshots are made, and how much log stays behind one.
+    pub snapshots: SnapshotTuning,
+}
+
+/// A snapshot every `every` entries lets the log before it go, but for the last `keep` entries
+/// (so a follower a little behind catches up from the log instead of a whole snapshot).
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotTuning {
+    pub every: u64,
+    pub keep: u64,
+}
+
+impl Default for SnapshotTuning {
+    fn default() -> Self {
+        SnapshotTuning {
+            every: 20_000,
+            keep: 2_000,
+        }
+    }
 }
 
 /// A running node.
@@ -57,7 +76,7 @@ pub struct Node {
 const HEARTBEAT_MS: u64 = 100;
 const ELECTION_TIMEOUT_MS: (u64, u64) = (500, 1000);
 
-fn raft_config() -> anyhow::Result<Config> {
+fn raft_config(snapshots: SnapshotTuning) -> anyhow::Result<Config> {
     let config = Config {
         cluster_name: "refract".into(),
         heartbeat_interval: HEARTBEAT_MS,
@@ -70,9 +89,9 @@ fn raft_config() -> anyhow::Result<Config> {
         // The store's last commits before a crash may not be durable, and the committed index
         // is not kept: a restarted leader learns what is committed by an election.
         enable_leader_restore: Some(false),
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(20_000),
-        max_in_snapshot_log_to_keep: 2_000,
-        purge_batch_size: 512,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshots.every),
+        max_in_snapshot_log_to_keep: snapshots.keep,
+        purge_batch_size: 512.min(snapshots.every),
         install_snapshot_timeout: 10_000,
         ..Config::default()
     };
@@ -150,7 +169,7 @@ impl Node {
         let state_machine = StateMachine::new(store.clone(), snapshots.clone())?;
         let raft = Raft::new(
             config.id,
-            Arc::new(raft_config()?),
+            Arc::new(raft_config(config.snapshots)?),
             Network::new(config.secret.clone()),
             log,
             state_machine,
@@ -365,6 +384,7 @@ mod tests {
                     .collect(),
                 secret: None,
                 join: false,
+                snapshots: SnapshotTuning::default(),
             };
             let options = StoreOptions {
                 cache_bytes: 16 << 20,

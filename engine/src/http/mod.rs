@@ -259,6 +259,7 @@ pub struct ClusterOptions {
     pub peers: std::collections::BTreeMap<u64, String>,
     /// A node of an existing cluster to join as a learner, instead of forming one.
     pub join: Option<String>,
+    pub snapshots: crate::cluster::node::SnapshotTuning,
     /// What nodes show each other; Raft's routes refuse a message without it. Without one,
     /// they take messages from loopback only.
     pub secret: Option<String>,
@@ -303,6 +304,7 @@ pub async fn serve_until(
                     .collect(),
                 secret: cluster.secret.clone(),
                 join: cluster.join.is_some(),
+                snapshots: cluster.snapshots,
             };
             let node = Node::start(
                 &node_config,
