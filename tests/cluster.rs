@@ -127,15 +127,7 @@ async fn a_cluster_takes_writes_on_its_leader_and_survives_its_kill() {
     assert_eq!(status, 200);
     assert_eq!(status_body["node_id"], follower);
     assert_eq!(status_body["leader_url"], cluster.node(leader).base);
-    let roles: Vec<(u64, String)> = status_body["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|member| {
-            let role = member["role"].as_str().unwrap().to_owned();
-            (member["id"].as_u64().unwrap(), role)
-        })
-        .collect();
+    let roles = member_roles(&status_body);
     assert_eq!(roles.len(), 3);
     for (id, role) in roles {
         assert_eq!(role, if id == leader { "leader" } else { "follower" });

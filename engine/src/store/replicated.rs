@@ -15,12 +15,14 @@ use std::collections::HashMap;
 use std::io::{BufReader, Write};
 
 use redb::{ReadTransaction, ReadableDatabase};
-use tokio::sync::mpsc::{self, error::TryRecvError};
+use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 
 use super::writer::{self, Job, Queued, Tables, Writer};
 use super::{SETTINGS, Store, StoreError, logged, snapshot};
 
+/// Proposals waiting for their entry at once; operations queued meanwhile wait for a slot.
+const MAX_IN_FLIGHT: usize = 4;
 /// The last entry applied: its term and index.
 const APPLIED: &str = "replicated_applied";
 /// The last membership applied: its entry's term and index, then its bytes.
@@ -87,6 +89,8 @@ pub(super) struct Replica {
     /// Proposed batches waiting for their entry: the time they were stamped with, and the
     /// operations to answer.
     awaiting: HashMap<u64, (i64, Vec<Box<dyn Job>>)>,
+    /// Operations waiting for a proposal to end: they go together as the next batch.
+    held: Vec<Box<dyn Job>>,
     state: ReplicatedState,
     /// What the database holds of `state`.
     written: ReplicatedState,
@@ -104,6 +108,7 @@ impl Replica {
             proposer,
             next_sequence: uuid::Uuid::new_v4().as_u64_pair().0 >> 1,
             awaiting: HashMap::new(),
+            held: Vec::new(),
             written: state.clone(),
             state,
         })
@@ -156,18 +161,9 @@ impl Writer {
     /// entries committed, and checkpoints.
     pub(super) fn run_replicated(mut self, mut queue: mpsc::Receiver<Queued>) {
         loop {
-            // While an index is behind, catching up is work to do between requests.
-            let next = if self.log.indexer.behind(self.log.next_position) {
-                match queue.try_recv() {
-                    Ok(queued) => Some(queued),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => return,
-                }
-            } else {
-                match queue.blocking_recv() {
-                    Some(queued) => Some(queued),
-                    None => return,
-                }
+            let behind = self.log.indexer.behind(self.log.next_position);
+            let Some(next) = writer::next_queued(&mut queue, behind) else {
+                return;
             };
             let Some(mut queued) = next else {
                 self.commit_together(Vec::new());
@@ -176,7 +172,7 @@ impl Writer {
             };
             loop {
                 queued = match queued {
-                    Queued::Operation(job) => match self.propose(job, &mut queue) {
+                    Queued::Operation(job) => match self.hold(job, &mut queue) {
                         Some(after) => after,
                         None => break,
                     },
@@ -204,10 +200,10 @@ impl Writer {
                     Queued::Tick => break,
                     Queued::Shutdown(reply) => {
                         let replica = self.replica.as_mut().expect("a replicated writer");
-                        for (_, (_, jobs)) in replica.awaiting.drain() {
-                            for job in jobs {
-                                job.fail(StoreError::ShuttingDown);
-                            }
+                        let held = std::mem::take(&mut replica.held);
+                        let awaiting = replica.awaiting.drain().flat_map(|(_, (_, jobs))| jobs);
+                        for job in awaiting.chain(held) {
+                            job.fail(StoreError::ShuttingDown);
                         }
                         self.checkpoint(true);
                         let _ = reply.send(());
@@ -215,49 +211,67 @@ impl Writer {
                     }
                 };
             }
+            self.propose_held();
             self.checkpoint(false);
         }
     }
 
-    /// Proposes `first` and the operations queued behind it as one batch; answers what it took
-    /// from the queue that is not an operation.
-    fn propose(
-        &mut self,
-        first: Box<dyn Job>,
-        queue: &mut mpsc::Receiver<Queued>,
-    ) -> Option<Queued> {
-        let mut batch = vec![first];
-        let mut bytes = batch[0].payload_bytes();
-        let mut after = None;
-        while bytes < writer::MAX_BATCH_BYTES {
+    /// Holds `first` and the operations queued behind it for the next proposal; answers what
+    /// it took from the queue that is not an operation.
+    fn hold(&mut self, first: Box<dyn Job>, queue: &mut mpsc::Receiver<Queued>) -> Option<Queued> {
+        let held = &mut self.replica.as_mut().expect("a replicated writer").held;
+        held.push(first);
+        loop {
             match queue.try_recv() {
-                Ok(Queued::Operation(job)) => {
-                    bytes += job.payload_bytes();
-                    batch.push(job);
-                }
-                Ok(other) => {
-                    after = Some(other);
-                    break;
-                }
-                Err(_) => break,
+                Ok(Queued::Operation(job)) => held.push(job),
+                Ok(other) => return Some(other),
+                Err(_) => return None,
             }
         }
+    }
+
+    /// Proposes the held operations, in batches of at most [`writer::MAX_BATCH_BYTES`], while
+    /// fewer than [`MAX_IN_FLIGHT`] proposals wait for their entry. Holding the rest meanwhile
+    /// is the group commit of a replicated store: under load, batches grow instead of the
+    /// number of entries.
+    fn propose_held(&mut self) {
+        loop {
+            let replica = self.replica.as_mut().expect("a replicated writer");
+            if replica.held.is_empty() || replica.awaiting.len() >= MAX_IN_FLIGHT {
+                return;
+            }
+            let mut bytes = 0;
+            let count = replica
+                .held
+                .iter()
+                .take_while(|job| {
+                    let fits = bytes == 0 || bytes < writer::MAX_BATCH_BYTES;
+                    bytes += job.payload_bytes();
+                    fits
+                })
+                .count();
+            let batch: Vec<_> = replica.held.drain(..count).collect();
+            self.propose(batch);
+        }
+    }
+
+    /// Proposes one batch.
+    fn propose(&mut self, batch: Vec<Box<dyn Job>>) {
         if let Some(reason) = &self.stopped {
             writer::fail_all(reason, batch);
-            return after;
+            return;
         }
         let now_ms = writer::now_ms();
         let mut encoded = Vec::new();
         if let Err(error) = logged::encode(now_ms, &batch, &mut encoded) {
             writer::fail_all(&error.to_string(), batch);
-            return after;
+            return;
         }
         let replica = self.replica.as_mut().expect("a replicated writer");
         let sequence = replica.next_sequence;
         replica.next_sequence = replica.next_sequence.wrapping_add(1);
         replica.awaiting.insert(sequence, (now_ms, batch));
         replica.proposer.propose(sequence, encoded);
-        after
     }
 
     /// Applies committed entries in order; an error means the store can apply no more.

@@ -569,19 +569,10 @@ impl Writer {
                 let _ = reply.send(());
                 return;
             }
+            let behind = self.log.indexer.behind(self.log.next_position);
             let queue = self.queue.as_mut().expect("the queue while running");
-            // While an index is behind, catching up is work to do between requests.
-            let first = if self.log.indexer.behind(self.log.next_position) {
-                match queue.try_recv() {
-                    Ok(queued) => Some(queued),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => return,
-                }
-            } else {
-                match queue.blocking_recv() {
-                    Some(queued) => Some(queued),
-                    None => return,
-                }
+            let Some(first) = next_queued(queue, behind) else {
+                return;
             };
             let indexing = first.is_none();
             let batch = self.take_queued(first);
@@ -965,6 +956,24 @@ impl Syncer {
                 self.failed.get_or_insert_with(|| error.to_string());
             }
         }
+    }
+}
+
+/// The next request queued: waited for, unless an index is behind (catching up is then work to
+/// do between requests, and `Some(None)` says there is no request yet). `None` once the queue
+/// is closed.
+pub(super) fn next_queued(
+    queue: &mut mpsc::Receiver<Queued>,
+    behind: bool,
+) -> Option<Option<Queued>> {
+    if behind {
+        match queue.try_recv() {
+            Ok(queued) => Some(Some(queued)),
+            Err(TryRecvError::Empty) => Some(None),
+            Err(TryRecvError::Disconnected) => None,
+        }
+    } else {
+        queue.blocking_recv().map(Some)
     }
 }
 
