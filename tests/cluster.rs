@@ -396,6 +396,71 @@ fn member_roles(status: &Value) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// Entries larger than a request's usual size limit replicate: a 5 MiB event reaches every node.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_event_replicates() {
+    let cluster = Cluster::start();
+    let leader = cluster.leader().await;
+    let text = "x".repeat(5 << 20);
+    let (status, body) = cluster
+        .node(leader)
+        .post(
+            "/streams/big",
+            json!([{"type": "Large", "data": {"text": text}}]),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for (_, node) in cluster.running() {
+        events_on(node, "big", 1).await;
+        let (status, page) = node.get("/streams/big").await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            page["events"][0]["data"]["text"].as_str().unwrap().len(),
+            5 << 20
+        );
+    }
+}
+
+/// A data directory stays what it was made: a single node's store does not start as a cluster
+/// node, nor a cluster node's as a single node.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_directory_does_not_switch_between_single_node_and_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = dir.path().join("single");
+    let mut server = Server::start_in(&single, &[]);
+    server.append_n("s", 1).await;
+    assert!(server.terminate());
+    let output = std::process::Command::new(common::BINARY)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--node-id",
+            "1",
+            "--data",
+        ])
+        .arg(&single)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("holds a single node's store"));
+
+    let mut cluster = Cluster::start();
+    let leader = cluster.leader().await;
+    cluster.node(leader).append_n("c", 1).await;
+    let node_dir = cluster.node(leader).dir.clone();
+    for node in cluster.nodes.iter_mut().flatten() {
+        node.kill();
+    }
+    let output = std::process::Command::new(common::BINARY)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&node_dir)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("holds a cluster node's store"));
+}
+
 /// A single node has no cluster to show.
 #[tokio::test]
 async fn a_single_node_is_not_a_cluster() {

@@ -144,6 +144,10 @@ struct ServeArgs {
         conflicts_with = "peers"
     )]
     join: Option<String>,
+    /// The URL the other nodes (and clients sent here) reach this node at; what the others give
+    /// in --peer. Default: http:// and the --listen address.
+    #[arg(long, value_name = "URL", requires = "node_id")]
+    advertise_url: Option<String>,
     /// Raft log entries between snapshots (after one, the log before it can go).
     #[arg(long, default_value_t = 20_000, hide = true)]
     snapshot_every: u64,
@@ -615,6 +619,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     node_id,
                     peers,
                     join: args.join,
+                    advertise_url: args.advertise_url,
                     snapshots: crate::cluster::node::SnapshotTuning {
                         every: args.snapshot_every.max(1),
                         keep: args.log_keep,

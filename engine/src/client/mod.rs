@@ -328,6 +328,7 @@ impl Client {
     ) -> anyhow::Result<reqwest::Response> {
         let request = request.build().context("cannot build the request")?;
         let give_up = Instant::now() + FAILOVER_PATIENCE;
+        let mut hops = 0;
         loop {
             let base = self.base();
             let Some(mut attempt) = request.try_clone() else {
@@ -348,8 +349,16 @@ impl Client {
                         .get(LEADER_HEADER)
                         .and_then(|leader| leader.to_str().ok())
                         .and_then(|leader| Url::parse(leader).ok());
+                    hops += 1;
                     match leader {
-                        Some(leader) if leader != base => self.set_base(leader),
+                        // Nodes naming each other in turn are in the middle of a change.
+                        Some(leader) if leader != base && hops <= self.nodes.len() => {
+                            self.set_base(leader)
+                        }
+                        Some(leader) if leader != base => {
+                            self.set_base(leader);
+                            tokio::time::sleep(FAILOVER_PAUSE).await;
+                        }
                         // An election is on: ask again shortly.
                         _ => tokio::time::sleep(FAILOVER_PAUSE).await,
                     }

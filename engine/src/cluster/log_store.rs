@@ -14,6 +14,7 @@ use std::ops::{Bound, RangeBounds};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::type_config::TypeConfigExt;
 use openraft::type_config::alias::CommittedLeaderIdOf;
 use openraft::{EntryPayload, OptionalSend, RaftLogReader};
 
@@ -113,6 +114,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        // Write IO is ordered: entries appended before the vote must be durable before it is,
+        // or a vote could count an entry as held that a power cut then takes away.
+        let (flushed, synced) = TypeConfig::oneshot();
+        let pending = self.lock().wal.take_sync();
+        self.syncs
+            .send((pending, IOFlushed::signal(flushed)))
+            .map_err(|_| io::Error::other("the log sync thread is gone"))?;
+        synced
+            .await
+            .map_err(|_| io::Error::other("the log sync thread is gone"))??;
         let bytes = serde_json::to_vec(vote).map_err(invalid_data)?;
         self.lock().wal.save_state(VOTE, &bytes)
     }

@@ -128,14 +128,20 @@ impl Proposer for RaftProposer {
 
 /// What the writer's callers get for a batch openraft did not take.
 fn refused(error: &RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> StoreError {
-    match error.forward_to_leader() {
-        Some(forward) => StoreError::NotLeader {
+    match error {
+        // Refused before it entered the log: sending it again (to the leader) is safe.
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => StoreError::NotLeader {
             leader_url: forward.leader_node.as_ref().map(|node| node.url.clone()),
         },
-        None => match error {
-            RaftError::Fatal(_) => StoreError::ShuttingDown,
-            RaftError::APIError(error) => StoreError::InvalidRequest(error.to_string()),
-        },
+        // In the log, but the leader changed before it was committed: a later leader may
+        // still commit it, so it is not 421 (which clients send again).
+        RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)) => StoreError::Unavailable(
+            "the leader changed before this write was committed: it may or may not have been \
+             applied (an append sent again with the same event ids is taken once)"
+                .into(),
+        ),
+        RaftError::APIError(error) => StoreError::InvalidRequest(error.to_string()),
+        RaftError::Fatal(_) => StoreError::ShuttingDown,
     }
 }
 
@@ -322,13 +328,15 @@ impl Node {
             let _ = tokio::fs::remove_file(&path).await;
             return Err(format!("cannot keep the snapshot: {error}"));
         }
+        let incoming = path.clone();
         let snapshot = SnapshotOf::<TypeConfig, SnapshotFile> {
             meta: header.meta,
             snapshot: SnapshotFile { path },
         };
-        Ok(answer(
-            self.raft.install_full_snapshot(header.vote, snapshot).await,
-        ))
+        let installed = self.raft.install_full_snapshot(header.vote, snapshot).await;
+        // Kept snapshots were moved into place; one refused or skipped is not needed.
+        let _ = tokio::fs::remove_file(&incoming).await;
+        Ok(answer(installed))
     }
 }
 

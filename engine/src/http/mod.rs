@@ -174,11 +174,7 @@ pub fn app(
         node,
         openapi,
     }));
-    let router = match raft_routes {
-        Some(raft_routes) => router.merge(raft_routes),
-        None => router,
-    };
-    router
+    let app = router
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
         .layer(middleware::from_fn_with_state(tokens, auth::admit))
@@ -186,7 +182,14 @@ pub fn app(
         .layer(middleware::from_fn_with_state(metrics, record_request))
         // Outermost: a preflight is answered before auth, which it carries no token for.
         .layer(tower::util::option_layer(cors))
-        .with_state(state)
+        .with_state(state);
+    // Added after the layers, which then leave them alone: Raft's messages are checked by
+    // their own (the cluster's secret), and an append or a snapshot may exceed a request's
+    // size limit.
+    match raft_routes {
+        Some(raft_routes) => app.merge(raft_routes),
+        None => app,
+    }
 }
 
 /// CORS for pages of `origins`: the API's methods and headers, and `Last-Event-ID` so an
@@ -259,6 +262,8 @@ pub struct ClusterOptions {
     pub peers: std::collections::BTreeMap<u64, String>,
     /// A node of an existing cluster to join as a learner, instead of forming one.
     pub join: Option<String>,
+    /// Where the other nodes reach this one; `None`: `http://` and the listening address.
+    pub advertise_url: Option<String>,
     pub snapshots: crate::cluster::node::SnapshotTuning,
     /// What nodes show each other; Raft's routes refuse a message without it. Without one,
     /// they take messages from loopback only.
@@ -294,9 +299,17 @@ pub async fn serve_until(
             (store, None)
         }
         Some(cluster) => {
+            let url = match &cluster.advertise_url {
+                Some(url) => url.trim_end_matches('/').to_owned(),
+                None if address.ip().is_unspecified() => anyhow::bail!(
+                    "listening on {address}, which other nodes cannot reach: give \
+                     --advertise-url (as the other nodes name this one in --peer)"
+                ),
+                None => format!("http://{address}"),
+            };
             let node_config = NodeConfig {
                 id: cluster.node_id,
-                url: format!("http://{address}"),
+                url,
                 peers: cluster
                     .peers
                     .iter()
@@ -358,11 +371,11 @@ pub async fn serve_until(
     if let Some(cluster) = &cluster_options
         && let Some(join) = &cluster.join
     {
-        tokio::spawn(join_cluster(
-            join.clone(),
-            cluster.node_id,
-            format!("http://{address}"),
-        ));
+        let url = cluster.advertise_url.as_deref().map_or_else(
+            || format!("http://{address}"),
+            |url| url.trim_end_matches('/').to_owned(),
+        );
+        tokio::spawn(join_cluster(join.clone(), cluster.node_id, url));
     }
     let stopping = shutdown.clone();
     let server = axum::serve(

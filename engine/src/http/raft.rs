@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -53,6 +53,8 @@ pub fn routes<S: Clone + Send + Sync + 'static>(
                 reply(node.handle_snapshot(chunks).await)
             }),
         )
+        // Entries of up to a batch's size travel together; the peer is known (secret or loopback).
+        .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(Arc::new(secret), admit))
         .with_state(node)
 }

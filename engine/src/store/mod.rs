@@ -395,6 +395,12 @@ impl Store {
         metrics: Arc<Metrics>,
     ) -> Result<Store, StoreError> {
         let db = Arc::new(db);
+        if replicated::read_state(&db.begin_read()?)?.applied.is_some() {
+            return Err(StoreError::Storage(format!(
+                "{} holds a cluster node's store: start it with its --node-id",
+                path.display()
+            )));
+        }
         let recovered = writer::initialize(&db, &options)?;
         let wal = Wal::open(log, recovered.wal_applied + 1, options.log_segment_bytes).map_err(
             |error| StoreError::Storage(format!("cannot open the write-ahead log: {error}")),
@@ -416,6 +422,14 @@ impl Store {
             StoreError::Storage(format!("cannot create {}: {error}", data_dir.display()))
         })?;
         let path = data_dir.join(DATABASE_FILE);
+        let single_log = data_dir.join(WAL_DIR);
+        if std::fs::read_dir(&single_log).is_ok_and(|mut items| items.next().is_some()) {
+            return Err(StoreError::Storage(format!(
+                "{} holds a single node's store: a node of a cluster starts on a new data \
+                 directory (and joins with --join to get the cluster's data)",
+                data_dir.display()
+            )));
+        }
         let db = Arc::new(
             redb::Builder::new()
                 .set_cache_size(options.cache_bytes)

@@ -281,7 +281,6 @@ impl Writer {
                 return Err(StoreError::Storage(reason.clone()));
             }
             let replica = self.replica.as_mut().expect("a replicated writer");
-            replica.state.applied = Some((entry.term, entry.index));
             match entry.payload {
                 ReplicatedPayload::Batch {
                     proposer,
@@ -295,19 +294,27 @@ impl Writer {
                     };
                     let (now_ms, jobs) = match own {
                         Some(own) => own,
-                        None => logged::decode(&batch).map_err(|error| {
-                            StoreError::Storage(format!(
-                                "log entry {} cannot be read: {error}",
-                                entry.index
-                            ))
-                        })?,
+                        None => match logged::decode(&batch) {
+                            Ok(decoded) => decoded,
+                            Err(error) => {
+                                // Nothing of it may be recorded as applied: it is not.
+                                let cause =
+                                    format!("log entry {} cannot be read ({error})", entry.index);
+                                self.stop(cause, []);
+                                break;
+                            }
+                        },
                     };
+                    replica.state.applied = Some((entry.term, entry.index));
                     self.apply(entry.index, now_ms, jobs);
                 }
                 ReplicatedPayload::Membership(membership) => {
+                    replica.state.applied = Some((entry.term, entry.index));
                     replica.state.membership = Some(((entry.term, entry.index), membership));
                 }
-                ReplicatedPayload::Blank => {}
+                ReplicatedPayload::Blank => {
+                    replica.state.applied = Some((entry.term, entry.index));
+                }
             }
             let replica = self.replica.as_ref().expect("a replicated writer");
             if replica.written != replica.state && self.stopped.is_none() {
@@ -391,7 +398,7 @@ impl Store {
     }
 }
 
-fn read_state(txn: &ReadTransaction) -> Result<ReplicatedState, StoreError> {
+pub(super) fn read_state(txn: &ReadTransaction) -> Result<ReplicatedState, StoreError> {
     let settings = match txn.open_table(SETTINGS) {
         Ok(settings) => settings,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(ReplicatedState::default()),
