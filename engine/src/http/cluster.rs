@@ -109,7 +109,8 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiEr
 pub struct NewLearner {
     /// The node's id: unique in the cluster, never reused.
     pub id: u64,
-    /// Where the node's API listens, as the other nodes reach it.
+    /// Where the node's API listens, as the other nodes reach it: an http(s) URL with a host.
+    #[schema(pattern = "^https?://[^/?#]+")]
     pub url: String,
 }
 
@@ -117,6 +118,7 @@ pub struct NewLearner {
 #[serde(deny_unknown_fields)]
 pub struct Voters {
     /// The voters from now on; each must be a member already.
+    #[schema(min_items = 1)]
     pub ids: Vec<u64>,
 }
 
@@ -147,6 +149,7 @@ pub async fn add_learner(
     headers: HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Status>, ApiError> {
+    let node = node(&state)?;
     let learner: NewLearner = parse_body(&headers, &body)?;
     let url = reqwest::Url::parse(&learner.url)
         .map_err(|error| ApiError::invalid(format!("url {:?}: {error}", learner.url)))?;
@@ -154,7 +157,7 @@ pub async fn add_learner(
         return Err(ApiError::invalid("url must be an http(s) URL with a host"));
     }
     let url = learner.url.trim_end_matches('/').to_owned();
-    node(&state)?.add_learner(learner.id, url).await?;
+    node.add_learner(learner.id, url).await?;
     status(State(state)).await
 }
 
@@ -167,13 +170,12 @@ pub async fn set_voters(
     headers: HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Status>, ApiError> {
+    let node = node(&state)?;
     let voters: Voters = parse_body(&headers, &body)?;
     if voters.ids.is_empty() {
         return Err(ApiError::invalid("a cluster needs at least one voter"));
     }
-    node(&state)?
-        .set_voters(voters.ids.into_iter().collect())
-        .await?;
+    node.set_voters(voters.ids.into_iter().collect()).await?;
     status(State(state)).await
 }
 
