@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use openraft::async_runtime::WatchReceiver;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
 use openraft::raft::VoteRequest;
 use openraft::type_config::alias::SnapshotOf;
 use openraft::{ChangeMembers, Config, Raft, ReadPolicy, SnapshotPolicy};
@@ -66,6 +66,8 @@ impl Default for SnapshotTuning {
 /// A running node.
 pub struct Node {
     pub id: u64,
+    /// Where the other nodes reach this one.
+    pub url: String,
     pub raft: RaftHandle,
     pub store: Store,
     snapshots: PathBuf,
@@ -130,9 +132,7 @@ impl Proposer for RaftProposer {
 fn refused(error: &RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> StoreError {
     match error {
         // Refused before it entered the log: sending it again (to the leader) is safe.
-        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => StoreError::NotLeader {
-            leader_url: forward.leader_node.as_ref().map(|node| node.url.clone()),
-        },
+        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => not_leader(forward),
         // In the log, but the leader changed before it was committed: a later leader may
         // still commit it, so it is not 421 (which clients send again).
         RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)) => StoreError::Unavailable(
@@ -142,6 +142,12 @@ fn refused(error: &RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Store
         ),
         RaftError::APIError(error) => StoreError::InvalidRequest(error.to_string()),
         RaftError::Fatal(_) => StoreError::ShuttingDown,
+    }
+}
+
+fn not_leader(forward: &ForwardToLeader<TypeConfig>) -> StoreError {
+    StoreError::NotLeader {
+        leader_url: forward.leader_node.as_ref().map(|node| node.url.clone()),
     }
 }
 
@@ -202,6 +208,7 @@ impl Node {
         }
         Ok(Node {
             id: config.id,
+            url: config.url.clone(),
             raft,
             store,
             snapshots,
@@ -215,9 +222,7 @@ impl Node {
         match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(_) => Ok(()),
             Err(error) => match error.forward_to_leader() {
-                Some(forward) => Err(StoreError::NotLeader {
-                    leader_url: forward.leader_node.as_ref().map(|node| node.url.clone()),
-                }),
+                Some(forward) => Err(not_leader(forward)),
                 None => Err(StoreError::Unavailable(format!(
                     "cannot confirm the leadership with a majority: {error}"
                 ))),
@@ -250,12 +255,11 @@ impl Node {
                 "node {id} is not a member of the cluster"
             )));
         }
-        if membership.voter_ids().any(|voter| voter == id) {
-            let change = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
-            let result = self.raft.change_membership(change, false).await;
-            return result.map(|_| ()).map_err(|error| refused(&error));
-        }
-        let change = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+        let change = if membership.voter_ids().any(|voter| voter == id) {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
         let result = self.raft.change_membership(change, false).await;
         result.map(|_| ()).map_err(|error| refused(&error))
     }

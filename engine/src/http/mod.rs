@@ -356,7 +356,10 @@ pub async fn serve_until(
         "refract is listening"
     );
     let shutdown = CancellationToken::new();
-    let cluster_options = config.cluster.clone();
+    let join = config
+        .cluster
+        .as_ref()
+        .and_then(|cluster| cluster.join.clone());
     let app = app(
         store.clone(),
         projections.clone(),
@@ -368,14 +371,8 @@ pub async fn serve_until(
         config,
     );
     ready(address);
-    if let Some(cluster) = &cluster_options
-        && let Some(join) = &cluster.join
-    {
-        let url = cluster.advertise_url.as_deref().map_or_else(
-            || format!("http://{address}"),
-            |url| url.trim_end_matches('/').to_owned(),
-        );
-        tokio::spawn(join_cluster(join.clone(), cluster.node_id, url));
+    if let (Some(node), Some(join)) = (&node, join) {
+        tokio::spawn(join_cluster(join, node.id, node.url.clone()));
     }
     let stopping = shutdown.clone();
     let server = axum::serve(
