@@ -438,6 +438,27 @@ mod tests {
         panic!("no leader agreed on");
     }
 
+    /// Runs `work` on the agreed leader, again on the next one while it answers `NotLeader`:
+    /// a loaded machine can miss heartbeats and elect again at any time, as clients know.
+    async fn on_leader<'a, T, F, W>(nodes: &[&'a Running], work: W) -> Result<T, StoreError>
+    where
+        W: Fn(&'a Running) -> F,
+        F: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        for _ in 0..10 {
+            let leader_id = agreed_leader(nodes).await;
+            let leader = nodes
+                .iter()
+                .find(|running| running.node.id == leader_id)
+                .unwrap();
+            match work(leader).await {
+                Err(StoreError::NotLeader { .. }) => continue,
+                other => return other,
+            }
+        }
+        panic!("the leader kept changing");
+    }
+
     /// Waits until a node has applied `events` events.
     async fn caught_up(node: &Node, events: u64) {
         for _ in 0..300 {
@@ -465,55 +486,87 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let nodes = three_nodes(dir.path()).await;
         let all: Vec<&Running> = nodes.iter().collect();
-        let leader_id = agreed_leader(&all).await;
-        let leader = &nodes[(leader_id - 1) as usize];
-        let follower = nodes
-            .iter()
-            .find(|running| running.node.id != leader_id)
-            .unwrap();
 
         let placed = event("Placed");
         let placed_id = placed.id;
-        let outcome = leader
-            .node
-            .store
-            .append("order-1".into(), ExpectedRevision::NoStream, vec![placed])
-            .await
-            .unwrap();
+        let outcome = on_leader(&all, |leader| {
+            let placed = placed.clone();
+            async move {
+                leader
+                    .node
+                    .store
+                    .append("order-1".into(), ExpectedRevision::NoStream, vec![placed])
+                    .await
+            }
+        })
+        .await
+        .unwrap();
         assert_eq!(outcome.first_position, 0);
 
-        let refused = follower
-            .node
-            .store
-            .append("order-1".into(), ExpectedRevision::Any, vec![event("Paid")])
-            .await;
-        match refused {
-            Err(StoreError::NotLeader { leader_url }) => {
-                assert_eq!(leader_url.as_deref(), Some(leader.url.as_str()))
+        // A follower refuses and names the leader (asked again if the leader changed between).
+        let mut named = false;
+        for _ in 0..10 {
+            let leader_id = agreed_leader(&all).await;
+            let leader = &nodes[(leader_id - 1) as usize];
+            let follower = nodes
+                .iter()
+                .find(|running| running.node.id != leader_id)
+                .unwrap();
+            let refused = follower
+                .node
+                .store
+                .append("order-1".into(), ExpectedRevision::Any, vec![event("Paid")])
+                .await;
+            match refused {
+                Err(StoreError::NotLeader { leader_url }) => {
+                    if leader_url.as_deref() == Some(leader.url.as_str()) {
+                        named = true;
+                        break;
+                    }
+                }
+                other => panic!("a follower took a write: {other:?}"),
             }
-            other => panic!("a follower took a write: {other:?}"),
         }
+        assert!(named, "no follower named the leader");
 
-        let race = |kind: &'static str| {
-            let store = leader.node.store.clone();
-            tokio::spawn(async move {
-                store
-                    .append(
-                        "order-2".into(),
-                        ExpectedRevision::NoStream,
-                        vec![event(kind)],
-                    )
-                    .await
-            })
-        };
-        let (first, second) = (race("A"), race("B"));
-        let results = [first.await.unwrap(), second.await.unwrap()];
+        let results = on_leader(&all, |leader| {
+            let race = |kind: &'static str| {
+                let store = leader.node.store.clone();
+                tokio::spawn(async move {
+                    store
+                        .append(
+                            "order-2".into(),
+                            ExpectedRevision::NoStream,
+                            vec![event(kind)],
+                        )
+                        .await
+                })
+            };
+            async move {
+                let (first, second) = (race("A"), race("B"));
+                let results = [first.await.unwrap(), second.await.unwrap()];
+                // A leader change refuses both before either is logged: race again.
+                match results
+                    .iter()
+                    .find(|result| matches!(result, Err(StoreError::NotLeader { .. })))
+                {
+                    Some(Err(not_leader)) if results.iter().all(Result::is_err) => {
+                        Err(not_leader.clone())
+                    }
+                    _ => Ok(results),
+                }
+            }
+        })
+        .await
+        .unwrap();
         assert_eq!(results.iter().filter(|result| result.is_ok()).count(), 1);
         assert!(
             results
                 .iter()
                 .any(|result| matches!(result, Err(StoreError::WrongExpectedRevision { .. })))
         );
+        let leader_id = agreed_leader(&all).await;
+        let leader = &nodes[(leader_id - 1) as usize];
 
         for running in &nodes {
             caught_up(&running.node, 2).await;
@@ -527,20 +580,20 @@ mod tests {
             .iter()
             .filter(|running| running.node.id != leader_id)
             .collect();
-        let new_leader_id = agreed_leader(&survivors).await;
-        assert_ne!(new_leader_id, leader_id);
-        let new_leader = survivors
-            .iter()
-            .find(|running| running.node.id == new_leader_id)
-            .unwrap();
         let paid = event("Paid");
         let paid_id = paid.id;
-        let outcome = new_leader
-            .node
-            .store
-            .append("order-1".into(), ExpectedRevision::Exact(0), vec![paid])
-            .await
-            .unwrap();
+        let outcome = on_leader(&survivors, |leader| {
+            let paid = paid.clone();
+            async move {
+                leader
+                    .node
+                    .store
+                    .append("order-1".into(), ExpectedRevision::Exact(0), vec![paid])
+                    .await
+            }
+        })
+        .await
+        .unwrap();
         assert_eq!(outcome.first_position, 2);
         for running in &survivors {
             caught_up(&running.node, 3).await;
