@@ -4,91 +4,11 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::Server;
-use common::browser::free_port;
+use common::cluster::Cluster;
 use serde_json::{Value, json};
-
-struct Cluster {
-    nodes: Vec<Option<Server>>,
-    addresses: Vec<String>,
-    /// Given to every node.
-    extra: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        Cluster::start_with(&[])
-    }
-
-    fn start_with(extra: &[&str]) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let addresses: Vec<String> = (0..3)
-            .map(|_| format!("127.0.0.1:{}", free_port()))
-            .collect();
-        let mut cluster = Cluster {
-            nodes: Vec::new(),
-            addresses,
-            extra: extra.iter().map(|arg| arg.to_string()).collect(),
-            _dir: dir,
-        };
-        for id in 1..=3 {
-            let node = cluster.start_node(id);
-            cluster.nodes.push(Some(node));
-        }
-        cluster
-    }
-
-    fn start_node(&self, id: u64) -> Server {
-        let mut args = vec!["--node-id".to_owned(), id.to_string()];
-        args.extend(self.extra.iter().cloned());
-        for (other, address) in (1..=3).zip(&self.addresses) {
-            if other != id {
-                args.push("--peer".into());
-                args.push(format!("{other}={address}"));
-            }
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let dir = self._dir.path().join(id.to_string());
-        std::fs::create_dir_all(&dir).unwrap();
-        Server::start_listening(Path::new(&dir), &self.addresses[(id - 1) as usize], &args)
-    }
-
-    fn node(&self, id: u64) -> &Server {
-        self.nodes[(id - 1) as usize]
-            .as_ref()
-            .expect("a running node")
-    }
-
-    fn running(&self) -> impl Iterator<Item = (u64, &Server)> {
-        (1..)
-            .zip(&self.nodes)
-            .filter_map(|(id, node)| Some((id, node.as_ref()?)))
-    }
-
-    /// Waits until every running node names the same leader, one of them.
-    async fn leader(&self) -> u64 {
-        for _ in 0..400 {
-            let mut seen = Vec::new();
-            for (_, node) in self.running() {
-                let (status, body) = node.get("/cluster").await;
-                assert_eq!(status, 200, "{body}");
-                seen.push(body["leader"].as_u64());
-            }
-            if let Some(Some(leader)) = seen.first().copied()
-                && seen.iter().all(|other| *other == Some(leader))
-                && self.running().any(|(id, _)| id == leader)
-            {
-                return leader;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the nodes did not agree on a leader");
-    }
-}
 
 /// Waits until `node` holds `count` events in `stream`, and answers their ids.
 async fn events_on(node: &Server, stream: &str, count: usize) -> Vec<Value> {
@@ -267,7 +187,7 @@ async fn members_join_as_learners_become_voters_and_leave() {
     let leader = cluster.leader().await;
     cluster.node(leader).append_n("before-join", 3).await;
 
-    let fourth_dir = cluster._dir.path().join("4");
+    let fourth_dir = cluster.dir.path().join("4");
     let any_node = cluster.node(1).base.clone();
     let fourth = Server::start_listening(
         &fourth_dir,
@@ -340,7 +260,7 @@ async fn a_node_that_joins_after_the_log_was_purged_gets_a_snapshot() {
             .append_n(&format!("order-{n}"), 2)
             .await;
     }
-    let leader_dir = cluster._dir.path().join(leader.to_string());
+    let leader_dir = cluster.dir.path().join(leader.to_string());
     let mut purged = false;
     for _ in 0..400 {
         if leader_dir.join("raft-log").join("purged").exists() {
@@ -351,7 +271,7 @@ async fn a_node_that_joins_after_the_log_was_purged_gets_a_snapshot() {
     }
     assert!(purged, "the leader never purged its log");
 
-    let fourth_dir = cluster._dir.path().join("4");
+    let fourth_dir = cluster.dir.path().join("4");
     let mut args = vec!["--node-id", "4", "--join", &cluster.node(leader).base];
     args.extend(tuning);
     let fourth = Server::start_listening(&fourth_dir, "127.0.0.1:0", &args);

@@ -2,6 +2,8 @@
 #![allow(dead_code)] // Each test file uses a different part of this harness.
 
 pub mod browser;
+pub mod cluster;
+pub mod proxy;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -78,6 +80,15 @@ impl Server {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Sends the process a signal by name (`STOP`, `CONT`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
     }
 
     /// SIGTERM, then wait for the process to exit; returns whether it exited successfully.

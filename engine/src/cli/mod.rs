@@ -135,6 +135,10 @@ struct ServeArgs {
     /// repeatable. Nodes started with the same voters form the cluster by themselves.
     #[arg(long = "peer", value_name = "ID=HOST:PORT", value_parser = parse_peer, requires = "node_id")]
     peers: Vec<(u64, String)>,
+    /// Reach another node through this address (a proxy or tunnel in between) instead of the
+    /// URL the cluster knows it by, as ID=HOST:PORT; repeatable. Its members stay as they are.
+    #[arg(long = "peer-via", value_name = "ID=HOST:PORT", value_parser = parse_peer, requires = "node_id")]
+    peer_via: Vec<(u64, String)>,
     /// Join an existing cluster as a learner (a read replica): any of its nodes' URLs. Promote
     /// it to a voter with `refract cluster voters`.
     #[arg(
@@ -615,9 +619,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         anyhow::bail!("--peer {id} is given twice");
                     }
                 }
+                let mut routes = std::collections::BTreeMap::new();
+                for (id, address) in args.peer_via {
+                    if routes.insert(id, address).is_some() {
+                        anyhow::bail!("--peer-via {id} is given twice");
+                    }
+                }
                 Some(crate::http::ClusterOptions {
                     node_id,
                     peers,
+                    routes,
                     join: args.join,
                     advertise_url: args.advertise_url,
                     snapshots: crate::cluster::node::SnapshotTuning {

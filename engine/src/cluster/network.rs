@@ -5,6 +5,7 @@
 //! after a JSON header. A node that cannot be reached, or answers with an error, is reported
 //! unreachable: openraft backs off and retries.
 
+use std::collections::BTreeMap;
 use std::io;
 
 use bytes::Bytes;
@@ -35,17 +36,21 @@ pub const SECRET_HEADER: &str = "refract-cluster-secret";
 pub struct Network {
     client: reqwest::Client,
     secret: Option<String>,
+    /// Where to reach some nodes instead of their member URL, by id.
+    routes: BTreeMap<u64, String>,
 }
 
 impl Network {
-    /// Talks to the other nodes, sending them `secret` when the cluster has one.
-    pub fn new(secret: Option<String>) -> Network {
+    /// Talks to the other nodes, sending them `secret` when the cluster has one, and reaching
+    /// the nodes in `routes` at the URL given there.
+    pub fn new(secret: Option<String>, routes: BTreeMap<u64, String>) -> Network {
         Network {
             client: reqwest::Client::builder()
                 .connect_timeout(std::time::Duration::from_secs(1))
                 .build()
                 .expect("an HTTP client"),
             secret,
+            routes,
         }
     }
 }
@@ -60,9 +65,10 @@ pub struct Peer {
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
-    async fn new_client(&mut self, _target: u64, node: &Member) -> Peer {
+    async fn new_client(&mut self, target: u64, node: &Member) -> Peer {
+        let url = self.routes.get(&target).unwrap_or(&node.url);
         Peer {
-            url: node.url.trim_end_matches('/').to_owned(),
+            url: url.trim_end_matches('/').to_owned(),
             client: self.client.clone(),
             secret: self.secret.clone(),
         }

@@ -37,6 +37,8 @@ pub struct NodeConfig {
     pub url: String,
     /// The other voters of a new cluster, by id (none: a cluster of this node alone).
     pub peers: BTreeMap<u64, String>,
+    /// Other nodes reached through another URL than their member URL (a proxy), by id.
+    pub routes: BTreeMap<u64, String>,
     /// Sent with every message to the other nodes, which check it.
     pub secret: Option<String>,
     /// Whether the node joins an existing cluster (which adds it as a learner) instead of
@@ -182,7 +184,7 @@ impl Node {
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config(config.snapshots)?),
-            Network::new(config.secret.clone()),
+            Network::new(config.secret.clone(), config.routes.clone()),
             log,
             state_machine,
         )
@@ -394,6 +396,7 @@ mod tests {
                     .filter(|(other, _)| **other != id)
                     .map(|(other, url)| (*other, url.clone()))
                     .collect(),
+                routes: BTreeMap::new(),
                 secret: None,
                 join: false,
                 snapshots: SnapshotTuning::default(),

@@ -260,6 +260,8 @@ pub struct ClusterOptions {
     pub node_id: u64,
     /// The other voters, by id: the `host:port` their API listens on.
     pub peers: std::collections::BTreeMap<u64, String>,
+    /// Other nodes reached through another `host:port` than their URL (a proxy), by id.
+    pub routes: std::collections::BTreeMap<u64, String>,
     /// A node of an existing cluster to join as a learner, instead of forming one.
     pub join: Option<String>,
     /// Where the other nodes reach this one; `None`: `http://` and the listening address.
@@ -312,6 +314,11 @@ pub async fn serve_until(
                 url,
                 peers: cluster
                     .peers
+                    .iter()
+                    .map(|(id, address)| (*id, format!("http://{address}")))
+                    .collect(),
+                routes: cluster
+                    .routes
                     .iter()
                     .map(|(id, address)| (*id, format!("http://{address}")))
                     .collect(),
