@@ -396,3 +396,96 @@ async fn a_single_node_is_not_a_cluster() {
     let (status, _) = server.get("/streams/s?consistency=strong").await;
     assert_eq!(status, 400);
 }
+
+/// Pulls up to `max` messages of group `g` on `orders` for `consumer`.
+async fn pull(node: &Server, consumer: &str, max: usize) -> Vec<Value> {
+    let (status, body) = node
+        .post(
+            &format!("/groups/orders/g/pull?consumer={consumer}&max={max}&wait_ms=2000"),
+            json!(null),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["messages"].as_array().unwrap().clone()
+}
+
+/// Wasm projections, sharders and consumer groups run on the leader, and a follower sends their
+/// callers there; when the leader dies, the new one carries on from what the log holds: the
+/// projection counts every event once, and no acked message comes again.
+#[tokio::test(flavor = "multi_thread")]
+async fn projections_and_groups_run_on_the_leader_and_move_with_it() {
+    let mut cluster = Cluster::start();
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let leader_url = cluster.node(leader).base.clone();
+    for path in ["/projections", "/groups", "/sharders"] {
+        let (status, body) = cluster.node(follower).get(path).await;
+        assert_eq!(status, 421, "{path}: {body}");
+        assert_eq!(body["leader_url"], leader_url.as_str());
+    }
+
+    let (status, body) = cluster
+        .node(leader)
+        .deploy("counter", common::guest("event-counter"), "")
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = cluster
+        .node(leader)
+        .put("/groups/orders/g", json!({"start_from": "start"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    cluster.node(leader).append_n("orders", 10).await;
+    cluster.node(leader).caught_up("counter").await;
+    let first = pull(cluster.node(leader), "a", 6).await;
+    assert_eq!(first.len(), 6);
+    let (acked, unacked) = first.split_at(4);
+    let ids: Vec<&Value> = acked.iter().map(|message| &message["ack_id"]).collect();
+    let (status, body) = cluster
+        .node(leader)
+        .post("/groups/orders/g/ack", json!({ "ack_ids": ids }))
+        .await;
+    assert_eq!(status, 204, "{body}");
+
+    cluster.kill(leader);
+    let new_leader = cluster.leader().await;
+    let node = cluster.node(new_leader);
+    // The new leader starts them once it has applied everything committed before its term.
+    common::wait_until(|| async { node.get("/projections/counter").await.0 == 200 }).await;
+    node.append_n("orders", 5).await;
+    node.caught_up("counter").await;
+    let (status, counts) = node.get("/projections/counter/state").await;
+    assert_eq!(status, 200, "{counts}");
+    assert_eq!(counts["count"], 15, "{counts}");
+
+    // The unacked messages and the new ones come; the acked ones never again.
+    let mut revisions = Vec::new();
+    loop {
+        let batch = pull(node, "b", 100).await;
+        if batch.is_empty() {
+            break;
+        }
+        let ids: Vec<&Value> = batch.iter().map(|message| &message["ack_id"]).collect();
+        let (status, body) = node
+            .post("/groups/orders/g/ack", json!({ "ack_ids": ids }))
+            .await;
+        assert_eq!(status, 204, "{body}");
+        revisions.extend(
+            batch
+                .iter()
+                .map(|message| message["event"]["revision"].as_u64().unwrap()),
+        );
+    }
+    revisions.sort();
+    let expected: Vec<u64> = unacked
+        .iter()
+        .map(|message| message["event"]["revision"].as_u64().unwrap())
+        .chain(6..15)
+        .collect();
+    assert_eq!(revisions, expected);
+
+    // The old leader comes back as a follower and sends callers on.
+    cluster.restart(leader);
+    assert_eq!(cluster.leader().await, new_leader);
+    let (status, body) = cluster.node(leader).get("/projections/counter").await;
+    assert_eq!(status, 421, "{body}");
+}

@@ -2,11 +2,13 @@
 //! the leader paused (`SIGSTOP`) for several election timeouts, the leader cut off from the
 //! others, a follower's answers to the leader dropped, `kill -9` of all three, and a node killed
 //! again while it installs a snapshot. Meanwhile writers race on a few streams with exact
-//! expected revisions and unique ids, a reader makes linearizable reads, and an SSE subscriber
-//! follows `$all` from node to node. After healing, every node holds the same `$all`; every
-//! acknowledged event is in it once, where it was acknowledged; at most one write succeeded
-//! per stream and expected revision; no write refused as never logged is there; no
-//! linearizable read missed an acknowledged write; the subscriber saw `$all` once, in order.
+//! expected revisions and unique ids, a reader makes linearizable reads, an SSE subscriber
+//! follows `$all` from node to node, a Wasm projection counts events and a consumer group's
+//! consumer pulls and acks. After healing, every node holds the same `$all`; every acknowledged
+//! event is in it once, where it was acknowledged; at most one write succeeded per stream and
+//! expected revision; no write refused as never logged is there; no linearizable read missed an
+//! acknowledged write; the subscriber saw `$all` once, in order; the projection counted every
+//! event once; the group delivered every event and none again after its ack was answered.
 //!
 //! One round of faults in the suite; `REFRACT_FAULT_ROUNDS=N` runs N (with a whole-cluster kill
 //! every fifth), for the long runs.
@@ -26,6 +28,8 @@ use serde_json::{Value, json};
 /// The streams the writers race on.
 const STREAMS: [&str; 3] = ["account-1", "account-2", "account-3"];
 const WRITERS: usize = 4;
+/// The consumer group, on the first stream.
+const GROUP: &str = "account-1/g";
 
 /// A write the cluster acknowledged.
 #[derive(Debug, Clone)]
@@ -52,12 +56,19 @@ struct Ledger {
     /// `$all` as the subscriber received it: (position, id).
     subscribed: Vec<(u64, String)>,
     subscriber_faults: Vec<String>,
+    /// Event ids the group delivered, and those whose ack it answered.
+    group_delivered: BTreeSet<String>,
+    group_acked: BTreeSet<String>,
+    /// Messages delivered again after their ack was answered.
+    group_faults: Vec<String>,
 }
 
 struct Workload {
     nodes: Vec<String>,
     ledger: Mutex<Ledger>,
     stop: AtomicBool,
+    /// The group's consumer stops at its first empty pull once this is set.
+    drain: AtomicBool,
 }
 
 impl Workload {
@@ -229,6 +240,70 @@ async fn reader(workload: Arc<Workload>) {
     }
 }
 
+/// The group's one consumer: pulls from the leader and acks what it got.
+async fn consumer(workload: Arc<Workload>) {
+    let http = http_client();
+    let mut target = 0;
+    loop {
+        let node = &workload.nodes[target];
+        let pull = format!("{node}/groups/{GROUP}/pull?consumer=c&max=100&wait_ms=500");
+        let Ok(response) = http.post(pull).send().await else {
+            target = (target + 1) % workload.nodes.len();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        match response.status().as_u16() {
+            200 => {}
+            421 => {
+                target = workload.follow(&response, target);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            503 => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            status => panic!(
+                "a pull answered {status}: {}",
+                response.text().await.unwrap_or_default()
+            ),
+        }
+        let Ok(body) = response.json::<Value>().await else {
+            continue;
+        };
+        let messages = body["messages"].as_array().unwrap();
+        if messages.is_empty() {
+            if workload.drain.load(Ordering::Relaxed) {
+                return;
+            }
+            continue;
+        }
+        let mut ids = Vec::new();
+        {
+            let mut ledger = workload.ledger.lock().unwrap();
+            for message in messages {
+                let id = message["event"]["id"].as_str().unwrap().to_owned();
+                if ledger.group_acked.contains(&id) {
+                    ledger
+                        .group_faults
+                        .push(format!("{id} came again after its ack"));
+                }
+                ledger.group_delivered.insert(id.clone());
+                ids.push(id);
+            }
+        }
+        let acks: Vec<&Value> = messages.iter().map(|message| &message["ack_id"]).collect();
+        let acked = http
+            .post(format!("{node}/groups/{GROUP}/ack"))
+            .json(&json!({ "ack_ids": acks }))
+            .send()
+            .await;
+        if acked.is_ok_and(|response| response.status() == 204) {
+            workload.ledger.lock().unwrap().group_acked.extend(ids);
+        }
+    }
+}
+
 /// Follows `$all` over SSE, moving to the next node (with `Last-Event-ID`) when its node dies or
 /// goes quiet, until stopped and caught up with `head`.
 async fn subscriber(workload: Arc<Workload>, head: Arc<Mutex<Option<u64>>>) {
@@ -390,7 +465,17 @@ async fn no_fault_loses_or_duplicates_an_acknowledged_write() {
         .unwrap_or(1);
     // Snapshots often, and little log behind them, so a node down for a while needs one.
     let mut cluster = Cluster::start_proxied(&["--snapshot-every", "40", "--log-keep", "10"]).await;
-    cluster.leader().await;
+    let leader = cluster.leader().await;
+    let (status, body) = cluster
+        .node(leader)
+        .deploy("counter", common::guest("event-counter"), "")
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = cluster
+        .node(leader)
+        .put(&format!("/groups/{GROUP}"), json!({"start_from": "start"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
     let workload = Arc::new(Workload {
         nodes: cluster
             .addresses
@@ -399,12 +484,14 @@ async fn no_fault_loses_or_duplicates_an_acknowledged_write() {
             .collect(),
         ledger: Mutex::default(),
         stop: AtomicBool::new(false),
+        drain: AtomicBool::new(false),
     });
     let mut tasks = Vec::new();
     for number in 0..WRITERS {
         tasks.push(tokio::spawn(writer(workload.clone(), number)));
     }
     tasks.push(tokio::spawn(reader(workload.clone())));
+    let consuming = tokio::spawn(consumer(workload.clone()));
     let head = Arc::new(Mutex::new(None));
     let subscription = tokio::spawn(subscriber(workload.clone(), head.clone()));
     workload.progress(20, "before any fault").await;
@@ -434,6 +521,18 @@ async fn no_fault_loses_or_duplicates_an_acknowledged_write() {
         .await
         .expect("the subscriber caught up")
         .unwrap();
+    workload.drain.store(true, Ordering::Relaxed);
+    tokio::time::timeout(Duration::from_secs(60), consuming)
+        .await
+        .expect("the consumer drained the group")
+        .unwrap();
+    let leader = cluster.leader().await;
+    let node = cluster.node(leader);
+    common::wait_until(|| async { node.get("/projections/counter").await.0 == 200 }).await;
+    let counted = node.caught_up("counter").await;
+    let (status, counts) = node.get("/projections/counter/state").await;
+    assert_eq!(status, 200, "{counts}");
+    assert_eq!(counts["count"], all.len(), "{counted}");
 
     // Every task has stopped: the ledger is final.
     let ledger = std::mem::take(&mut *workload.ledger.lock().unwrap());
@@ -491,6 +590,14 @@ async fn no_fault_loses_or_duplicates_an_acknowledged_write() {
         })
         .collect();
     assert_eq!(ledger.subscribed, subscribed, "the subscriber's $all");
+    assert!(ledger.group_faults.is_empty(), "{:?}", ledger.group_faults);
+    for event in cluster.node(1).read_everything(STREAMS[0]).await {
+        let id = event["id"].as_str().unwrap();
+        assert!(
+            ledger.group_delivered.contains(id),
+            "the group never delivered {id}"
+        );
+    }
     failovers.sort();
     let percentile = |p: usize| failovers[(failovers.len() * p / 100).min(failovers.len() - 1)];
     eprintln!(
@@ -502,11 +609,14 @@ async fn no_fault_loses_or_duplicates_an_acknowledged_write() {
         failovers.last().unwrap()
     );
     eprintln!(
-        "{} acknowledged, {} unknown, {} refused, {} linearizable reads, {} events in $all",
+        "{} acknowledged, {} unknown, {} refused, {} linearizable reads, {} events in $all, \
+         {} delivered and {} acked by the group",
         ledger.acked.len(),
         ledger.maybe.len(),
         ledger.refused.len(),
         ledger.linearizable_reads,
-        all.len()
+        all.len(),
+        ledger.group_delivered.len(),
+        ledger.group_acked.len()
     );
 }

@@ -9,6 +9,8 @@
 //!   projections present the store's built-in indexes (`$ce-`, `$et-`, `$bc-`, `$category-`).
 //! - [`groups`]: consumer groups (persistent subscriptions): at-least-once delivery to competing
 //!   consumers with acks, retries, parking and server-side checkpoints.
+//! - [`processing`]: the Wasm projections, groups and sharders of a node, run on a cluster's
+//!   leader only.
 //! - [`subscribe`]: catch-up then live reading of a stream or `$all`, built on store reads and
 //!   the head position.
 //! - [`http`]: the HTTP API (axum on hyper): routes, errors, auth, SSE, OpenAPI, metrics.
@@ -33,6 +35,7 @@ pub mod metrics;
 pub mod names;
 #[cfg(test)]
 mod power_cut;
+pub mod processing;
 pub mod projections;
 pub mod sandbox;
 pub mod sharding;

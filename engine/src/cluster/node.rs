@@ -217,6 +217,24 @@ impl Node {
         })
     }
 
+    /// Whether this node leads the cluster, as far as it knows.
+    pub fn is_leader(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        metrics.current_leader == Some(self.id) && metrics.state.is_leader()
+    }
+
+    /// The URL of the node this one knows as the leader.
+    pub fn leader_url(&self) -> Option<String> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        let leader = metrics.current_leader?;
+        let membership = metrics.membership_config.membership();
+        membership
+            .get_node(&leader)
+            .map(|member| member.url.clone())
+    }
+
     /// Returns once this node is the leader, confirmed by a majority after the call began
     /// (ReadIndex, never a lease: a paused leader's lease proves nothing), and has applied
     /// everything committed before it.

@@ -83,8 +83,8 @@ fn parse_json<T: serde::de::DeserializeOwned>(
 
 /// Every group.
 #[utoipa::path(get, path = "/groups", tag = "groups", responses((status = 200, body = Vec<Info>)))]
-pub async fn list(State(state): State<AppState>) -> Json<Vec<Info>> {
-    Json(state.groups.list().await)
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<Info>>, ApiError> {
+    Ok(Json(state.processing()?.groups.list().await))
 }
 
 /// A group's settings and statistics.
@@ -96,7 +96,9 @@ pub async fn info(
     State(state): State<AppState>,
     ApiPath((stream, group)): ApiPath<(String, String)>,
 ) -> Result<Json<Info>, ApiError> {
-    Ok(Json(state.groups.info(&stream, &group).await?))
+    Ok(Json(
+        state.processing()?.groups.info(&stream, &group).await?,
+    ))
 }
 
 /// Create a group (201) or replace its settings (200); the checkpoint is kept.
@@ -118,7 +120,11 @@ pub async fn put(
 ) -> Result<Response, ApiError> {
     check_content_type(&headers)?;
     let settings = Settings::parse(&body).map_err(ApiError::invalid)?;
-    let (created, info) = state.groups.put(&stream, &group, settings).await?;
+    let (created, info) = state
+        .processing()?
+        .groups
+        .put(&stream, &group, settings)
+        .await?;
     let code = if created {
         StatusCode::CREATED
     } else {
@@ -135,7 +141,7 @@ pub async fn delete(
     State(state): State<AppState>,
     ApiPath((stream, group)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    state.groups.delete(&stream, &group).await?;
+    state.processing()?.groups.delete(&stream, &group).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -165,9 +171,8 @@ pub async fn pull(
     let wait = Duration::from_millis(query.wait_ms.unwrap_or(0));
     let max = query.max.unwrap_or(DEFAULT_PULL);
     // A long poll ends empty when the server shuts down, so it does not hold the shutdown up.
-    let pulled = state
-        .groups
-        .pull(&stream, &group, &query.consumer, max, wait);
+    let groups = state.processing()?.groups;
+    let pulled = groups.pull(&stream, &group, &query.consumer, max, wait);
     let deliveries = tokio::select! {
         pulled = pulled => pulled?,
         () = state.shutdown.cancelled() => Vec::new(),
@@ -202,6 +207,7 @@ pub async fn subscribe(
 ) -> Result<Response, ApiError> {
     let buffer = query.buffer.unwrap_or(DEFAULT_BUFFER);
     let receiver = state
+        .processing()?
         .groups
         .subscribe(&stream, &group, &query.consumer, buffer)
         .await?;
@@ -246,7 +252,11 @@ pub async fn ack(
     LimitedBody(body): LimitedBody,
 ) -> Result<StatusCode, ApiError> {
     let body: AckBody = parse_json(&headers, &body)?;
-    state.groups.ack(&stream, &group, body.ack_ids).await?;
+    state
+        .processing()?
+        .groups
+        .ack(&stream, &group, body.ack_ids)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -278,6 +288,7 @@ pub async fn nack(
     let body: NackBody = parse_json(&headers, &body)?;
     let action = body.action.unwrap_or(NackAction::Retry);
     state
+        .processing()?
         .groups
         .nack(&stream, &group, body.ack_ids, action, body.reason)
         .await?;
@@ -308,6 +319,7 @@ pub async fn replay_parked(
     ApiQuery(query): ApiQuery<ReplayQuery>,
 ) -> Result<Json<Replaying>, ApiError> {
     let replaying = state
+        .processing()?
         .groups
         .replay_parked(&stream, &group, query.stop_at)
         .await?;
@@ -343,7 +355,7 @@ pub async fn parked(
     ApiPath((stream, group)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<ParkedQuery>,
 ) -> Result<Response, ApiError> {
-    state.groups.info(&stream, &group).await?;
+    state.processing()?.groups.info(&stream, &group).await?;
     let limit = query.limit.unwrap_or(100);
     if limit == 0 || limit > 4096 {
         return Err(ApiError::invalid("limit must be between 1 and 4096"));

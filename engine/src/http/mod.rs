@@ -34,12 +34,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::cluster::node::{Node, NodeConfig};
-use crate::groups::Groups;
 use crate::metrics::{Metrics, RouteLabels};
-use crate::projections::Projections;
+use crate::processing::{Processing, ProcessingHost};
 use crate::projections::component::Runtime;
 use crate::sandbox::Sandbox;
-use crate::sharding::Sharders;
 use crate::store::{Store, StoreOptions};
 pub use auth::{Role, Tokens};
 
@@ -62,9 +60,8 @@ impl std::ops::Deref for AppState {
 
 pub struct Services {
     pub store: Store,
-    pub projections: Projections,
-    pub sharders: Sharders,
-    pub groups: Groups,
+    /// The Wasm projections, groups and sharders, where this node runs them.
+    pub processing: ProcessingHost,
     pub metrics: Arc<Metrics>,
     /// Cancelled when the server shuts down; ends long-lived responses such as SSE.
     pub shutdown: CancellationToken,
@@ -74,6 +71,13 @@ pub struct Services {
     /// The cluster this server is a node of, if any.
     pub node: Option<Arc<Node>>,
     openapi: Arc<String>,
+}
+
+impl Services {
+    /// The projections, groups and sharders, or `421` naming the leader, which runs them.
+    pub fn processing(&self) -> Result<Processing, error::ApiError> {
+        Ok(self.processing.get()?)
+    }
 }
 
 /// The routes and the OpenAPI document describing exactly them. Each route is declared in the
@@ -142,9 +146,7 @@ fn routes(tokens: &Arc<Tokens>) -> (Router<AppState>, serde_json::Value) {
 #[allow(clippy::too_many_arguments)]
 pub fn app(
     store: Store,
-    projections: Projections,
-    sharders: Sharders,
-    groups: Groups,
+    processing: ProcessingHost,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     node: Option<Arc<Node>>,
@@ -164,9 +166,7 @@ pub fn app(
         Arc::new(serde_json::to_string_pretty(&document).expect("the OpenAPI document serialises"));
     let state = AppState(Arc::new(Services {
         store,
-        projections,
-        sharders,
-        groups,
+        processing,
         metrics: metrics.clone(),
         shutdown,
         data_dir: config.data_dir,
@@ -340,15 +340,10 @@ pub async fn serve_until(
     let runtime = Runtime::new(config.data_dir.join("compiled"), config.sandbox)
         .context("cannot start the WebAssembly runtime")?
         .with_partition_workers(config.partition_workers);
-    let sharders = Sharders::open(store.clone(), runtime.guest_engine().clone())
-        .await
-        .context("cannot load the sharders")?;
-    let projections = Projections::open(store.clone(), runtime)
-        .await
-        .context("cannot load the projections")?;
-    let groups = Groups::open(store.clone(), sharders.clone())
-        .await
-        .context("cannot load the consumer groups")?;
+    let processing = match &node {
+        None => ProcessingHost::single(&store, &runtime).await?,
+        Some(node) => ProcessingHost::on_leader(node.clone(), runtime),
+    };
     if config.tokens.is_empty() {
         tracing::warn!("no tokens configured: only loopback clients are accepted");
     }
@@ -369,9 +364,7 @@ pub async fn serve_until(
         .and_then(|cluster| cluster.join.clone());
     let app = app(
         store.clone(),
-        projections.clone(),
-        sharders,
-        groups.clone(),
+        processing.clone(),
         metrics,
         shutdown.clone(),
         node.clone(),
@@ -397,8 +390,7 @@ pub async fn serve_until(
             tracing::warn!("open requests did not finish in time; closing anyway");
         }
     }
-    groups.shutdown().await;
-    projections.shutdown().await;
+    processing.shutdown().await;
     match node {
         Some(node) => node.shutdown().await,
         None => store.shutdown().await,

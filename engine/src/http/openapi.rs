@@ -66,7 +66,10 @@ fn complete(document: &mut OpenApi) {
                     parameter.schema = Some(RefOr::T(schema));
                 }
             }
-            add_common_responses(operation);
+            let on_leader = ["/projections", "/groups", "/sharders"]
+                .iter()
+                .any(|prefix| path.starts_with(prefix));
+            add_common_responses(operation, on_leader);
         }
     }
 }
@@ -124,7 +127,9 @@ fn name_schema(kind: Name, reserved: bool) -> Value {
     json!({"type": "string", "minLength": 1, "maxLength": max, "pattern": pattern})
 }
 
-fn add_common_responses(operation: &mut Operation) {
+/// The error answers many operations share; `on_leader`: the operation is answered by a
+/// cluster's leader only ([`crate::processing`]).
+fn add_common_responses(operation: &mut Operation, on_leader: bool) {
     let takes_input = operation
         .parameters
         .as_ref()
@@ -147,6 +152,18 @@ fn add_common_responses(operation: &mut Operation) {
     if operation.security.is_some() {
         common.push(("401", "No bearer token, or one the server does not know"));
         common.push(("403", "The token's role may not do this"));
+    }
+    if on_leader {
+        common.push((
+            "421",
+            "This node of a cluster is not its leader, which runs the projections, groups and \
+             sharders: `leader_url` and the `Refract-Leader` header name it",
+        ));
+        common.push((
+            "503",
+            "This node has just become a cluster's leader and is starting the projections, \
+             groups and sharders; ask again",
+        ));
     }
     for (status, description) in common {
         operation

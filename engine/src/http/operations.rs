@@ -71,7 +71,11 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> impl 
 }
 
 fn projection_samples(state: &AppState) -> Vec<ProjectionSample> {
-    let projections = state.projections.list();
+    // Where the projections run: a cluster's leader.
+    let Ok(processing) = state.processing.get() else {
+        return Vec::new();
+    };
+    let projections = processing.projections.list();
     projections
         .into_iter()
         .map(|status| ProjectionSample {
@@ -85,7 +89,10 @@ fn projection_samples(state: &AppState) -> Vec<ProjectionSample> {
 
 async fn group_samples(state: &AppState) -> Vec<GroupSample> {
     let mut samples = Vec::new();
-    for info in state.groups.list().await {
+    let Ok(processing) = state.processing.get() else {
+        return samples;
+    };
+    for info in processing.groups.list().await {
         // Where the source ends: the head for `$all`, the stream's next revision otherwise.
         let end = if info.stream == crate::groups::ALL {
             state.store.head()

@@ -52,8 +52,8 @@ impl From<ProjectionError> for ApiError {
 /// Every projection, system and user.
 #[utoipa::path(get, path = "/projections", tag = "projections",
     responses((status = 200, body = Vec<ProjectionStatus>)))]
-pub async fn list(State(state): State<AppState>) -> Json<Vec<ProjectionStatus>> {
-    Json(state.projections.list())
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<ProjectionStatus>>, ApiError> {
+    Ok(Json(state.processing()?.projections.list()))
 }
 
 /// One projection's status; for a Wasm projection with the `digest` of its state and tables.
@@ -64,7 +64,13 @@ pub async fn status(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
-    Ok(Json(state.projections.status_with_digest(&name).await?))
+    Ok(Json(
+        state
+            .processing()?
+            .projections
+            .status_with_digest(&name)
+            .await?,
+    ))
 }
 
 /// Start a projection: it catches up from where it stopped.
@@ -77,7 +83,7 @@ pub async fn start(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
-    Ok(Json(state.projections.start(&name).await?))
+    Ok(Json(state.processing()?.projections.start(&name).await?))
 }
 
 /// Stop a projection: it processes nothing until started again.
@@ -88,7 +94,7 @@ pub async fn stop(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
-    Ok(Json(state.projections.stop(&name).await?))
+    Ok(Json(state.processing()?.projections.stop(&name).await?))
 }
 
 /// Reset a projection: drop its output and reprocess from position 0.
@@ -99,7 +105,7 @@ pub async fn reset(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
-    Ok(Json(state.projections.reset(&name).await?))
+    Ok(Json(state.processing()?.projections.reset(&name).await?))
 }
 
 /// Rebuild a projection beside its live version: queries keep reading the live version until
@@ -115,7 +121,13 @@ pub async fn rebuild(
     ApiQuery(query): ApiQuery<RebuildQuery>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
     let emitted = query.emitted.unwrap_or_default();
-    Ok(Json(state.projections.rebuild(&name, emitted).await?))
+    Ok(Json(
+        state
+            .processing()?
+            .projections
+            .rebuild(&name, emitted)
+            .await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -147,7 +159,13 @@ pub async fn skip(
     ApiPath(name): ApiPath<String>,
     ApiQuery(query): ApiQuery<SkipQuery>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
-    Ok(Json(state.projections.skip(&name, query.position).await?))
+    Ok(Json(
+        state
+            .processing()?
+            .projections
+            .skip(&name, query.position)
+            .await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -181,6 +199,7 @@ pub async fn partitions(
 ) -> Result<Json<PartitionsPage>, ApiError> {
     let limit = page_limit(query.limit)?;
     let page = state
+        .processing()?
         .projections
         .partitions(&name, query.prefix.unwrap_or_default(), query.after, limit)
         .await?;
@@ -221,6 +240,7 @@ pub async fn parked(
     ApiQuery(query): ApiQuery<ParkedQuery>,
 ) -> Result<Response, ApiError> {
     let parked = state
+        .processing()?
         .projections
         .parked(&name, query.from.unwrap_or(0), page_limit(query.limit)?)
         .await?;
@@ -249,7 +269,13 @@ pub async fn cancel_rebuild(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
-    Ok(Json(state.projections.cancel_rebuild(&name).await?))
+    Ok(Json(
+        state
+            .processing()?
+            .projections
+            .cancel_rebuild(&name)
+            .await?,
+    ))
 }
 
 /// The system projections' configuration.
@@ -260,7 +286,7 @@ pub async fn get_config(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<IndexConfig>, ApiError> {
-    Ok(Json(state.projections.config(&name).await?))
+    Ok(Json(state.processing()?.projections.config(&name).await?))
 }
 
 /// Change a system projection's configuration; it is reset to apply the change to every event.
@@ -277,7 +303,13 @@ pub async fn put_config(
 ) -> Result<Json<IndexConfig>, ApiError> {
     let change: ConfigChange = crate::json::from_slice(&body)
         .map_err(|error| ApiError::invalid(format!("invalid configuration: {error}")))?;
-    Ok(Json(state.projections.configure(&name, change).await?))
+    Ok(Json(
+        state
+            .processing()?
+            .projections
+            .configure(&name, change)
+            .await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -336,6 +368,7 @@ pub async fn deploy(
         on_error: query.on_error.unwrap_or(defaults.on_error),
     };
     let (created, status) = state
+        .processing()?
         .projections
         .deploy(&name, body.to_vec(), options)
         .await?;
@@ -376,6 +409,7 @@ pub async fn delete(
     ApiQuery(query): ApiQuery<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
     state
+        .processing()?
         .projections
         .delete(&name, query.delete_emitted.unwrap_or(false))
         .await?;
@@ -401,7 +435,12 @@ pub async fn get_state(
     ApiQuery(query): ApiQuery<StateQuery>,
 ) -> Result<Response, ApiError> {
     let partition = query.partition.unwrap_or_default();
-    match state.projections.state(&name, partition.clone()).await? {
+    match state
+        .processing()?
+        .projections
+        .state(&name, partition.clone())
+        .await?
+    {
         Some(bytes) => Ok(json_or_base64(bytes, "state_base64")),
         None if partition.is_empty() => Err(ApiError::not_found(format!(
             "{name} has no state yet (a partitioned projection needs ?partition=)"
@@ -436,6 +475,7 @@ pub async fn get_row(
     ApiPath((name, table, key)): ApiPath<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     match state
+        .processing()?
         .projections
         .row(&name, table.clone(), key.clone())
         .await?
@@ -491,6 +531,7 @@ pub async fn get_rows(
 ) -> Result<Json<RowsPage>, ApiError> {
     let limit = page_limit(query.limit)?;
     let page = state
+        .processing()?
         .projections
         .rows(
             &name,

@@ -36,15 +36,14 @@ pub struct SharderInfo {
 /// Every sharder.
 #[utoipa::path(get, path = "/sharders", tag = "sharders",
     responses((status = 200, body = Vec<SharderInfo>)))]
-pub async fn list(State(state): State<AppState>) -> Json<Vec<SharderInfo>> {
-    Json(
-        state
-            .sharders
-            .list()
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<SharderInfo>>, ApiError> {
+    let sharders = state.processing()?.sharders.list();
+    Ok(Json(
+        sharders
             .into_iter()
             .map(|(name, wasm_sha256)| SharderInfo { name, wasm_sha256 })
             .collect(),
-    )
+    ))
 }
 
 /// Upload a sharder: a component of the refract:projection/sharder world.
@@ -60,7 +59,11 @@ pub async fn deploy(
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     check_wasm_content_type(&headers)?;
-    let (created, wasm_sha256) = state.sharders.deploy(&name, body.to_vec()).await?;
+    let (created, wasm_sha256) = state
+        .processing()?
+        .sharders
+        .deploy(&name, body.to_vec())
+        .await?;
     let code = if created {
         StatusCode::CREATED
     } else {
@@ -78,7 +81,7 @@ pub async fn download(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let bytes = state.sharders.component(&name).await?;
+    let bytes = state.processing()?.sharders.component(&name).await?;
     Ok((
         [(header::CONTENT_TYPE, "application/wasm")],
         Body::from(bytes),
@@ -94,7 +97,7 @@ pub async fn delete(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.groups.delete_sharder(&name).await?;
+    state.processing()?.groups.delete_sharder(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -161,6 +164,10 @@ pub async fn shard(
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(
-        state.sharders.shard(&name, inputs, query.shards).await?,
+        state
+            .processing()?
+            .sharders
+            .shard(&name, inputs, query.shards)
+            .await?,
     ))
 }
