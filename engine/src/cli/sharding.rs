@@ -1,5 +1,5 @@
 //! Sharding from the command line: sharder upload and local evaluation, and `append`/`read`
-//! across several nodes (`--nodes URL,URL --sharder FILE|NAME`).
+//! across several nodes or clusters (`--nodes URL,URL+URL+URL --sharder FILE|NAME`).
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -19,7 +19,8 @@ use crate::store::ExpectedRevision;
 /// Several nodes as one store, placed by a sharder.
 #[derive(Debug, Args, Default)]
 pub(super) struct ShardingArgs {
-    /// Comma-separated node URLs; the sharder picks the node of each stream.
+    /// Comma-separated shards, each a node's URL or a cluster's node URLs joined with `+`; the
+    /// sharder picks the shard of each stream.
     #[arg(long, value_delimiter = ',', requires = "sharder")]
     pub nodes: Vec<String>,
     /// The sharder: a `.wasm` file, or the name of a sharder uploaded to the nodes.

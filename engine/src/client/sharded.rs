@@ -79,15 +79,16 @@ impl ShardedClient {
         })
     }
 
-    /// Clients for `urls`, with the sharder from `source`.
+    /// Clients for `shards`, with the sharder from `source`. A shard is a node's URL, or the
+    /// URLs of a cluster's nodes joined with `+` (its client follows the cluster's leader).
     pub async fn connect(
-        urls: &[String],
+        shards: &[String],
         token: Option<String>,
         source: &SharderSource,
     ) -> anyhow::Result<ShardedClient> {
-        let nodes = urls
+        let nodes = shards
             .iter()
-            .map(|url| Client::new(url, token.clone()))
+            .map(|shard| Client::new(&shard.replace('+', ","), token.clone()))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let bytes = match source {
             SharderSource::File(path) => std::fs::read(path)
