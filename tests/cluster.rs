@@ -92,6 +92,24 @@ async fn a_cluster_takes_writes_on_its_leader_and_survives_its_kill() {
     assert_eq!(status, 421, "{body}");
     assert_eq!(body["leader_url"], cluster.node(leader).base);
 
+    // /metrics says the same as /cluster: the term, the members' roles, how far each got.
+    let metrics = cluster
+        .node(leader)
+        .http
+        .get(cluster.node(leader).url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let role = format!(r#"refract_cluster_member_role{{member="{follower}",role="follower"}} 1"#);
+    assert!(metrics.contains(&role), "{metrics}");
+    assert!(metrics.contains(&format!(
+        r#"refract_cluster_member_lag_entries{{member="{follower}"}}"#
+    )));
+    assert!(metrics.contains(&format!(r#"refract_cluster_term{{member="{leader}"}}"#)));
+
     // kill -9 of the leader: the others elect a new one, which has the acknowledged write.
     cluster.nodes[(leader - 1) as usize]
         .as_mut()
@@ -488,4 +506,59 @@ async fn projections_and_groups_run_on_the_leader_and_move_with_it() {
     assert_eq!(cluster.leader().await, new_leader);
     let (status, body) = cluster.node(leader).get("/projections/counter").await;
     assert_eq!(status, 421, "{body}");
+}
+
+/// A sharded client whose shards are a cluster and a single node: the cluster's shard keeps
+/// taking its streams' appends when its leader is killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sharded_client_takes_a_cluster_per_shard() {
+    use refract::client::{NewEvent, ReadOptions, ShardedClient, SharderSource};
+    use refract::store::ExpectedRevision;
+
+    let mut cluster = Cluster::start();
+    let single = Server::start();
+    let sharder = cluster.dir.path().join("by-customer.wasm");
+    std::fs::write(&sharder, common::guest("shard-by-customer")).unwrap();
+    let nodes: Vec<String> = cluster
+        .running()
+        .map(|(_, node)| node.base.clone())
+        .collect();
+    let shards = [nodes.join("+"), single.base.clone()];
+    let sharded = ShardedClient::connect(&shards, None, &SharderSource::File(sharder))
+        .await
+        .unwrap();
+    let placed = |n: usize| NewEvent::json("Placed", json!({"customer_id": format!("c{n}")}));
+    let mut on_cluster = 0;
+    for n in 0..12 {
+        let (shard, _) = sharded
+            .append(
+                &format!("order-{n}"),
+                ExpectedRevision::NoStream,
+                &[placed(n)],
+            )
+            .await
+            .unwrap();
+        on_cluster += usize::from(shard == 0);
+    }
+    assert!((1..12).contains(&on_cluster), "both shards hold streams");
+
+    let leader = cluster.leader().await;
+    cluster.kill(leader);
+    for n in 0..12 {
+        sharded
+            .append(
+                &format!("order-{n}"),
+                ExpectedRevision::Exact(0),
+                &[placed(n)],
+            )
+            .await
+            .unwrap();
+    }
+    for n in 0..12 {
+        let (_, page) = sharded
+            .read(&format!("order-{n}"), &ReadOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(page.events.len(), 2, "order-{n}");
+    }
 }

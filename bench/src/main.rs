@@ -4,6 +4,7 @@
 //! The server runs in this process (the clients too, sharing the same cores), except for the
 //! startup measurement, which starts the real `refract` binary on the many-streams store.
 
+mod cluster;
 mod footprint;
 mod groups;
 mod rebuild;
@@ -65,8 +66,11 @@ struct BenchArgs {
     /// peer's events).
     #[arg(long, value_delimiter = ',', default_value = "200000,300")]
     footprint: Vec<u64>,
+    /// Events a stopped follower catches up on, from the log and from a snapshot (cluster).
+    #[arg(long, default_value_t = 1_000_000)]
+    cluster_events: u64,
     /// Run only these scenarios (comma-separated): single, batch, footprint, read, streams,
-    /// projections, wasm, rebuild, sharding, groups.
+    /// projections, wasm, rebuild, sharding, groups, cluster.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -174,6 +178,10 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("consumer groups (delivered + acked messages/s):");
         groups::run(&dir.join("groups"), args.seconds).await?;
     }
+    if args.wants("cluster") {
+        println!("three-node cluster on loopback, against one node in the same sitting:");
+        cluster::run(&dir.join("cluster"), args.seconds, args.cluster_events).await?;
+    }
     Ok(())
 }
 
@@ -222,7 +230,12 @@ struct BenchServer {
 
 impl BenchServer {
     async fn start(data_dir: &Path) -> anyhow::Result<Self> {
-        let config = ServeConfig {
+        BenchServer::start_with(BenchServer::config(data_dir)).await
+    }
+
+    /// A single node's configuration, on a free port.
+    fn config(data_dir: &Path) -> ServeConfig {
+        ServeConfig {
             data_dir: data_dir.to_path_buf(),
             listen: "127.0.0.1:0".parse().expect("valid address"),
             tokens: Tokens::default(),
@@ -232,7 +245,11 @@ impl BenchServer {
             partition_workers: refract::cli::default_partition_workers(),
             cors_origins: Vec::new(),
             cluster: None,
-        };
+        }
+    }
+
+    async fn start_with(config: ServeConfig) -> anyhow::Result<Self> {
+        let data_dir = config.data_dir.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready, address) = oneshot::channel();
         let task = tokio::spawn(refract::http::serve_until(
@@ -249,7 +266,7 @@ impl BenchServer {
             .context("the benchmark server did not start")?;
         Ok(BenchServer {
             address,
-            data_dir: data_dir.to_path_buf(),
+            data_dir,
             stop,
             task,
         })

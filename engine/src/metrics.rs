@@ -40,12 +40,40 @@ pub struct GroupSample {
     pub checkpoint_lag: u64,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberLabels {
+    pub member: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    pub member: String,
+    pub role: String,
+}
+
+/// A cluster as one of its nodes sees it (`GET /cluster`).
+pub struct ClusterSample {
+    pub node_id: u64,
+    pub term: u64,
+    pub members: Vec<MemberSample>,
+}
+
+pub struct MemberSample {
+    pub id: u64,
+    /// `leader`, `follower` or `learner`.
+    pub role: &'static str,
+    pub applied: Option<u64>,
+    pub lag: Option<u64>,
+}
+
 /// What a scrape reports beside the counters kept as things happen.
 pub struct Scrape {
     pub head_position: u64,
     pub writer_queue: u64,
     pub projections: Vec<ProjectionSample>,
     pub groups: Vec<GroupSample>,
+    /// On a node of a cluster.
+    pub cluster: Option<ClusterSample>,
 }
 
 /// The two exposition formats Prometheus reads.
@@ -103,6 +131,10 @@ pub struct Metrics {
     group_in_flight: Family<GroupLabels, Gauge>,
     group_parked: Family<GroupLabels, Gauge>,
     group_checkpoint_lag: Family<GroupLabels, Gauge>,
+    cluster_term: Family<MemberLabels, Gauge>,
+    cluster_role: Family<RoleLabels, Gauge>,
+    cluster_applied: Family<MemberLabels, Gauge>,
+    cluster_lag: Family<MemberLabels, Gauge>,
     scrape: std::sync::Mutex<()>,
 }
 
@@ -197,6 +229,30 @@ impl Metrics {
             "Revisions (positions for $all) of a group's source past its stored checkpoint",
             group_checkpoint_lag.clone(),
         );
+        let cluster_term = Family::default();
+        let cluster_role = Family::default();
+        let cluster_applied = Family::default();
+        let cluster_lag = Family::default();
+        registry.register(
+            "cluster_term",
+            "The Raft term this node (member) is in",
+            cluster_term.clone(),
+        );
+        registry.register(
+            "cluster_member_role",
+            "1 for each member of the cluster, labelled with its role as this node sees it",
+            cluster_role.clone(),
+        );
+        registry.register(
+            "cluster_member_applied_index",
+            "The last log index a member holds (this node's own: applied), as far as this node knows",
+            cluster_applied.clone(),
+        );
+        registry.register(
+            "cluster_member_lag_entries",
+            "Log entries a member is behind the leader's log (reported by the leader)",
+            cluster_lag.clone(),
+        );
         registry.register(
             "http_request_seconds",
             "HTTP request latency by route",
@@ -219,6 +275,10 @@ impl Metrics {
             group_in_flight,
             group_parked,
             group_checkpoint_lag,
+            cluster_term,
+            cluster_role,
+            cluster_applied,
+            cluster_lag,
             scrape: std::sync::Mutex::new(()),
         }
     }
@@ -285,6 +345,36 @@ impl Metrics {
                 (&self.group_checkpoint_lag, sample.checkpoint_lag),
             ] {
                 family.get_or_create(&labels).set(value as i64);
+            }
+        }
+        self.cluster_term.clear();
+        self.cluster_role.clear();
+        self.cluster_applied.clear();
+        self.cluster_lag.clear();
+        if let Some(cluster) = &scrape.cluster {
+            let node = MemberLabels {
+                member: cluster.node_id.to_string(),
+            };
+            self.cluster_term
+                .get_or_create(&node)
+                .set(cluster.term as i64);
+            for member in &cluster.members {
+                let labels = MemberLabels {
+                    member: member.id.to_string(),
+                };
+                let role = RoleLabels {
+                    member: member.id.to_string(),
+                    role: member.role.to_owned(),
+                };
+                self.cluster_role.get_or_create(&role).set(1);
+                if let Some(applied) = member.applied {
+                    self.cluster_applied
+                        .get_or_create(&labels)
+                        .set(applied as i64);
+                }
+                if let Some(lag) = member.lag {
+                    self.cluster_lag.get_or_create(&labels).set(lag as i64);
+                }
             }
         }
         let mut text = String::new();
@@ -400,6 +490,16 @@ mod tests {
                 parked: 3,
                 checkpoint_lag: 4,
             }],
+            cluster: Some(ClusterSample {
+                node_id: 2,
+                term: 7,
+                members: vec![MemberSample {
+                    id: 3,
+                    role: "follower",
+                    applied: Some(40),
+                    lag: Some(2),
+                }],
+            }),
         };
         let text = metrics.encode(&scrape, Format::Text);
         assert!(
@@ -409,6 +509,10 @@ mod tests {
         assert!(text.contains("# HELP refract_appends_total Append requests committed.\n"));
         assert!(text.contains("refract_appends_total 1\n"));
         assert!(text.contains(r#"refract_group_parked_messages{stream="$all",group="g"} 3"#));
+        assert!(text.contains(r#"refract_cluster_term{member="2"} 7"#));
+        assert!(text.contains(r#"refract_cluster_member_role{member="3",role="follower"} 1"#));
+        assert!(text.contains(r#"refract_cluster_member_applied_index{member="3"} 40"#));
+        assert!(text.contains(r#"refract_cluster_member_lag_entries{member="3"} 2"#));
         assert!(!text.contains("# EOF"));
         let openmetrics = metrics.encode(&scrape, Format::OpenMetrics);
         assert!(openmetrics.contains("# TYPE refract_appends counter\n"));

@@ -10,6 +10,8 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::error::{ApiError, ApiPath, ErrorBody, LimitedBody, check_media_type};
 use super::streams::Consistency;
+use crate::cluster::node::Node;
+use crate::metrics::{ClusterSample, MemberSample};
 
 /// Makes a read linearizable when asked: on a node of a cluster, once this returns, the node
 /// has applied everything acknowledged before it was called. A single node always has.
@@ -55,6 +57,11 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiEr
     let node = state.node.as_ref().ok_or_else(|| {
         ApiError::not_found("this server is a single node, not part of a cluster")
     })?;
+    Ok(Json(node_status(node)))
+}
+
+/// The cluster as `node` sees it.
+pub(super) fn node_status(node: &Node) -> Status {
     let metrics = node.raft.metrics().borrow_watched().clone();
     let membership = metrics.membership_config.membership();
     let voters: Vec<u64> = membership.voter_ids().collect();
@@ -95,13 +102,32 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiEr
             }
         })
         .collect();
-    Ok(Json(Status {
+    Status {
         node_id: node.id,
         leader: metrics.current_leader,
         leader_url,
         term: metrics.current_term,
         members,
-    }))
+    }
+}
+
+/// The same, as `/metrics` reports it.
+pub(super) fn sample(node: &Node) -> ClusterSample {
+    let status = node_status(node);
+    ClusterSample {
+        node_id: status.node_id,
+        term: status.term,
+        members: status
+            .members
+            .into_iter()
+            .map(|member| MemberSample {
+                id: member.id,
+                role: member.role,
+                applied: member.applied,
+                lag: member.lag,
+            })
+            .collect(),
+    }
 }
 
 #[derive(Debug, serde::Deserialize, ToSchema)]

@@ -63,6 +63,7 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> impl 
         writer_queue: state.store.queue_depth() as u64,
         projections: projection_samples(&state),
         groups: group_samples(&state).await,
+        cluster: state.node.as_deref().map(super::cluster::sample),
     };
     (
         [(header::CONTENT_TYPE, format.content_type())],
