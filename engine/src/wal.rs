@@ -39,6 +39,9 @@ struct Segment {
     file: Arc<dyn LogFile>,
     /// Where the next entry goes (the end of the last entry in it).
     end: u64,
+    /// Where each of its entries starts, in index order: a read of recent entries reads only
+    /// their bytes.
+    offsets: Vec<u64>,
     capacity: u64,
     /// Whether bytes were written since its last sync.
     dirty: bool,
@@ -107,17 +110,19 @@ impl Wal {
                 name,
                 file: Arc::from(file),
                 end: 0,
+                offsets: Vec::new(),
                 capacity,
                 dirty: false,
             };
             let mut next_index = first;
             let mut last_term = wal.last_term;
-            let complete = scan(&*segment.file, capacity, |offset, header, _| {
+            let complete = scan(&*segment.file, 0, capacity, |offset, header, _| {
                 if header.index != next_index {
                     return false;
                 }
                 next_index += 1;
                 last_term = header.term;
+                segment.offsets.push(offset);
                 segment.end = offset + (HEADER_BYTES as u64) + header.length;
                 true
             })?;
@@ -180,6 +185,7 @@ impl Wal {
         frame[4..8].copy_from_slice(&checksum.to_le_bytes());
         let segment = self.segments.last_mut().expect("a segment to append to");
         segment.file.write_at(frame, segment.end)?;
+        segment.offsets.push(segment.end);
         segment.end += needed;
         segment.dirty = true;
         self.next_index += 1;
@@ -217,30 +223,36 @@ impl Wal {
     /// oldest first.
     pub fn read_range(&self, from: u64, until: u64) -> io::Result<Vec<Entry>> {
         let mut entries = Vec::new();
-        for (position, segment) in self.segments.iter().enumerate() {
-            let last_in_segment = self
-                .segments
-                .get(position + 1)
-                .map_or(self.next_index, |next| next.first_index);
-            if last_in_segment <= from {
+        for segment in &self.segments {
+            let held = segment.offsets.len() as u64;
+            let first = from.max(segment.first_index) - segment.first_index;
+            let end = until.max(segment.first_index) - segment.first_index;
+            let end = end.min(held);
+            if first >= end {
                 continue;
             }
-            if segment.first_index >= until {
-                break;
-            }
-            scan(&*segment.file, segment.end, |_, header, payload| {
-                if header.index >= until {
-                    return false;
-                }
-                if header.index >= from {
-                    entries.push(Entry {
-                        term: header.term,
-                        index: header.index,
-                        payload: payload.to_vec(),
-                    });
-                }
+            // Only the bytes of the entries asked for.
+            let start = segment.offsets[first as usize];
+            let limit = segment
+                .offsets
+                .get(end as usize)
+                .copied()
+                .unwrap_or(segment.end);
+            let wanted = entries.len() as u64 + (end - first);
+            scan(&*segment.file, start, limit, |_, header, payload| {
+                entries.push(Entry {
+                    term: header.term,
+                    index: header.index,
+                    payload: payload.to_vec(),
+                });
                 true
             })?;
+            if entries.len() as u64 != wanted {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("log segment {} cannot be read back whole", segment.name),
+                ));
+            }
         }
         Ok(entries)
     }
@@ -259,16 +271,17 @@ impl Wal {
         }
         let mut last_term = 0;
         if let Some(segment) = self.segments.last_mut() {
-            let mut end = 0;
-            scan(&*segment.file, segment.end, |offset, header, _| {
-                if header.index > index {
-                    return false;
-                }
+            // It holds `index` (later segments are gone): the entry there is the new last one.
+            let kept = (index + 1 - segment.first_index) as usize;
+            let last = segment.offsets[kept - 1];
+            let mut end = last;
+            scan(&*segment.file, last, segment.end, |offset, header, _| {
                 end = offset + (HEADER_BYTES as u64) + header.length;
                 last_term = header.term;
-                true
+                false
             })?;
             segment.end = end;
+            segment.offsets.truncate(kept);
             segment.clear_after_end()?;
         }
         self.next_index = index + 1;
@@ -316,6 +329,7 @@ impl Wal {
             name,
             file: Arc::from(file),
             end: 0,
+            offsets: Vec::new(),
             capacity,
             dirty: false,
         });
@@ -340,18 +354,19 @@ struct Header {
     index: u64,
 }
 
-/// Calls `visit` with each whole entry of `file` before `limit`, in order, until it answers
+/// Calls `visit` with each whole entry of `file` from `start` to `limit`, in order, until it answers
 /// false; answers whether the entries ended cleanly (at zeroed space, or too close to `limit`
 /// for a header: appending rolls over to a new segment there).
 fn scan(
     file: &dyn LogFile,
+    start: u64,
     limit: u64,
     mut visit: impl FnMut(u64, &Header, &[u8]) -> bool,
 ) -> io::Result<bool> {
     const CHUNK: usize = 1 << 20;
-    let mut offset = 0u64;
+    let mut offset = start;
     let mut buffer = Vec::new();
-    let mut buffer_start = 0u64;
+    let mut buffer_start = start;
     // Reads `length` bytes at `at` through a buffer that holds at least a chunk ahead.
     let mut read = |at: u64, length: usize, buffer: &mut Vec<u8>| -> io::Result<Option<Vec<u8>>> {
         if at + length as u64 > limit {

@@ -21,8 +21,10 @@ use tokio::sync::oneshot;
 use super::writer::{self, Job, Queued, Tables, Writer};
 use super::{SETTINGS, Store, StoreError, logged, snapshot};
 
-/// Proposals waiting for their entry at once; operations queued meanwhile wait for a slot.
-const MAX_IN_FLIGHT: usize = 4;
+/// Proposals waiting for their entry at once; operations queued meanwhile wait for a slot and
+/// go together as the next one. One gave the most appends/s on 2 cores (3 nodes, 64 clients:
+/// 4 in flight 7,900/s, 2 10,600/s, 1 12,500/s): fewer, larger entries cost every node less.
+const MAX_IN_FLIGHT: usize = 1;
 /// The last entry applied: its term and index.
 const APPLIED: &str = "replicated_applied";
 /// The last membership applied: its entry's term and index, then its bytes.
@@ -518,11 +520,11 @@ mod tests {
     async fn conditional_writes_are_decided_at_apply_the_same_on_every_node() {
         let dir = tempfile::tempdir().unwrap();
         let (leader, proposals) = open(&dir.path().join("1"), 1);
-        let (follower, _) = open(&dir.path().join("2"), 2);
-        let append = |kind: &'static str| {
-            let leader = leader.clone();
+        let (follower, follower_proposals) = open(&dir.path().join("2"), 2);
+        let append = |store: &Store, kind: &'static str| {
+            let store = store.clone();
             tokio::spawn(async move {
-                leader
+                store
                     .append(
                         "order-1".into(),
                         ExpectedRevision::NoStream,
@@ -531,10 +533,11 @@ mod tests {
                     .await
             })
         };
-        let first = append("Placed");
+        // Both proposed against the same state (the second by the next leader, say).
+        let first = append(&leader, "Placed");
         let first_proposal = tokio::task::block_in_place(|| next_proposal(&proposals));
-        let second = append("PlacedAgain");
-        let second_proposal = tokio::task::block_in_place(|| next_proposal(&proposals));
+        let second = append(&follower, "PlacedAgain");
+        let second_proposal = tokio::task::block_in_place(|| next_proposal(&follower_proposals));
         let entries = vec![
             ReplicatedEntry {
                 term: 1,
@@ -547,7 +550,7 @@ mod tests {
                 payload: ReplicatedPayload::Blank,
             },
             batch_entry(2, 1, first_proposal),
-            batch_entry(3, 1, second_proposal),
+            batch_entry(3, 2, second_proposal),
         ];
         follower.apply_replicated(entries.clone()).await.unwrap();
         leader.apply_replicated(entries).await.unwrap();
@@ -610,22 +613,25 @@ mod tests {
     async fn a_snapshot_installed_replaces_everything_and_the_log_continues_after_it() {
         let dir = tempfile::tempdir().unwrap();
         let (leader, proposals) = open(&dir.path().join("1"), 1);
-        let (follower, _) = open(&dir.path().join("2"), 2);
-        let mut index = 0;
-        let mut commit = |proposal| {
-            index += 1;
-            batch_entry(index, 1, proposal)
-        };
+        let (follower, follower_proposals) = open(&dir.path().join("2"), 2);
         // The follower holds something the snapshot does not: it must go.
-        let writer = leader.clone();
+        let writer = follower.clone();
         let stale = tokio::spawn(async move {
             writer
                 .append("stale".into(), ExpectedRevision::Any, vec![event("Old")])
                 .await
         });
-        let stale_entry = commit(tokio::task::block_in_place(|| next_proposal(&proposals)));
-        follower.apply_replicated(vec![stale_entry]).await.unwrap();
-        stale.abort();
+        let stale_proposal = tokio::task::block_in_place(|| next_proposal(&follower_proposals));
+        follower
+            .apply_replicated(vec![batch_entry(1, 2, stale_proposal)])
+            .await
+            .unwrap();
+        stale.await.unwrap().unwrap();
+        let mut index = 1;
+        let mut commit = |proposal| {
+            index += 1;
+            batch_entry(index, 1, proposal)
+        };
         for n in 0..3 {
             let writer = leader.clone();
             let append = tokio::spawn(async move {
