@@ -442,6 +442,7 @@ async fn projections_and_groups_run_on_the_leader_and_move_with_it() {
         assert_eq!(body["leader_url"], leader_url.as_str());
     }
 
+    cluster.processing_on(leader).await;
     let (status, body) = cluster
         .node(leader)
         .deploy("counter", common::guest("event-counter"), "")

@@ -466,6 +466,7 @@ async fn no_fault_loses_or_duplicates_an_acknowledged_write() {
     // Snapshots often, and little log behind them, so a node down for a while needs one.
     let mut cluster = Cluster::start_proxied(&["--snapshot-every", "40", "--log-keep", "10"]).await;
     let leader = cluster.leader().await;
+    cluster.processing_on(leader).await;
     let (status, body) = cluster
         .node(leader)
         .deploy("counter", common::guest("event-counter"), "")
@@ -591,6 +592,10 @@ async fn no_fault_loses_or_duplicates_an_acknowledged_write() {
         .collect();
     assert_eq!(ledger.subscribed, subscribed, "the subscriber's $all");
     assert!(ledger.group_faults.is_empty(), "{:?}", ledger.group_faults);
+    assert!(
+        !ledger.group_acked.is_empty(),
+        "the group's consumer never had an ack answered"
+    );
     for event in cluster.node(1).read_everything(STREAMS[0]).await {
         let id = event["id"].as_str().unwrap();
         assert!(

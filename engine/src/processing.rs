@@ -39,9 +39,13 @@ impl Processing {
         let projections = Projections::open(store.clone(), runtime.clone())
             .await
             .context("cannot load the projections")?;
-        let groups = Groups::open(store.clone(), sharders.clone())
-            .await
-            .context("cannot load the consumer groups")?;
+        let groups = match Groups::open(store.clone(), sharders.clone()).await {
+            Ok(groups) => groups,
+            Err(error) => {
+                projections.shutdown().await;
+                return Err(error.context("cannot load the consumer groups"));
+            }
+        };
         Ok(Processing {
             projections,
             sharders,
@@ -55,10 +59,16 @@ impl Processing {
     }
 }
 
+/// The processing running on this node, and the term it started in (0 on a single node).
+struct Running {
+    term: u64,
+    processing: Processing,
+}
+
 /// Where the processing runs, if on this node.
 #[derive(Clone)]
 pub struct ProcessingHost {
-    current: Arc<RwLock<Option<Processing>>>,
+    current: Arc<RwLock<Option<Running>>>,
     node: Option<Arc<Node>>,
     stop: CancellationToken,
 }
@@ -68,7 +78,10 @@ impl ProcessingHost {
     pub async fn single(store: &Store, runtime: &Runtime) -> anyhow::Result<ProcessingHost> {
         let processing = Processing::open(store, runtime).await?;
         Ok(ProcessingHost {
-            current: Arc::new(RwLock::new(Some(processing))),
+            current: Arc::new(RwLock::new(Some(Running {
+                term: 0,
+                processing,
+            }))),
             node: None,
             stop: CancellationToken::new(),
         })
@@ -89,8 +102,12 @@ impl ProcessingHost {
     /// The running processing, or `NotLeader` naming the node that runs it (`Unavailable`
     /// while this node, just elected, starts it).
     pub fn get(&self) -> Result<Processing, StoreError> {
-        if let Some(processing) = &*self.current.read().expect("processing") {
-            return Ok(processing.clone());
+        // A node that stopped leading answers for the leader before its copy is stopped.
+        let leading = self.node.as_ref().is_none_or(|node| node.is_leader());
+        if let Some(running) = &*self.current.read().expect("processing")
+            && leading
+        {
+            return Ok(running.processing.clone());
         }
         match &self.node {
             Some(node) if node.is_leader() => Err(StoreError::Unavailable(
@@ -108,50 +125,81 @@ impl ProcessingHost {
     pub async fn shutdown(&self) {
         self.stop.cancel();
         let running = self.current.write().expect("processing").take();
-        if let Some(processing) = running {
-            processing.shutdown().await;
+        if let Some(running) = running {
+            running.processing.shutdown().await;
         }
     }
 
     async fn follow_leadership(self, runtime: Runtime) {
         let node = self.node.clone().expect("a cluster node");
-        let mut metrics = node.raft.metrics();
+        // Wakes on changes of vote, role or leader only, not on every entry applied.
+        let mut changes = node.raft.server_metrics();
+        let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
         loop {
+            let term = node.term();
             let leading = node.is_leader();
-            let running = self.current.read().expect("processing").is_some();
-            if leading && !running {
-                // Confirmed by a majority, and everything committed before is applied: the
-                // store holds every checkpoint and ack anyone was answered for.
-                if node.linearize().await.is_ok() && !self.stop.is_cancelled() {
-                    match Processing::open(&node.store, &runtime).await {
-                        Ok(processing) if self.stop.is_cancelled() => processing.shutdown().await,
-                        Ok(processing) => {
-                            tracing::info!("leading: projections and groups run here");
-                            *self.current.write().expect("processing") = Some(processing);
-                        }
-                        Err(error) => {
-                            tracing::error!(
-                                error = format!("{error:#}"),
-                                "cannot start the processing"
-                            )
-                        }
-                    }
-                }
-            } else if !leading && running {
+            let running_term = self
+                .current
+                .read()
+                .expect("processing")
+                .as_ref()
+                .map(|r| r.term);
+            // A copy started in an earlier term stops even if this node leads again: it may
+            // have missed what another leader committed in between.
+            if running_term.is_some_and(|started| !leading || started != term) {
                 tracing::info!("no longer leading: projections and groups stop here");
                 let stopped = self.current.write().expect("processing").take();
-                if let Some(processing) = stopped {
-                    // A runner waiting on a write this node can no longer commit must not hold up
-                    // following the leadership.
-                    tokio::spawn(async move { processing.shutdown().await });
+                if let Some(running) = stopped {
+                    // A runner waiting on a write this node can no longer commit must not hold
+                    // up following the leadership.
+                    stopping = Some(tokio::spawn(
+                        async move { running.processing.shutdown().await },
+                    ));
+                }
+            }
+            let idle = self.current.read().expect("processing").is_none();
+            if leading && idle {
+                // The previous copy stops whole first, so two never run here at once.
+                if let Some(previous) = stopping.take() {
+                    let _ = previous.await;
+                }
+                // Confirmed by a majority, and everything committed before is applied: the
+                // store holds every checkpoint and ack anyone was answered for.
+                if node.linearize().await.is_ok() {
+                    self.start(&node, &runtime, term).await;
                 }
             }
             tokio::select! {
                 () = self.stop.cancelled() => return,
-                changed = metrics.changed() => if changed.is_err() { return },
+                changed = changes.changed() => if changed.is_err() { return },
                 // Tries again after a failed start.
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
+        }
+    }
+
+    /// Opens the processing and installs it, unless the server is stopping or the node no
+    /// longer leads in `term`.
+    async fn start(&self, node: &Node, runtime: &Runtime, term: u64) {
+        let processing = match Processing::open(&node.store, runtime).await {
+            Ok(processing) => processing,
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "cannot start the processing");
+                return;
+            }
+        };
+        let refused = {
+            let mut current = self.current.write().expect("processing");
+            if self.stop.is_cancelled() || !node.is_leader() || node.term() != term {
+                Some(processing)
+            } else {
+                tracing::info!(term, "leading: projections and groups run here");
+                *current = Some(Running { term, processing });
+                None
+            }
+        };
+        if let Some(processing) = refused {
+            processing.shutdown().await;
         }
     }
 }

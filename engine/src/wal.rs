@@ -274,12 +274,19 @@ impl Wal {
             // It holds `index` (later segments are gone): the entry there is the new last one.
             let kept = (index + 1 - segment.first_index) as usize;
             let last = segment.offsets[kept - 1];
-            let mut end = last;
-            scan(&*segment.file, last, segment.end, |offset, header, _| {
-                end = offset + (HEADER_BYTES as u64) + header.length;
+            let end = segment.offsets.get(kept).copied().unwrap_or(segment.end);
+            let mut read = false;
+            scan(&*segment.file, last, end, |_, header, _| {
                 last_term = header.term;
+                read = true;
                 false
             })?;
+            if !read {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("log entry {index} cannot be read back"),
+                ));
+            }
             segment.end = end;
             segment.offsets.truncate(kept);
             segment.clear_after_end()?;

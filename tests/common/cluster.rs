@@ -123,6 +123,21 @@ impl Cluster {
         }
     }
 
+    /// Waits until the leader `id` runs the projections and groups: it starts them once it has
+    /// applied everything committed before its term, and answers 503 until then.
+    pub async fn processing_on(&self, id: u64) {
+        let node = self.node(id);
+        for _ in 0..400 {
+            let (status, body) = node.get("/projections").await;
+            if status == 200 {
+                return;
+            }
+            assert_eq!(status, 503, "{body}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("node {id} did not start its projections and groups");
+    }
+
     /// Waits until every running node names the same leader, one of them.
     pub async fn leader(&self) -> u64 {
         for _ in 0..400 {

@@ -41,6 +41,8 @@ impl LinkProxy {
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
+                    // Out of file descriptors, say: not a reason to spin.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
                 let mut watch = faults.subscribe();

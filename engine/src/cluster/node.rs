@@ -224,6 +224,11 @@ impl Node {
         metrics.current_leader == Some(self.id) && metrics.state.is_leader()
     }
 
+    /// The term this node is in.
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow_watched().current_term
+    }
+
     /// The URL of the node this one knows as the leader.
     pub fn leader_url(&self) -> Option<String> {
         let metrics = self.raft.metrics();

@@ -89,8 +89,8 @@ pub(super) fn node_status(node: &Node) -> Status {
                     .and_then(|replication| replication.get(id).cloned().flatten())
                     .map(|log_id| log_id.index)
             };
-            let lag = match (metrics.replication.as_ref(), last_log_index) {
-                (Some(_), Some(last)) => Some(last.saturating_sub(applied.unwrap_or(0))),
+            let lag = match (metrics.replication.as_ref(), last_log_index, applied) {
+                (Some(_), Some(last), Some(applied)) => Some(last.saturating_sub(applied)),
                 _ => None,
             };
             Member {

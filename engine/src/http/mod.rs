@@ -390,7 +390,14 @@ pub async fn serve_until(
             tracing::warn!("open requests did not finish in time; closing anyway");
         }
     }
-    processing.shutdown().await;
+    // A cluster node without a majority cannot commit the groups' last checkpoints: what they
+    // would record is in the log already, or is delivered again.
+    if tokio::time::timeout(SHUTDOWN_GRACE, processing.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("projections and groups did not stop in time; stopping anyway");
+    }
     match node {
         Some(node) => node.shutdown().await,
         None => store.shutdown().await,
