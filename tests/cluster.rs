@@ -442,17 +442,7 @@ async fn projections_and_groups_run_on_the_leader_and_move_with_it() {
         assert_eq!(body["leader_url"], leader_url.as_str());
     }
 
-    cluster.processing_on(leader).await;
-    let (status, body) = cluster
-        .node(leader)
-        .deploy("counter", common::guest("event-counter"), "")
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let (status, body) = cluster
-        .node(leader)
-        .put("/groups/orders/g", json!({"start_from": "start"}))
-        .await;
-    assert_eq!(status, 201, "{body}");
+    cluster.counter_and_group(leader, "orders/g").await;
     cluster.node(leader).append_n("orders", 10).await;
     cluster.node(leader).caught_up("counter").await;
     let first = pull(cluster.node(leader), "a", 6).await;

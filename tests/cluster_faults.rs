@@ -466,17 +466,7 @@ async fn no_fault_loses_or_duplicates_an_acknowledged_write() {
     // Snapshots often, and little log behind them, so a node down for a while needs one.
     let mut cluster = Cluster::start_proxied(&["--snapshot-every", "40", "--log-keep", "10"]).await;
     let leader = cluster.leader().await;
-    cluster.processing_on(leader).await;
-    let (status, body) = cluster
-        .node(leader)
-        .deploy("counter", common::guest("event-counter"), "")
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let (status, body) = cluster
-        .node(leader)
-        .put(&format!("/groups/{GROUP}"), json!({"start_from": "start"}))
-        .await;
-    assert_eq!(status, 201, "{body}");
+    cluster.counter_and_group(leader, GROUP).await;
     let workload = Arc::new(Workload {
         nodes: cluster
             .addresses

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use serde_json::json;
+
 use super::Server;
 use super::browser::free_port;
 use super::proxy::{Fault, LinkProxy};
@@ -136,6 +138,21 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("node {id} did not start its projections and groups");
+    }
+
+    /// On the leader `id`, once it runs its processing: deploys `event-counter` as `counter`
+    /// and creates the group `path` (`stream/group`) reading from the start.
+    pub async fn counter_and_group(&self, id: u64, path: &str) {
+        self.processing_on(id).await;
+        let node = self.node(id);
+        let (status, body) = node
+            .deploy("counter", super::guest("event-counter"), "")
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let (status, body) = node
+            .put(&format!("/groups/{path}"), json!({"start_from": "start"}))
+            .await;
+        assert_eq!(status, 201, "{body}");
     }
 
     /// Waits until every running node names the same leader, one of them.

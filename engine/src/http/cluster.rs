@@ -66,10 +66,7 @@ pub(super) fn node_status(node: &Node) -> Status {
     let membership = metrics.membership_config.membership();
     let voters: Vec<u64> = membership.voter_ids().collect();
     let last_log_index = metrics.last_log_index;
-    let leader_url = metrics
-        .current_leader
-        .and_then(|leader| membership.get_node(&leader))
-        .map(|member| member.url.clone());
+    let leader_url = node.leader_url();
     let members = membership
         .nodes()
         .map(|(id, member)| {
