@@ -73,7 +73,8 @@ async fn a_cluster_takes_writes_on_its_leader_and_survives_its_kill() {
     }
 
     // A linearizable read: the leader confirms its leadership and answers with every
-    // acknowledged write; a follower sends the reader to the leader.
+    // acknowledged write; a follower does the same once it has applied up to the read index
+    // the leader gives it.
     let (status, page) = cluster
         .node(leader)
         .get("/streams/order-1?consistency=linearizable")
@@ -89,8 +90,8 @@ async fn a_cluster_takes_writes_on_its_leader_and_survives_its_kill() {
         .node(follower)
         .get("/streams/order-1?consistency=linearizable")
         .await;
-    assert_eq!(status, 421, "{body}");
-    assert_eq!(body["leader_url"], cluster.node(leader).base);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"][0]["id"], first);
 
     // /metrics says the same as /cluster: the term, the members' roles, how far each got.
     let metrics = cluster
@@ -428,15 +429,16 @@ async fn pull(node: &Server, consumer: &str, max: usize) -> Vec<Value> {
 }
 
 /// Wasm projections, sharders and consumer groups run on the leader, and a follower sends their
-/// callers there; when the leader dies, the new one carries on from what the log holds: the
-/// projection counts every event once, and no acked message comes again.
+/// callers there, but answers reads of the projections from the data it applied; when the leader
+/// dies, the new one carries on from what the log holds: the projection counts every event once,
+/// and no acked message comes again.
 #[tokio::test(flavor = "multi_thread")]
 async fn projections_and_groups_run_on_the_leader_and_move_with_it() {
     let mut cluster = Cluster::start();
     let leader = cluster.leader().await;
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let leader_url = cluster.node(leader).base.clone();
-    for path in ["/projections", "/groups", "/sharders"] {
+    for path in ["/groups", "/sharders"] {
         let (status, body) = cluster.node(follower).get(path).await;
         assert_eq!(status, 421, "{path}: {body}");
         assert_eq!(body["leader_url"], leader_url.as_str());
@@ -459,12 +461,33 @@ async fn projections_and_groups_run_on_the_leader_and_move_with_it() {
     let new_leader = cluster.leader().await;
     let node = cluster.node(new_leader);
     // The new leader starts them once it has applied everything committed before its term.
-    common::wait_until(|| async { node.get("/projections/counter").await.0 == 200 }).await;
+    cluster.processing_on(new_leader).await;
     node.append_n("orders", 5).await;
-    node.caught_up("counter").await;
+    let counted = node.caught_up("counter").await;
     let (status, counts) = node.get("/projections/counter/state").await;
     assert_eq!(status, 200, "{counts}");
     assert_eq!(counts["count"], 15, "{counts}");
+    // The other node has the same model: its state, and its digest once it applied as far.
+    let other = (1..=3)
+        .find(|id| *id != leader && *id != new_leader)
+        .unwrap();
+    let replica = cluster.node(other);
+    let (status, list) = replica.get("/projections").await;
+    assert_eq!(status, 200, "{list}");
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "counter"),
+        "{list}"
+    );
+    assert_eq!(
+        replica.caught_up("counter").await["digest"],
+        counted["digest"]
+    );
+    let (status, replicated) = replica.get("/projections/counter/state").await;
+    assert_eq!(status, 200, "{replicated}");
+    assert_eq!(replicated, counts);
 
     // The unacked messages and the new ones come; the acked ones never again.
     let mut revisions = Vec::new();
@@ -492,11 +515,14 @@ async fn projections_and_groups_run_on_the_leader_and_move_with_it() {
         .collect();
     assert_eq!(revisions, expected);
 
-    // The old leader comes back as a follower and sends callers on.
+    // The old leader comes back as a follower: it sends the group's callers on, and answers
+    // for the projection from what it applied.
     cluster.restart(leader);
     assert_eq!(cluster.leader().await, new_leader);
-    let (status, body) = cluster.node(leader).get("/projections/counter").await;
+    let (status, body) = cluster.node(leader).get("/groups/orders/g").await;
     assert_eq!(status, 421, "{body}");
+    let status = cluster.node(leader).caught_up("counter").await;
+    assert_eq!(status["digest"], counted["digest"]);
 }
 
 /// A sharded client whose shards are a cluster and a single node: the cluster's shard keeps

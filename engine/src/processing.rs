@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::node::Node;
 use crate::groups::Groups;
-use crate::projections::Projections;
 use crate::projections::component::Runtime;
+use crate::projections::{ProjectionReads, Projections};
 use crate::sharding::Sharders;
 use crate::store::{Store, StoreError};
 
@@ -69,6 +69,8 @@ struct Running {
 #[derive(Clone)]
 pub struct ProcessingHost {
     current: Arc<RwLock<Option<Running>>>,
+    /// What every node answers about the projections from its own applied data.
+    reads: ProjectionReads,
     node: Option<Arc<Node>>,
     stop: CancellationToken,
 }
@@ -76,8 +78,10 @@ pub struct ProcessingHost {
 impl ProcessingHost {
     /// A single node's processing, started now.
     pub async fn single(store: &Store, runtime: &Runtime) -> anyhow::Result<ProcessingHost> {
+        let reads = ProjectionReads::new(store.clone());
         let processing = Processing::open(store, runtime).await?;
         Ok(ProcessingHost {
+            reads,
             current: Arc::new(RwLock::new(Some(Running {
                 term: 0,
                 processing,
@@ -92,6 +96,7 @@ impl ProcessingHost {
     pub fn on_leader(node: Arc<Node>, runtime: Runtime) -> ProcessingHost {
         let host = ProcessingHost {
             current: Arc::new(RwLock::new(None)),
+            reads: ProjectionReads::new(node.store.clone()),
             node: Some(node),
             stop: CancellationToken::new(),
         };
@@ -119,6 +124,11 @@ impl ProcessingHost {
             }),
             None => Err(StoreError::ShuttingDown),
         }
+    }
+
+    /// Queries of the projections' read models, answered on any node from its applied data.
+    pub fn projection_reads(&self) -> &ProjectionReads {
+        &self.reads
     }
 
     /// Stops the processing for good (the server is stopping).
@@ -165,7 +175,7 @@ impl ProcessingHost {
                 }
                 // Confirmed by a majority, and everything committed before is applied: the
                 // store holds every checkpoint and ack anyone was answered for.
-                if node.linearize().await.is_ok() {
+                if node.confirm_leadership().await.is_ok() {
                     self.start(&node, &runtime, term).await;
                 }
             }

@@ -130,7 +130,7 @@ impl Cluster {
     pub async fn processing_on(&self, id: u64) {
         let node = self.node(id);
         for _ in 0..400 {
-            let (status, body) = node.get("/projections").await;
+            let (status, body) = node.get("/groups").await;
             if status == 200 {
                 return;
             }

@@ -28,6 +28,7 @@ pub const APPEND_PATH: &str = "/raft/append";
 pub const VOTE_PATH: &str = "/raft/vote";
 pub const PRE_VOTE_PATH: &str = "/raft/pre-vote";
 pub const SNAPSHOT_PATH: &str = "/raft/snapshot";
+pub const READ_INDEX_PATH: &str = "/raft/read-index";
 /// The header a node sends the cluster's secret in.
 pub const SECRET_HEADER: &str = "refract-cluster-secret";
 
@@ -53,6 +54,26 @@ impl Network {
             routes,
         }
     }
+
+    /// Node `id`, whose member URL is `url`, as this node reaches it.
+    fn peer(&self, id: u64, url: &str) -> Peer {
+        let url = self.routes.get(&id).map_or(url, String::as_str);
+        Peer {
+            url: url.trim_end_matches('/').to_owned(),
+            client: self.client.clone(),
+            secret: self.secret.clone(),
+        }
+    }
+
+    /// Asks the leader `id` (member URL `url`) for the log index a linearizable read must see
+    /// applied; the leader confirms with a majority that it still leads before it answers.
+    pub async fn read_index(&self, id: u64, url: &str) -> Result<u64, String> {
+        let timeout = std::time::Duration::from_secs(2);
+        self.peer(id, url)
+            .post::<u64>(READ_INDEX_PATH, Vec::new().into(), Some(timeout))
+            .await
+            .map_err(|error| error.to_string())
+    }
 }
 
 /// Another node, as the leader (or a candidate) talks to it.
@@ -66,12 +87,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: u64, node: &Member) -> Peer {
-        let url = self.routes.get(&target).unwrap_or(&node.url);
-        Peer {
-            url: url.trim_end_matches('/').to_owned(),
-            client: self.client.clone(),
-            secret: self.secret.clone(),
-        }
+        self.peer(target, &node.url)
     }
 }
 

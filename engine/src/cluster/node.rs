@@ -73,12 +73,16 @@ pub struct Node {
     pub raft: RaftHandle,
     pub store: Store,
     snapshots: PathBuf,
+    /// Reaches the leader for followers' linearizable reads.
+    network: Network,
 }
 
 /// How long a leader waits between heartbeats, and a follower without one before it stands
 /// for election, in milliseconds: loopback and LAN clusters; failover takes about the timeout.
 const HEARTBEAT_MS: u64 = 100;
 const ELECTION_TIMEOUT_MS: (u64, u64) = (500, 1000);
+/// How long a follower waits to apply up to the leader's read index before the read fails.
+const READ_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn raft_config(snapshots: SnapshotTuning) -> anyhow::Result<Config> {
     let config = Config {
@@ -181,10 +185,11 @@ impl Node {
         )?;
         let snapshots = data_dir.join(SNAPSHOT_DIR);
         let state_machine = StateMachine::new(store.clone(), snapshots.clone())?;
+        let network = Network::new(config.secret.clone(), config.routes.clone());
         let raft = Raft::new(
             config.id,
             Arc::new(raft_config(config.snapshots)?),
-            Network::new(config.secret.clone(), config.routes.clone()),
+            network.clone(),
             log,
             state_machine,
         )
@@ -214,6 +219,7 @@ impl Node {
             raft,
             store,
             snapshots,
+            network,
         })
     }
 
@@ -240,10 +246,47 @@ impl Node {
             .map(|member| member.url.clone())
     }
 
-    /// Returns once this node is the leader, confirmed by a majority after the call began
-    /// (ReadIndex, never a lease: a paused leader's lease proves nothing), and has applied
-    /// everything committed before it.
+    /// Returns once this node has applied everything acknowledged before the call: the leader
+    /// confirms with a majority that it still leads (ReadIndex, never a lease: a paused
+    /// leader's lease proves nothing), and a follower asks the leader for that index and waits
+    /// until it has applied up to it.
     pub async fn linearize(&self) -> Result<(), StoreError> {
+        let forward = match self.confirm_leadership().await {
+            Err(StoreError::NotLeader { .. }) => self.raft.metrics().borrow_watched().clone(),
+            other => return other,
+        };
+        let unavailable = |why: String| StoreError::Unavailable(why);
+        let leader = forward
+            .current_leader
+            .ok_or_else(|| unavailable("no leader is known: a read cannot be linearized".into()))?;
+        let url = forward
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|member| member.url.clone())
+            .ok_or_else(|| unavailable(format!("the leader, node {leader}, is not a member")))?;
+        let index = self
+            .network
+            .read_index(leader, &url)
+            .await
+            .map_err(|error| {
+                unavailable(format!("the leader did not give a read index: {error}"))
+            })?;
+        self.raft
+            .wait(Some(READ_CATCH_UP))
+            .applied_index_at_least(Some(index), "a linearizable read")
+            .await
+            .map_err(|error| {
+                unavailable(format!(
+                    "this node did not apply up to the leader's read index {index}: {error}"
+                ))
+            })?;
+        Ok(())
+    }
+
+    /// Returns once this node is the leader, confirmed by a majority after the call began,
+    /// and has applied everything committed before it.
+    pub async fn confirm_leadership(&self) -> Result<(), StoreError> {
         match self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
             Ok(_) => Ok(()),
             Err(error) => match error.forward_to_leader() {
@@ -253,6 +296,15 @@ impl Node {
                 ))),
             },
         }
+    }
+
+    /// Answers a follower's request for a read index: the index of what was committed when
+    /// this node confirmed it still leads.
+    pub async fn handle_read_index(&self) -> Result<Vec<u8>, String> {
+        let linearizer = self.raft.get_read_linearizer(ReadPolicy::ReadIndex).await;
+        Ok(answer(
+            linearizer.map(|linearizer| linearizer.read_log_id().log_id().index),
+        ))
     }
 
     /// Adds a node as a learner (a replica that does not vote) and waits until it has caught

@@ -66,9 +66,11 @@ fn complete(document: &mut OpenApi) {
                     parameter.schema = Some(RefOr::T(schema));
                 }
             }
+            // Every node answers reads of the projections from the data it applied.
             let on_leader = ["/projections", "/groups", "/sharders"]
                 .iter()
-                .any(|prefix| path.starts_with(prefix));
+                .any(|prefix| path.starts_with(prefix))
+                && !(method == "get" && path.starts_with("/projections"));
             add_common_responses(operation, on_leader);
         }
     }

@@ -53,7 +53,14 @@ impl From<ProjectionError> for ApiError {
 #[utoipa::path(get, path = "/projections", tag = "projections",
     responses((status = 200, body = Vec<ProjectionStatus>)))]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<ProjectionStatus>>, ApiError> {
-    Ok(Json(state.processing()?.projections.list()))
+    match state.processing.get() {
+        Ok(processing) => Ok(Json(processing.projections.list())),
+        // A node that does not run them answers from the definitions it applied.
+        Err(_) if state.node.is_some() => Ok(Json(
+            state.processing.projection_reads().stored_list().await?,
+        )),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// One projection's status; for a Wasm projection with the `digest` of its state and tables.
@@ -64,13 +71,16 @@ pub async fn status(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
-    Ok(Json(
-        state
-            .processing()?
-            .projections
-            .status_with_digest(&name)
-            .await?,
-    ))
+    let status = match state.processing.get() {
+        Ok(processing) => processing.projections.status_with_digest(&name).await?,
+        // A node that does not run it answers from the definition and data it applied.
+        Err(_) if state.node.is_some() => {
+            let reads = state.processing.projection_reads();
+            reads.stored_status(&name).await?
+        }
+        Err(error) => return Err(error.into()),
+    };
+    Ok(Json(status))
 }
 
 /// Start a projection: it catches up from where it stopped.
@@ -199,8 +209,8 @@ pub async fn partitions(
 ) -> Result<Json<PartitionsPage>, ApiError> {
     let limit = page_limit(query.limit)?;
     let page = state
-        .processing()?
-        .projections
+        .processing
+        .projection_reads()
         .partitions(&name, query.prefix.unwrap_or_default(), query.after, limit)
         .await?;
     Ok(Json(PartitionsPage {
@@ -240,8 +250,8 @@ pub async fn parked(
     ApiQuery(query): ApiQuery<ParkedQuery>,
 ) -> Result<Response, ApiError> {
     let parked = state
-        .processing()?
-        .projections
+        .processing
+        .projection_reads()
         .parked(&name, query.from.unwrap_or(0), page_limit(query.limit)?)
         .await?;
     let json: Vec<ParkedEventJson> = parked
@@ -286,7 +296,8 @@ pub async fn get_config(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<IndexConfig>, ApiError> {
-    Ok(Json(state.processing()?.projections.config(&name).await?))
+    let reads = state.processing.projection_reads();
+    Ok(Json(reads.config(&name).await?))
 }
 
 /// Change a system projection's configuration; it is reset to apply the change to every event.
@@ -436,8 +447,8 @@ pub async fn get_state(
 ) -> Result<Response, ApiError> {
     let partition = query.partition.unwrap_or_default();
     match state
-        .processing()?
-        .projections
+        .processing
+        .projection_reads()
         .state(&name, partition.clone())
         .await?
     {
@@ -475,8 +486,8 @@ pub async fn get_row(
     ApiPath((name, table, key)): ApiPath<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     match state
-        .processing()?
-        .projections
+        .processing
+        .projection_reads()
         .row(&name, table.clone(), key.clone())
         .await?
     {
@@ -531,8 +542,8 @@ pub async fn get_rows(
 ) -> Result<Json<RowsPage>, ApiError> {
     let limit = page_limit(query.limit)?;
     let page = state
-        .processing()?
-        .projections
+        .processing
+        .projection_reads()
         .rows(
             &name,
             table,

@@ -16,7 +16,7 @@ use futures::StreamExt;
 
 use super::auth::constant_time_eq;
 use crate::cluster::network::{
-    APPEND_PATH, PRE_VOTE_PATH, SECRET_HEADER, SNAPSHOT_PATH, VOTE_PATH,
+    APPEND_PATH, PRE_VOTE_PATH, READ_INDEX_PATH, SECRET_HEADER, SNAPSHOT_PATH, VOTE_PATH,
 };
 use crate::cluster::node::Node;
 
@@ -42,6 +42,12 @@ pub fn routes<S: Clone + Send + Sync + 'static>(
             PRE_VOTE_PATH,
             post(|State(node): State<Arc<Node>>, body: Bytes| async move {
                 reply(node.handle_pre_vote(&body).await)
+            }),
+        )
+        .route(
+            READ_INDEX_PATH,
+            post(|State(node): State<Arc<Node>>| async move {
+                reply(node.handle_read_index().await)
             }),
         )
         .route(

@@ -6,6 +6,7 @@
 //! users upload ([`component`] hosts them, [`runner`] runs each, [`wasm`] manages them).
 
 pub mod component;
+mod reads;
 mod runner;
 mod wasm;
 
@@ -15,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::store::{CategoryPosition, IndexConfig, SystemIndex};
-use crate::store::{KeyPage, RecordedEvent, RowPage};
 use crate::store::{Store, StoreError};
 use component::Runtime;
+pub use reads::ProjectionReads;
 pub use wasm::DeployOptions;
 use wasm::WasmProjections;
 
@@ -236,19 +237,21 @@ pub enum ProjectionError {
 pub struct Projections {
     store: Store,
     wasm: Arc<WasmProjections>,
+    reads: ProjectionReads,
 }
 
 impl Projections {
     /// Loads the Wasm projections and starts the enabled ones.
     pub async fn open(store: Store, runtime: Runtime) -> anyhow::Result<Self> {
-        let wasm = WasmProjections::load(store.clone(), runtime).await?;
-        Ok(Projections { store, wasm })
+        let reads = ProjectionReads::new(store.clone());
+        let wasm = WasmProjections::load(store.clone(), runtime, reads.clone()).await?;
+        Ok(Projections { store, wasm, reads })
     }
 
     pub fn list(&self) -> Vec<ProjectionStatus> {
         let mut list: Vec<ProjectionStatus> = SystemIndex::ALL
             .into_iter()
-            .map(|index| self.system_status(index))
+            .map(|index| self.reads.system_status(index))
             .collect();
         list.extend(self.wasm.list());
         list
@@ -256,7 +259,7 @@ impl Projections {
 
     pub fn status(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
         if is_system(name) {
-            return Ok(self.system_status(system(name)?));
+            return Ok(self.reads.system_status(system(name)?));
         }
         self.wasm.status(name)
     }
@@ -278,7 +281,7 @@ impl Projections {
         }
         let index = system(name)?;
         self.store.set_index_running(index, true).await?;
-        Ok(self.system_status(index))
+        Ok(self.reads.system_status(index))
     }
 
     pub async fn stop(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
@@ -287,7 +290,7 @@ impl Projections {
         }
         let index = system(name)?;
         self.store.set_index_running(index, false).await?;
-        Ok(self.system_status(index))
+        Ok(self.reads.system_status(index))
     }
 
     /// Builds the projection again beside the live version and switches when caught up.
@@ -322,31 +325,8 @@ impl Projections {
         name: &str,
         position: u64,
     ) -> Result<ProjectionStatus, ProjectionError> {
-        self.reject_system(name)?;
+        reads::reject_system(name)?;
         self.wasm.skip(name, position).await
-    }
-
-    /// A Wasm projection's partitions with a state, paged by key.
-    pub async fn partitions(
-        &self,
-        name: &str,
-        prefix: String,
-        after: Option<String>,
-        limit: usize,
-    ) -> Result<KeyPage, ProjectionError> {
-        self.reject_system(name)?;
-        self.wasm.partitions(name, prefix, after, limit).await
-    }
-
-    /// The events a Wasm projection set aside, with why.
-    pub async fn parked(
-        &self,
-        name: &str,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<(RecordedEvent, Option<Vec<u8>>)>, ProjectionError> {
-        self.reject_system(name)?;
-        self.wasm.parked(name, from, limit).await
     }
 
     /// Drops the projection's output and reprocesses from position 0.
@@ -356,7 +336,7 @@ impl Projections {
         }
         let index = system(name)?;
         self.store.reset_index(index).await?;
-        Ok(self.system_status(index))
+        Ok(self.reads.system_status(index))
     }
 
     /// Deploys a component under `name`; returns whether the projection is new, and its status.
@@ -384,58 +364,6 @@ impl Projections {
             )));
         }
         self.wasm.delete(name, delete_emitted).await
-    }
-
-    /// A partition's state; `""` is the state of an unpartitioned projection.
-    pub async fn state(
-        &self,
-        name: &str,
-        partition: String,
-    ) -> Result<Option<Vec<u8>>, ProjectionError> {
-        self.reject_system(name)?;
-        self.wasm.state(name, partition).await
-    }
-
-    pub async fn row(
-        &self,
-        name: &str,
-        table: String,
-        key: String,
-    ) -> Result<Option<Vec<u8>>, ProjectionError> {
-        self.reject_system(name)?;
-        self.wasm.row(name, table, key).await
-    }
-
-    pub async fn rows(
-        &self,
-        name: &str,
-        table: String,
-        prefix: String,
-        after: Option<String>,
-        limit: usize,
-    ) -> Result<RowPage, ProjectionError> {
-        self.reject_system(name)?;
-        self.wasm.rows(name, table, prefix, after, limit).await
-    }
-
-    /// Stops the Wasm projections' runners.
-    pub async fn shutdown(&self) {
-        self.wasm.shutdown().await;
-    }
-
-    fn reject_system(&self, name: &str) -> Result<(), ProjectionError> {
-        if is_system(name) {
-            system(name)?;
-            return Err(ProjectionError::Missing(format!(
-                "{name} is a system projection: it has no state or tables; read its output streams"
-            )));
-        }
-        Ok(())
-    }
-
-    pub async fn config(&self, name: &str) -> Result<IndexConfig, ProjectionError> {
-        system(name)?;
-        Ok(self.store.blocking(|store| store.index_config()).await?)
     }
 
     /// Applies a configuration change; the projections whose output it changes are reset.
@@ -473,33 +401,14 @@ impl Projections {
         Ok(config)
     }
 
-    fn system_status(&self, index: SystemIndex) -> ProjectionStatus {
-        let progress = self.store.index_progress(index);
-        let head_position = self.store.head();
-        ProjectionStatus {
-            name: index.name().to_owned(),
-            kind: ProjectionKind::System,
-            status: if progress.running {
-                RunStatus::Running
-            } else {
-                RunStatus::Stopped
-            },
-            mode: Mode::Continuous,
-            version: 1,
-            wasm_sha256: None,
-            position: progress.checkpoint,
-            head_position,
-            events_processed: progress.checkpoint,
-            events_per_second: progress.events_per_second(),
-            eta_seconds: None,
-            progress: fraction(progress.checkpoint, head_position),
-            fault: None,
-            rebuild: None,
-            digest: None,
-            parallel: None,
-            on_error: None,
-            emitted: None,
-        }
+    /// The queries of their read models.
+    pub fn reads(&self) -> &ProjectionReads {
+        &self.reads
+    }
+
+    /// Stops the Wasm projections' runners.
+    pub async fn shutdown(&self) {
+        self.wasm.shutdown().await;
     }
 }
 

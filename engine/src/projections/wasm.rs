@@ -10,14 +10,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::component::{Compiled, Runtime};
+use super::reads::ProjectionReads;
 use super::runner::{Definition, Live, Role, Runner, restart_rate};
 use super::{
     Emitted, Fault, Mode, OnError, ParallelStatus, ProjectionError, ProjectionKind,
-    ProjectionStatus, RebuildStatus, Rewrites, RunStatus, fraction,
+    ProjectionStatus, RebuildStatus, RunStatus, fraction,
 };
 use crate::names::Name;
-use crate::store::{BuildChange, Checkpoint, DataChange, ProjectionView, RowPage};
-use crate::store::{Direction, KeyPage, RecordedEvent, Store, StoreError, parked_stream};
+use crate::store::{BuildChange, Checkpoint, DataChange, Store};
 
 /// How an upload is to be deployed.
 #[derive(Debug, Clone, Copy)]
@@ -77,14 +77,17 @@ pub(super) struct WasmProjections {
     lives: Mutex<BTreeMap<String, Lives>>,
     /// Builds that caught up ask here to replace their live version: (name, data id).
     switches: tokio::sync::mpsc::UnboundedSender<(String, u64)>,
-    /// The last digest of each projection, with the data id and position it is of: a model
-    /// that has not moved is not hashed again (progress bars ask for the status often).
-    digests: Mutex<BTreeMap<String, (u64, u64, String)>>,
+    /// Queries of the read models, and their digests.
+    reads: ProjectionReads,
 }
 
 impl WasmProjections {
     /// Loads the stored projections and starts the enabled ones from their checkpoints.
-    pub async fn load(store: Store, runtime: Runtime) -> anyhow::Result<Arc<WasmProjections>> {
+    pub async fn load(
+        store: Store,
+        runtime: Runtime,
+        reads: ProjectionReads,
+    ) -> anyhow::Result<Arc<WasmProjections>> {
         let stored = store.blocking(|store| store.stored_projections()).await?;
         let (switches, mut switch_requests) = tokio::sync::mpsc::unbounded_channel();
         let projections = Arc::new(WasmProjections {
@@ -93,7 +96,7 @@ impl WasmProjections {
             entries: tokio::sync::Mutex::new(BTreeMap::new()),
             lives: Mutex::new(BTreeMap::new()),
             switches,
-            digests: Mutex::new(BTreeMap::new()),
+            reads,
         });
         let weak: Weak<WasmProjections> = Arc::downgrade(&projections);
         tokio::spawn(async move {
@@ -477,92 +480,20 @@ impl WasmProjections {
 
     pub fn status(&self, name: &str) -> Result<ProjectionStatus, ProjectionError> {
         let (live, building) = self.lives(name)?;
-        let mut status = self.status_of(&live);
-        if let Some(building) = building {
-            let build = self.status_of(&building);
-            if build.fault.is_none() {
-                status.status = RunStatus::Rebuilding;
-            }
-            status.rebuild = Some(RebuildStatus {
-                version: build.version,
-                wasm_sha256: build.wasm_sha256.unwrap_or_default(),
-                status: build.status,
-                position: build.position,
-                events_processed: build.events_processed,
-                events_per_second: build.events_per_second,
-                progress: build.progress,
-                eta_seconds: build.eta_seconds,
-                fault: build.fault,
-                parallel: build.parallel,
-                emitted: building
-                    .state
-                    .lock()
-                    .expect("projection state")
-                    .definition
-                    .emitted,
-                rewrites: None,
-            });
-        }
-        Ok(status)
+        Ok(status_of_versions(
+            self.store.head(),
+            self.runtime.partition_workers(),
+            &live,
+            building.as_deref(),
+        ))
     }
 
-    /// The status with the digest of the model, consistent with each other: both come from one
-    /// snapshot of the data.
+    /// The status with the digest of the model, consistent with each other.
     pub async fn status_with_digest(
         &self,
         name: &str,
     ) -> Result<ProjectionStatus, ProjectionError> {
-        // The status first: the snapshot after it is as new or newer, so its position only
-        // moves the status forward.
-        let mut status = self.status(name)?;
-        let cached = self.digests.lock().expect("digests").get(name).cloned();
-        let (data, checkpoint, digest) = self
-            .view(name, move |view| {
-                let checkpoint = view.checkpoint()?;
-                let position = checkpoint.map(|checkpoint| checkpoint.position);
-                let digest = match cached {
-                    Some((data, at, digest)) if data == view.data() && Some(at) == position => {
-                        digest
-                    }
-                    _ => view.digest()?,
-                };
-                Ok((view.data(), checkpoint, digest))
-            })
-            .await?;
-        if let Some(checkpoint) = checkpoint {
-            self.digests
-                .lock()
-                .expect("digests")
-                .insert(name.to_owned(), (data, checkpoint.position, digest.clone()));
-        }
-        // The data may have moved on (or been reset) since: report the snapshot's position.
-        if let Some(checkpoint) = checkpoint {
-            status.position = checkpoint.position;
-            status.events_processed = checkpoint.events_processed;
-            status.progress = fraction(checkpoint.position, status.head_position);
-        }
-        status.digest = Some(digest);
-        let owned = name.to_owned();
-        let footprint = self
-            .store
-            .blocking(move |store| store.emitted_footprint(&owned))
-            .await?;
-        status.emitted = footprint.map(|(streams, events)| Rewrites { streams, events });
-        if let Some(rebuild) = &mut status.rebuild
-            && rebuild.emitted == Emitted::Replace
-        {
-            let name = name.to_owned();
-            let preview = self
-                .store
-                .blocking(move |store| store.rewrite_preview(&name))
-                .await?;
-            rebuild.rewrites = preview.map(|(streams, events)| Rewrites { streams, events });
-        }
-        Ok(status)
-    }
-
-    fn live(&self, name: &str) -> Result<Arc<Live>, ProjectionError> {
-        Ok(self.lives(name)?.0)
+        self.reads.with_digest(name, self.status(name)?).await
     }
 
     fn lives(&self, name: &str) -> Result<Lives, ProjectionError> {
@@ -713,119 +644,8 @@ impl WasmProjections {
             .await?;
         entries.remove(name);
         self.lives.lock().expect("projections").remove(name);
-        self.digests.lock().expect("digests").remove(name);
+        self.reads.forget(name);
         Ok(())
-    }
-
-    /// A partition's state (`""` for an unpartitioned projection).
-    pub async fn state(
-        &self,
-        name: &str,
-        partition: String,
-    ) -> Result<Option<Vec<u8>>, ProjectionError> {
-        self.view(name, move |view| view.state(&partition)).await
-    }
-
-    pub async fn row(
-        &self,
-        name: &str,
-        table: String,
-        key: String,
-    ) -> Result<Option<Vec<u8>>, ProjectionError> {
-        let read = self
-            .view(name, move |view| match view.row(&table, &key)? {
-                Some(row) => Ok(Ok(Some(row))),
-                None => known_table(view, table).map(|known| known.map(|()| None)),
-            })
-            .await?;
-        read.map_err(|missing| missing.of(name))
-    }
-
-    pub async fn rows(
-        &self,
-        name: &str,
-        table: String,
-        prefix: String,
-        after: Option<String>,
-        limit: usize,
-    ) -> Result<RowPage, ProjectionError> {
-        let read = self
-            .view(name, move |view| {
-                let page = view.rows(&table, &prefix, after.as_deref(), limit)?;
-                if !page.rows.is_empty() {
-                    return Ok(Ok(page));
-                }
-                known_table(view, table).map(|known| known.map(|()| page))
-            })
-            .await?;
-        read.map_err(|missing| missing.of(name))
-    }
-
-    /// Partitions with a state, paged by key.
-    pub async fn partitions(
-        &self,
-        name: &str,
-        prefix: String,
-        after: Option<String>,
-        limit: usize,
-    ) -> Result<KeyPage, ProjectionError> {
-        self.view(name, move |view| {
-            view.partitions(&prefix, after.as_deref(), limit)
-        })
-        .await
-    }
-
-    /// The events the projection set aside, from revision `from` of its parked stream, each
-    /// with why (JSON).
-    pub async fn parked(
-        &self,
-        name: &str,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<(RecordedEvent, Option<Vec<u8>>)>, ProjectionError> {
-        self.live(name)?;
-        let name = name.to_owned();
-        let parked = self
-            .store
-            .blocking(move |store| {
-                let Some(view) = store.served_projection_view(&name)? else {
-                    return Ok(Vec::new());
-                };
-                let stream = parked_stream(&name);
-                let read = store.read_stream(&stream, Some(from), Direction::Forward, limit, true);
-                let slice = match read {
-                    Err(StoreError::StreamNotFound(_)) => return Ok(Vec::new()),
-                    other => other?,
-                };
-                slice
-                    .events
-                    .into_iter()
-                    .map(|event| {
-                        let reason = view.parked_reason(event.position)?;
-                        Ok((event, reason))
-                    })
-                    .collect()
-            })
-            .await?;
-        Ok(parked)
-    }
-
-    /// Reads the data the projection serves, on the blocking pool.
-    async fn view<T: Send + 'static>(
-        &self,
-        name: &str,
-        read: impl FnOnce(&ProjectionView) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, ProjectionError> {
-        self.live(name)?;
-        let owned = name.to_owned();
-        let read = self
-            .store
-            .blocking(move |store| match store.served_projection_view(&owned)? {
-                Some(view) => read(&view).map(Some),
-                None => Ok(None),
-            })
-            .await?;
-        read.ok_or_else(|| ProjectionError::NotFound(name.to_owned()))
     }
 
     /// Stops every runner; their last batches commit or are replayed after a restart.
@@ -950,88 +770,91 @@ impl WasmProjections {
         });
         RunnerHandle { cancel, task }
     }
+}
 
-    fn status_of(&self, live: &Live) -> ProjectionStatus {
-        let head_position = self.store.head();
-        let state = live.state.lock().expect("projection state");
-        let definition = &state.definition;
-        let status = if definition.fault.is_some() {
-            RunStatus::Faulted
-        } else if definition.completed {
-            RunStatus::Completed
-        } else if state.running {
-            RunStatus::Running
-        } else {
-            RunStatus::Stopped
-        };
-        let position = state.checkpoint.position;
-        let events_per_second = if state.running {
-            state.rate.per_second()
-        } else {
-            0.0
-        };
-        let eta_seconds = (events_per_second > 0.0 && position < head_position)
-            .then(|| head_position.saturating_sub(position) as f64 / events_per_second);
-        let counts = state.parallel;
-        let parallel = (counts.parallel_events + counts.rerun_events > 0).then(|| ParallelStatus {
-            workers: self.runtime.partition_workers(),
-            parallel_events: counts.parallel_events,
-            rerun_events: counts.rerun_events,
-        });
-        ProjectionStatus {
-            name: live.name.clone(),
-            kind: ProjectionKind::Wasm,
-            status,
-            mode: definition.mode,
-            version: definition.version,
-            wasm_sha256: Some(state.component.clone()),
-            position,
-            head_position,
-            events_processed: state.checkpoint.events_processed,
-            events_per_second,
-            eta_seconds,
-            progress: fraction(position, head_position),
-            fault: definition.fault.clone(),
-            rebuild: None,
-            digest: None,
-            parallel,
-            on_error: Some(definition.on_error),
-            emitted: None,
+/// The status of a projection's live version, with the version being rebuilt beside it.
+pub(super) fn status_of_versions(
+    head_position: u64,
+    workers: usize,
+    live: &Live,
+    building: Option<&Live>,
+) -> ProjectionStatus {
+    let mut status = status_of(head_position, workers, live);
+    if let Some(building) = building {
+        let build = status_of(head_position, workers, building);
+        if build.fault.is_none() {
+            status.status = RunStatus::Rebuilding;
         }
+        status.rebuild = Some(RebuildStatus {
+            version: build.version,
+            wasm_sha256: build.wasm_sha256.unwrap_or_default(),
+            status: build.status,
+            position: build.position,
+            events_processed: build.events_processed,
+            events_per_second: build.events_per_second,
+            progress: build.progress,
+            eta_seconds: build.eta_seconds,
+            fault: build.fault,
+            parallel: build.parallel,
+            emitted: building
+                .state
+                .lock()
+                .expect("projection state")
+                .definition
+                .emitted,
+            rewrites: None,
+        });
     }
+    status
 }
 
-/// A table the projection never wrote to, with those it did.
-struct UnknownTable {
-    table: String,
-    known: Vec<String>,
-}
-
-impl UnknownTable {
-    fn of(self, projection: &str) -> ProjectionError {
-        let known = if self.known.is_empty() {
-            "it has none".to_owned()
-        } else {
-            format!("its tables are {}", self.known.join(", "))
-        };
-        ProjectionError::Missing(format!(
-            "{projection} has no table {:?}: {known}",
-            self.table
-        ))
-    }
-}
-
-/// Whether `table` holds rows; when not, what the projection's tables are.
-fn known_table(
-    view: &ProjectionView,
-    table: String,
-) -> Result<Result<(), UnknownTable>, StoreError> {
-    let known = view.tables()?;
-    Ok(if known.contains(&table) {
-        Ok(())
+/// A version's status as its `Live` has it.
+fn status_of(head_position: u64, workers: usize, live: &Live) -> ProjectionStatus {
+    let state = live.state.lock().expect("projection state");
+    let definition = &state.definition;
+    let status = if definition.fault.is_some() {
+        RunStatus::Faulted
+    } else if definition.completed {
+        RunStatus::Completed
+    } else if state.running {
+        RunStatus::Running
     } else {
-        Err(UnknownTable { table, known })
-    })
+        RunStatus::Stopped
+    };
+    let position = state.checkpoint.position;
+    let events_per_second = if state.running {
+        state.rate.per_second()
+    } else {
+        0.0
+    };
+    let eta_seconds = (events_per_second > 0.0 && position < head_position)
+        .then(|| head_position.saturating_sub(position) as f64 / events_per_second);
+    let counts = state.parallel;
+    let parallel = (counts.parallel_events + counts.rerun_events > 0).then_some(ParallelStatus {
+        workers,
+        parallel_events: counts.parallel_events,
+        rerun_events: counts.rerun_events,
+    });
+    ProjectionStatus {
+        name: live.name.clone(),
+        kind: ProjectionKind::Wasm,
+        status,
+        mode: definition.mode,
+        version: definition.version,
+        wasm_sha256: Some(state.component.clone()),
+        position,
+        head_position,
+        events_processed: state.checkpoint.events_processed,
+        events_per_second,
+        eta_seconds,
+        progress: fraction(position, head_position),
+        fault: definition.fault.clone(),
+        rebuild: None,
+        digest: None,
+        parallel,
+        on_error: Some(definition.on_error),
+        emitted: None,
+    }
 }
 
 fn entry_mut<'a>(
