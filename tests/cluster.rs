@@ -428,6 +428,54 @@ async fn pull(node: &Server, consumer: &str, max: usize) -> Vec<Value> {
     body["messages"].as_array().unwrap().clone()
 }
 
+/// A follower started with `--forward-writes` passes on what only the leader answers, and relays
+/// its answers: appends (checked at the leader), the group's operations, its subscription.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_forwards_writes_with_forward_writes() {
+    let cluster = Cluster::start_with(&["--forward-writes"]);
+    let leader = cluster.leader().await;
+    let follower = cluster.node((1..=3).find(|id| *id != leader).unwrap());
+    cluster.processing_on(leader).await;
+
+    let first = "5b5f4a6e-0000-4000-8000-000000000011";
+    let response = append(follower, "order-1", "no_stream", first).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["first_revision"], 0, "{body}");
+    // Expected revisions are checked where the write is decided, and the answer relayed.
+    let other = "5b5f4a6e-0000-4000-8000-000000000012";
+    let response = append(follower, "order-1", "no_stream", other).await;
+    assert_eq!(response.status(), 409);
+    assert_eq!(
+        events_on(cluster.node(leader), "order-1", 1).await,
+        vec![json!(first)]
+    );
+
+    let (status, body) = follower
+        .put("/groups/order-1/g", json!({"start_from": "start"}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, info) = follower.get("/groups/order-1/g").await;
+    assert_eq!(status, 200, "{info}");
+    // The subscription streams through the follower.
+    let mut messages = follower
+        .subscribe("/groups/order-1/g/subscribe?consumer=c&buffer=10", &[])
+        .await;
+    let message = common::next_message(&mut messages).await.json();
+    assert_eq!(message["event"]["id"], first);
+    let (status, body) = follower
+        .post(
+            "/groups/order-1/g/ack",
+            json!({ "ack_ids": [message["ack_id"]] }),
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let (_, info) = cluster.node(leader).get("/groups/order-1/g").await;
+    assert_eq!(info["consumers"][0]["name"], "c", "{info}");
+    assert_eq!(info["consumers"][0]["acked"], 1, "{info}");
+    drop(messages);
+}
+
 /// Wasm projections, sharders and consumer groups run on the leader, and a follower sends their
 /// callers there, but answers reads of the projections from the data it applied; when the leader
 /// dies, the new one carries on from what the log holds: the projection counts every event once,

@@ -90,6 +90,7 @@ impl Cluster {
                 advertise_url: None,
                 snapshots,
                 secret: None,
+                forward_writes: false,
             });
             cluster.configs.insert(*id, config);
         }

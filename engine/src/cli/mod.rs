@@ -167,6 +167,10 @@ struct ServeArgs {
         requires = "node_id"
     )]
     cluster_secret: Option<String>,
+    /// On a follower, pass writes (and whatever else only the leader answers) on to the leader
+    /// and relay its answer, instead of answering 421 with the leader's URL.
+    #[arg(long, requires = "node_id")]
+    forward_writes: bool,
 }
 
 /// A peer as `ID=HOST:PORT`.
@@ -636,6 +640,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         keep: args.log_keep,
                     },
                     secret: args.cluster_secret,
+                    forward_writes: args.forward_writes,
                 })
             }
         },

@@ -6,6 +6,7 @@
 pub mod auth;
 mod cluster;
 pub mod error;
+mod forward;
 mod groups;
 pub mod openapi;
 mod operations;
@@ -159,6 +160,11 @@ pub fn app(
             .and_then(|cluster| cluster.secret.clone());
         raft::routes(node.clone(), secret)
     });
+    let forwarder = config
+        .cluster
+        .as_ref()
+        .filter(|cluster| cluster.forward_writes)
+        .map(|cluster| Arc::new(forward::Forwarder::new(cluster.node_id)));
     let tokens = Arc::new(config.tokens);
     let cors = cors(config.cors_origins);
     let (router, document) = routes(&tokens);
@@ -178,6 +184,9 @@ pub fn app(
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
         .layer(middleware::from_fn_with_state(tokens, auth::admit))
+        .layer(tower::util::option_layer(forwarder.map(|forwarder| {
+            middleware::from_fn_with_state(forwarder, forward::forward_to_leader)
+        })))
         .layer(middleware::from_fn(error::read_whole_body))
         .layer(middleware::from_fn_with_state(metrics, record_request))
         // Outermost: a preflight is answered before auth, which it carries no token for.
@@ -270,6 +279,8 @@ pub struct ClusterOptions {
     /// What nodes show each other; Raft's routes refuse a message without it. Without one,
     /// they take messages from loopback only.
     pub secret: Option<String>,
+    /// Pass what only the leader answers on to it, instead of answering `421`.
+    pub forward_writes: bool,
 }
 
 /// Runs the server until SIGTERM or Ctrl-C, then drains requests and closes the store.
