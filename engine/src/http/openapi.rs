@@ -155,6 +155,18 @@ fn add_common_responses(operation: &mut Operation, on_leader: bool) {
         common.push(("401", "No bearer token, or one the server does not know"));
         common.push(("403", "The token's role may not do this"));
     }
+    let linearizable = operation
+        .parameters
+        .iter()
+        .flatten()
+        .any(|parameter| parameter.name == "consistency");
+    if linearizable {
+        common.push((
+            "503",
+            "A linearizable read could not be confirmed: no leader answered, or this node did not \
+             apply as far in time",
+        ));
+    }
     if on_leader {
         common.push((
             "421",

@@ -13,9 +13,10 @@ use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
+use super::cluster::linearize;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody, check_media_type};
 use super::openapi::{AnyJson, Component};
-use super::streams::EventJson;
+use super::streams::{Consistency, EventJson};
 use crate::projections::{
     ConfigChange, DeployOptions, Emitted, Mode, OnError, ProjectionError, ProjectionStatus,
 };
@@ -49,10 +50,22 @@ impl From<ProjectionError> for ApiError {
     }
 }
 
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ReadQuery {
+    /// `applied` (default) or `linearizable`: see every write acknowledged before the read.
+    consistency: Option<Consistency>,
+}
+
 /// Every projection, system and user.
 #[utoipa::path(get, path = "/projections", tag = "projections",
-    responses((status = 200, body = Vec<ProjectionStatus>)))]
-pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<ProjectionStatus>>, ApiError> {
+    params(ReadQuery), responses((status = 200, body = Vec<ProjectionStatus>)))]
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ReadQuery>,
+) -> Result<Json<Vec<ProjectionStatus>>, ApiError> {
+    linearize(&state, query.consistency).await?;
     match state.processing.get() {
         Ok(processing) => Ok(Json(processing.projections.list())),
         // A node that does not run them answers from the definitions it applied.
@@ -65,12 +78,14 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<ProjectionSt
 
 /// One projection's status; for a Wasm projection with the `digest` of its state and tables.
 #[utoipa::path(get, path = "/projections/{name}", tag = "projections",
-    params(("name" = String, Path, description = "Projection name, e.g. $by_category")),
+    params(("name" = String, Path, description = "Projection name, e.g. $by_category"), ReadQuery),
     responses((status = 200, body = ProjectionStatus), (status = 404, body = ErrorBody)))]
 pub async fn status(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ReadQuery>,
 ) -> Result<Json<ProjectionStatus>, ApiError> {
+    linearize(&state, query.consistency).await?;
     let status = match state.processing.get() {
         Ok(processing) => processing.projections.status_with_digest(&name).await?,
         // A node that does not run it answers from the definition and data it applied.
@@ -188,6 +203,8 @@ pub struct PartitionsQuery {
     after: Option<String>,
     /// Partitions per page, default 100, at most 4096.
     limit: Option<usize>,
+    /// `applied` (default) or `linearizable`: see every write acknowledged before the read.
+    consistency: Option<Consistency>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -207,6 +224,7 @@ pub async fn partitions(
     ApiPath(name): ApiPath<String>,
     ApiQuery(query): ApiQuery<PartitionsQuery>,
 ) -> Result<Json<PartitionsPage>, ApiError> {
+    linearize(&state, query.consistency).await?;
     let limit = page_limit(query.limit)?;
     let page = state
         .processing
@@ -227,6 +245,8 @@ pub struct ParkedQuery {
     from: Option<u64>,
     /// Most events to return (default 100, at most 4,096).
     limit: Option<usize>,
+    /// `applied` (default) or `linearizable`: see every write acknowledged before the read.
+    consistency: Option<Consistency>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -249,6 +269,7 @@ pub async fn parked(
     ApiPath(name): ApiPath<String>,
     ApiQuery(query): ApiQuery<ParkedQuery>,
 ) -> Result<Response, ApiError> {
+    linearize(&state, query.consistency).await?;
     let parked = state
         .processing
         .projection_reads()
@@ -434,6 +455,8 @@ pub struct StateQuery {
     /// The partition (a stream name for projections partitioned by stream); absent for the
     /// state of an unpartitioned projection.
     partition: Option<String>,
+    /// `applied` (default) or `linearizable`: see every write acknowledged before the read.
+    consistency: Option<Consistency>,
 }
 
 /// A partition's state: its JSON, or `{"state_base64": …}` when it is not JSON.
@@ -445,6 +468,7 @@ pub async fn get_state(
     ApiPath(name): ApiPath<String>,
     ApiQuery(query): ApiQuery<StateQuery>,
 ) -> Result<Response, ApiError> {
+    linearize(&state, query.consistency).await?;
     let partition = query.partition.unwrap_or_default();
     match state
         .processing
@@ -479,12 +503,14 @@ fn json_or_base64(bytes: Vec<u8>, field: &str) -> Response {
 #[utoipa::path(get, path = "/projections/{name}/tables/{table}/{key}", tag = "projections",
     params(("name" = String, Path, description = "Projection name"),
         ("table" = String, Path, description = "Table name"),
-        ("key" = String, Path, description = "Row key")),
+        ("key" = String, Path, description = "Row key"), ReadQuery),
     responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
 pub async fn get_row(
     State(state): State<AppState>,
     ApiPath((name, table, key)): ApiPath<(String, String, String)>,
+    ApiQuery(query): ApiQuery<ReadQuery>,
 ) -> Result<Response, ApiError> {
+    linearize(&state, query.consistency).await?;
     match state
         .processing
         .projection_reads()
@@ -508,6 +534,8 @@ pub struct RowsQuery {
     after: Option<String>,
     /// Rows per page, default 100, at most 4096.
     limit: Option<usize>,
+    /// `applied` (default) or `linearizable`: see every write acknowledged before the read.
+    consistency: Option<Consistency>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -540,6 +568,7 @@ pub async fn get_rows(
     ApiPath((name, table)): ApiPath<(String, String)>,
     ApiQuery(query): ApiQuery<RowsQuery>,
 ) -> Result<Json<RowsPage>, ApiError> {
+    linearize(&state, query.consistency).await?;
     let limit = page_limit(query.limit)?;
     let page = state
         .processing
