@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::Server;
 use common::cluster::Cluster;
+use common::proxy::Fault;
 use serde_json::{Value, json};
 
 /// Waits until `node` holds `count` events in `stream`, and answers their ids.
@@ -426,6 +427,30 @@ async fn pull(node: &Server, consumer: &str, max: usize) -> Vec<Value> {
         .await;
     assert_eq!(status, 200, "{body}");
     body["messages"].as_array().unwrap().clone()
+}
+
+/// A follower the leader cannot reach answers no stale linearizable read: it waits to apply what
+/// the leader had committed, and answers 503 when that does not come; healed, it answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_cut_off_from_the_leader_gives_no_stale_linearizable_read() {
+    let cluster = Cluster::start_proxied(&[]).await;
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.fault(leader, follower, Fault::Cut);
+    let id = "5b5f4a6e-0000-4000-8000-000000000021";
+    let response = append(cluster.node(leader), "cut-1", "no_stream", id).await;
+    assert_eq!(response.status(), 200);
+
+    let (status, body) = cluster.node(follower).get("/streams/cut-1").await;
+    assert_eq!(status, 404, "its applied state is behind: {body}");
+    let linearizable = "/streams/cut-1?consistency=linearizable";
+    let (status, body) = cluster.node(follower).get(linearizable).await;
+    assert_eq!(status, 503, "{body}");
+
+    cluster.fault(leader, follower, Fault::None);
+    let (status, body) = cluster.node(follower).get(linearizable).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"][0]["id"], id);
 }
 
 /// A follower started with `--forward-writes` passes on what only the leader answers, and relays

@@ -55,11 +55,15 @@ impl Network {
         }
     }
 
+    /// The URL this node reaches node `id` at, whose member URL is `url`.
+    pub fn route<'a>(&'a self, id: u64, url: &'a str) -> &'a str {
+        self.routes.get(&id).map_or(url, String::as_str)
+    }
+
     /// Node `id`, whose member URL is `url`, as this node reaches it.
     fn peer(&self, id: u64, url: &str) -> Peer {
-        let url = self.routes.get(&id).map_or(url, String::as_str);
         Peer {
-            url: url.trim_end_matches('/').to_owned(),
+            url: self.route(id, url).trim_end_matches('/').to_owned(),
             client: self.client.clone(),
             secret: self.secret.clone(),
         }

@@ -122,8 +122,13 @@ impl Proposer for RaftProposer {
     fn propose(&self, sequence: u64, batch: Vec<u8>) {
         let proposer = self.clone();
         self.runtime.spawn(async move {
-            let (Some(raft), Some(store)) = (proposer.raft.get(), proposer.store.get()) else {
-                return;
+            // The store is opened before Raft, which it hands its batches to: a batch proposed
+            // while the node starts waits for both (the node fails to start, or sets them).
+            let (raft, store) = loop {
+                if let (Some(raft), Some(store)) = (proposer.raft.get(), proposer.store.get()) {
+                    break (raft, store);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             };
             let proposal = Proposal {
                 proposer: proposer.id,
@@ -247,6 +252,16 @@ impl Node {
         membership
             .get_node(&leader)
             .map(|member| member.url.clone())
+    }
+
+    /// The URL this node reaches the leader it knows of at (its member URL, or the route
+    /// `--peer-via` gives).
+    pub fn leader_route(&self) -> Option<String> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        let leader = metrics.current_leader?;
+        let member = metrics.membership_config.membership().get_node(&leader)?;
+        Some(self.network.route(leader, &member.url).to_owned())
     }
 
     /// Returns once this node has applied everything acknowledged before the call: the leader

@@ -14,21 +14,25 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::TryStreamExt;
 
-use super::error::LEADER_HEADER;
+use super::error::{ApiError, LEADER_HEADER};
+use crate::cluster::node::Node;
 
 /// Marks a request a node forwarded, with that node's id.
 pub const FORWARDED_HEADER: &str = "refract-forwarded-by";
+/// How long the leader has to start answering a forwarded request (a stream's body may then
+/// take as long as it is read).
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Sends requests on to the leader.
 pub struct Forwarder {
-    node_id: u64,
+    node: Arc<Node>,
     client: reqwest::Client,
 }
 
 impl Forwarder {
-    pub fn new(node_id: u64) -> Forwarder {
+    pub fn new(node: Arc<Node>) -> Forwarder {
         Forwarder {
-            node_id,
+            node,
             // No overall timeout: a forwarded subscription streams for as long as it is read.
             client: reqwest::Client::builder()
                 .connect_timeout(std::time::Duration::from_secs(2))
@@ -37,6 +41,7 @@ impl Forwarder {
         }
     }
 
+    /// The leader's answer; `None` when the leader could not be reached, so nothing was sent.
     async fn send(
         &self,
         leader: &str,
@@ -44,7 +49,7 @@ impl Forwarder {
         uri: &axum::http::Uri,
         headers: &HeaderMap,
         body: Bytes,
-    ) -> reqwest::Result<Response> {
+    ) -> Option<Response> {
         let path = uri.path_and_query().map_or("/", |path| path.as_str());
         let url = format!("{}{path}", leader.trim_end_matches('/'));
         let mut request = self.client.request(method, url).body(body);
@@ -53,10 +58,19 @@ impl Forwarder {
                 request = request.header(name, value);
             }
         }
-        let answer = request
-            .header(FORWARDED_HEADER, self.node_id.to_string())
-            .send()
-            .await?;
+        let sent = request
+            .header(FORWARDED_HEADER, self.node.id.to_string())
+            .send();
+        let answer = match tokio::time::timeout(ANSWER_TIMEOUT, sent).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(error)) if error.is_connect() => {
+                tracing::warn!(%leader, %error, "cannot forward a request to the leader");
+                return None;
+            }
+            // The leader may have acted on it.
+            Ok(Err(error)) => return Some(no_answer(&error.to_string())),
+            Err(_) => return Some(no_answer("no answer in time")),
+        };
         let mut response = Response::builder().status(answer.status());
         for (name, value) in answer.headers() {
             if !is_hop_by_hop(name) && name != header::CONTENT_LENGTH {
@@ -64,8 +78,17 @@ impl Forwarder {
             }
         }
         let body = Body::from_stream(answer.bytes_stream().map_err(std::io::Error::other));
-        Ok(response.body(body).expect("a response of valid parts"))
+        Some(response.body(body).expect("a response of valid parts"))
     }
+}
+
+/// A request the leader got but did not answer: like a write whose answer was lost.
+fn no_answer(why: &str) -> Response {
+    let message = format!(
+        "forwarded to the leader, which did not answer ({why}): the request may or may not have \
+         been carried out (an append sent again with the same event ids is taken once)"
+    );
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).into_response()
 }
 
 /// Runs the request here; when this node answers that only the leader can, asks the leader.
@@ -83,7 +106,7 @@ pub async fn forward_to_leader(
         Ok(body) => body,
         Err(error) => {
             let message = format!("cannot read the request body: {error}");
-            return super::error::ApiError::invalid(message).into_response();
+            return ApiError::invalid(message).into_response();
         }
     };
     let (method, uri, headers) = (
@@ -97,22 +120,18 @@ pub async fn forward_to_leader(
     if response.status() != StatusCode::MISDIRECTED_REQUEST {
         return response;
     }
-    let Some(leader) = response
+    // The leader as this node reaches it (through `--peer-via`, if given), else as named.
+    let named = response
         .headers()
         .get(LEADER_HEADER)
         .and_then(|leader| leader.to_str().ok())
-        .map(str::to_owned)
-    else {
+        .map(str::to_owned);
+    let Some(leader) = forwarder.node.leader_route().or(named) else {
         return response;
     };
-    match forwarder.send(&leader, method, &uri, &headers, body).await {
-        Ok(answer) => answer,
-        Err(error) => {
-            // The caller can still go to the leader itself.
-            tracing::warn!(%leader, %error, "cannot forward a request to the leader");
-            response
-        }
-    }
+    let answer = forwarder.send(&leader, method, &uri, &headers, body).await;
+    // Not reached: the caller can still try the leader itself.
+    answer.unwrap_or(response)
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {

@@ -160,11 +160,14 @@ pub fn app(
             .and_then(|cluster| cluster.secret.clone());
         raft::routes(node.clone(), secret)
     });
-    let forwarder = config
+    let forwards = config
         .cluster
         .as_ref()
-        .filter(|cluster| cluster.forward_writes)
-        .map(|cluster| Arc::new(forward::Forwarder::new(cluster.node_id)));
+        .is_some_and(|cluster| cluster.forward_writes);
+    let forwarder = node
+        .clone()
+        .filter(|_| forwards)
+        .map(|node| Arc::new(forward::Forwarder::new(node)));
     let tokens = Arc::new(config.tokens);
     let cors = cors(config.cors_origins);
     let (router, document) = routes(&tokens);

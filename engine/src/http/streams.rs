@@ -128,7 +128,7 @@ pub enum Consistency {
     Applied,
     /// Everything acknowledged before the read began: in a cluster the leader confirms it is
     /// still the leader with a majority (ReadIndex) and waits until it has applied that far; a
-    /// follower answers `421` with the leader's URL.
+    /// follower asks the leader for that index and waits until it has applied that far itself.
     Linearizable,
 }
 
@@ -481,7 +481,7 @@ pub async fn append(
     responses(
         (status = 200, description = "A page of events", body = ReadResponse),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 410, body = ErrorBody), (status = 421, body = ErrorBody),
+        (status = 410, body = ErrorBody),
         (status = 503, body = ErrorBody),
     )
 )]
@@ -544,7 +544,7 @@ pub async fn read_stream(
     params(ReadAllQuery),
     responses(
         (status = 200, description = "A page of events; `next` is a position", body = ReadResponse),
-        (status = 400, body = ErrorBody), (status = 421, body = ErrorBody),
+        (status = 400, body = ErrorBody),
         (status = 503, body = ErrorBody),
     )
 )]
