@@ -429,6 +429,40 @@ async fn pull(node: &Server, consumer: &str, max: usize) -> Vec<Value> {
     body["messages"].as_array().unwrap().clone()
 }
 
+/// A follower that was down catches up from the log on large batches.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_catches_up_on_large_batches() {
+    let mut cluster = Cluster::start();
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.kill(follower);
+    let data = "x".repeat(1_000);
+    let batch: Vec<Value> = (0..200)
+        .map(|n| json!({"type": "Filled", "data": {"n": n, "padding": data}}))
+        .collect();
+    for _ in 0..40 {
+        let (status, body) = cluster
+            .node(leader)
+            .post("/streams/fill", json!(batch))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    cluster.restart(follower);
+    let node = cluster.node(follower);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, page) = node.get("/streams/fill?direction=backward&limit=1").await;
+        if status == 200 && page["events"][0]["revision"] == 7_999 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower did not catch up on 8,000 events"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A follower the leader cannot reach answers no stale linearizable read: it waits to apply what
 /// the leader had committed, and answers 503 when that does not come; healed, it answers.
 #[tokio::test(flavor = "multi_thread")]

@@ -29,6 +29,8 @@ pub const VOTE_PATH: &str = "/raft/vote";
 pub const PRE_VOTE_PATH: &str = "/raft/pre-vote";
 pub const SNAPSHOT_PATH: &str = "/raft/snapshot";
 pub const READ_INDEX_PATH: &str = "/raft/read-index";
+/// The slowest rate an append's bytes are expected to be sent, received and synced at.
+const APPEND_BYTES_PER_SECOND: f64 = 10.0 * 1024.0 * 1024.0;
 /// The header a node sends the cluster's secret in.
 pub const SECRET_HEADER: &str = "refract-cluster-secret";
 
@@ -153,7 +155,11 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let body = encode_append(&rpc).map_err(|error| NetworkError::new(&error))?;
-        self.post(APPEND_PATH, body.into(), Some(option.soft_ttl()))
+        // openraft gives an append a heartbeat's time; one catching a follower up carries many
+        // batches, which the follower must receive and sync before it answers.
+        let transfer =
+            std::time::Duration::from_secs_f64(body.len() as f64 / APPEND_BYTES_PER_SECOND);
+        self.post(APPEND_PATH, body.into(), Some(option.soft_ttl() + transfer))
             .await
     }
 
