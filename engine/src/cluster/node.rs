@@ -243,25 +243,25 @@ impl Node {
         self.raft.metrics().borrow_watched().current_term
     }
 
-    /// The URL of the node this one knows as the leader.
-    pub fn leader_url(&self) -> Option<String> {
+    /// The node this one knows as the leader, with its member URL.
+    fn known_leader(&self) -> Option<(u64, String)> {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow_watched();
         let leader = metrics.current_leader?;
-        let membership = metrics.membership_config.membership();
-        membership
-            .get_node(&leader)
-            .map(|member| member.url.clone())
+        let member = metrics.membership_config.membership().get_node(&leader)?;
+        Some((leader, member.url.clone()))
+    }
+
+    /// The URL of the node this one knows as the leader.
+    pub fn leader_url(&self) -> Option<String> {
+        self.known_leader().map(|(_, url)| url)
     }
 
     /// The URL this node reaches the leader it knows of at (its member URL, or the route
     /// `--peer-via` gives).
     pub fn leader_route(&self) -> Option<String> {
-        let metrics = self.raft.metrics();
-        let metrics = metrics.borrow_watched();
-        let leader = metrics.current_leader?;
-        let member = metrics.membership_config.membership().get_node(&leader)?;
-        Some(self.network.route(leader, &member.url).to_owned())
+        let (leader, url) = self.known_leader()?;
+        Some(self.network.route(leader, &url).to_owned())
     }
 
     /// Returns once this node has applied everything acknowledged before the call: the leader
@@ -269,20 +269,14 @@ impl Node {
     /// leader's lease proves nothing), and a follower asks the leader for that index and waits
     /// until it has applied up to it.
     pub async fn linearize(&self) -> Result<(), StoreError> {
-        let forward = match self.confirm_leadership().await {
-            Err(StoreError::NotLeader { .. }) => self.raft.metrics().borrow_watched().clone(),
+        match self.confirm_leadership().await {
+            Err(StoreError::NotLeader { .. }) => {}
             other => return other,
-        };
+        }
         let unavailable = |why: String| StoreError::Unavailable(why);
-        let leader = forward
-            .current_leader
+        let (leader, url) = self
+            .known_leader()
             .ok_or_else(|| unavailable("no leader is known: a read cannot be linearized".into()))?;
-        let url = forward
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|member| member.url.clone())
-            .ok_or_else(|| unavailable(format!("the leader, node {leader}, is not a member")))?;
         let index = self
             .network
             .read_index(leader, &url)

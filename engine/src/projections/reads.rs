@@ -12,7 +12,7 @@ use super::{
     Emitted, ProjectionError, ProjectionKind, ProjectionStatus, Rewrites, RunStatus, fraction,
     is_system, system,
 };
-use crate::store::{Checkpoint, Direction, IndexConfig, KeyPage, ProjectionView, RecordedEvent};
+use crate::store::{Direction, IndexConfig, KeyPage, ProjectionView, RecordedEvent};
 use crate::store::{RowPage, Store, StoreError, SystemIndex, parked_stream};
 
 /// The last digest of each projection, with the data id and position it is of.
@@ -67,48 +67,41 @@ impl ProjectionReads {
         let versions = self
             .store
             .blocking(move |store| {
-                let checkpoint = |data| -> Result<Checkpoint, StoreError> {
-                    Ok(store
-                        .projection_view(data)?
-                        .checkpoint()?
-                        .unwrap_or_default())
+                // A version as its runner would hold it, running when the definition says so;
+                // `None` for a definition this version cannot read (the runner skips it too).
+                let version = |name: &str, definition, component, data| {
+                    let Ok(definition) = serde_json::from_value::<Definition>(definition) else {
+                        return Ok(None);
+                    };
+                    let checkpoint = store.projection_view(data)?.checkpoint()?;
+                    let running =
+                        definition.enabled && definition.fault.is_none() && !definition.completed;
+                    let checkpoint = checkpoint.unwrap_or_default();
+                    let live = Live::new(name.to_owned(), definition, component, data, checkpoint);
+                    live.state.lock().expect("projection state").running = running;
+                    Ok::<_, StoreError>(Some(live))
                 };
                 let mut versions = Vec::new();
                 for (name, stored) in store.stored_projections()? {
                     if only.as_ref().is_some_and(|only| *only != name) {
                         continue;
                     }
-                    let live = (stored.definition, stored.component, stored.data);
-                    let live = (live.clone(), checkpoint(stored.data)?);
+                    let live = version(&name, stored.definition, stored.component, stored.data)?;
+                    let Some(live) = live else { continue };
                     let building = match stored.building {
-                        Some(b) => Some(((b.definition, b.component, b.data), checkpoint(b.data)?)),
+                        Some(b) => version(&name, b.definition, b.component, b.data)?,
                         None => None,
                     };
-                    versions.push((name, live, building));
+                    versions.push((live, building));
                 }
                 Ok(versions)
             })
             .await?;
         let head = self.store.head();
-        let mut statuses = Vec::new();
-        for (name, live, building) in versions {
-            let version = |((definition, component, data), checkpoint): (
-                (serde_json::Value, String, u64),
-                Checkpoint,
-            )| {
-                let definition: Definition = serde_json::from_value(definition).ok()?;
-                let running =
-                    definition.enabled && definition.fault.is_none() && !definition.completed;
-                let live = Live::new(name.clone(), definition, component, data, checkpoint);
-                live.state.lock().expect("projection state").running = running;
-                Some(live)
-            };
-            // A definition this version cannot read is not reported (the runner skips it too).
-            let Some(live) = version(live) else { continue };
-            let building = building.and_then(version);
-            statuses.push(status_of_versions(head, 0, &live, building.as_deref()));
-        }
-        Ok(statuses)
+        Ok(versions
+            .iter()
+            .map(|(live, building)| status_of_versions(head, 0, live, building.as_deref()))
+            .collect())
     }
 
     /// `status` with the digest of the model and the position of the same snapshot of it.
