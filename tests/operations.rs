@@ -111,6 +111,7 @@ const BODIES: &[(&str, &str)] = &[
     ("put", "/groups/{stream}/{group}"),
     ("post", "/groups/{stream}/{group}/ack"),
     ("post", "/groups/{stream}/{group}/nack"),
+    ("post", "/groups/{stream}/{group}/commit"),
     ("post", "/cluster/learners"),
     ("post", "/cluster/voters"),
 ];
@@ -146,6 +147,7 @@ async fn openapi_document_matches_the_router() {
         "/groups/{stream}/{group}/pull",
         "/groups/{stream}/{group}/ack",
         "/groups/{stream}/{group}/nack",
+        "/groups/{stream}/{group}/commit",
         "/groups/{stream}/{group}/subscribe",
         "/groups/{stream}/{group}/replay-parked",
     ] {
@@ -342,6 +344,7 @@ const ROLES: &[(&str, &str, Option<&str>)] = &[
     ("get", "/groups/{stream}/{group}/subscribe", Some("writer")),
     ("post", "/groups/{stream}/{group}/ack", Some("writer")),
     ("post", "/groups/{stream}/{group}/nack", Some("writer")),
+    ("post", "/groups/{stream}/{group}/commit", Some("writer")),
     (
         "post",
         "/groups/{stream}/{group}/replay-parked",

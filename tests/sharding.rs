@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use common::{Random, Server, guest};
+use common::{Random, Server, fnv1a_64, guest};
 use futures::StreamExt;
 use refract::client::{
     Checkpoints, FanIn, FanInSubscription, NewEvent, ReadOptions, ShardedClient, SharderSource,
@@ -15,15 +15,6 @@ use refract::client::{
 };
 use refract::store::ExpectedRevision;
 use serde_json::{Value, json};
-
-fn fnv1a_64(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf29ce484222325;
-    for byte in bytes {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x100000001b3);
-    }
-    hash
-}
 
 /// metadata `customer_id` if a string, else data `customer_id` if a string, else the stream.
 fn expected_shard(stream: &str, event: &NewEvent, shards: u64) -> usize {

@@ -17,7 +17,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::disk::simulated::{Seeded, SimulatedDisk};
-use crate::groups::{ALL, Groups};
+use crate::groups::{ALL, Groups, Pulled};
 use crate::metrics::Metrics;
 use crate::projections::component::Runtime;
 use crate::projections::{DeployOptions, Projections, RunStatus};
@@ -156,8 +156,9 @@ fn order_events(seeded: &mut Seeded) -> Vec<NewEvent> {
 async fn consume(groups: Groups, acked: Arc<Mutex<HashSet<Uuid>>>, power_off: Arc<AtomicBool>) {
     while !power_off.load(Ordering::SeqCst) {
         let Ok(deliveries) = groups
-            .pull(ALL, GROUP, "worker", 100, Duration::from_millis(20))
+            .pull(ALL, GROUP, "worker", None, 100, Duration::from_millis(20))
             .await
+            .map(Pulled::into_deliveries)
         else {
             return;
         };
@@ -353,8 +354,9 @@ async fn check_group(groups: &Groups, acked: &Mutex<HashSet<Uuid>>, cut: u64) {
     let consumer = format!("check-{cut}");
     loop {
         let deliveries = groups
-            .pull(ALL, GROUP, &consumer, 500, Duration::from_millis(100))
+            .pull(ALL, GROUP, &consumer, None, 500, Duration::from_millis(100))
             .await
+            .map(Pulled::into_deliveries)
             .unwrap();
         if deliveries.is_empty() {
             return;

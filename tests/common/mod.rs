@@ -377,3 +377,13 @@ impl Random {
         self.0 % bound
     }
 }
+
+/// FNV-1a, 64 bits: the hash `projections/shard-by-customer` keys with.
+pub fn fnv1a_64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf29ce484222325;
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x100000001b3);
+    }
+    hash
+}

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use super::{ClientArgs, print_event};
-use crate::client::{GroupInfo, GroupSettings, Strategy};
+use crate::client::{GroupInfo, GroupSettings, PartitionConsumer, Strategy};
 use crate::groups::settings::Settings;
 
 #[derive(Debug, Subcommand)]
@@ -59,9 +59,14 @@ pub(super) struct GroupSettingsArgs {
     /// `round_robin`, `dispatch_to_single`, `pinned` or `pinned_by_correlation`.
     #[arg(long, conflicts_with = "sharder")]
     strategy: Option<String>,
-    /// Use the sharded strategy with this uploaded sharder.
+    /// Use the sharded strategy with this uploaded sharder (the partitioned one with
+    /// `--partitions`).
     #[arg(long)]
     sharder: Option<String>,
+    /// Kafka's model: the sharder places events in this many partitions, each consumed by one
+    /// consumer at a time, which commits offsets instead of acking.
+    #[arg(long, requires = "sharder")]
+    partitions: Option<u32>,
     /// A message not acked within this many milliseconds goes out again (default 30,000).
     #[arg(long)]
     message_timeout_ms: Option<u64>,
@@ -94,8 +99,17 @@ impl GroupSettingsArgs {
         if let Some(strategy) = &self.strategy {
             object.insert("strategy".into(), serde_json::json!(strategy));
         }
-        if let Some(sharder) = &self.sharder {
-            object.insert("strategy".into(), serde_json::json!({ "sharded": sharder }));
+        match (&self.sharder, self.partitions) {
+            (Some(sharder), Some(partitions)) => {
+                let strategy = serde_json::json!({
+                    "partitioned": { "sharder": sharder, "partitions": partitions }
+                });
+                object.insert("strategy".into(), strategy);
+            }
+            (Some(sharder), None) => {
+                object.insert("strategy".into(), serde_json::json!({ "sharded": sharder }));
+            }
+            _ => {}
         }
         for (name, value) in [
             (
@@ -138,6 +152,10 @@ pub(super) struct ConsumeArgs {
     /// Ack each message once printed; without it messages are retried after the timeout.
     #[arg(long)]
     ack: bool,
+    /// A partitioned group: commit the offsets of what was printed every this many messages
+    /// (and when stopping); without it nothing is committed.
+    #[arg(long)]
+    commit_every: Option<u64>,
     /// Messages per pull.
     #[arg(long, default_value_t = 100)]
     max: usize,
@@ -177,6 +195,23 @@ pub(super) async fn group(command: GroupCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             print_infos(std::slice::from_ref(&info), false)?;
+            if let Some(at) = &info.repartitioning {
+                println!(
+                    "  repartitioning at {}: events before it keep {} partitions by {}",
+                    at.at, at.from_partitions, at.from_sharder
+                );
+            }
+            for partition in info.partitions.iter().flatten() {
+                println!(
+                    "  partition {:>4}  owner {:<20} committed {:>12}  lag {:>8}",
+                    partition.partition,
+                    partition.owner.as_deref().unwrap_or("-"),
+                    partition
+                        .committed
+                        .map_or_else(|| "-".to_owned(), |at| at.to_string()),
+                    partition.lag
+                );
+            }
             for consumer in &info.consumers {
                 println!(
                     "  consumer {:<20} in flight {:>6}  acked {:>10}  nacked {:>8}",
@@ -238,6 +273,10 @@ fn print_infos(groups: &[GroupInfo], json: bool) -> anyhow::Result<()> {
     for info in groups {
         let strategy = match &info.settings.strategy {
             Strategy::Sharded(name) => format!("sharded:{name}"),
+            Strategy::Partitioned {
+                sharder,
+                partitions,
+            } => format!("partitioned:{sharder}/{partitions}"),
             other => serde_json::to_value(other)?
                 .as_str()
                 .unwrap_or_default()
@@ -267,6 +306,13 @@ async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
         .consumer
         .clone()
         .unwrap_or_else(|| format!("refract-cli-{}", std::process::id()));
+    let info = client.group(&args.stream, &args.group).await?;
+    if info.partitions.is_some() {
+        return consume_partitions(args, client, consumer).await;
+    }
+    if args.commit_every.is_some() {
+        anyhow::bail!("--commit-every is for partitioned groups; this group acks (--ack)");
+    }
     let mut printed = 0u64;
     let mut output = std::io::stdout().lock();
     loop {
@@ -305,4 +351,69 @@ async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// A partitioned group: prints each message with its partition and offset, commits every
+/// `--commit-every` messages, and on Ctrl-C commits what was printed before leaving.
+async fn consume_partitions(
+    args: ConsumeArgs,
+    client: crate::client::Client,
+    consumer: String,
+) -> anyhow::Result<()> {
+    if args.ack {
+        anyhow::bail!("a partitioned group takes commits, not acks: use --commit-every N");
+    }
+    let mut group = PartitionConsumer::new(client, &args.stream, &args.group, &consumer);
+    let mut printed = 0u64;
+    let mut since_commit = 0u64;
+    let mut generation = None;
+    let mut output = std::io::stdout().lock();
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        let wanted = args
+            .count
+            .map_or(args.max, |count| args.max.min((count - printed) as usize));
+        let messages = tokio::select! {
+            messages = group.poll(wanted.max(1), Duration::from_secs(10)) => messages?,
+            _ = &mut interrupted => break,
+        };
+        if let Some((now, partitions)) = group.assignment()
+            && generation != Some(now)
+        {
+            generation = Some(now);
+            if !args.client.json {
+                eprintln!("-- generation {now}: partitions {partitions:?}");
+            }
+        }
+        for message in messages {
+            if args.client.json {
+                writeln!(output, "{}", serde_json::to_string(&message)?)?;
+            } else {
+                write!(
+                    output,
+                    "[partition {} offset {}] ",
+                    message.partition, message.offset
+                )?;
+                print_event(&mut output, &message.event, false)?;
+            }
+            group.processed(&message);
+            printed += 1;
+            since_commit += 1;
+        }
+        output.flush()?;
+        if args.commit_every.is_some_and(|every| since_commit >= every) {
+            group.commit().await?;
+            since_commit = 0;
+        }
+        if args.count.is_some_and(|count| printed >= count) {
+            break;
+        }
+    }
+    if args.commit_every.is_some() && !group.commit().await? {
+        eprintln!(
+            "-- the group rebalanced before the last commit: its partitions' new owners get those messages again"
+        );
+    }
+    Ok(())
 }

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::client::{
     self, AppendResult, Client, DeployOptions, Emitted, Event, Mode, NewEvent, OnError,
-    ReadOptions, RowsQuery, SubscribeFrom, SubscriptionMessage,
+    ReadOptions, RowsQuery, ShardSelector, SubscribeFrom, SubscriptionMessage,
 };
 use crate::http::{ServeConfig, Tokens};
 use crate::sandbox::Sandbox;
@@ -302,10 +302,34 @@ struct ReadArgs {
     /// `$all` only: include events of `$`-streams.
     #[arg(long)]
     include_system: bool,
+    /// `K/N`: only the events the server's sharder (`--sharder NAME`) places on shard K of N,
+    /// in order (Kafka's partition K of N, over any stream).
+    #[arg(long, requires = "sharder", conflicts_with = "nodes", value_parser = parse_shard)]
+    shard: Option<(u32, u32)>,
     #[command(flatten)]
     sharding: sharding::ShardingArgs,
     #[command(flatten)]
     client: ClientArgs,
+}
+
+/// `K/N` → (K, N).
+fn parse_shard(text: &str) -> Result<(u32, u32), String> {
+    let (shard, shards) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not K/N (shard K of N, such as 2/8)"))?;
+    let shard: u32 = shard
+        .parse()
+        .map_err(|_| format!("{shard:?} is not a shard number"))?;
+    let shards: u32 = shards
+        .parse()
+        .map_err(|_| format!("{shards:?} is not a shard count"))?;
+    if shard >= shards {
+        return Err(format!(
+            "shard {shard} is not among 0 to {}",
+            shards.max(1) - 1
+        ));
+    }
+    Ok((shard, shards))
 }
 
 #[derive(Debug, Args)]
@@ -710,6 +734,9 @@ async fn append(args: AppendArgs) -> anyhow::Result<()> {
         }],
         None => events_from_stdin()?,
     };
+    if args.sharding.sharder.is_some() && !args.sharding.enabled() {
+        anyhow::bail!("--sharder needs --nodes: the nodes to spread streams over");
+    }
     let (node, result) = if args.sharding.enabled() {
         let (node, result) = sharding::append(
             &args.sharding,
@@ -775,7 +802,15 @@ async fn read(args: ReadArgs) -> anyhow::Result<()> {
         stream_prefix: args.stream_prefix.clone(),
         type_prefix: args.type_prefix.clone(),
         include_system: args.include_system,
+        shard: args.shard.map(|(shard, shards)| ShardSelector {
+            sharder: args.sharding.sharder.clone().unwrap_or_default(),
+            shards,
+            shard,
+        }),
     };
+    if args.sharding.sharder.is_some() && !args.sharding.enabled() && args.shard.is_none() {
+        anyhow::bail!("--sharder needs --nodes (client-side sharding) or --shard K/N");
+    }
     if args.sharding.enabled() {
         return sharding::read(
             &args.sharding,

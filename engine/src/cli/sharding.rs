@@ -23,8 +23,9 @@ pub(super) struct ShardingArgs {
     /// sharder picks the shard of each stream.
     #[arg(long, value_delimiter = ',', requires = "sharder")]
     pub nodes: Vec<String>,
-    /// The sharder: a `.wasm` file, or the name of a sharder uploaded to the nodes.
-    #[arg(long, requires = "nodes")]
+    /// The sharder: a `.wasm` file, or the name of a sharder uploaded to the nodes (with
+    /// `--nodes`); with `read --shard`, the name of one uploaded to the server.
+    #[arg(long)]
     pub sharder: Option<String>,
 }
 

@@ -18,6 +18,7 @@
 //! next node when one cannot be reached, for up to ten seconds (a failover). An append gets
 //! event ids before it is sent, so sending it again after a lost answer appends it once.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,12 +29,14 @@ use reqwest::{Method, RequestBuilder, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod partitioned;
 mod sharded;
 
 pub use crate::groups::settings::{Settings as GroupSettings, StartFrom, StartName, Strategy};
 pub use crate::groups::{ConsumerInfo, Info as GroupInfo, NackAction};
 pub use crate::projections::{DeployOptions, Emitted, Mode, OnError, ProjectionStatus};
 use crate::store::ExpectedRevision;
+pub use partitioned::PartitionConsumer;
 pub use sharded::{
     Checkpoints, FanIn, FanInSubscription, ShardedClient, SharderSource, shard_input,
 };
@@ -128,6 +131,16 @@ pub struct ReadOptions {
     pub stream_prefix: Option<String>,
     pub type_prefix: Option<String>,
     pub include_system: bool,
+    /// Only the events a stored sharder places on one shard.
+    pub shard: Option<ShardSelector>,
+}
+
+/// Shard `shard` of `shards` as the stored sharder `sharder` places events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSelector {
+    pub sharder: String,
+    pub shards: u32,
+    pub shard: u32,
 }
 
 impl ReadOptions {
@@ -153,6 +166,11 @@ impl ReadOptions {
         }
         if self.include_system {
             query.push(("include_system", "true".into()));
+        }
+        if let Some(shard) = &self.shard {
+            query.push(("sharder", shard.sharder.clone()));
+            query.push(("shards", shard.shards.to_string()));
+            query.push(("shard", shard.shard.to_string()));
         }
         query
     }
@@ -234,6 +252,24 @@ pub struct Row {
     pub value: Value,
     #[serde(default)]
     pub value_base64: Option<String>,
+}
+
+/// A message of a partitioned consumer group.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PartitionedMessage {
+    pub partition: u32,
+    /// What to commit for the partition once the message is processed.
+    pub offset: u64,
+    pub event: Event,
+}
+
+/// A pull's answer from a partitioned group: the consumer's generation and partitions, and its
+/// messages.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PartitionedBatch {
+    pub generation: u64,
+    pub partitions: Vec<u32>,
+    pub messages: Vec<PartitionedMessage>,
 }
 
 /// A message of a consumer group.
@@ -720,6 +756,55 @@ impl Client {
             ]);
         let messages: Messages = self.send(request).await?.json().await?;
         Ok(messages.messages)
+    }
+
+    /// Up to `max` messages of a partitioned group for `consumer`, with its partitions.
+    /// `generation` is the one the consumer last learned; without it, a consumer the group
+    /// knows starts again from its partitions' committed offsets.
+    pub async fn pull_partitioned(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        generation: Option<u64>,
+        max: usize,
+        wait: Duration,
+    ) -> anyhow::Result<PartitionedBatch> {
+        let mut query = vec![
+            ("consumer", consumer.to_owned()),
+            ("max", max.to_string()),
+            ("wait_ms", wait.as_millis().to_string()),
+        ];
+        if let Some(generation) = generation {
+            query.push(("generation", generation.to_string()));
+        }
+        let request = self
+            .request(Method::POST, &["groups", stream, group, "pull"])
+            .query(&query);
+        let body = self.send(request).await?.bytes().await?;
+        serde_json::from_slice(&body).context("not a partitioned group's answer")
+    }
+
+    /// Commits offsets of a partitioned group (cumulative per partition); answered once durable.
+    /// A generation that is over is refused with `409 stale_generation`.
+    pub async fn commit(
+        &self,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        generation: u64,
+        offsets: &BTreeMap<u32, u64>,
+    ) -> anyhow::Result<()> {
+        let offsets: BTreeMap<String, u64> = offsets
+            .iter()
+            .map(|(partition, offset)| (partition.to_string(), *offset))
+            .collect();
+        let request = self
+            .request(Method::POST, &["groups", stream, group, "commit"])
+            .query(&[("consumer", consumer)])
+            .json(&serde_json::json!({ "generation": generation, "offsets": offsets }));
+        self.send(request).await?;
+        Ok(())
     }
 
     pub async fn ack(&self, stream: &str, group: &str, ack_ids: &[String]) -> anyhow::Result<()> {

@@ -19,10 +19,8 @@ use super::strategy::{Keying, Spread};
 use super::{ConsumerInfo, Delivery, GroupError, Info, NackAction, parked_stream_name};
 use crate::sharding::Sharder;
 use crate::store::Parking;
-use crate::store::{
-    AllFilter, Direction, IndexConfig, RecordedEvent, Store, StoreError, parse_revision,
-};
-use crate::subscribe::{Item, Source, Start, Subscription};
+use crate::store::{Direction, IndexConfig, RecordedEvent, Store, StoreError, parse_revision};
+use crate::subscribe::{Item, Start, Subscription};
 /// How often the task looks for closed push consumers when nothing else wakes it.
 const IDLE_WAKE: Duration = Duration::from_secs(1);
 
@@ -263,7 +261,7 @@ impl Group {
                         return;
                     }
                 },
-                read = next_read(&mut self.reader), if room && self.reader.is_some() => {
+                read = super::next_read(&mut self.reader), if room && self.reader.is_some() => {
                     self.receive(read).await;
                     // Take what else is already read, so a pull gets a full batch at once.
                     while self.ready.len() < self.buffer_limit() {
@@ -385,27 +383,7 @@ impl Group {
             }
         };
         let settings = self.settings().clone();
-        let source = if self.stream == super::ALL {
-            let prefixes = |list: &Option<String>| -> Vec<String> {
-                list.iter()
-                    .flat_map(|list| list.split(','))
-                    .filter(|prefix| !prefix.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            };
-            Source::All {
-                filter: AllFilter {
-                    stream_prefixes: prefixes(&settings.stream_prefix),
-                    type_prefixes: prefixes(&settings.type_prefix),
-                    include_system: false,
-                },
-            }
-        } else {
-            Source::Stream {
-                name: self.stream.clone(),
-                resolve_links: settings.resolve_links,
-            }
-        };
+        let source = super::source(&self.stream, &settings);
         let subscription = match Subscription::start(
             self.store.clone(),
             source,
@@ -529,13 +507,12 @@ impl Group {
             }
             return Ok(());
         }
-        let limit = self.settings().max_subscriber_count;
-        if limit > 0 && self.consumers.len() >= limit {
-            return Err(GroupError::Full(format!(
-                "the group {} on {} already has its maximum of {limit} consumers",
-                self.name, self.stream
-            )));
-        }
+        super::check_room(
+            self.settings(),
+            self.consumers.len(),
+            &self.name,
+            &self.stream,
+        )?;
         self.consumers.push(Consumer {
             name: name.to_owned(),
             kind,
@@ -1174,14 +1151,10 @@ impl Group {
             ready: self.ready.len(),
             parked: self.parked_count.saturating_sub(parked_next),
             delivered: self.delivered,
+            generation: None,
+            partitions: None,
+            repartitioning: None,
         }
-    }
-}
-
-async fn next_read(reader: &mut Option<(mpsc::Receiver<Read>, JoinHandle<()>)>) -> Option<Read> {
-    match reader {
-        Some((receiver, _)) => receiver.recv().await,
-        None => std::future::pending().await,
     }
 }
 

@@ -34,7 +34,17 @@ pub enum Strategy {
     PinnedByCorrelation,
     /// A stored sharder picks the bucket of each event.
     Sharded(String),
+    /// Kafka's model: a stored sharder places each event in one of `partitions` partitions;
+    /// each partition belongs to one consumer at a time, which commits offsets instead of acking.
+    Partitioned {
+        sharder: String,
+        #[schema(minimum = 1, maximum = 1024)]
+        partitions: u32,
+    },
 }
+
+/// Most partitions a partitioned group may have.
+pub const MAX_PARTITIONS: u32 = 1024;
 
 /// A group's settings. Every field is optional in a request; the defaults are EventStoreDB's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -125,6 +135,18 @@ impl Settings {
         {
             return Err("a sharded strategy needs the sharder's name".into());
         }
+        if let Strategy::Partitioned {
+            sharder,
+            partitions,
+        } = &self.strategy
+        {
+            if sharder.is_empty() {
+                return Err("a partitioned strategy needs the sharder's name".into());
+            }
+            if !(1..=MAX_PARTITIONS).contains(partitions) {
+                return Err(format!("partitions must be between 1 and {MAX_PARTITIONS}"));
+            }
+        }
         Ok(())
     }
 
@@ -159,6 +181,27 @@ pub struct Record {
     /// The same for the parked stream, beyond `parked_next`.
     #[serde(default)]
     pub parked_done: Done,
+    /// A partitioned group's offsets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offsets: Option<Offsets>,
+}
+
+/// Where a partitioned group's partitions are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offsets {
+    /// The sharder events are placed with now (the settings name another while a switch waits).
+    pub sharder: String,
+    /// The partition count events are placed in now.
+    pub partitions: u32,
+    /// Per partition, the first revision/position not committed.
+    pub next: Vec<u64>,
+    /// Generations from this one on were never handed out.
+    pub generation_floor: u64,
+    /// A change of sharder or count waits here: events before it keep the placement above, and
+    /// once every partition has committed them all, every partition starts here with the
+    /// settings' placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch_at: Option<u64>,
 }
 
 /// Messages read up to `read_to` are finished except `unfinished`: a few numbers however many

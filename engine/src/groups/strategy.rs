@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::settings::Strategy;
-use crate::sharding::{ShardInput, Sharder};
+use crate::sharding::Sharder;
 use crate::store::{IndexConfig, RecordedEvent};
 
 /// Buckets of the pinned and sharded strategies; consumers own buckets.
@@ -44,6 +44,9 @@ impl Keying {
                 name: name.clone(),
                 sharder: sharder.ok_or_else(|| format!("the sharder {name:?} is not loaded"))?,
             },
+            Strategy::Partitioned { .. } => {
+                return Err("a partitioned strategy has no per-message keying".into());
+            }
         })
     }
 
@@ -54,9 +57,9 @@ impl Keying {
             Keying::Sharder { name, sharder } => (name.clone(), sharder.clone()),
             _ => return events.iter().map(|event| Ok(self.hashed(event))).collect(),
         };
-        let inputs: Vec<ShardInput> = events.iter().map(|event| shard_input(event)).collect();
-        let count = inputs.len();
-        let shards = tokio::task::spawn_blocking(move || sharder.shard(&inputs, BUCKETS))
+        let count = events.len();
+        let owned = events.to_vec();
+        let shards = tokio::task::spawn_blocking(move || sharder.shard_recorded(&owned, BUCKETS))
             .await
             .map_err(|error| format!("the sharder {name:?} failed: {error}"))
             .and_then(|result| {
@@ -91,16 +94,6 @@ impl Keying {
     }
 }
 
-fn shard_input(event: &RecordedEvent) -> ShardInput {
-    ShardInput {
-        stream: event.stream.clone(),
-        event_type: event.event_type.clone(),
-        id: event.id.to_string(),
-        data: event.data.clone(),
-        metadata: event.metadata.clone(),
-    }
-}
-
 fn bucket_of_key(key: &[u8]) -> u32 {
     (fnv1a_64(key) % u64::from(BUCKETS)) as u32
 }
@@ -126,9 +119,10 @@ impl Spread {
         let rule = match strategy {
             Strategy::RoundRobin => Rule::RoundRobin,
             Strategy::DispatchToSingle => Rule::DispatchToSingle,
-            Strategy::Pinned | Strategy::PinnedByCorrelation | Strategy::Sharded(_) => {
-                Rule::Buckets
-            }
+            Strategy::Pinned
+            | Strategy::PinnedByCorrelation
+            | Strategy::Sharded(_)
+            | Strategy::Partitioned { .. } => Rule::Buckets,
         };
         Spread {
             rule,

@@ -117,7 +117,8 @@ fn routes(tokens: &Arc<Tokens>) -> (Router<AppState>, serde_json::Value) {
         .routes(routes!(groups::pull))
         .routes(routes!(groups::subscribe))
         .routes(routes!(groups::ack))
-        .routes(routes!(groups::nack));
+        .routes(routes!(groups::nack))
+        .routes(routes!(groups::commit));
     let admin = OpenApiRouter::new()
         .routes(routes!(streams::delete_stream))
         .routes(routes!(projections::deploy, projections::delete))

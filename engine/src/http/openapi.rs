@@ -30,7 +30,7 @@ use crate::names::{MAX_NAME_BYTES, MAX_STREAM_NAME_BYTES, Name};
         (name = "groups", description = "Consumer groups (persistent subscriptions)"),
         (name = "operations", description = "Health, info, metrics, this document"),
     ),
-    components(schemas(super::error::ErrorBody))
+    components(schemas(super::error::ErrorBody, super::groups::AssignmentJson))
 )]
 pub struct ApiDoc;
 
@@ -233,6 +233,15 @@ fn exact_schemas() -> Vec<(&'static str, Value)> {
                         ["round_robin", "dispatch_to_single", "pinned", "pinned_by_correlation"]},
                     {"type": "object", "required": ["sharded"], "additionalProperties": false,
                      "properties": {"sharded": name_schema(Name::Sharder, true)}},
+                    {"type": "object", "required": ["partitioned"], "additionalProperties": false,
+                     "properties": {"partitioned": {
+                        "type": "object", "required": ["sharder", "partitions"],
+                        "additionalProperties": false,
+                        "properties": {
+                            "sharder": name_schema(Name::Sharder, true),
+                            "partitions": {"type": "integer", "minimum": 1,
+                                           "maximum": crate::groups::settings::MAX_PARTITIONS},
+                        }}}},
                 ],
             }),
         ),
@@ -246,6 +255,7 @@ fn exact_schemas() -> Vec<(&'static str, Value)> {
                         `invalid_request`, `unauthorized`, `forbidden`, `not_found`, \
                         `stream_not_found`, `wrong_expected_revision`, `stream_deleted`, \
                         `conflict`, `not_delivered`, `max_subscribers_reached`, `in_use`, \
+                        `stale_generation`, `not_owner`, \
                         `payload_too_large`, `unsupported_media_type`, `not_leader`, `internal`"},
                     "message": {"type": "string", "description": "What went wrong, for a person"},
                     "expected": {
@@ -282,11 +292,23 @@ fn exact_schemas() -> Vec<(&'static str, Value)> {
         ),
         (
             "MessageStream",
-            sse_schema(&[(
-                "message",
-                Some("^p?[0-9]{1,19}$"),
-                schema_ref("MessageJson"),
-            )]),
+            sse_schema(&[
+                (
+                    "message",
+                    Some("^p?[0-9]{1,19}$"),
+                    schema_ref("MessageJson"),
+                ),
+                ("assignment", None, schema_ref("AssignmentJson")),
+            ]),
+        ),
+        (
+            "PartitionOffsets",
+            json!({
+                "description": "Per partition number, the offset of the last message processed",
+                "type": "object",
+                "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                "additionalProperties": {"type": "integer", "minimum": 0, "maximum": u64::MAX},
+            }),
         ),
     ]
 }

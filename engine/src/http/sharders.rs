@@ -51,7 +51,10 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<SharderInfo>
     params(("name" = String, Path, description = "Sharder name")),
     request_body(content = Component, content_type = "application/wasm"),
     responses((status = 201, body = SharderInfo), (status = 200, body = SharderInfo),
-        (status = 400, body = ErrorBody), (status = 415, body = ErrorBody)))]
+        (status = 400, body = ErrorBody),
+        (status = 409, description = "Other code under the name of a sharder a partitioned \
+            group places its events with", body = ErrorBody),
+        (status = 415, body = ErrorBody)))]
 pub async fn deploy(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -61,8 +64,8 @@ pub async fn deploy(
     check_wasm_content_type(&headers)?;
     let (created, wasm_sha256) = state
         .processing()?
-        .sharders
-        .deploy(&name, body.to_vec())
+        .groups
+        .deploy_sharder(&name, body.to_vec())
         .await?;
     let code = if created {
         StatusCode::CREATED

@@ -15,10 +15,12 @@ use super::AppState;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody, check_media_type};
 use super::openapi::{AnyJson, BASE64_PATTERN, exact_schema};
 use crate::names::Name;
+use crate::sharding::{MAX_SHARDS, ShardError};
 use crate::store::{
     AllFilter, AppendOutcome, Direction, ExpectedRevision, MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES,
     NewEvent, RecordedEvent, Slice, StreamMetadata,
 };
+use crate::subscribe::ShardFilter;
 
 /// The name under which the log of every event is read.
 pub const ALL: &str = "$all";
@@ -148,6 +150,12 @@ pub struct ReadAllQuery {
     pub include_system: Option<bool>,
     /// `applied` (default) or `linearizable`.
     pub consistency: Option<Consistency>,
+    /// With `shards` and `shard`: only the events this stored sharder places on shard `shard`
+    /// of `shards`.
+    pub sharder: Option<String>,
+    #[param(minimum = 1)]
+    pub shards: Option<u32>,
+    pub shard: Option<u32>,
 }
 
 /// What `GET /streams/{stream}` accepts: the stream parameters, or for `$all` reached through a
@@ -162,6 +170,9 @@ pub struct AnyReadQuery {
     type_prefix: Option<String>,
     include_system: Option<bool>,
     consistency: Option<Consistency>,
+    sharder: Option<String>,
+    shards: Option<u32>,
+    shard: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -477,6 +488,10 @@ pub async fn append(
             description = "Return the events links point at (default true) instead of the links"),
         ("consistency" = Option<Consistency>, Query,
             description = "`applied` (default) or `linearizable`"),
+        ("sharder" = Option<String>, Query, description = "With `shards` and `shard`: only the \
+            events this stored sharder places on shard `shard` of `shards`"),
+        ("shards" = Option<u32>, Query, minimum = 1),
+        ("shard" = Option<u32>, Query),
     ),
     responses(
         (status = 200, description = "A page of events", body = ReadResponse),
@@ -500,6 +515,9 @@ pub async fn read_stream(
             type_prefix,
             include_system,
             consistency,
+            sharder,
+            shards,
+            shard,
             ..
         } = query;
         let query = ReadAllQuery {
@@ -510,6 +528,9 @@ pub async fn read_stream(
             type_prefix,
             include_system,
             consistency,
+            sharder,
+            shards,
+            shard,
         };
         return read_all_pages(state, query).await;
     }
@@ -525,12 +546,23 @@ pub async fn read_stream(
     let limit = check_limit(query.limit)?;
     let direction = direction(query.direction);
     let resolve_links = query.resolve_links.unwrap_or(true);
+    let shard = shard_filter(&state, query.sharder, query.shards, query.shard)?;
     super::cluster::linearize(&state, query.consistency).await?;
     let name = stream.clone();
     let slice = state
         .store
         .blocking(move |store| {
-            store.read_stream(&name, query.from, direction, limit, resolve_links)
+            let read =
+                |from, limit| store.read_stream(&name, from, direction, limit, resolve_links);
+            match &shard {
+                None => read(query.from, limit),
+                Some(shard) => shard.read_page(query.from, direction, limit, read, |event| {
+                    event
+                        .link
+                        .as_ref()
+                        .map_or(event.revision, |link| link.revision)
+                }),
+            }
         })
         .await?;
     Ok(page(&stream, &slice))
@@ -563,12 +595,63 @@ async fn read_all_pages(state: AppState, query: ReadAllQuery) -> Result<Response
         query.type_prefix.as_deref(),
         query.include_system,
     );
+    let shard = shard_filter(&state, query.sharder, query.shards, query.shard)?;
     super::cluster::linearize(&state, query.consistency).await?;
     let slice = state
         .store
-        .blocking(move |store| store.read_all(query.from, direction, limit, &filter))
+        .blocking(move |store| {
+            let read = |from, limit| store.read_all(from, direction, limit, &filter);
+            match &shard {
+                None => read(query.from, limit),
+                Some(shard) => {
+                    shard.read_page(query.from, direction, limit, read, |event| event.position)
+                }
+            }
+        })
         .await?;
     Ok(page(ALL, &slice))
+}
+
+/// A read's or subscription's `sharder`, `shards` and `shard`: all three or none.
+pub(super) fn shard_filter(
+    state: &AppState,
+    sharder: Option<String>,
+    shards: Option<u32>,
+    shard: Option<u32>,
+) -> Result<Option<ShardFilter>, ApiError> {
+    let (name, shards, shard) = match (sharder, shards, shard) {
+        (None, None, None) => return Ok(None),
+        (Some(name), Some(shards), Some(shard)) => (name, shards, shard),
+        _ => {
+            return Err(ApiError::invalid(
+                "sharder, shards and shard go together: give all three or none",
+            ));
+        }
+    };
+    if shards == 0 || shards > MAX_SHARDS {
+        return Err(ApiError::invalid(format!(
+            "shards must be between 1 and {MAX_SHARDS}"
+        )));
+    }
+    if shard >= shards {
+        return Err(ApiError::invalid(format!(
+            "shard {shard} is not among shards 0 to {}",
+            shards - 1
+        )));
+    }
+    let sharder = match state.processing()?.sharders.get(&name) {
+        Ok(sharder) => sharder,
+        Err(ShardError::NotFound(_)) => {
+            return Err(ApiError::invalid(format!("no sharder is named {name:?}")));
+        }
+        Err(error) => return Err(ApiError::invalid(error.to_string())),
+    };
+    Ok(Some(ShardFilter {
+        sharder,
+        name,
+        shards,
+        shard,
+    }))
 }
 
 pub fn all_filter(

@@ -13,10 +13,10 @@ use utoipa::IntoParams;
 use super::AppState;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody};
 use super::openapi::EventStream;
-use super::streams::{ALL, EventJson, all_filter};
+use super::streams::{ALL, EventJson, all_filter, shard_filter};
 use crate::names::Name;
 use crate::store::parse_revision;
-use crate::subscribe::{Item, Source, Start, Subscription};
+use crate::subscribe::{Item, ShardFilter, Source, Start, Subscription};
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -30,6 +30,12 @@ pub struct SubscribeAllQuery {
     pub type_prefix: Option<String>,
     /// Also deliver events of `$`-streams.
     pub include_system: Option<bool>,
+    /// With `shards` and `shard`: only the events this stored sharder places on shard `shard`
+    /// of `shards`.
+    pub sharder: Option<String>,
+    #[param(minimum = 1)]
+    pub shards: Option<u32>,
+    pub shard: Option<u32>,
 }
 
 /// Both query shapes, for `$all` reached through a percent-encoded stream name.
@@ -40,6 +46,9 @@ pub struct AnySubscribeQuery {
     stream_prefix: Option<String>,
     type_prefix: Option<String>,
     include_system: Option<bool>,
+    sharder: Option<String>,
+    shards: Option<u32>,
+    shard: Option<u32>,
 }
 
 fn start(from: Option<&str>, headers: &HeaderMap) -> Result<Start, ApiError> {
@@ -75,6 +84,10 @@ fn start(from: Option<&str>, headers: &HeaderMap) -> Result<Start, ApiError> {
                description = "start (default), end, or the first revision to deliver"),
            ("resolve_links" = Option<bool>, Query,
                description = "Deliver the events links point at (default true) instead of the links"),
+           ("sharder" = Option<String>, Query, description = "With `shards` and `shard`: only \
+               the events this stored sharder places on shard `shard` of `shards`"),
+           ("shards" = Option<u32>, Query, minimum = 1),
+           ("shard" = Option<u32>, Query),
            ("Last-Event-ID" = Option<String>, Header, description = "Resume after this revision")),
     responses(
         (status = 200, description = "Server-Sent Events: `event: event` with `id:` the revision \
@@ -95,6 +108,9 @@ pub async fn subscribe_stream(
             stream_prefix,
             type_prefix,
             include_system,
+            sharder,
+            shards,
+            shard,
             ..
         } = query;
         let query = SubscribeAllQuery {
@@ -102,17 +118,21 @@ pub async fn subscribe_stream(
             stream_prefix,
             type_prefix,
             include_system,
+            sharder,
+            shards,
+            shard,
         };
         return subscribe_all_events(state, query, &headers).await;
     }
     Name::Stream.check(&stream).map_err(ApiError::invalid)?;
     let start = start(query.from.as_deref(), &headers)?;
+    let shard = shard_filter(&state, query.sharder, query.shards, query.shard)?;
     let source = Source::Stream {
         name: stream,
         resolve_links: query.resolve_links.unwrap_or(true),
     };
     let subscription = Subscription::start(state.store.clone(), source, start).await?;
-    Ok(sse(subscription, &state))
+    Ok(sse(on_shard(subscription, shard), &state))
 }
 
 /// Subscribe to `$all`, with optional prefix filters; ids are positions.
@@ -147,9 +167,17 @@ async fn subscribe_all_events(
         query.type_prefix.as_deref(),
         query.include_system,
     );
+    let shard = shard_filter(&state, query.sharder, query.shards, query.shard)?;
     let subscription =
         Subscription::start(state.store.clone(), Source::All { filter }, start).await?;
-    Ok(sse(subscription, &state))
+    Ok(sse(on_shard(subscription, shard), &state))
+}
+
+fn on_shard(subscription: Subscription, shard: Option<ShardFilter>) -> Subscription {
+    match shard {
+        Some(shard) => subscription.on_shard(shard),
+        None => subscription,
+    }
 }
 
 fn sse(subscription: Subscription, state: &AppState) -> Response {

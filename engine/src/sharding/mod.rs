@@ -4,6 +4,7 @@
 
 mod registry;
 
+use std::borrow::Borrow;
 use std::sync::Mutex;
 
 use anyhow::bail;
@@ -16,6 +17,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 pub use registry::{ShardError, Sharders};
 
 use crate::sandbox::{GuestEngine, Limits, Sandbox, context, explain_failure, sha256_hex};
+use crate::store::RecordedEvent;
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -166,10 +168,38 @@ impl Sharder {
 
     /// The shard of each input, in order, each in `0..shards`.
     pub fn shard(&self, inputs: &[ShardInput], shards: u32) -> anyhow::Result<Vec<u32>> {
+        self.call(inputs.iter().map(ShardInput::to_guest).collect(), shards)
+    }
+
+    /// The shard of each stored event, in order, each in `0..shards`: what a stored event
+    /// would be given as a [`ShardInput`], copied once.
+    pub fn shard_recorded<E: Borrow<RecordedEvent>>(
+        &self,
+        events: &[E],
+        shards: u32,
+    ) -> anyhow::Result<Vec<u32>> {
+        let events = events
+            .iter()
+            .map(Borrow::borrow)
+            .map(|event: &RecordedEvent| Event {
+                stream: event.stream.clone(),
+                revision: 0,
+                position: 0,
+                id: event.id.to_string(),
+                event_type: event.event_type.clone(),
+                data: event.data.clone(),
+                metadata: event.metadata.clone(),
+                created_ms: 0,
+            })
+            .collect();
+        self.call(events, shards)
+    }
+
+    fn call(&self, events: Vec<Event>, shards: u32) -> anyhow::Result<Vec<u32>> {
         if shards == 0 || shards > MAX_SHARDS {
             bail!("the shard count must be between 1 and {MAX_SHARDS}");
         }
-        let events: Vec<Event> = inputs.iter().map(ShardInput::to_guest).collect();
+        let count = events.len();
         let mut slot = self.instance.lock().expect("sharder instance");
         let (store, bindings) = match &mut *slot {
             Some(instance) => instance,
@@ -203,11 +233,10 @@ impl Sharder {
                 return Err(explained);
             }
         };
-        if shards_of.len() != inputs.len() {
+        if shards_of.len() != count {
             bail!(
-                "the sharder returned {} shards for {} events",
+                "the sharder returned {} shards for {count} events",
                 shards_of.len(),
-                inputs.len()
             );
         }
         if let Some(out_of_range) = shards_of.iter().find(|shard| **shard >= shards) {

@@ -6,11 +6,14 @@
 //! one to the other can neither skip nor repeat an event. It holds one batch at a time, and only
 //! reads the next when the consumer asks, so a slow consumer costs memory for one batch.
 
+mod shard;
+
 use std::collections::VecDeque;
 
 use tokio::sync::watch;
 
 use crate::store::{AllFilter, Direction, RecordedEvent, Slice, Store, StoreError};
+pub use shard::ShardFilter;
 
 /// Events read from the store per round trip.
 const BATCH: usize = 256;
@@ -50,6 +53,9 @@ pub struct Subscription {
     head: watch::Receiver<u64>,
     caught_up: bool,
     pending: VecDeque<Item>,
+    shard: Option<ShardFilter>,
+    /// Events read per round trip.
+    batch: usize,
 }
 
 impl Subscription {
@@ -82,7 +88,25 @@ impl Subscription {
             head,
             caught_up: false,
             pending: VecDeque::new(),
+            shard: None,
+            batch: BATCH,
         })
+    }
+
+    /// Reads up to `batch` events per round trip to the store instead of the default.
+    pub fn with_batch(self, batch: usize) -> Self {
+        Subscription {
+            batch: batch.max(1),
+            ..self
+        }
+    }
+
+    /// Delivers only the events of one shard.
+    pub fn on_shard(self, shard: ShardFilter) -> Self {
+        Subscription {
+            shard: Some(shard),
+            ..self
+        }
     }
 
     /// The next event, or the caught-up marker; waits for new events when there are none.
@@ -131,32 +155,48 @@ impl Subscription {
     }
 
     async fn read(&self) -> Result<Slice, StoreError> {
-        let (source, cursor) = (self.source.clone(), self.cursor);
+        let (source, cursor, batch) = (self.source.clone(), self.cursor, self.batch);
+        let shard = self.shard.clone();
         self.store
-            .blocking(move |store| match &source {
-                Source::All { filter } => {
-                    store.read_all(Some(cursor), Direction::Forward, BATCH, filter)
+            .blocking(move |store| {
+                let mut slice = Self::read_source(store, &source, cursor, batch)?;
+                if let Some(shard) = &shard {
+                    slice.events = shard.retain(std::mem::take(&mut slice.events))?;
                 }
-                Source::Stream {
-                    name,
-                    resolve_links,
-                } => {
-                    match store.read_stream(
-                        name,
-                        Some(cursor),
-                        Direction::Forward,
-                        BATCH,
-                        *resolve_links,
-                    ) {
-                        // Not written yet, or soft-deleted: nothing to deliver until it is written.
-                        Err(StoreError::StreamNotFound(_)) => Ok(Slice {
-                            cursor,
-                            ..Slice::default()
-                        }),
-                        other => other,
-                    }
-                }
+                Ok(slice)
             })
             .await
+    }
+
+    fn read_source(
+        store: &Store,
+        source: &Source,
+        cursor: u64,
+        batch: usize,
+    ) -> Result<Slice, StoreError> {
+        match source {
+            Source::All { filter } => {
+                store.read_all(Some(cursor), Direction::Forward, batch, filter)
+            }
+            Source::Stream {
+                name,
+                resolve_links,
+            } => {
+                match store.read_stream(
+                    name,
+                    Some(cursor),
+                    Direction::Forward,
+                    batch,
+                    *resolve_links,
+                ) {
+                    // Not written yet, or soft-deleted: nothing to deliver until it is written.
+                    Err(StoreError::StreamNotFound(_)) => Ok(Slice {
+                        cursor,
+                        ..Slice::default()
+                    }),
+                    other => other,
+                }
+            }
+        }
     }
 }
