@@ -52,27 +52,52 @@ pub async fn run(dir: &Path, seconds: u64) -> anyhow::Result<()> {
         report(&label, count, elapsed, &mut latencies, None);
     }
     server.stop().await?;
-    match which_redis() {
-        Some(binary) => {
-            // Redis's defaults keep acks in memory only; `appendfsync always` makes each
-            // command durable before its answer, as Refract's acks are.
-            redis_runs(&binary, &dir.join("redis"), run_for, "redis", &[]).await?;
-            let durable = ["--appendonly", "yes", "--appendfsync", "always"];
-            redis_runs(
-                &binary,
-                &dir.join("redis-fsync"),
-                run_for,
-                "redis fsync",
-                &durable,
-            )
-            .await?;
-        }
-        None => println!("redis-server is not installed: no Redis Streams baseline"),
-    }
-    Ok(())
+    let plan = RedisPlan {
+        consumers: &CONSUMERS,
+        batches: &BATCHES,
+        prefill: PREFILL,
+        latency: true,
+    };
+    redis_baselines(dir, run_for, &plan).await
 }
 
-fn payload_event(index: u64) -> NewEvent {
+/// What the Redis Streams baseline runs.
+pub struct RedisPlan<'a> {
+    pub consumers: &'a [usize],
+    pub batches: &'a [usize],
+    /// Messages written first.
+    pub prefill: u64,
+    /// Also measure `XADD` → delivery.
+    pub latency: bool,
+}
+
+/// Redis Streams with its defaults and with every command fsynced, when `redis-server` is
+/// installed.
+pub async fn redis_baselines(
+    dir: &Path,
+    run_for: Duration,
+    plan: &RedisPlan<'_>,
+) -> anyhow::Result<()> {
+    let Some(binary) = which_redis() else {
+        println!("redis-server is not installed: no Redis Streams baseline");
+        return Ok(());
+    };
+    // Redis's defaults keep acks in memory only; `appendfsync always` makes each command
+    // durable before its answer, as Refract's acks are.
+    redis_runs(&binary, &dir.join("redis"), run_for, "redis", &[], plan).await?;
+    let durable = ["--appendonly", "yes", "--appendfsync", "always"];
+    redis_runs(
+        &binary,
+        &dir.join("redis-fsync"),
+        run_for,
+        "redis fsync",
+        &durable,
+        plan,
+    )
+    .await
+}
+
+pub fn payload_event(index: u64) -> NewEvent {
     let sent = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_micros() as u64);
@@ -102,7 +127,7 @@ async fn prefill_refract(client: &Client) -> anyhow::Result<()> {
 }
 
 /// Consumers pull and ack for `run_for`; returns the acked messages and the time taken.
-async fn refract_consume(
+pub async fn refract_consume(
     client: &Client,
     stream: &str,
     group: &str,
@@ -270,6 +295,7 @@ async fn redis_runs(
     run_for: Duration,
     name: &str,
     options: &[&str],
+    plan: &RedisPlan<'_>,
 ) -> anyhow::Result<()> {
     let port = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -298,7 +324,8 @@ async fn redis_runs(
         }
         let mut connection = connection.context("redis-server did not answer")?;
         let started = Instant::now();
-        for chunk in 0..PREFILL / 1000 {
+        let prefill = plan.prefill;
+        for chunk in 0..prefill / 1000 {
             let mut pipe = redis::pipe();
             for i in 0..1000 {
                 let event = payload_event(chunk * 1000 + i);
@@ -313,12 +340,12 @@ async fn redis_runs(
             pipe.query_async::<()>(&mut connection).await?;
         }
         println!(
-            "  {name}: prefilled {PREFILL} messages in {:.1?}",
+            "  {name}: prefilled {prefill} messages in {:.1?}",
             started.elapsed()
         );
         let mut run = 0;
-        for consumers in CONSUMERS {
-            for batch in BATCHES {
+        for &consumers in plan.consumers {
+            for &batch in plan.batches {
                 run += 1;
                 let group = format!("g{run}");
                 redis::cmd("XGROUP")
@@ -333,6 +360,9 @@ async fn redis_runs(
                 let label = format!("{name}: {consumers} consumers, XREADGROUP {batch}");
                 report(&label, acked, elapsed, &mut Latencies::default(), None);
             }
+        }
+        if !plan.latency {
+            return anyhow::Ok(());
         }
         let (count, elapsed, mut latencies) = redis_latency(&redis, run_for).await?;
         report(

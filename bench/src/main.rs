@@ -7,6 +7,7 @@
 mod cluster;
 mod footprint;
 mod groups;
+mod partitioned;
 mod rebuild;
 mod sharding;
 mod wasm_projections;
@@ -70,7 +71,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     cluster_events: u64,
     /// Run only these scenarios (comma-separated): single, batch, footprint, read, streams,
-    /// projections, wasm, rebuild, sharding, groups, cluster.
+    /// projections, wasm, rebuild, sharding, groups, partitioned, cluster.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -177,6 +178,12 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.wants("groups") {
         println!("consumer groups (delivered + acked messages/s):");
         groups::run(&dir.join("groups"), args.seconds).await?;
+    }
+    if args.wants("partitioned") {
+        println!(
+            "partitioned groups (delivered + committed messages/s), per-message groups and Redis Streams on the same messages:"
+        );
+        partitioned::run(&dir.join("partitioned"), &args.guests, args.seconds).await?;
     }
     if args.wants("cluster") {
         println!("three-node cluster on loopback, against one node in the same sitting:");
