@@ -272,7 +272,7 @@ impl Group {
                         self.receive(Some(read)).await;
                     }
                 }
-                written = written(&mut self.writing) => self.written(written),
+                written = super::write_finished(&mut self.writing, |writing| &mut writing.task) => self.written(written),
                 () = tokio::time::sleep_until(wake) => self.expire().await,
             }
         }
@@ -1019,7 +1019,7 @@ impl Group {
     /// Waits for the write in progress, if any.
     async fn finish_write(&mut self) {
         if self.writing.is_some() {
-            let done = written(&mut self.writing).await;
+            let done = super::write_finished(&mut self.writing, |writing| &mut writing.task).await;
             self.written(done);
         }
     }
@@ -1120,16 +1120,11 @@ impl Group {
 
     fn info(&self) -> Info {
         let (_, parked_next) = self.positions();
-        let status = match (&self.fault, self.caught_up) {
-            (Some(_), _) => "faulted",
-            (None, true) => "live",
-            (None, false) => "catching_up",
-        };
         Info {
             stream: self.stream.clone(),
             group: self.name.clone(),
             settings: self.settings().clone(),
-            status: status.to_owned(),
+            status: super::status(&self.fault, self.caught_up).to_owned(),
             message: self.fault.clone(),
             consumers: self
                 .consumers
@@ -1156,17 +1151,6 @@ impl Group {
             repartitioning: None,
         }
     }
-}
-
-async fn written(writing: &mut Option<Writing>) -> (Writing, Result<(), StoreError>) {
-    let Some(current) = writing else {
-        return std::future::pending().await;
-    };
-    let result = match (&mut current.task).await {
-        Ok(result) => result,
-        Err(error) => Err(StoreError::Storage(format!("the write failed: {error}"))),
-    };
-    (writing.take().expect("a write in progress"), result)
 }
 
 /// Reads the source and gives each event its bucket, a batch at a time (a sharder runs once

@@ -791,6 +791,31 @@ impl Groups {
     }
 }
 
+/// Waits for a group's record write in progress (forever when there is none, so it can sit in a
+/// `select!`) and takes it, with how it ended.
+async fn write_finished<W>(
+    writing: &mut Option<W>,
+    task: fn(&mut W) -> &mut tokio::task::JoinHandle<Result<(), StoreError>>,
+) -> (W, Result<(), StoreError>) {
+    let Some(current) = writing.as_mut() else {
+        return std::future::pending().await;
+    };
+    let result = match task(current).await {
+        Ok(result) => result,
+        Err(error) => Err(StoreError::Storage(format!("the write failed: {error}"))),
+    };
+    (writing.take().expect("a write in progress"), result)
+}
+
+/// A group's status in its info: `faulted`, else `live` once it has caught up with its source.
+fn status(fault: &Option<String>, caught_up: bool) -> &'static str {
+    match (fault, caught_up) {
+        (Some(_), _) => "faulted",
+        (None, true) => "live",
+        (None, false) => "catching_up",
+    }
+}
+
 /// Sends a group's task a command and waits for its answer.
 async fn request<C, T>(
     task: &mpsc::Sender<C>,

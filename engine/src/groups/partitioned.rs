@@ -289,7 +289,7 @@ impl Group {
                         self.receive(Some(read));
                     }
                 }
-                written = written(&mut self.writing) => self.written(written),
+                written = super::write_finished(&mut self.writing, |writing| &mut writing.task) => self.written(written),
                 () = tokio::time::sleep_until(wake) => self.expire(),
             }
         }
@@ -871,12 +871,12 @@ impl Group {
 
     async fn finish_write(&mut self) {
         if self.writing.is_some() {
-            let done = written(&mut self.writing).await;
+            let done = super::write_finished(&mut self.writing, |writing| &mut writing.task).await;
             self.written(done);
         }
         if !self.unwritten.is_empty() || self.dirty {
             self.start_write();
-            let done = written(&mut self.writing).await;
+            let done = super::write_finished(&mut self.writing, |writing| &mut writing.task).await;
             self.written(done);
         }
     }
@@ -1010,18 +1010,13 @@ impl Group {
     }
 
     fn info(&self) -> Info {
-        let status = match (&self.fault, self.caught_up) {
-            (Some(_), _) => "faulted",
-            (None, true) => "live",
-            (None, false) => "catching_up",
-        };
         let start = self.record.start;
         let committed_next = self.partitions.iter().map(|p| p.committed_next).min();
         Info {
             stream: self.stream.clone(),
             group: self.name.clone(),
             settings: self.settings().clone(),
-            status: status.to_owned(),
+            status: super::status(&self.fault, self.caught_up).to_owned(),
             message: self.fault.clone(),
             consumers: self
                 .consumers
@@ -1118,17 +1113,6 @@ fn assign<'a>(current: &[Option<&'a str>], consumers: &[&'a str]) -> Vec<Option<
         *owner = Some(consumers[next]);
     }
     owners
-}
-
-async fn written(writing: &mut Option<Writing>) -> (Writing, Result<(), StoreError>) {
-    let Some(current) = writing else {
-        return std::future::pending().await;
-    };
-    let result = match (&mut current.task).await {
-        Ok(result) => result,
-        Err(error) => Err(StoreError::Storage(format!("the write failed: {error}"))),
-    };
-    (writing.take().expect("a write in progress"), result)
 }
 
 /// Events the reader reads per round trip to the store.
