@@ -131,6 +131,89 @@ impl Browser {
         }
     }
 
+    async fn query(&self, path: &str) -> Value {
+        let url = format!("{}/session/{}/{path}", self.base, self.session);
+        let answer: Value = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .expect("WebDriver answers")
+            .json()
+            .await
+            .unwrap();
+        if answer["value"]["error"].is_string() {
+            panic!("WebDriver {path}: {}", answer["value"]);
+        }
+        answer["value"].clone()
+    }
+
+    /// Sizes the window's viewport to `width` × `height` CSS pixels.
+    pub async fn viewport(&self, width: u32, height: u32) {
+        // The window's frame takes some of the window: grow it by what is missing.
+        self.command("window/rect", json!({"width": width, "height": height}))
+            .await;
+        let inner = self
+            .eval("return [window.innerWidth, window.innerHeight];")
+            .await;
+        let (inner_width, inner_height) = (
+            inner[0].as_u64().unwrap() as u32,
+            inner[1].as_u64().unwrap() as u32,
+        );
+        self.command(
+            "window/rect",
+            json!({"width": 2 * width - inner_width, "height": 2 * height - inner_height}),
+        )
+        .await;
+    }
+
+    /// Saves a PNG of the viewport as `target/ui-screenshots/{name}.png`; its path.
+    pub async fn screenshot(&self, name: &str) -> std::path::PathBuf {
+        use base64::Engine;
+        let png = self.query("screenshot").await;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().expect("a screenshot"))
+            .unwrap();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ui-screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, bytes).unwrap();
+        println!("screenshot: {}", path.display());
+        path
+    }
+
+    /// Types `text` into the element `selector` finds (for a file input: a file's path).
+    pub async fn type_into(&self, selector: &str, text: &str) {
+        let found = self
+            .command(
+                "element",
+                json!({"using": "css selector", "value": selector}),
+            )
+            .await;
+        let element = found
+            .as_object()
+            .and_then(|found| found.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no element {selector}"))
+            .to_owned();
+        self.command(&format!("element/{element}/value"), json!({"text": text}))
+            .await;
+    }
+
+    /// Presses keys (WebDriver key codes, e.g. `\u{E004}` for Tab) one after another.
+    pub async fn press(&self, keys: &str) {
+        let mut actions = Vec::new();
+        for key in keys.chars() {
+            actions.push(json!({"type": "keyDown", "value": key.to_string()}));
+            actions.push(json!({"type": "keyUp", "value": key.to_string()}));
+        }
+        self.command(
+            "actions",
+            json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]}),
+        )
+        .await;
+    }
+
     /// Ends the session (closing Chromium), then chromedriver (on drop).
     pub async fn close(self) {
         let url = format!("{}/session/{}", self.base, self.session);

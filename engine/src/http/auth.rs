@@ -90,7 +90,7 @@ impl Tokens {
         self.0.is_empty()
     }
 
-    fn role_of(&self, presented: &str) -> Option<Role> {
+    pub fn role_of(&self, presented: &str) -> Option<Role> {
         // Compare every token in full so the answer's timing says nothing about the tokens.
         self.0.iter().fold(None, |found, (token, role)| {
             if constant_time_eq(token.as_bytes(), presented.as_bytes()) {

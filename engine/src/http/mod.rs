@@ -15,6 +15,7 @@ pub mod raft;
 mod sharders;
 mod streams;
 mod subscriptions;
+mod ui;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -184,6 +185,8 @@ pub fn app(
         node,
         openapi,
     }));
+    let ui_state = state.clone();
+    let ui_tokens = tokens.clone();
     let app = router
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
@@ -196,6 +199,8 @@ pub fn app(
         // Outermost: a preflight is answered before auth, which it carries no token for.
         .layer(tower::util::option_layer(cors))
         .with_state(state);
+    // The UI calls the API as it stands here, and adds nothing to the API's own requests.
+    let app = app.clone().merge(ui::routes(app, ui_state, ui_tokens));
     // Added after the layers, which then leave them alone: Raft's messages are checked by
     // their own (the cluster's secret), and an append or a snapshot may exceed a request's
     // size limit.
