@@ -53,6 +53,20 @@ async fn a_cluster_takes_writes_on_its_leader_and_survives_its_kill() {
     for (id, role) in roles {
         assert_eq!(role, if id == leader { "leader" } else { "follower" });
     }
+    // The admin UI's cluster page shows the same members and roles.
+    let page = cluster
+        .node(follower)
+        .http
+        .get(cluster.node(follower).url("/ui/cluster"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(&cluster.node(leader).base), "{page}");
+    assert_eq!(page.matches("<td>follower</td>").count(), 2, "{page}");
+    assert_eq!(page.matches("<td>leader</td>").count(), 1, "{page}");
 
     let first = "5b5f4a6e-0000-4000-8000-000000000001";
     let response = append(cluster.node(leader), "order-1", "no_stream", first).await;

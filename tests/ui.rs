@@ -127,6 +127,27 @@ async fn every_page_passes_axe_at_desktop_and_phone_sizes() {
         }
     }
 
+    // The sharder's evaluate form shows where the sample events go.
+    open(&browser, &server.url("/ui/sharders")).await;
+    click_text(&browser, "Evaluate").await;
+    browser
+        .wait_for(
+            "document.querySelector('#shards-result').className === 'success'",
+            Duration::from_secs(10),
+        )
+        .await;
+    let shards = browser
+        .eval("return JSON.parse(document.querySelector('#shards-result').textContent);")
+        .await;
+    let (_, expected) = server
+        .post(
+            "/sharders/by-customer/shard?shards=8",
+            json!([{"stream": "order-1", "type": "OrderPlaced", "data": {"customer_id": "c-1"}},
+                   {"stream": "order-2", "type": "OrderPlaced", "data": {"customer_id": "c-2"}}]),
+        )
+        .await;
+    assert_eq!(shards, expected);
+
     // The keyboard: the first Tab reaches "Skip to content", which moves focus to the page's
     // content; the next ones walk the navigation in order.
     browser.viewport(DESKTOP.0, DESKTOP.1).await;
@@ -178,6 +199,14 @@ async fn streams_page_both_ways_and_tail_live() {
         .await;
     let older: Vec<String> = (5..25).rev().map(|n| n.to_string()).collect();
     assert_eq!(first_cells(&browser).await, older);
+    click_text(&browser, "Previous page").await;
+    browser
+        .wait_for(
+            "document.querySelector('#events tbody tr').cells[0].textContent === '44'",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(first_cells(&browser).await, newest);
     click_text(&browser, "Oldest").await;
     browser
         .wait_for(
@@ -194,6 +223,22 @@ async fn streams_page_both_ways_and_tail_live() {
         .await;
     let forward: Vec<String> = (20..40).map(|n| n.to_string()).collect();
     assert_eq!(first_cells(&browser).await, forward);
+    click_text(&browser, "Previous page").await;
+    browser
+        .wait_for(
+            "location.search.includes('from=0')",
+            Duration::from_secs(10),
+        )
+        .await;
+    let oldest: Vec<String> = (0..20).map(|n| n.to_string()).collect();
+    assert_eq!(first_cells(&browser).await, oldest);
+    click_text(&browser, "Next page").await;
+    browser
+        .wait_for(
+            "document.querySelector('#events tbody tr').cells[0].textContent === '20'",
+            Duration::from_secs(10),
+        )
+        .await;
     browser.screenshot("stream-paged").await;
 
     click_text(&browser, "Expand all").await;

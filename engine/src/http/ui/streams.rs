@@ -90,17 +90,19 @@ impl BrowseQuery {
 
     /// The API read for this view.
     fn api_path(&self, stream: &str) -> String {
+        let from = Self::filled(&self.from).filter(|_| !self.live());
+        self.read_path(stream, self.forward(), from)
+    }
+
+    /// A read of `stream` with this view's filters, in a direction, from a place.
+    fn read_path(&self, stream: &str, forward: bool, from: Option<&str>) -> String {
+        let direction = if forward { "forward" } else { "backward" };
         let mut path = format!(
-            "/streams/{}?limit={}&direction={}",
+            "/streams/{}?limit={}&direction={direction}",
             encode(stream),
             self.limit(),
-            if self.forward() {
-                "forward"
-            } else {
-                "backward"
-            }
         );
-        if let Some(from) = Self::filled(&self.from).filter(|_| !self.live()) {
+        if let Some(from) = from {
             path.push_str(&format!("&from={}", encode(from)));
         }
         if stream == ALL {
@@ -227,6 +229,14 @@ async fn events_region(
     query: &BrowseQuery,
 ) -> Markup {
     let answer = ui.get(session, &query.api_path(stream)).await;
+    let first = answer
+        .as_ref()
+        .ok()
+        .and_then(|answer| answer["events"].get(0));
+    let previous = match first.and_then(|event| place(stream, event)) {
+        Some(first) if !query.live() => previous_page(ui, session, stream, query, first).await,
+        _ => None,
+    };
     let here = stream_url(stream);
     let live_url = format!("{here}{}", query.with(&[("part", Some("events".into()))]));
     let position_heading = if stream == ALL {
@@ -237,11 +247,43 @@ async fn events_region(
     html! {
         @if query.live() {
             div #events data-live hx-get=(live_url) hx-trigger="live" hx-swap="outerHTML" {
-                (events_table(stream, &answer, position_heading, &here, query))
+                (events_table(stream, &answer, position_heading, &here, query, previous))
             }
         } @else {
-            div #events { (events_table(stream, &answer, position_heading, &here, query)) }
+            div #events { (events_table(stream, &answer, position_heading, &here, query, previous)) }
         }
+    }
+}
+
+/// Where the page before this one starts: the far end of a read the other way from just
+/// before `first`, so filtered views page back exactly.
+async fn previous_page(
+    ui: &super::Ui,
+    session: &Session,
+    stream: &str,
+    query: &BrowseQuery,
+    first: u64,
+) -> Option<u64> {
+    let start = if query.forward() {
+        first.checked_sub(1)?
+    } else {
+        first + 1
+    };
+    let path = query.read_path(stream, !query.forward(), Some(&start.to_string()));
+    let answer = ui.get(session, &path).await.ok()?;
+    let events = answer["events"].as_array()?;
+    place(stream, events.last()?)
+}
+
+/// Where `event` sits in what is browsed: the position in `$all`, else the revision in the
+/// stream read (a link's own revision for a stream of links).
+fn place(browsed: &str, event: &Value) -> Option<u64> {
+    if browsed == ALL {
+        event["position"].as_u64()
+    } else if event["link"].is_object() {
+        event["link"]["revision"].as_u64()
+    } else {
+        event["revision"].as_u64()
     }
 }
 
@@ -251,6 +293,7 @@ fn events_table(
     position_heading: &str,
     here: &str,
     query: &BrowseQuery,
+    previous: Option<u64>,
 ) -> Markup {
     let answer = match answer {
         Ok(answer) => answer,
@@ -280,8 +323,13 @@ fn events_table(
                 }
             }
         }
-        @if let Some(next) = next.filter(|_| !query.live()) {
-            p.paging { a href={ (here) (query.with(&[("from", Some(next.to_string()))])) } rel="next" { "Next page" } }
+        p.paging {
+            @if let Some(previous) = previous {
+                a href={ (here) (query.with(&[("from", Some(previous.to_string()))])) } rel="prev" { "Previous page" }
+            }
+            @if let Some(next) = next.filter(|_| !query.live()) {
+                a href={ (here) (query.with(&[("from", Some(next.to_string()))])) } rel="next" { "Next page" }
+            }
         }
     }
 }
@@ -290,15 +338,7 @@ fn event_row(browsed: &str, event: &Value) -> Markup {
     let event_stream = event["stream"].as_str().unwrap_or("");
     let kind = event["type"].as_str().unwrap_or("");
     let link = &event["link"];
-    // Where this row sits in what is browsed: a link's own revision, a stream's revision, or
-    // the position in `$all`.
-    let place = if browsed == ALL {
-        event["position"].as_u64()
-    } else if link.is_object() {
-        link["revision"].as_u64()
-    } else {
-        event["revision"].as_u64()
-    };
+    let place = place(browsed, event);
     let category = event_stream.split_once('-').map(|(category, _)| category);
     let correlation = event["metadata"]["$correlationId"].as_str();
     let mut shown = serde_json::Map::new();
