@@ -148,6 +148,27 @@ async fn every_page_passes_axe_at_desktop_and_phone_sizes() {
         .await;
     assert_eq!(shards, expected);
 
+    // With tokens, the sign-in page (checked too) keeps the token for the session, and the
+    // pages show the role with a way out.
+    let guarded = Server::start_with(&["--token", "writer:writer-token-1"]);
+    open(&browser, &guarded.url("/ui/streams")).await;
+    assert_eq!(browser.eval("return location.pathname;").await, "/ui/login");
+    let violations = serious_violations(&browser).await;
+    assert_eq!(violations, json!([]), "/ui/login");
+    browser.type_into("#token", "writer-token-1").await;
+    click_text(&browser, "Sign in").await;
+    browser
+        .wait_for(
+            "location.pathname === '/ui/streams' && !!document.querySelector('.signout')",
+            Duration::from_secs(10),
+        )
+        .await;
+    let role = browser
+        .eval("return document.querySelector('.signout .role').textContent;")
+        .await;
+    assert_eq!(role, "writer");
+    browser.screenshot("signed-in-desktop").await;
+
     // The keyboard: the first Tab reaches "Skip to content", which moves focus to the page's
     // content; the next ones walk the navigation in order.
     browser.viewport(DESKTOP.0, DESKTOP.1).await;
