@@ -294,6 +294,10 @@ async fn streams_page_both_ways_and_tail_live() {
     browser
         .eval("window.sameDocument = true; return true;")
         .await;
+    // An event opened by hand stays open across the refresh, and keeps the focus.
+    browser
+        .eval("document.querySelector('#events tr[data-key=\"44\"] summary').focus(); document.querySelector('#events tr[data-key=\"44\"] summary').click(); return true;")
+        .await;
     server
         .post(
             "/streams/order-7",
@@ -306,6 +310,14 @@ async fn streams_page_both_ways_and_tail_live() {
             Duration::from_secs(10),
         )
         .await;
+    let still_open = browser
+        .eval("return document.querySelector('#events tr[data-key=\"44\"] details').open;")
+        .await;
+    assert_eq!(still_open, true);
+    let focused = browser
+        .eval("return document.activeElement.closest('tr').dataset.key;")
+        .await;
+    assert_eq!(focused, "44", "the focus stays on the event it was on");
     browser.screenshot("stream-live").await;
 
     open(&browser, &server.url("/ui")).await;
@@ -576,6 +588,46 @@ async fn sign_in_and_roles() {
         .await
         .unwrap();
     assert_eq!(anonymous.status(), 401);
+
+    // Another site's pages can neither sign a visitor in or out, nor act, nor frame the UI.
+    let forged = http
+        .post(server.url("/ui/login"))
+        .header("sec-fetch-site", "cross-site")
+        .form(&[("token", "admin-token-1")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+    assert!(forged.headers().get("set-cookie").is_none());
+    let forged = http
+        .post(server.url("/ui/api/streams/ui-1"))
+        .header("cookie", &admin)
+        .header("x-refract-ui", "1")
+        .header("origin", "http://elsewhere.example")
+        .json(&json!([{"type": "Forged", "data": {}}]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+    let page = http
+        .get(server.url("/ui"))
+        .header("cookie", &reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.headers()["x-frame-options"], "DENY");
+    let policy = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+    let events: Value = http
+        .get(server.url("/ui/api/streams/ui-1"))
+        .header("cookie", &reader)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(events["events"].as_array().unwrap().len(), 1, "{events}");
 
     // Signing out drops the cookie.
     let out = http

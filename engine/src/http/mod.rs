@@ -185,22 +185,28 @@ pub fn app(
         node,
         openapi,
     }));
-    let ui_state = state.clone();
-    let ui_tokens = tokens.clone();
-    let app = router
+    let tokens_for_ui = tokens.clone();
+    let api = router
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
         .layer(middleware::from_fn_with_state(tokens, auth::admit))
         .layer(tower::util::option_layer(forwarder.map(|forwarder| {
             middleware::from_fn_with_state(forwarder, forward::forward_to_leader)
         })))
-        .layer(middleware::from_fn(error::read_whole_body))
+        .layer(middleware::from_fn(error::read_whole_body));
+    // The UI calls the API below the request metrics, so its own reads do not count as the
+    // API's traffic; its routes sit beside the API's and add nothing to their requests.
+    let ui = ui::routes(
+        api.clone().with_state(state.clone()),
+        state.clone(),
+        tokens_for_ui,
+    );
+    let app = api
         .layer(middleware::from_fn_with_state(metrics, record_request))
         // Outermost: a preflight is answered before auth, which it carries no token for.
         .layer(tower::util::option_layer(cors))
-        .with_state(state);
-    // The UI calls the API as it stands here, and adds nothing to the API's own requests.
-    let app = app.clone().merge(ui::routes(app, ui_state, ui_tokens));
+        .with_state(state)
+        .merge(ui);
     // Added after the layers, which then leave them alone: Raft's messages are checked by
     // their own (the cluster's secret), and an append or a snapshot may exceed a request's
     // size limit.

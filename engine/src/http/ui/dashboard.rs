@@ -89,6 +89,27 @@ impl Sampler {
     }
 }
 
+/// The data directory's size, measured at most every few seconds however many pages ask.
+#[derive(Default)]
+pub struct DiskUse {
+    measured: Option<(Instant, u64)>,
+}
+
+const DISK_USE_INTERVAL: Duration = Duration::from_secs(10);
+
+impl DiskUse {
+    /// The last measure if recent, else `None` (then measure and [`DiskUse::record`] it).
+    fn recent(&self, now: Instant) -> Option<u64> {
+        self.measured
+            .filter(|(at, _)| now.duration_since(*at) < DISK_USE_INTERVAL)
+            .map(|(_, bytes)| bytes)
+    }
+
+    fn record(&mut self, now: Instant, bytes: u64) {
+        self.measured = Some((now, bytes));
+    }
+}
+
 /// Bytes the files under `dir` take.
 fn disk_use(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -120,16 +141,20 @@ async fn render(ui: &Ui, session: &Session) -> Markup {
     let groups = ui.get(session, "/groups").await;
     let rates = metrics.as_ref().ok().map(|text| {
         let counters = Counters::parse(text);
-        let mut sampler = ui
-            .rates
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        sampler.update(Instant::now(), counters)
+        lock(&ui.rates).update(Instant::now(), counters)
     });
-    let data_dir = ui.state.data_dir.clone();
-    let disk = tokio::task::spawn_blocking(move || disk_use(&data_dir))
-        .await
-        .unwrap_or(0);
+    let recent = lock(&ui.disk).recent(Instant::now());
+    let disk = match recent {
+        Some(bytes) => bytes,
+        None => {
+            let data_dir = ui.state.data_dir.clone();
+            let bytes = tokio::task::spawn_blocking(move || disk_use(&data_dir))
+                .await
+                .unwrap_or(0);
+            lock(&ui.disk).record(Instant::now(), bytes);
+            bytes
+        }
+    };
     html! {
         div data-live hx-get="/ui" hx-trigger="live" hx-swap="outerHTML" {
             h1 { "Dashboard" }
@@ -165,11 +190,18 @@ async fn render(ui: &Ui, session: &Session) -> Markup {
                 h2 #dashboard-groups { "Consumer groups" }
                 @match &groups {
                     Err(failure) => (failure.render()),
-                    Ok(list) => (group_table(list)),
+                    Ok(list) => (super::groups::table(list, session)),
                 }
             }
         }
     }
+}
+
+/// The figures behind a lock stay usable if a page panicked while holding it.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn projection_table(list: &Value) -> Markup {
@@ -194,41 +226,6 @@ fn projection_table(list: &Value) -> Markup {
                             td.num { (count(position)) }
                             td.num { (count(head.saturating_sub(position))) }
                             td.num { (figure(projection["events_per_second"].as_f64().unwrap_or(0.0))) }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn group_table(list: &Value) -> Markup {
-    let empty = Vec::new();
-    let list = list.as_array().unwrap_or(&empty);
-    html! {
-        @if list.is_empty() {
-            p { "No consumer groups. " a href="/ui/groups" { "Create one" } "." }
-        } @else {
-            div.scroll {
-                table {
-                    thead { tr {
-                        th scope="col" { "Stream" } th scope="col" { "Group" } th scope="col" { "Status" }
-                        th scope="col" .num { "Ready" } th scope="col" .num { "In flight" } th scope="col" .num { "Parked" }
-                        th scope="col" .num { "Consumers" }
-                    } }
-                    tbody {
-                        @for group in list {
-                            @let stream = group["stream"].as_str().unwrap_or("");
-                            @let name = group["group"].as_str().unwrap_or("");
-                            tr {
-                                td { (stream) }
-                                td { a href={ "/ui/groups/" (encode(stream)) "/" (encode(name)) } { (name) } }
-                                td { (group["status"].as_str().unwrap_or("")) }
-                                td.num { (count(group["ready"].as_u64().unwrap_or(0))) }
-                                td.num { (count(group["in_flight"].as_u64().unwrap_or(0))) }
-                                td.num { (count(group["parked"].as_u64().unwrap_or(0))) }
-                                td.num { (group["consumers"].as_array().map_or(0, Vec::len)) }
-                            }
                         }
                     }
                 }

@@ -6,7 +6,7 @@ use axum::response::Response;
 use maud::{Markup, html};
 use serde_json::Value;
 
-use super::{Nav, Session, Shared, action, count, encode, page, pretty};
+use super::{Nav, Session, Shared, count, encode, page, pretty, removal};
 use crate::http::Role;
 
 pub async fn list(State(ui): Shared, session: Session, headers: HeaderMap) -> Response {
@@ -16,7 +16,7 @@ pub async fn list(State(ui): Shared, session: Session, headers: HeaderMap) -> Re
         div #groups data-live hx-get="/ui/groups" hx-trigger="live" hx-select="#groups" hx-swap="outerHTML" {
             @match &groups {
                 Err(failure) => (failure.render()),
-                Ok(list) => (table(list)),
+                Ok(list) => (table(list, &session)),
             }
         }
         @if session.can(Role::Admin) {
@@ -29,11 +29,15 @@ pub async fn list(State(ui): Shared, session: Session, headers: HeaderMap) -> Re
     page(&headers, "Groups", Nav::Groups, &session, &ui, body)
 }
 
-fn table(list: &Value) -> Markup {
+/// Every group with its figures.
+pub fn table(list: &Value, session: &Session) -> Markup {
     let groups = list.as_array().cloned().unwrap_or_default();
     html! {
         @if groups.is_empty() {
-            p { "No consumer groups yet." }
+            p {
+                "No consumer groups yet."
+                @if session.can(Role::Admin) { " " a href="/ui/groups#create-heading" { "Create one" } "." }
+            }
         } @else {
             div.scroll {
                 table {
@@ -158,23 +162,33 @@ fn settings_form(info: Option<&Value>) -> Markup {
     }
 }
 
+#[derive(serde::Deserialize)]
+pub struct DetailQuery {
+    /// `stats`: the figures alone, for their live refresh.
+    part: Option<String>,
+}
+
 pub async fn detail(
     State(ui): Shared,
     session: Session,
     headers: HeaderMap,
     Path((stream, group)): Path<(String, String)>,
+    axum::extract::Query(query): axum::extract::Query<DetailQuery>,
 ) -> Response {
     let base = format!("/groups/{}/{}", encode(&stream), encode(&group));
     let info = ui.get(&session, &base).await;
     let title = format!("{stream} :: {group}");
     let stats = html! {
-        div #stats data-live hx-get={ "/ui" (base) } hx-trigger="live" hx-select="#stats" hx-swap="outerHTML" {
+        div #stats data-live hx-get={ "/ui" (base) "?part=stats" } hx-trigger="live" hx-swap="outerHTML" {
             @match &info {
                 Err(failure) => (failure.render()),
                 Ok(info) => (stats(info)),
             }
         }
     };
+    if query.part.as_deref() == Some("stats") {
+        return page(&headers, &title, Nav::Groups, &session, &ui, stats);
+    }
     let Ok(info) = &info else {
         let body = html! { h1 { "Group " code { (title) } } (stats) };
         return page(&headers, &title, Nav::Groups, &session, &ui, body);
@@ -202,7 +216,7 @@ pub async fn detail(
             section aria-labelledby="settings-heading" {
                 h2 #settings-heading { "Settings" }
                 (settings_form(Some(info)))
-                p.actions { (action("Delete group", "DELETE", &base, Some(&format!("Delete the group {group} of {stream}?")))) }
+                p.actions { (removal("Delete group", &base, &format!("Delete the group {group} of {stream}?"), "/ui/groups")) }
             }
         } @else {
             section aria-labelledby="settings-heading" {
@@ -219,6 +233,9 @@ fn stats(info: &Value) -> Markup {
     let partitions = info["partitions"].as_array().cloned().unwrap_or_default();
     let position = |value: &Value| value.as_u64().map(count).unwrap_or_else(|| "none".into());
     html! {
+        @if let Some(message) = info["message"].as_str() {
+            p.failure role="alert" { (message) }
+        }
         dl.cards {
             div { dt { "Status" } dd { (info["status"].as_str().unwrap_or("")) } }
             div { dt { "Strategy" } dd { (strategy_name(&info["settings"]["strategy"])) } }

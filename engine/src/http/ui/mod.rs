@@ -53,6 +53,7 @@ pub struct Ui {
     state: AppState,
     tokens: Arc<Tokens>,
     rates: Mutex<dashboard::Sampler>,
+    disk: Mutex<dashboard::DiskUse>,
 }
 
 type Shared = State<Arc<Ui>>;
@@ -68,6 +69,7 @@ pub fn routes(api: Router, state: AppState, tokens: Arc<Tokens>) -> Router {
         state,
         tokens: tokens.clone(),
         rates: Mutex::new(dashboard::Sampler::default()),
+        disk: Mutex::new(dashboard::DiskUse::default()),
     });
     Router::new()
         .route("/", get(|| async { Redirect::to("/ui") }))
@@ -86,11 +88,55 @@ pub fn routes(api: Router, state: AppState, tokens: Arc<Tokens>) -> Router {
         .route("/ui/groups/{stream}/{group}", get(groups::detail))
         .route("/ui/sharders", get(sharders::show))
         .route("/ui/cluster", get(cluster::show))
+        .layer(axum::middleware::from_fn(protect))
         .layer(axum::middleware::from_fn_with_state(
             tokens,
             super::auth::admit,
         ))
         .with_state(ui)
+}
+
+/// What every UI answer carries: no framing by other sites (clickjacking), nothing loaded or
+/// run from elsewhere; and what every change needs: a request from the UI's own pages.
+async fn protect(request: Request, next: axum::middleware::Next) -> Response {
+    let reads = matches!(*request.method(), Method::GET | Method::HEAD);
+    if !reads && !same_origin(request.headers()) {
+        let body = serde_json::json!({
+            "error": "forbidden",
+            "message": "changes through the UI come from the UI's own pages",
+        });
+        return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+    }
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'self'; frame-ancestors 'none'; form-action 'self'"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+/// Whether a request comes from a page of this server: the browser's `Sec-Fetch-Site`, or
+/// where a browser sends none, an `Origin` naming this host. Clients other than browsers send
+/// neither and are not pages of another site.
+fn same_origin(headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return site == "same-origin" || site == "none";
+    }
+    match (headers.get(header::ORIGIN), headers.get(header::HOST)) {
+        (Some(origin), Some(host)) => origin
+            .to_str()
+            .ok()
+            .and_then(|origin| origin.split_once("://"))
+            .is_some_and(|(_, origin_host)| host.to_str().is_ok_and(|host| host == origin_host)),
+        (Some(_), None) => false,
+        (None, _) => true,
+    }
 }
 
 /// The visitor: the token from the session cookie and its role. Without configured tokens
@@ -125,11 +171,20 @@ impl FromRequestParts<Arc<Ui>> for Session {
                 role,
             });
         }
-        let here = parts
-            .uri
-            .path_and_query()
-            .map_or("/ui", |path| path.as_str());
-        let login = format!("/ui/login?next={}", encode(here));
+        // For a fragment (htmx) return to the page it is part of.
+        let page = parts
+            .headers
+            .get("hx-current-url")
+            .and_then(|url| url.to_str().ok())
+            .and_then(|url| url.split_once("://"))
+            .and_then(|(_, rest)| rest.find('/').map(|slash| rest[slash..].to_owned()));
+        let here = page.unwrap_or_else(|| {
+            parts
+                .uri
+                .path_and_query()
+                .map_or("/ui".to_owned(), |path| path.to_string())
+        });
+        let login = format!("/ui/login?next={}", encode(&here));
         if parts.headers.contains_key("hx-request") {
             // htmx follows a redirect inside the fragment; this sends the whole page there.
             return Err(([("hx-redirect", login)], StatusCode::UNAUTHORIZED).into_response());
@@ -324,10 +379,14 @@ struct LoginForm {
     next: Option<String>,
 }
 
-/// Where to go after signing in: a UI page, never another site.
+/// Where to go after signing in: a UI page, never another site (nor a malformed address).
 fn after_login(next: Option<&str>) -> &str {
-    next.filter(|next| next.starts_with("/ui") && !next.starts_with("/ui/login"))
-        .unwrap_or("/ui")
+    next.filter(|next| {
+        next.starts_with("/ui")
+            && !next.starts_with("/ui/login")
+            && next.bytes().all(|byte| byte.is_ascii_graphic())
+    })
+    .unwrap_or("/ui")
 }
 
 async fn login_page(State(ui): Shared, Query(query): Query<LoginQuery>) -> Response {
@@ -390,6 +449,8 @@ fn head(title: &str) -> Markup {
         head {
             meta charset="utf-8";
             meta name="viewport" content="width=device-width, initial-scale=1";
+            // The page's policy allows no inline style, which htmx would add for its indicators.
+            meta name="htmx-config" content=r#"{"includeIndicatorStyles": false}"#;
             title { (title) " · Refract" }
             link rel="stylesheet" href="/ui/assets/ui.css";
             script src="/ui/assets/htmx.min.js" defer {}
@@ -473,9 +534,22 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~');
 
-/// `text` percent-encoded for a path segment or a query value.
+/// `text` percent-encoded for a path segment or a query value (`.` and `..` too, which a
+/// browser would otherwise resolve away).
 pub fn encode(text: &str) -> String {
-    utf8_percent_encode(text, SEGMENT).to_string()
+    match text {
+        "." => "%2E".to_owned(),
+        ".." => "%2E%2E".to_owned(),
+        _ => utf8_percent_encode(text, SEGMENT).to_string(),
+    }
+}
+
+/// A form field's value, unless empty or blank.
+pub fn filled(value: &Option<String>) -> Option<&str> {
+    value
+        .as_deref()
+        .map(str::trim)
+        .filter(|value| !value.is_empty())
 }
 
 /// `value` as indented JSON.
@@ -545,6 +619,13 @@ pub fn action(label: &str, method: &str, path: &str, confirm: Option<&str>) -> M
     }
 }
 
+/// A `DELETE` button asking `confirm` first, then going to `then` (the list the thing was in).
+pub fn removal(label: &str, path: &str, confirm: &str, then: &str) -> Markup {
+    html! {
+        button type="button" data-method="DELETE" data-path=(path) data-confirm=(confirm) data-then=(then) { (label) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,6 +652,8 @@ mod tests {
         assert_eq!(encode("$all"), "%24all");
         assert_eq!(encode("order-1/a b"), "order-1%2Fa%20b");
         assert_eq!(encode("é"), "%C3%A9");
+        assert_eq!(encode(".."), "%2E%2E");
+        assert_eq!(encode("a.b"), "a.b");
     }
 
     #[test]
@@ -580,6 +663,32 @@ mod tests {
         assert_eq!(after_login(Some("//elsewhere")), "/ui");
         assert_eq!(after_login(Some("/ui/login?next=/ui")), "/ui");
         assert_eq!(after_login(None), "/ui");
+        assert_eq!(after_login(Some("/ui/streams/a\nb")), "/ui");
+    }
+
+    #[test]
+    fn changes_come_from_the_same_site() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.insert(*name, value.parse().unwrap());
+            }
+            headers
+        };
+        assert!(same_origin(&headers(&[("sec-fetch-site", "same-origin")])));
+        assert!(!same_origin(&headers(&[("sec-fetch-site", "cross-site")])));
+        assert!(!same_origin(&headers(&[("sec-fetch-site", "same-site")])));
+        let here = [
+            ("host", "127.0.0.1:2113"),
+            ("origin", "http://127.0.0.1:2113"),
+        ];
+        assert!(same_origin(&headers(&here)));
+        let elsewhere = [
+            ("host", "127.0.0.1:2113"),
+            ("origin", "http://evil.example"),
+        ];
+        assert!(!same_origin(&headers(&elsewhere)));
+        assert!(same_origin(&headers(&[("host", "127.0.0.1:2113")])));
     }
 
     #[test]

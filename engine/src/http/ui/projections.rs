@@ -7,7 +7,9 @@ use maud::{Markup, html};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Nav, Session, Shared, action, count, encode, figure, page, pretty, seconds};
+use super::{
+    Nav, Session, Shared, action, count, encode, figure, filled, page, pretty, removal, seconds,
+};
 use crate::http::Role;
 
 /// The status as a badge whose class colours it.
@@ -87,7 +89,7 @@ fn deploy_form() -> Markup {
             h2 #deploy-heading { "Deploy a projection" }
             form.stack data-api method="put" data-path="/projections/{name}" data-then="/ui/projections/{name}" {
                 label for="deploy-name" { "Name" }
-                input #deploy-name name="name" data-in="path" type="text" required pattern="[^$/][^/]*";
+                input #deploy-name name="name" data-in="path" type="text" required;
                 label for="deploy-file" { "Component (.wasm)" }
                 input #deploy-file name="component" data-in="body" type="file" accept=".wasm,application/wasm" required;
                 label for="deploy-mode" { "Mode" }
@@ -115,14 +117,14 @@ fn deploy_form() -> Markup {
 pub struct DetailQuery {
     partition: Option<String>,
     partition_prefix: Option<String>,
+    /// The partition the list continues after.
+    partition_after: Option<String>,
     table: Option<String>,
     row_prefix: Option<String>,
+    /// The key the rows continue after.
+    row_after: Option<String>,
     /// `status`: the status region alone, for its live refresh.
     part: Option<String>,
-}
-
-fn filled(value: &Option<String>) -> Option<&str> {
-    value.as_deref().filter(|value| !value.is_empty())
 }
 
 pub async fn detail(
@@ -133,8 +135,22 @@ pub async fn detail(
     Query(query): Query<DetailQuery>,
 ) -> Response {
     let base = format!("/projections/{}", encode(&name));
-    let status = ui.get(&session, &base).await;
     let here = format!("/ui{base}");
+    let live = query.part.as_deref() == Some("status");
+    let status = if live {
+        // The list's entry: the same status without the digest, which hashes the whole state.
+        ui.get(&session, "/projections").await.and_then(|list| {
+            list.as_array()
+                .and_then(|list| list.iter().find(|status| status["name"] == name.as_str()))
+                .cloned()
+                .ok_or(super::Failure {
+                    status: axum::http::StatusCode::NOT_FOUND,
+                    message: format!("no projection {name}"),
+                })
+        })
+    } else {
+        ui.get(&session, &base).await
+    };
     let status_region = html! {
         div #status data-live hx-get={ (here) "?part=status" } hx-trigger="live" hx-swap="outerHTML" {
             @match &status {
@@ -143,7 +159,7 @@ pub async fn detail(
             }
         }
     };
-    if query.part.as_deref() == Some("status") {
+    if live {
         return page(
             &headers,
             &name,
@@ -170,6 +186,10 @@ pub async fn detail(
             html! {
                 h1 { "Projection " code { (name) } }
                 (status_region)
+                dl.facts {
+                    @if let Some(sha) = status["wasm_sha256"].as_str() { dt { "Component SHA-256" } dd { code { (sha) } } }
+                    @if let Some(digest) = status["digest"].as_str() { dt { "State digest (on loading the page)" } dd { code #digest { (digest) } } }
+                }
                 @if session.can(Role::Admin) { (actions(&base, &name, status)) }
                 @if let Some(explorer) = explorer { (explorer) }
                 @if let Some(Ok(parked)) = &parked {
@@ -219,10 +239,6 @@ fn status_view(status: &Value) -> Markup {
                 }
             }
         }
-        dl.facts {
-            @if let Some(sha) = status["wasm_sha256"].as_str() { dt { "Component SHA-256" } dd { code { (sha) } } }
-            @if let Some(digest) = status["digest"].as_str() { dt { "State digest" } dd { code #digest { (digest) } } }
-        }
     }
 }
 
@@ -234,7 +250,9 @@ fn actions(base: &str, name: &str, status: &Value) -> Markup {
             p.actions {
                 (action("Start", "POST", &format!("{base}/start"), None))
                 (action("Stop", "POST", &format!("{base}/stop"), None))
-                (action("Rebuild", "POST", &format!("{base}/rebuild"), None))
+                @if status["kind"] == "wasm" {
+                    (action("Rebuild", "POST", &format!("{base}/rebuild"), None))
+                }
                 @if status["rebuild"].is_object() {
                     (action("Cancel rebuild", "DELETE", &format!("{base}/rebuild"), None))
                 }
@@ -243,7 +261,7 @@ fn actions(base: &str, name: &str, status: &Value) -> Markup {
                     (action("Skip the failing event", "POST", &format!("{base}/skip?position={position}"), Some("Skip the event the projection faulted on?")))
                 }
                 @if status["kind"] == "wasm" {
-                    (action("Delete", "DELETE", base, Some(&format!("Delete the projection {name}?"))))
+                    (removal("Delete", base, &format!("Delete the projection {name}?"), "/ui/projections"))
                 }
             }
         }
@@ -263,8 +281,9 @@ async fn explorer(
         .get(
             session,
             &format!(
-                "{base}/partitions?limit=50&prefix={}",
-                encode(partition_prefix)
+                "{base}/partitions?limit=50&prefix={}{}",
+                encode(partition_prefix),
+                after_parameter(filled(&query.partition_after)),
             ),
         )
         .await;
@@ -278,9 +297,10 @@ async fn explorer(
             ui.get(
                 session,
                 &format!(
-                    "{base}/tables/{}?limit=50&prefix={}",
+                    "{base}/tables/{}?limit=50&prefix={}{}",
                     encode(table),
-                    encode(filled(&query.row_prefix).unwrap_or(""))
+                    encode(filled(&query.row_prefix).unwrap_or("")),
+                    after_parameter(filled(&query.row_after)),
                 ),
             )
             .await,
@@ -313,6 +333,9 @@ async fn explorer(
                 }
                 Err(failure) => (failure.render()),
             }
+            @if let Ok(Some(next)) = partitions.as_ref().map(|page| page["next"].as_str()) {
+                p.paging { a href={ (here) "?partition_prefix=" (encode(partition_prefix)) "&partition_after=" (encode(next)) } { "More partitions" } }
+            }
             h3 { @match filled(&query.partition) { Some(partition) => { "Partition " code { (partition) } }, None => "Un-partitioned state" } }
             @match &state {
                 Ok(state) => pre { code { (pretty(state)) } },
@@ -340,7 +363,13 @@ async fn explorer(
                                 thead { tr { th scope="col" { "Key" } th scope="col" { "Value" } } }
                                 tbody {
                                     @for row in &list {
-                                        tr { td { code { (row["key"].as_str().unwrap_or("")) } } td { pre { code { (pretty(&row["value"])) } } } }
+                                        tr {
+                                            td { code { (row["key"].as_str().unwrap_or("")) } }
+                                            td { pre { code { @match row.get("value_base64") {
+                                                Some(Value::String(bytes)) => { "base64: " (bytes) },
+                                                _ => (pretty(&row["value"])),
+                                            } } } }
+                                        }
                                     }
                                 }
                             }
@@ -348,6 +377,14 @@ async fn explorer(
                     }
                 }
             }
+            @if let Some(Ok(Some(next))) = rows.as_ref().map(|rows| rows.as_ref().map(|page| page["next"].as_str())) {
+                p.paging { a href={ (here) "?table=" (encode(filled(&query.table).unwrap_or(""))) "&row_prefix=" (encode(filled(&query.row_prefix).unwrap_or(""))) "&row_after=" (encode(next)) } { "More rows" } }
+            }
         }
     }
+}
+
+/// `&after=KEY` to continue a list after a key, or nothing for its start.
+fn after_parameter(after: Option<&str>) -> String {
+    after.map_or(String::new(), |after| format!("&after={}", encode(after)))
 }

@@ -5,7 +5,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use maud::html;
 
-use super::{Nav, Session, Shared, action, encode, page};
+use super::{Nav, Session, Shared, encode, page, removal};
 use crate::http::Role;
 
 const SAMPLE_EVENTS: &str = r#"[
@@ -37,7 +37,7 @@ pub async fn show(State(ui): Shared, session: Session, headers: HeaderMap) -> Re
                                 td { (name) }
                                 td { code { (sharder["wasm_sha256"].as_str().unwrap_or("")) } }
                                 @if session.can(Role::Admin) {
-                                    td { (action("Delete", "DELETE", &format!("/sharders/{}", encode(name)), Some(&format!("Delete the sharder {name}?")))) }
+                                    td { (removal("Delete", &format!("/sharders/{}", encode(name)), &format!("Delete the sharder {name}?"), "/ui/sharders")) }
                                 }
                             }
                         } }

@@ -7,7 +7,7 @@ use maud::{Markup, html};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Nav, Session, Shared, action, count, encode, page, pretty};
+use super::{Nav, Session, Shared, count, encode, filled, page, pretty, removal};
 use crate::http::Role;
 
 const ALL: &str = "$all";
@@ -44,32 +44,22 @@ impl BrowseQuery {
         self.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, 1000)
     }
 
-    fn filled(value: &Option<String>) -> Option<&str> {
-        value
-            .as_deref()
-            .map(str::trim)
-            .filter(|value| !value.is_empty())
-    }
-
     /// This view's query string with `changes` applied (`None` drops a parameter).
     fn with(&self, changes: &[(&str, Option<String>)]) -> String {
         let mut pairs: Vec<(&str, Option<String>)> = vec![
-            ("from", Self::filled(&self.from).map(str::to_owned)),
+            ("from", filled(&self.from).map(str::to_owned)),
             ("direction", self.direction.clone()),
             ("limit", self.limit.map(|limit| limit.to_string())),
             (
                 "stream_prefix",
-                Self::filled(&self.stream_prefix).map(str::to_owned),
+                filled(&self.stream_prefix).map(str::to_owned),
             ),
-            (
-                "type_prefix",
-                Self::filled(&self.type_prefix).map(str::to_owned),
-            ),
+            ("type_prefix", filled(&self.type_prefix).map(str::to_owned)),
             (
                 "include_system",
-                Self::filled(&self.include_system).map(str::to_owned),
+                filled(&self.include_system).map(str::to_owned),
             ),
-            ("live", Self::filled(&self.live).map(str::to_owned)),
+            ("live", filled(&self.live).map(str::to_owned)),
         ];
         for (name, value) in changes {
             match pairs.iter_mut().find(|(existing, _)| existing == name) {
@@ -90,7 +80,7 @@ impl BrowseQuery {
 
     /// The API read for this view.
     fn api_path(&self, stream: &str) -> String {
-        let from = Self::filled(&self.from).filter(|_| !self.live());
+        let from = filled(&self.from).filter(|_| !self.live());
         self.read_path(stream, self.forward(), from)
     }
 
@@ -110,11 +100,11 @@ impl BrowseQuery {
                 ("stream_prefix", &self.stream_prefix),
                 ("type_prefix", &self.type_prefix),
             ] {
-                if let Some(value) = Self::filled(value) {
+                if let Some(value) = filled(value) {
                     path.push_str(&format!("&{name}={}", encode(value)));
                 }
             }
-            if Self::filled(&self.include_system).is_some() {
+            if filled(&self.include_system).is_some() {
                 path.push_str("&include_system=true");
             }
         }
@@ -128,7 +118,7 @@ pub async fn all(
     headers: HeaderMap,
     Query(query): Query<BrowseQuery>,
 ) -> Response {
-    if let Some(stream) = BrowseQuery::filled(&query.open) {
+    if let Some(stream) = filled(&query.open) {
         return Redirect::to(&stream_url(stream)).into_response();
     }
     browse(&ui, &session, &headers, ALL, query).await
@@ -181,16 +171,16 @@ async fn browse(
         form.toolbar method="get" action=(here) {
             @if stream == ALL {
                 label for="stream-prefix" { "Stream prefix" }
-                input #stream-prefix name="stream_prefix" type="text" value=[BrowseQuery::filled(&query.stream_prefix)];
+                input #stream-prefix name="stream_prefix" type="text" value=[filled(&query.stream_prefix)];
                 label for="type-prefix" { "Event type prefix" }
-                input #type-prefix name="type_prefix" type="text" value=[BrowseQuery::filled(&query.type_prefix)];
+                input #type-prefix name="type_prefix" type="text" value=[filled(&query.type_prefix)];
                 label.check {
-                    input name="include_system" type="checkbox" value="true" checked[BrowseQuery::filled(&query.include_system).is_some()];
+                    input name="include_system" type="checkbox" value="true" checked[filled(&query.include_system).is_some()];
                     " System records"
                 }
             }
             label for="from" { @if stream == ALL { "From position" } @else { "From revision" } }
-            input #from name="from" type="number" min="0" value=[BrowseQuery::filled(&query.from)];
+            input #from name="from" type="number" min="0" value=[filled(&query.from)];
             label for="direction" { "Direction" }
             select #direction name="direction" {
                 option value="backward" selected[!query.forward()] { "Newest first" }
@@ -339,7 +329,11 @@ fn event_row(browsed: &str, event: &Value) -> Markup {
     let kind = event["type"].as_str().unwrap_or("");
     let link = &event["link"];
     let place = place(browsed, event);
-    let category = event_stream.split_once('-').map(|(category, _)| category);
+    // System streams (`$ce-…`, `$et-…`) belong to no category.
+    let category = event_stream
+        .split_once('-')
+        .map(|(category, _)| category)
+        .filter(|category| !category.starts_with('$'));
     let correlation = event["metadata"]["$correlationId"].as_str();
     let mut shown = serde_json::Map::new();
     for field in ["id", "data", "data_base64", "content_type", "metadata"] {
@@ -348,7 +342,7 @@ fn event_row(browsed: &str, event: &Value) -> Markup {
         }
     }
     html! {
-        tr {
+        tr data-key=[place] {
             td.num { (place.map(count).unwrap_or_default()) }
             td {
                 a href=(stream_url(event_stream)) { (event_stream) } " "
@@ -356,11 +350,14 @@ fn event_row(browsed: &str, event: &Value) -> Markup {
                 @if let Some(via) = link["stream"].as_str() {
                     br; span.sub { "via " a href=(stream_url(via)) { (via) } }
                 }
-                @if let Some(category) = category {
+                @if category.is_some() || correlation.is_some() {
                     br; span.sub {
-                        a href=(stream_url(&format!("$ce-{category}"))) title="Category stream" { "$ce-" (category) }
+                        @if let Some(category) = category {
+                            a href=(stream_url(&format!("$ce-{category}"))) title="Category stream" { "$ce-" (category) }
+                        }
+                        @if category.is_some() && correlation.is_some() { " · " }
                         @if let Some(correlation) = correlation {
-                            " · " a href=(stream_url(&format!("$bc-{correlation}"))) title="Correlation stream" { "$bc-" (correlation) }
+                            a href=(stream_url(&format!("$bc-{correlation}"))) title="Correlation stream" { "$bc-" (correlation) }
                         }
                     }
                 }
@@ -406,8 +403,8 @@ fn metadata_section(
             @if session.can(Role::Admin) && !stream.starts_with('$') {
                 h2 { "Delete" }
                 p.actions {
-                    (action("Delete stream", "DELETE", &path, Some(&format!("Delete {stream}? Reads answer 404 until it is written again."))))
-                    (action("Tombstone stream", "DELETE", &format!("{path}?hard=true"), Some(&format!("Tombstone {stream}? It can never be read or written again."))))
+                    (removal("Delete stream", &path, &format!("Delete {stream}? Reads answer 404 until it is written again."), "/ui/streams"))
+                    (removal("Tombstone stream", &format!("{path}?hard=true"), &format!("Tombstone {stream}? It can never be read or written again."), "/ui/streams"))
                 }
             }
         }

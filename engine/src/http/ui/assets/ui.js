@@ -38,24 +38,53 @@
     for (const part of document.querySelectorAll("[data-live]")) htmx.trigger(part, "live");
   }
 
-  // "Expand all": every event's JSON, kept open across live refreshes.
+  // "Expand all": every event's JSON. Across live refreshes, that, each event opened by hand
+  // and the focus stay where they were (rows are found again by their `data-key`).
   let expanded = false;
+  let openKeys = new Set();
+  let refocus = null;
   function applyExpanded(root) {
-    for (const details of root.querySelectorAll("details")) details.open = expanded;
+    for (const details of root.querySelectorAll("details")) {
+      const row = details.closest("[data-key]");
+      details.open = expanded || (row !== null && openKeys.has(row.dataset.key));
+    }
   }
+  function focusSelector(active) {
+    const row = active.closest("[data-key]");
+    const scope = row ? `[data-key="${CSS.escape(row.dataset.key)}"] ` : "";
+    if (active.id) return "#" + CSS.escape(active.id);
+    if (active.matches("summary")) return scope + "summary";
+    if (active.matches("a[href]")) return `${scope}a[href="${CSS.escape(active.getAttribute("href"))}"]`;
+    return null;
+  }
+  document.addEventListener("htmx:beforeSwap", (event) => {
+    const target = event.detail.target;
+    openKeys = new Set(
+      [...target.querySelectorAll("[data-key]")]
+        .filter((row) => row.querySelector("details[open]"))
+        .map((row) => row.dataset.key));
+    const active = document.activeElement;
+    refocus = active && target.contains(active) ? focusSelector(active) : null;
+  });
+  document.addEventListener("htmx:afterSwap", () => {
+    if (!refocus) return;
+    const again = document.querySelector(refocus);
+    refocus = null;
+    if (again) again.focus({preventScroll: true});
+  });
 
   document.addEventListener("click", async (event) => {
     const toggle = event.target.closest("button[data-expand-all]");
     if (toggle) {
       expanded = !expanded;
       toggle.setAttribute("aria-pressed", String(expanded));
-      toggle.textContent = expanded ? "Collapse all" : "Expand all";
+      if (!expanded) openKeys.clear();
       applyExpanded(document);
       return;
     }
     const button = event.target.closest("button[data-path]");
     if (!button) return;
-    const {method, path, confirm: question} = button.dataset;
+    const {method, path, confirm: question, then} = button.dataset;
     if (question && !window.confirm(question)) return;
     button.disabled = true;
     try {
@@ -63,7 +92,8 @@
       const message = `${button.textContent.trim()}: ${describe(answer)}`;
       if (answer.ok) {
         flashAfterReload(message, false);
-        location.reload();
+        if (then) location.href = then;
+        else location.reload();
       } else {
         flash(message, true);
       }
@@ -160,7 +190,10 @@
         location.reload();
       }
     } catch (error) {
-      if (output) output.textContent = String(error);
+      if (output) {
+        output.textContent = String(error);
+        output.className = "failure";
+      }
     } finally {
       if (submit) submit.disabled = false;
     }
