@@ -55,6 +55,18 @@ async fn first_cells(browser: &Browser) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the events table starts at `place`.
+async fn wait_for_first_row(browser: &Browser, place: &str) {
+    browser
+        .wait_for(
+            &format!(
+                "document.querySelector('#events tbody tr').cells[0].textContent === '{place}'"
+            ),
+            Duration::from_secs(10),
+        )
+        .await;
+}
+
 /// Clicks the link or button whose text is `text`.
 async fn click_text(browser: &Browser, text: &str) {
     let clicked = browser
@@ -212,36 +224,16 @@ async fn streams_page_both_ways_and_tail_live() {
     let newest: Vec<String> = (25..45).rev().map(|n| n.to_string()).collect();
     assert_eq!(first_cells(&browser).await, newest);
     click_text(&browser, "Next page").await;
-    browser
-        .wait_for(
-            "document.querySelector('#events tbody tr').cells[0].textContent === '24'",
-            Duration::from_secs(10),
-        )
-        .await;
+    wait_for_first_row(&browser, "24").await;
     let older: Vec<String> = (5..25).rev().map(|n| n.to_string()).collect();
     assert_eq!(first_cells(&browser).await, older);
     click_text(&browser, "Previous page").await;
-    browser
-        .wait_for(
-            "document.querySelector('#events tbody tr').cells[0].textContent === '44'",
-            Duration::from_secs(10),
-        )
-        .await;
+    wait_for_first_row(&browser, "44").await;
     assert_eq!(first_cells(&browser).await, newest);
     click_text(&browser, "Oldest").await;
-    browser
-        .wait_for(
-            "document.querySelector('#events tbody tr').cells[0].textContent === '0'",
-            Duration::from_secs(10),
-        )
-        .await;
+    wait_for_first_row(&browser, "0").await;
     click_text(&browser, "Next page").await;
-    browser
-        .wait_for(
-            "document.querySelector('#events tbody tr').cells[0].textContent === '20'",
-            Duration::from_secs(10),
-        )
-        .await;
+    wait_for_first_row(&browser, "20").await;
     let forward: Vec<String> = (20..40).map(|n| n.to_string()).collect();
     assert_eq!(first_cells(&browser).await, forward);
     click_text(&browser, "Previous page").await;
@@ -254,12 +246,7 @@ async fn streams_page_both_ways_and_tail_live() {
     let oldest: Vec<String> = (0..20).map(|n| n.to_string()).collect();
     assert_eq!(first_cells(&browser).await, oldest);
     click_text(&browser, "Next page").await;
-    browser
-        .wait_for(
-            "document.querySelector('#events tbody tr').cells[0].textContent === '20'",
-            Duration::from_secs(10),
-        )
-        .await;
+    wait_for_first_row(&browser, "20").await;
     browser.screenshot("stream-paged").await;
 
     click_text(&browser, "Expand all").await;

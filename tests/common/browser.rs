@@ -82,10 +82,17 @@ impl Browser {
 
     async fn command(&self, path: &str, body: Value) -> Value {
         let url = format!("{}/session/{}/{path}", self.base, self.session);
-        let answer: Value = self
-            .http
-            .post(url)
-            .json(&body)
+        self.answer(path, self.http.post(url).json(&body)).await
+    }
+
+    async fn query(&self, path: &str) -> Value {
+        let url = format!("{}/session/{}/{path}", self.base, self.session);
+        self.answer(path, self.http.get(url)).await
+    }
+
+    /// The `value` of WebDriver's answer to `request`; a WebDriver error fails the test.
+    async fn answer(&self, path: &str, request: reqwest::RequestBuilder) -> Value {
+        let answer: Value = request
             .send()
             .await
             .expect("WebDriver answers")
@@ -129,23 +136,6 @@ impl Browser {
             assert!(Instant::now() < deadline, "the page never had {condition}");
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-    }
-
-    async fn query(&self, path: &str) -> Value {
-        let url = format!("{}/session/{}/{path}", self.base, self.session);
-        let answer: Value = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .expect("WebDriver answers")
-            .json()
-            .await
-            .unwrap();
-        if answer["value"]["error"].is_string() {
-            panic!("WebDriver {path}: {}", answer["value"]);
-        }
-        answer["value"].clone()
     }
 
     /// Sizes the window's viewport to `width` × `height` CSS pixels.
