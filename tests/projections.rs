@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{Random, Server, guest};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 #[derive(Debug, Default, Clone, PartialEq)]
 struct Order {
@@ -222,6 +223,40 @@ async fn bad_uploads_are_refused_with_the_reason() {
             .contains("refract:projection/projection"),
         "{body}"
     );
+
+    // Refused after compiling: its compiled artifact is not kept.
+    let sharder_sha256 = format!("{:x}", Sha256::digest(guest("shard-by-customer")));
+    let compiled: Vec<String> = std::fs::read_dir(server.dir.join("compiled"))
+        .map(|entries| {
+            entries
+                .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !compiled.iter().any(|file| file.starts_with(&sharder_sha256)),
+        "{compiled:?}"
+    );
+
+    // Importing what the host lacks (componentize-js's default wasi:http) is refused before
+    // compiling, naming the imports, for projections and sharders alike.
+    let fetcher = wat::parse_str(
+        r#"(component
+            (import "wasi:http/outgoing-handler@0.2.0" (instance))
+            (import "wasi:io/streams@0.2.0" (instance)))"#,
+    )
+    .unwrap();
+    let (code, body) = put("fetcher", fetcher.clone()).await;
+    assert_eq!(code, 400, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("wasi:http/outgoing-handler@0.2.0") && message.contains("-d http fetch-event"),
+        "{body}"
+    );
+    assert!(!message.contains("wasi:io"), "{body}");
+    let (code, body) = server.deploy_sharder("fetcher", fetcher).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("wasi:http/outgoing-handler@0.2.0"), "{body}");
 
     let (code, _) = put("empty", Vec::new()).await;
     assert_eq!(code, 400);

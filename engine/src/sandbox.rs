@@ -10,7 +10,7 @@
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use sha2::{Digest, Sha256};
@@ -129,26 +129,27 @@ impl GuestEngine {
         }
     }
 
+    /// The cached artifact of the component `sha256`, if the engine caches.
+    fn artifact(&self, sha256: &str) -> Option<PathBuf> {
+        let dir = self.inner.cache_dir.as_ref()?;
+        Some(dir.join(format!("{sha256}-{}.cwasm", self.inner.compatibility)))
+    }
+
+    /// Drops the cached artifact of a component the host refused after compiling it.
+    pub fn forget(&self, sha256: &str) {
+        if let Some(artifact) = self.artifact(sha256)
+            && let Err(error) = std::fs::remove_file(&artifact)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(%error, path = %artifact.display(), "cannot remove a refused component's artifact");
+        }
+    }
+
     /// Compiles a component, or loads its cached artifact. The error says why the bytes are
-    /// not a component.
+    /// not a component, or which of its imports the host does not provide (checked before
+    /// compiling, which can take seconds).
     pub fn load(&self, sha256: &str, bytes: &[u8]) -> anyhow::Result<Component> {
         let engine = &self.inner.engine;
-        let cached = self
-            .inner
-            .cache_dir
-            .as_ref()
-            .map(|dir| dir.join(format!("{sha256}-{}.cwasm", self.inner.compatibility)));
-        if let Some(cached) = cached.as_ref().filter(|path| path.exists()) {
-            // SAFETY: the file is an artifact this engine configuration serialized (its name
-            // carries the engine's compatibility hash) into a directory only Refract writes;
-            // wasmtime still checks its header and rejects an incompatible one.
-            match unsafe { Component::deserialize_file(engine, cached) } {
-                Ok(component) => return Ok(component),
-                Err(error) => {
-                    tracing::warn!(%error, path = %cached.display(), "cached artifact unusable; recompiling");
-                }
-            }
-        }
         if !bytes.starts_with(b"\0asm") {
             bail!("the body is not WebAssembly: it does not start with the \\0asm magic bytes");
         }
@@ -158,10 +159,48 @@ impl GuestEngine {
                  (or convert it with wasm-tools component new)"
             );
         }
+        let missing = context(missing_imports(bytes), "not a valid WebAssembly component")?;
+        if !missing.is_empty() {
+            bail!(
+                "the component imports what Refract does not provide: {}. Guests get WASI \
+                 without files, network, clocks or randomness (and no wasi:http); build without \
+                 these imports (componentize-js: -d http fetch-event)",
+                missing.join(", ")
+            );
+        }
+        let started = Instant::now();
+        let cached = self.artifact(sha256);
+        if let Some(cached) = cached.as_ref().filter(|path| path.exists()) {
+            // SAFETY: the file is an artifact this engine configuration serialized (its name
+            // carries the engine's compatibility hash) into a directory only Refract writes;
+            // wasmtime still checks its header and rejects an incompatible one.
+            match unsafe { Component::deserialize_file(engine, cached) } {
+                Ok(component) => {
+                    tracing::info!(
+                        sha256,
+                        bytes = bytes.len(),
+                        load_ms = started.elapsed().as_millis() as u64,
+                        cache = "hit",
+                        "component loaded"
+                    );
+                    return Ok(component);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, path = %cached.display(), "cached artifact unusable; recompiling");
+                }
+            }
+        }
         let component = context(
             Component::new(engine, bytes),
             "not a valid WebAssembly component",
         )?;
+        tracing::info!(
+            sha256,
+            bytes = bytes.len(),
+            compile_ms = started.elapsed().as_millis() as u64,
+            cache = "miss",
+            "component compiled"
+        );
         if let Some(cached) = &cached {
             match component.serialize() {
                 Ok(artifact) => {
@@ -217,6 +256,43 @@ pub fn explain_failure(
 /// Adds a sentence to a wasmtime error.
 pub fn context<T>(result: wasmtime::Result<T>, message: &'static str) -> anyhow::Result<T> {
     result.map_err(|error| anyhow::Error::from(error).context(message))
+}
+
+/// The interface packages a guest may import: WASI (every instance gets it without authority,
+/// see [`wasi`]) and Refract's own. Anything else would fail to link after a compile that can
+/// take seconds, so it is refused before.
+const PROVIDED_PACKAGES: [&str; 7] = [
+    "wasi:cli/",
+    "wasi:clocks/",
+    "wasi:filesystem/",
+    "wasi:io/",
+    "wasi:random/",
+    "wasi:sockets/",
+    "refract:",
+];
+
+/// The component's own imports (not those of components nested in it) from packages the host
+/// does not provide, read without compiling.
+pub fn missing_imports(bytes: &[u8]) -> wasmtime::Result<Vec<String>> {
+    use wasmparser::Payload;
+    let mut depth = 0usize;
+    let mut missing = Vec::new();
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        match payload.map_err(wasmtime::Error::msg)? {
+            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentImportSection(imports) if depth == 0 => {
+                for import in imports {
+                    let name = import.map_err(wasmtime::Error::msg)?.name.name;
+                    if !PROVIDED_PACKAGES.iter().any(|package| name.starts_with(package)) {
+                        missing.push(name.to_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(missing)
 }
 
 /// The component binary's preamble differs from a core module's in its layer field.
@@ -282,5 +358,50 @@ impl HostMonotonicClock for FrozenClock {
     }
     fn now(&self) -> u64 {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What componentize-js builds by default: a component importing `wasi:http`.
+    const IMPORTS_HTTP: &str = r#"(component
+        (import "wasi:http/outgoing-handler@0.2.0" (instance))
+        (import "wasi:http/types@0.2.0" (instance))
+        (import "wasi:io/streams@0.2.0" (instance))
+        (component (import "elsewhere:nested/only@1.0.0" (instance))))"#;
+
+    #[test]
+    fn imports_the_host_lacks_are_named_before_compiling() {
+        let component = wat::parse_str(IMPORTS_HTTP).unwrap();
+        assert_eq!(
+            missing_imports(&component).unwrap(),
+            ["wasi:http/outgoing-handler@0.2.0", "wasi:http/types@0.2.0"]
+        );
+        let cache = tempfile::tempdir().unwrap();
+        let engine = GuestEngine::new(Some(cache.path().to_path_buf()), Sandbox::default()).unwrap();
+        let error = engine
+            .load(&sha256_hex(&component), &component)
+            .err()
+            .expect("refused");
+        let message = format!("{error:#}");
+        assert!(
+            message.contains("wasi:http/outgoing-handler@0.2.0, wasi:http/types@0.2.0")
+                && message.contains("-d http fetch-event"),
+            "{message}"
+        );
+        assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_component_of_provided_imports_passes() {
+        let component = wat::parse_str(
+            r#"(component
+                (import "wasi:cli/stdout@0.2.3" (instance))
+                (import "refract:projection/host@0.1.0" (instance)))"#,
+        )
+        .unwrap();
+        assert!(missing_imports(&component).unwrap().is_empty());
     }
 }

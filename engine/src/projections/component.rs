@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use wasmtime::bail as trap;
-use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::names::Name;
@@ -101,7 +101,18 @@ impl Runtime {
     pub fn compile(&self, bytes: &[u8]) -> anyhow::Result<Compiled> {
         let sha256 = sha256_hex(bytes);
         let component = self.engine.load(&sha256, bytes)?;
-        let pre = self.linker.instantiate_pre(&component);
+        let checked = self.check(&component);
+        if checked.is_err() {
+            // A refused component leaves nothing behind.
+            self.engine.forget(&sha256);
+        }
+        let (pre, info) = checked?;
+        Ok(Compiled { sha256, pre, info })
+    }
+
+    /// Links a compiled component as a projection and asks it to describe itself.
+    fn check(&self, component: &Component) -> anyhow::Result<(ProjectionPre<HostState>, Info)> {
+        let pre = self.linker.instantiate_pre(component);
         let pre = context(pre, "the component needs imports Refract does not provide")?;
         let pre = context(
             ProjectionPre::new(pre),
@@ -110,7 +121,7 @@ impl Runtime {
         let mut instance = Instance::new(self, &pre, InstanceSetup::default())?;
         let info = instance.describe()?;
         validate_info(&info)?;
-        Ok(Compiled { sha256, pre, info })
+        Ok((pre, info))
     }
 }
 

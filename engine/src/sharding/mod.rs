@@ -133,6 +133,16 @@ impl Sharder {
     /// Validates bytes as a sharder component and compiles them.
     pub fn new(engine: &GuestEngine, bytes: &[u8]) -> anyhow::Result<Sharder> {
         let sha256 = sha256_hex(bytes);
+        let sharder = Sharder::check(engine, sha256.clone(), bytes);
+        if sharder.is_err() {
+            // A refused component leaves nothing behind.
+            engine.forget(&sha256);
+        }
+        sharder
+    }
+
+    /// Compiles and links a sharder, and runs it once on nothing.
+    fn check(engine: &GuestEngine, sha256: String, bytes: &[u8]) -> anyhow::Result<Sharder> {
         let component = engine.load(&sha256, bytes)?;
         let mut linker = wasmtime::component::Linker::new(engine.engine());
         context(
