@@ -234,7 +234,9 @@ async fn bad_uploads_are_refused_with_the_reason() {
         })
         .unwrap_or_default();
     assert!(
-        !compiled.iter().any(|file| file.starts_with(&sharder_sha256)),
+        !compiled
+            .iter()
+            .any(|file| file.starts_with(&sharder_sha256)),
         "{compiled:?}"
     );
 
@@ -250,13 +252,20 @@ async fn bad_uploads_are_refused_with_the_reason() {
     assert_eq!(code, 400, "{body}");
     let message = body["message"].as_str().unwrap();
     assert!(
-        message.contains("wasi:http/outgoing-handler@0.2.0") && message.contains("-d http fetch-event"),
+        message.contains("wasi:http/outgoing-handler@0.2.0")
+            && message.contains("-d http fetch-event"),
         "{body}"
     );
     assert!(!message.contains("wasi:io"), "{body}");
     let (code, body) = server.deploy_sharder("fetcher", fetcher).await;
     assert_eq!(code, 400, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("wasi:http/outgoing-handler@0.2.0"), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("wasi:http/outgoing-handler@0.2.0"),
+        "{body}"
+    );
 
     let (code, _) = put("empty", Vec::new()).await;
     assert_eq!(code, 400);
