@@ -505,6 +505,12 @@ async fn sign_in_and_roles() {
     );
     let response = http.get(server.url("/")).send().await.unwrap();
     assert_eq!(response.headers()["location"], "/ui");
+    let plain = Server::start();
+    for missing in ["/ui/projections/nope", "/ui/groups/nope/none"] {
+        let response = plain.http.get(plain.url(missing)).send().await.unwrap();
+        assert_eq!(response.status(), 404, "{missing}");
+        assert!(response.text().await.unwrap().contains("role=\"alert\""));
+    }
 
     let sign_in = |token: &'static str| {
         http.post(server.url("/ui/login"))

@@ -189,9 +189,15 @@ pub async fn detail(
     if query.part.as_deref() == Some("stats") {
         return page(&headers, &title, Nav::Groups, &session, &ui, stats);
     }
-    let Ok(info) = &info else {
-        let body = html! { h1 { "Group " code { (title) } } (stats) };
-        return page(&headers, &title, Nav::Groups, &session, &ui, body);
+    let info = match &info {
+        Ok(info) => info,
+        Err(failure) => {
+            // The page of a group that is not there answers as the API does.
+            let body = html! { h1 { "Group " code { (title) } } (stats) };
+            let mut response = page(&headers, &title, Nav::Groups, &session, &ui, body);
+            *response.status_mut() = failure.status;
+            return response;
+        }
     };
     let parked = ui.get(&session, &format!("{base}/parked?limit=100")).await;
     let body = html! {

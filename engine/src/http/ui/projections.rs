@@ -211,7 +211,12 @@ pub async fn detail(
             }
         }
     };
-    page(&headers, &name, Nav::Projections, &session, &ui, body)
+    let mut response = page(&headers, &name, Nav::Projections, &session, &ui, body);
+    if let Err(failure) = &status {
+        // The page of a projection that is not there answers as the API does.
+        *response.status_mut() = failure.status;
+    }
+    response
 }
 
 fn status_view(status: &Value) -> Markup {
