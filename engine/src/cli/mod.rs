@@ -945,7 +945,10 @@ async fn projection(command: ProjectionCommand) -> anyhow::Result<()> {
             if options.rebuild && args.emitted == Emitted::Replace && !args.yes {
                 confirm_replace(&client, &args.name).await?;
             }
-            let (created, mut status) = client.deploy(&args.name, component, &options).await?;
+            let spinner = rebuild::compiling(&args.name, component.len());
+            let deployed = client.deploy(&args.name, component, &options).await;
+            spinner.finish_and_clear();
+            let (created, mut status) = deployed?;
             if status.rebuild.is_some() && !args.no_wait {
                 status = rebuild::wait_for_rebuild(&client, &args.name).await?;
             }

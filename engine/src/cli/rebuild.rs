@@ -1,4 +1,5 @@
-//! Following a projection's rebuild from the command line, with a progress bar.
+//! Progress on the command line, on stderr when it is a terminal: a deploy's upload and compile
+//! (a spinner), and a projection's rebuild (a progress bar).
 
 use std::time::Duration;
 
@@ -8,6 +9,21 @@ use crate::client::{Client, ProjectionStatus};
 
 /// How often the status is asked for while waiting.
 const POLL: Duration = Duration::from_millis(100);
+
+/// A spinner with the elapsed time while `name` (`bytes` long) is uploaded and compiled, which
+/// takes seconds for a large component; finish it with `finish_and_clear`.
+pub(super) fn compiling(name: &str, bytes: usize) -> ProgressBar {
+    let spinner = ProgressBar::new_spinner().with_style(
+        ProgressStyle::with_template(
+            "{spinner} uploading and compiling {prefix} ({msg}), {elapsed}",
+        )
+        .expect("a valid template"),
+    );
+    spinner.set_prefix(name.to_owned());
+    spinner.set_message(format!("{:.1} MB", bytes as f64 / 1e6));
+    spinner.enable_steady_tick(POLL);
+    spinner
+}
 
 /// Waits until the rebuild of `name` has switched in (or was cancelled), drawing its progress
 /// on stderr when that is a terminal. A rebuild that faults is an error.

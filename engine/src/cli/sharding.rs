@@ -97,11 +97,11 @@ pub(super) async fn sharder(command: SharderCommand) -> anyhow::Result<()> {
         SharderCommand::Deploy(args) => {
             let bytes = std::fs::read(&args.file)
                 .with_context(|| format!("cannot read {}", args.file.display()))?;
-            let sha256 = args
-                .client
-                .client()?
-                .deploy_sharder(&args.name, bytes)
-                .await?;
+            let client = args.client.client()?;
+            let spinner = super::rebuild::compiling(&args.name, bytes.len());
+            let deployed = client.deploy_sharder(&args.name, bytes).await;
+            spinner.finish_and_clear();
+            let sha256 = deployed?;
             if args.client.json {
                 println!(
                     "{}",
