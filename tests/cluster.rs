@@ -54,16 +54,7 @@ async fn a_cluster_takes_writes_on_its_leader_and_survives_its_kill() {
         assert_eq!(role, if id == leader { "leader" } else { "follower" });
     }
     // The admin UI's cluster page shows the same members and roles.
-    let page = cluster
-        .node(follower)
-        .http
-        .get(cluster.node(follower).url("/ui/cluster"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = cluster.node(follower).text("/ui/cluster").await;
     assert!(page.contains(&cluster.node(leader).base), "{page}");
     assert_eq!(page.matches("<td>follower</td>").count(), 2, "{page}");
     assert_eq!(page.matches("<td>leader</td>").count(), 1, "{page}");
@@ -109,16 +100,7 @@ async fn a_cluster_takes_writes_on_its_leader_and_survives_its_kill() {
     assert_eq!(body["events"][0]["id"], first);
 
     // /metrics says the same as /cluster: the term, the members' roles, how far each got.
-    let metrics = cluster
-        .node(leader)
-        .http
-        .get(cluster.node(leader).url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = cluster.node(leader).text("/metrics").await;
     let role = format!(r#"refract_cluster_member_role{{member="{follower}",role="follower"}} 1"#);
     assert!(metrics.contains(&role), "{metrics}");
     assert!(metrics.contains(&format!(

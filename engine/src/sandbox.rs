@@ -136,7 +136,7 @@ impl GuestEngine {
     }
 
     /// Drops the cached artifact of a component the host refused after compiling it.
-    pub fn forget(&self, sha256: &str) {
+    fn forget(&self, sha256: &str) {
         if let Some(artifact) = self.artifact(sha256)
             && let Err(error) = std::fs::remove_file(&artifact)
             && error.kind() != std::io::ErrorKind::NotFound
@@ -145,11 +145,62 @@ impl GuestEngine {
         }
     }
 
-    /// Compiles a component, or loads its cached artifact. The error says why the bytes are
-    /// not a component, or which of its imports the host does not provide (checked before
-    /// compiling, which can take seconds).
+    /// Loads a component (see [`GuestEngine::load`]) and makes it into what the caller runs
+    /// with `accept`; a component `accept` refuses leaves no compiled artifact behind.
+    pub fn load_accepted<T>(
+        &self,
+        sha256: &str,
+        bytes: &[u8],
+        accept: impl FnOnce(&Component) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let accepted = accept(&self.load(sha256, bytes)?);
+        if accepted.is_err() {
+            self.forget(sha256);
+        }
+        accepted
+    }
+
+    /// Loads a component's cached artifact, or compiles it (and caches the artifact). The
+    /// error says why the bytes are not a component, or which of its imports the host does
+    /// not provide (checked before compiling, which can take seconds).
     pub fn load(&self, sha256: &str, bytes: &[u8]) -> anyhow::Result<Component> {
-        let engine = &self.inner.engine;
+        let started = Instant::now();
+        let artifact = self.artifact(sha256);
+        // Only an accepted component has an artifact: refused ones are forgotten.
+        let cached = artifact
+            .as_deref()
+            .filter(|path| path.exists())
+            .and_then(|path| self.deserialize(path));
+        let (component, cache) = match cached {
+            Some(component) => (component, "hit"),
+            None => (self.compile(bytes, artifact.as_deref())?, "miss"),
+        };
+        tracing::info!(
+            sha256,
+            bytes = bytes.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            cache,
+            "component ready"
+        );
+        Ok(component)
+    }
+
+    /// The component a cached artifact holds, or `None` (logged) when it is unusable.
+    fn deserialize(&self, artifact: &Path) -> Option<Component> {
+        // SAFETY: the file is an artifact this engine configuration serialized (its name
+        // carries the engine's compatibility hash) into a directory only Refract writes;
+        // wasmtime still checks its header and rejects an incompatible one.
+        match unsafe { Component::deserialize_file(&self.inner.engine, artifact) } {
+            Ok(component) => Some(component),
+            Err(error) => {
+                tracing::warn!(%error, path = %artifact.display(), "cached artifact unusable; recompiling");
+                None
+            }
+        }
+    }
+
+    /// Checks and compiles a component, saving its artifact at `artifact` when given.
+    fn compile(&self, bytes: &[u8], artifact: Option<&Path>) -> anyhow::Result<Component> {
         if !bytes.starts_with(b"\0asm") {
             bail!("the body is not WebAssembly: it does not start with the \\0asm magic bytes");
         }
@@ -168,43 +219,14 @@ impl GuestEngine {
                 missing.join(", ")
             );
         }
-        let started = Instant::now();
-        let cached = self.artifact(sha256);
-        if let Some(cached) = cached.as_ref().filter(|path| path.exists()) {
-            // SAFETY: the file is an artifact this engine configuration serialized (its name
-            // carries the engine's compatibility hash) into a directory only Refract writes;
-            // wasmtime still checks its header and rejects an incompatible one.
-            match unsafe { Component::deserialize_file(engine, cached) } {
-                Ok(component) => {
-                    tracing::info!(
-                        sha256,
-                        bytes = bytes.len(),
-                        load_ms = started.elapsed().as_millis() as u64,
-                        cache = "hit",
-                        "component loaded"
-                    );
-                    return Ok(component);
-                }
-                Err(error) => {
-                    tracing::warn!(%error, path = %cached.display(), "cached artifact unusable; recompiling");
-                }
-            }
-        }
         let component = context(
-            Component::new(engine, bytes),
+            Component::new(&self.inner.engine, bytes),
             "not a valid WebAssembly component",
         )?;
-        tracing::info!(
-            sha256,
-            bytes = bytes.len(),
-            compile_ms = started.elapsed().as_millis() as u64,
-            cache = "miss",
-            "component compiled"
-        );
-        if let Some(cached) = &cached {
+        if let Some(artifact) = artifact {
             match component.serialize() {
-                Ok(artifact) => {
-                    if let Err(error) = write_atomically(cached, &artifact) {
+                Ok(serialized) => {
+                    if let Err(error) = write_atomically(artifact, &serialized) {
                         tracing::warn!(%error, "cannot cache the compiled component");
                     }
                 }

@@ -123,6 +123,12 @@ impl Server {
         status_and_json(response).await
     }
 
+    /// The body of `GET path` as text (pages, metrics).
+    pub async fn text(&self, path: &str) -> String {
+        let response = self.http.get(self.url(path)).send().await.expect("GET");
+        response.text().await.expect("a text body")
+    }
+
     pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
         let response = self
             .http

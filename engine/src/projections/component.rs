@@ -100,13 +100,9 @@ impl Runtime {
     /// artifact). The error says why the bytes are not a usable projection.
     pub fn compile(&self, bytes: &[u8]) -> anyhow::Result<Compiled> {
         let sha256 = sha256_hex(bytes);
-        let component = self.engine.load(&sha256, bytes)?;
-        let checked = self.check(&component);
-        if checked.is_err() {
-            // A refused component leaves nothing behind.
-            self.engine.forget(&sha256);
-        }
-        let (pre, info) = checked?;
+        let (pre, info) = self
+            .engine
+            .load_accepted(&sha256, bytes, |component| self.check(component))?;
         Ok(Compiled { sha256, pre, info })
     }
 

@@ -11,7 +11,7 @@ use anyhow::bail;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{Component, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use registry::{ShardError, Sharders};
@@ -133,24 +133,24 @@ impl Sharder {
     /// Validates bytes as a sharder component and compiles them.
     pub fn new(engine: &GuestEngine, bytes: &[u8]) -> anyhow::Result<Sharder> {
         let sha256 = sha256_hex(bytes);
-        let sharder = Sharder::check(engine, sha256.clone(), bytes);
-        if sharder.is_err() {
-            // A refused component leaves nothing behind.
-            engine.forget(&sha256);
-        }
-        sharder
+        engine.load_accepted(&sha256, bytes, |component| {
+            Sharder::link(engine, sha256.clone(), component)
+        })
     }
 
-    /// Compiles and links a sharder, and runs it once on nothing.
-    fn check(engine: &GuestEngine, sha256: String, bytes: &[u8]) -> anyhow::Result<Sharder> {
-        let component = engine.load(&sha256, bytes)?;
+    /// Links a compiled sharder, and runs it once on nothing.
+    fn link(
+        engine: &GuestEngine,
+        sha256: String,
+        component: &Component,
+    ) -> anyhow::Result<Sharder> {
         let mut linker = wasmtime::component::Linker::new(engine.engine());
         context(
             wasmtime_wasi::p2::add_to_linker_sync(&mut linker),
             "cannot link WASI",
         )?;
         let pre = context(
-            linker.instantiate_pre(&component),
+            linker.instantiate_pre(component),
             "the component needs imports Refract does not provide",
         )?;
         let pre = context(
