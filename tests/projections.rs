@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Random, Server, guest};
+use common::{Server, guest, order_workload};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -68,35 +68,6 @@ impl Model {
             _ => {}
         }
     }
-}
-
-/// A random order workload: per order stream, its events in order.
-fn workload(seed: u64, orders: usize, customers: u64) -> Vec<(String, Vec<(String, Value)>)> {
-    let mut random = Random(seed);
-    (0..orders)
-        .map(|n| {
-            let customer = format!("c{}", random.below(customers));
-            let mut events = vec![(
-                "OrderPlaced".to_owned(),
-                json!({"customer_id": customer, "total_cents": 100 + random.below(5000)}),
-            )];
-            for item in 0..random.below(4) {
-                events.push((
-                    "ItemAdded".into(),
-                    json!({"sku": format!("sku-{item}"), "price_cents": 1 + random.below(900)}),
-                ));
-            }
-            if random.below(4) == 0 {
-                events.push(("OrderNoted".into(), json!({"note": "ignored"})));
-            }
-            match random.below(3) {
-                0 => events.push(("OrderShipped".into(), json!({}))),
-                1 => events.push(("OrderCancelled".into(), json!({}))),
-                _ => {}
-            }
-            (format!("order-{n}"), events)
-        })
-        .collect()
 }
 
 /// How a workload is sent.
@@ -335,7 +306,7 @@ async fn bad_uploads_are_refused_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn order_summary_builds_the_read_model_of_a_random_workload() {
     let server = Server::start();
-    let orders = workload(0x5eed_1234_abcd, 120, 9);
+    let orders = order_workload(0x5eed_1234_abcd, 120, 9);
     let (history, live) = orders.split_at(60);
     let mut model = write_workload(&server, history, Requests::PerEvent).await;
     let (code, status) = server.deploy("orders", guest("order-summary"), "").await;
@@ -403,7 +374,7 @@ async fn order_summary_builds_the_read_model_of_a_random_workload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn emitted_events_and_links() {
     let server = Server::start();
-    let orders = workload(77, 40, 4);
+    let orders = order_workload(77, 40, 4);
     let model = write_workload(&server, &orders, Requests::PerEvent).await;
     let (code, _) = server.deploy("quiet", guest("order-summary"), "").await;
     assert_eq!(code, 201);
@@ -662,7 +633,7 @@ async fn lifecycle_survives_restarts() {
 async fn kill_9_mid_processing_gives_an_exactly_once_read_model() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start_in(dir.path(), &[]);
-    let orders = workload(0xdead_beef, 3000, 25);
+    let orders = order_workload(0xdead_beef, 3000, 25);
     let model = write_workload(&server, &orders, Requests::PerStream).await;
     let (code, _) = server
         .deploy("orders", guest("order-summary"), "?emit=true")

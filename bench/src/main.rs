@@ -7,6 +7,7 @@
 mod cluster;
 mod footprint;
 mod groups;
+mod languages;
 mod partitioned;
 mod rebuild;
 mod sharding;
@@ -56,6 +57,9 @@ struct BenchArgs {
     /// Events written for the Wasm projections scenario.
     #[arg(long, default_value_t = 1_000_000)]
     wasm_events: u64,
+    /// Events written for the languages scenario (Python and JavaScript are slower).
+    #[arg(long, default_value_t = 200_000)]
+    language_events: u64,
     /// Where the built guests are (`cargo build --profile guest --target wasm32-wasip2 -p
     /// event-counter -p order-summary`).
     #[arg(long, default_value = "target/wasm32-wasip2/guest")]
@@ -71,7 +75,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     cluster_events: u64,
     /// Run only these scenarios (comma-separated): single, batch, footprint, read, streams,
-    /// projections, wasm, rebuild, sharding, groups, partitioned, cluster.
+    /// projections, wasm, languages, rebuild, sharding, groups, partitioned, cluster.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -166,6 +170,10 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.wants("wasm") {
         println!("wasm projections, {} events:", args.wasm_events);
         wasm_projections::run(&dir.join("wasm"), &args.guests, args.wasm_events).await?;
+    }
+    if args.wants("languages") {
+        println!("projections by language, {} events:", args.language_events);
+        languages::run(&dir.join("languages"), &args.guests, args.language_events).await?;
     }
     if args.wants("rebuild") {
         println!("rebuilds:");

@@ -18,6 +18,10 @@ use wasmtime::component::Component;
 use wasmtime::{Config, Engine, ResourceLimiter};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx};
 
+mod output;
+
+pub use output::{GuestKind, GuestLog, GuestOutput, HeldLine, MAX_LINE_CHARS};
+
 /// How often the deadline clock ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 
@@ -238,9 +242,11 @@ impl GuestEngine {
 }
 
 /// WASI for a guest: no files, network, environment or arguments; frozen clocks and fixed
-/// randomness; output discarded.
-pub fn wasi() -> WasiCtx {
+/// randomness; stdout and stderr go to the server's log.
+pub fn wasi(output: &GuestOutput) -> WasiCtx {
     WasiCtx::builder()
+        .stdout(output.stdout())
+        .stderr(output.stderr())
         .wall_clock(FrozenClock)
         .monotonic_clock(FrozenClock)
         .secure_random(wasmtime_wasi::Deterministic::new(vec![0x5a]))

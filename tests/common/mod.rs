@@ -42,15 +42,32 @@ impl Server {
         Server::start_listening(dir, "127.0.0.1:0", args)
     }
 
+    /// A server on a fresh temporary data directory that writes its log, at `info`, to `log`.
+    pub fn start_logging_to(log: &Path, args: &[&str]) -> Server {
+        let temporary = tempfile::tempdir().expect("temporary directory");
+        let file = std::fs::File::create(log).expect("create the log file");
+        let mut server = Server::spawn(temporary.path(), "127.0.0.1:0", args, Some(file));
+        server._temporary = Some(temporary);
+        server
+    }
+
     /// A server on `dir` at the address `listen` (to come back at the same one after a kill).
     pub fn start_listening(dir: &Path, listen: &str, args: &[&str]) -> Server {
+        Server::spawn(dir, listen, args, None)
+    }
+
+    fn spawn(dir: &Path, listen: &str, args: &[&str], log: Option<std::fs::File>) -> Server {
+        let (level, stderr) = match log {
+            Some(file) => ("info", Stdio::from(file)),
+            None => ("error", Stdio::inherit()),
+        };
         let mut child = Command::new(BINARY)
             .args(["serve", "--listen", listen, "--data"])
             .arg(dir)
             .args(args)
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start refract");
         let stdout = child.stdout.take().expect("stdout");
@@ -370,6 +387,39 @@ pub async fn wait_until<F: Future<Output = bool>>(mut done: impl FnMut() -> F) {
         assert!(std::time::Instant::now() < deadline, "not done within 10 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A random order workload: per order stream, its events in order.
+pub fn order_workload(
+    seed: u64,
+    orders: usize,
+    customers: u64,
+) -> Vec<(String, Vec<(String, Value)>)> {
+    let mut random = Random(seed);
+    (0..orders)
+        .map(|n| {
+            let customer = format!("c{}", random.below(customers));
+            let mut events = vec![(
+                "OrderPlaced".to_owned(),
+                json!({"customer_id": customer, "total_cents": 100 + random.below(5000)}),
+            )];
+            for item in 0..random.below(4) {
+                events.push((
+                    "ItemAdded".into(),
+                    json!({"sku": format!("sku-{item}"), "price_cents": 1 + random.below(900)}),
+                ));
+            }
+            if random.below(4) == 0 {
+                events.push(("OrderNoted".into(), json!({"note": "ignored"})));
+            }
+            match random.below(3) {
+                0 => events.push(("OrderShipped".into(), json!({}))),
+                1 => events.push(("OrderCancelled".into(), json!({}))),
+                _ => {}
+            }
+            (format!("order-{n}"), events)
+        })
+        .collect()
 }
 
 /// A small deterministic generator (xorshift), so a failing workload can be replayed.

@@ -16,7 +16,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::names::Name;
 use crate::sandbox::Sandbox;
-use crate::sandbox::{GuestEngine, Limits, context, explain_failure, sha256_hex};
+use crate::sandbox::{GuestEngine, GuestLog, GuestOutput, Limits, context, explain_failure};
+use crate::sandbox::{HeldLine, MAX_LINE_CHARS, sha256_hex};
 use crate::store::{IndexConfig, ProjectionView, RowChange};
 use crate::store::{MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES, NewEvent};
 
@@ -143,6 +144,8 @@ pub struct InstanceSetup {
     pub may_emit: bool,
     /// The rules that say where an event's correlation id is, for what it causes to be emitted.
     pub index_config: IndexConfig,
+    /// Where the guest's output goes; every instance of the projection shares its rate.
+    pub log: GuestLog,
 }
 
 /// One sandboxed instance of a projection with its pending batch.
@@ -158,8 +161,10 @@ impl Instance {
         pre: &ProjectionPre<HostState>,
         setup: InstanceSetup,
     ) -> anyhow::Result<Instance> {
+        let output = setup.log.output();
         let state = HostState {
-            wasi: crate::sandbox::wasi(),
+            wasi: crate::sandbox::wasi(&output),
+            output,
             table: ResourceTable::new(),
             limits: runtime.engine.limits(),
             batch: Batch::new(setup),
@@ -174,6 +179,11 @@ impl Instance {
             bindings,
             sandbox: runtime.sandbox(),
         })
+    }
+
+    /// While quiet, the guest's output is dropped: it replays events whose lines were logged.
+    pub fn set_quiet(&mut self, quiet: bool) {
+        self.store.data().output.set_quiet(quiet);
     }
 
     pub fn describe(&mut self) -> anyhow::Result<Info> {
@@ -254,10 +264,17 @@ impl Instance {
 
     /// Takes a window's writes and the keys it touched; the view stays for the next window.
     pub fn take_window(&mut self) -> (Writes, Access) {
-        let batch = &mut self.store.data_mut().batch;
-        let access = batch.access.take().unwrap_or_default();
-        let writes = batch.take_writes();
+        let state = self.store.data_mut();
+        let access = state.batch.access.take().unwrap_or_default();
+        let mut writes = state.batch.take_writes();
+        writes.lines = state.output.take_held();
         (writes, access)
+    }
+
+    /// Holds the guest's output with the writes of each window (`take_window`) instead of
+    /// logging it, for an instance whose windows may be thrown away and run again.
+    pub fn hold_output(&mut self) {
+        self.store.data().output.hold();
     }
 
     /// Takes the batch's writes, leaving it empty.
@@ -323,10 +340,13 @@ pub struct Writes {
     pub links: Vec<(String, u64)>,
     /// What the writes were accounted as, against the batch's limit.
     pub bytes: usize,
+    /// The guest's output while it made them, when held (`Instance::hold_output`).
+    pub lines: Vec<HeldLine>,
 }
 
 pub struct HostState {
     wasi: WasiCtx,
+    output: GuestOutput,
     table: ResourceTable,
     limits: Limits,
     batch: Batch,
@@ -414,6 +434,7 @@ impl Batch {
             emits: std::mem::take(&mut self.emits),
             links: std::mem::take(&mut self.links),
             bytes: std::mem::take(&mut self.bytes) - earlier,
+            lines: Vec::new(),
         }
     }
 
@@ -599,9 +620,11 @@ impl self::refract::projection::host::Host for HostState {
     }
 
     fn log(&mut self, message: String) -> wasmtime::Result<()> {
-        let message: String = message.chars().take(4096).collect();
-        tracing::info!(projection = %self.batch.setup.projection, "{message}");
+        for line in message.lines() {
+            self.output.log(line);
+        }
         if message.starts_with("panicked at") {
+            let message: String = message.chars().take(MAX_LINE_CHARS).collect();
             self.batch.panic = Some(message);
         }
         Ok(())

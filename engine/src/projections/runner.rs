@@ -24,6 +24,7 @@ use super::component::{
 };
 use super::{Emitted, Fault, Mode, OnError};
 use crate::metrics::RateMeter;
+use crate::sandbox::{GuestKind, GuestLog};
 use crate::store::EventRecord;
 use crate::store::IndexConfig;
 use crate::store::{Checkpoint, DataChange, ParkedEvent, ProjectionCommit};
@@ -184,6 +185,7 @@ impl Runner {
             )
         };
         let setup = InstanceSetup {
+            log: GuestLog::new(GuestKind::Projection, &name),
             projection: name,
             data,
             may_emit,
@@ -390,12 +392,19 @@ impl Runner {
         Ok(match self.compiled.info.partitioning {
             Partitioning::None => Some(String::new()),
             Partitioning::ByStream => Some(event.stream.clone()),
-            Partitioning::Custom => instance.partition_key(event).map_err(|error| {
-                Failure::Fault(Fault {
-                    message: one_line(&format!("cannot compute a partition: {error:#}")),
-                    position: event.position.max(checkpoint.position),
-                })
-            })?,
+            Partitioning::Custom => {
+                // The guest computes the key again when it handles the event: what it prints
+                // then is what is logged.
+                instance.set_quiet(true);
+                let key = instance.partition_key(event);
+                instance.set_quiet(false);
+                key.map_err(|error| {
+                    Failure::Fault(Fault {
+                        message: one_line(&format!("cannot compute a partition: {error:#}")),
+                        position: event.position.max(checkpoint.position),
+                    })
+                })?
+            }
         })
     }
 
@@ -498,8 +507,10 @@ impl Runner {
                 })
             })
         };
-        // A trapped instance is not trusted again.
+        // A trapped instance is not trusted again. The replays log nothing: the batch's run
+        // logged the lines of these events already.
         *instance = fresh()?;
+        instance.set_quiet(true);
         self.begin(instance, checkpoint)?;
         let mut failing = None;
         for (index, event) in events.iter().enumerate() {
@@ -551,7 +562,10 @@ impl Runner {
         let next = if committed.is_empty() && before.is_empty() {
             checkpoint
         } else {
-            self.run_events(instance, checkpoint, committed)?;
+            instance.set_quiet(true);
+            let ran = self.run_events(instance, checkpoint, committed);
+            instance.set_quiet(false);
+            ran?;
             let writes = instance.take();
             let processed = committed.len() + before.len();
             let next = self.commit_writes(checkpoint, processed, upto, writes, before)?;

@@ -16,7 +16,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use registry::{ShardError, Sharders};
 
-use crate::sandbox::{GuestEngine, Limits, Sandbox, context, explain_failure, sha256_hex};
+use crate::sandbox::{GuestEngine, GuestKind, GuestLog, Limits, Sandbox};
+use crate::sandbox::{context, explain_failure, sha256_hex};
 use crate::store::RecordedEvent;
 
 mod bindings {
@@ -127,6 +128,9 @@ pub struct Sharder {
     engine: GuestEngine,
     pre: SharderPre<SharderState>,
     instance: Mutex<Option<(wasmtime::Store<SharderState>, SharderBindings)>>,
+    /// Where its output goes, named by its hash (one component may be deployed under several
+    /// names); its instances share the rate.
+    log: GuestLog,
 }
 
 impl Sharder {
@@ -158,6 +162,7 @@ impl Sharder {
             "the component does not implement the refract:projection/sharder world",
         )?;
         let sharder = Sharder {
+            log: GuestLog::new(GuestKind::Sharder, &sha256[..12]),
             sha256,
             engine: engine.clone(),
             pre,
@@ -214,8 +219,9 @@ impl Sharder {
         let (store, bindings) = match &mut *slot {
             Some(instance) => instance,
             None => {
+                let output = self.log.output();
                 let state = SharderState {
-                    wasi: crate::sandbox::wasi(),
+                    wasi: crate::sandbox::wasi(&output),
                     table: ResourceTable::new(),
                     limits: self.engine.limits(),
                 };

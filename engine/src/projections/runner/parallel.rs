@@ -18,6 +18,7 @@ use super::{CALL_EVENTS, Failure, Runner};
 use crate::projections::component::{
     Access, Event, Instance, InstanceSetup, MAX_BATCH_WRITE_BYTES, Pending, Writes,
 };
+use crate::sandbox::{GuestLog, HeldLine};
 use crate::store::NewEvent;
 use crate::store::{Checkpoint, ProjectionView};
 
@@ -36,6 +37,8 @@ pub(super) struct Workers {
     /// The previous batch's buffer, refilled in log order by the next one: a buffer this large
     /// allocated per batch would be fresh, zeroed pages every time.
     spare: Vec<Event>,
+    /// Where the output of kept windows goes once their batch commits.
+    log: GuestLog,
 }
 
 /// A worker on a thread of its own.
@@ -76,7 +79,16 @@ pub(super) enum NotParallel {
 
 impl Workers {
     pub fn new(runner: &Runner, setup: &InstanceSetup) -> anyhow::Result<Workers> {
-        let instance = || Instance::new(&runner.runtime, runner.compiled.pre(), setup.clone());
+        // Output is logged only for windows that are kept, once their batch commits: a window
+        // that conflicts runs again in log order, and a failed batch runs again on its own.
+        let instance = || {
+            Instance::new(&runner.runtime, runner.compiled.pre(), setup.clone()).map(
+                |mut instance| {
+                    instance.hold_output();
+                    instance
+                },
+            )
+        };
         let first = instance()?;
         let mut lanes = Vec::new();
         for index in 1..runner.runtime.partition_workers() {
@@ -112,6 +124,7 @@ impl Workers {
             first,
             lanes,
             spare: Vec::new(),
+            log: setup.log.clone(),
         })
     }
 
@@ -255,6 +268,7 @@ struct Merged {
     earlier: Arc<Pending>,
     emits: Vec<(String, NewEvent)>,
     links: Vec<(String, u64)>,
+    lines: Vec<HeldLine>,
     counts: ParallelCounts,
 }
 
@@ -296,9 +310,11 @@ impl Runner {
             emits: merged.emits,
             links: merged.links,
             bytes: 0,
+            lines: Vec::new(),
         };
         match self.commit_writes(checkpoint, processed, scanned_to, writes, Vec::new()) {
             Ok(next) => {
+                workers.log.write(merged.lines);
                 let mut state = self.live.state.lock().expect("projection state");
                 state.parallel.parallel_events += merged.counts.parallel_events;
                 state.parallel.rerun_events += merged.counts.rerun_events;
@@ -324,6 +340,7 @@ fn run_windows(
         earlier: Arc::new(Pending::default()),
         emits: Vec::new(),
         links: Vec::new(),
+        lines: Vec::new(),
         counts: ParallelCounts::default(),
     };
     let mut shares: Vec<Vec<Event>> = (0..count).map(|_| Vec::new()).collect();
@@ -393,6 +410,7 @@ fn run_windows(
             pending.merge(&mut writes);
             merged.emits.append(&mut writes.emits);
             merged.links.append(&mut writes.links);
+            merged.lines.append(&mut writes.lines);
         }
         if pending.bytes > MAX_BATCH_WRITE_BYTES {
             break None;
