@@ -266,10 +266,15 @@ function shape(value, template) {
     return Array.isArray(value) ? value.map((entry) => shape(entry, template[0])) : value;
   }
   if (typeof template !== "object") return value;
-  // Defined rather than assigned, so that keys such as `__proto__` stay plain keys.
   const shaped = {};
-  const set = (key, item) =>
-    Object.defineProperty(shaped, key, { value: item, enumerable: true, writable: true, configurable: true });
+  const set = (key, item) => {
+    if (key === "__proto__") {
+      // Defined rather than assigned, so that it stays a plain key.
+      Object.defineProperty(shaped, key, { value: item, enumerable: true, writable: true, configurable: true });
+    } else {
+      shaped[key] = item;
+    }
+  };
   for (const key of Object.keys(template)) {
     set(key, Object.hasOwn(value, key) ? shape(value[key], template[key]) : template[key]);
   }
