@@ -245,6 +245,34 @@ fn log_file(name: &str) -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
+/// Deploys a Rust example and its twin under the same names plus `-rust` and `-twin`, and
+/// `customer-tiers` (with emit) as `tiers`; waits until all three are caught up and checks that
+/// the twins have the same digest. Returns the status of `tiers`.
+async fn deploy_beside_rust(
+    server: &Server,
+    name: &str,
+    rust: &str,
+    twin: Vec<u8>,
+    tiers: Vec<u8>,
+) -> Value {
+    let (rust_name, twin_name) = (format!("{name}-rust"), format!("{name}-twin"));
+    let (rust, twin, tiers) = tokio::join!(
+        server.deploy(&rust_name, guest(rust), ""),
+        server.deploy(&twin_name, twin, ""),
+        server.deploy("tiers", tiers, "?emit=true"),
+    );
+    for (code, body) in [rust, twin, tiers] {
+        assert_eq!(code, 201, "{body}");
+    }
+    // An event counter counts what the tiers emit: the twins compare once that is done.
+    let tiers = server.caught_up("tiers").await;
+    let rust = server.caught_up(&rust_name).await;
+    let twin = server.caught_up(&twin_name).await;
+    assert_eq!(twin["events_processed"], rust["events_processed"]);
+    assert_eq!(twin["digest"], rust["digest"], "{twin}\n{rust}");
+    tiers
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_projections_write_what_rust_writes() {
     let [order_summary_py, tiers_py] = build_all(["order-summary-py", "customer-tiers-py"]);
@@ -254,21 +282,16 @@ async fn python_projections_write_what_rust_writes() {
     let orders = order_workload(0x5eed_0018, 150, 6);
     write(&server, &orders).await;
 
-    let (rust, python, tiers) = tokio::join!(
-        server.deploy("orders-rust", guest("order-summary"), ""),
-        server.deploy("orders-py", order_summary_py, ""),
-        server.deploy("tiers", tiers_py, "?emit=true"),
-    );
-    for (code, body) in [rust, python, tiers] {
-        assert_eq!(code, 201, "{body}");
-    }
-    server.caught_up("tiers").await;
-    let rust = server.caught_up("orders-rust").await;
-    let python = server.caught_up("orders-py").await;
-    assert_eq!(python["events_processed"], rust["events_processed"]);
-    assert_eq!(python["digest"], rust["digest"], "{python}\n{rust}");
+    deploy_beside_rust(
+        &server,
+        "orders",
+        "order-summary",
+        order_summary_py,
+        tiers_py,
+    )
+    .await;
     let (_, state) = server
-        .get("/projections/orders-py/state?partition=order-0")
+        .get("/projections/orders-twin/state?partition=order-0")
         .await;
     let (_, rust_state) = server
         .get("/projections/orders-rust/state?partition=order-0")
@@ -299,24 +322,19 @@ async fn javascript_projections_write_what_rust_writes() {
     let orders = order_workload(0x5eed_0019, 800, 6);
     write(&server, &orders).await;
 
-    let (rust, javascript, tiers) = tokio::join!(
-        server.deploy("counter-rust", guest("event-counter"), ""),
-        server.deploy("counter-js", event_counter_js, ""),
-        server.deploy("tiers", tiers_js, "?emit=true"),
-    );
-    for (code, body) in [rust, javascript, tiers] {
-        assert_eq!(code, 201, "{body}");
-    }
-    // The counters count what the tiers emit: they compare once it is done.
-    let status = server.caught_up("tiers").await;
+    let status = deploy_beside_rust(
+        &server,
+        "counter",
+        "event-counter",
+        event_counter_js,
+        tiers_js,
+    )
+    .await;
     assert!(
         status["parallel"]["rerun_events"].as_u64().unwrap_or(0) > 0,
         "windows ran side by side, and ran again: {status}"
     );
-    let rust = server.caught_up("counter-rust").await;
-    let javascript = server.caught_up("counter-js").await;
-    assert_eq!(javascript["digest"], rust["digest"], "{javascript}\n{rust}");
-    let (_, state) = server.get("/projections/counter-js/state").await;
+    let (_, state) = server.get("/projections/counter-twin/state").await;
     let (_, rust_state) = server.get("/projections/counter-rust/state").await;
     assert_eq!(state, rust_state);
 

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 
@@ -15,7 +15,7 @@ use refract::projections::{DeployOptions, Projections};
 use refract::sandbox::Sandbox;
 use refract::store::{Store, StoreOptions};
 
-use crate::wasm_projections::{read_guest, write_orders};
+use crate::wasm_projections::{caught_up, read_guest, write_orders};
 
 /// A projection to measure: its name, and where its component comes from.
 enum Source {
@@ -76,16 +76,7 @@ pub async fn run(dir: &Path, guests: &Path, events: u64) -> anyhow::Result<()> {
         projections
             .deploy(name, component, DeployOptions::default())
             .await?;
-        loop {
-            let status = projections.status(name)?;
-            if let Some(fault) = status.fault {
-                anyhow::bail!("{name} faulted: {}", fault.message);
-            }
-            if status.position >= written {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        caught_up(&projections, name, written).await?;
         let elapsed = started.elapsed();
         let handled = projections.status(name)?.events_processed;
         println!(

@@ -54,16 +54,7 @@ pub async fn run(dir: &Path, guests: &Path, events: u64) -> anyhow::Result<()> {
         projections
             .deploy(name, component.clone(), DeployOptions::default())
             .await?;
-        loop {
-            let status = projections.status(name)?;
-            if let Some(fault) = status.fault {
-                anyhow::bail!("{name} faulted: {}", fault.message);
-            }
-            if status.position >= written {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        caught_up(&projections, name, written).await?;
         let elapsed = started.elapsed();
         let rate = processed(&projections, name)? as f64 / elapsed.as_secs_f64();
         wasm_rates.insert(name, rate);
@@ -112,6 +103,24 @@ pub(super) fn read_guest(guests: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
             path.display()
         )
     })
+}
+
+/// Waits until projection `name` has read up to `position`; an error if it faults.
+pub(super) async fn caught_up(
+    projections: &Projections,
+    name: &str,
+    position: u64,
+) -> anyhow::Result<()> {
+    loop {
+        let status = projections.status(name)?;
+        if let Some(fault) = status.fault {
+            anyhow::bail!("{name} faulted: {}", fault.message);
+        }
+        if status.position >= position {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 fn processed(projections: &Projections, name: &str) -> anyhow::Result<u64> {
