@@ -114,6 +114,7 @@ const BODIES: &[(&str, &str)] = &[
     ("post", "/groups/{stream}/{group}/commit"),
     ("post", "/cluster/learners"),
     ("post", "/cluster/voters"),
+    ("put", "/connectors/{name}"),
 ];
 
 /// Every operation the document lists is routed (no 404 "no such route", no 405), and every
@@ -150,6 +151,11 @@ async fn openapi_document_matches_the_router() {
         "/groups/{stream}/{group}/commit",
         "/groups/{stream}/{group}/subscribe",
         "/groups/{stream}/{group}/replay-parked",
+        "/connectors",
+        "/connectors/{name}",
+        "/connectors/{name}/start",
+        "/connectors/{name}/stop",
+        "/connectors/{name}/reset",
     ] {
         assert!(paths.contains_key(expected), "{expected} is not documented");
     }
@@ -292,7 +298,7 @@ async fn bearer_tokens_and_roles() {
 
 /// The role each operation needs, as the contract gives it: `reader` reads, subscribes and
 /// queries; `writer` also appends and consumes from groups; `admin` also deletes and manages
-/// projections, sharders and groups. `None`: public.
+/// projections, sharders, groups and connectors. `None`: public.
 const ROLES: &[(&str, &str, Option<&str>)] = &[
     ("get", "/health", None),
     ("get", "/openapi.json", None),
@@ -351,6 +357,13 @@ const ROLES: &[(&str, &str, Option<&str>)] = &[
         Some("admin"),
     ),
     ("get", "/groups/{stream}/{group}/parked", Some("reader")),
+    ("get", "/connectors", Some("reader")),
+    ("get", "/connectors/{name}", Some("reader")),
+    ("put", "/connectors/{name}", Some("admin")),
+    ("delete", "/connectors/{name}", Some("admin")),
+    ("post", "/connectors/{name}/start", Some("admin")),
+    ("post", "/connectors/{name}/stop", Some("admin")),
+    ("post", "/connectors/{name}/reset", Some("admin")),
 ];
 
 /// Walks every operation of the OpenAPI document with no token and with each role's token: the

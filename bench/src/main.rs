@@ -5,6 +5,7 @@
 //! startup measurement, which starts the real `refract` binary on the many-streams store.
 
 mod cluster;
+mod connectors;
 mod footprint;
 mod groups;
 mod languages;
@@ -57,6 +58,9 @@ struct BenchArgs {
     /// Events written for the Wasm projections scenario.
     #[arg(long, default_value_t = 1_000_000)]
     wasm_events: u64,
+    /// Events the connectors scenario sends to Kafka and lands from it.
+    #[arg(long, default_value_t = 200_000)]
+    connector_events: u64,
     /// Events written for the languages scenario (Python and JavaScript are slower).
     #[arg(long, default_value_t = 200_000)]
     language_events: u64,
@@ -75,7 +79,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     cluster_events: u64,
     /// Run only these scenarios (comma-separated): single, batch, footprint, read, streams,
-    /// projections, wasm, languages, rebuild, sharding, groups, partitioned, cluster.
+    /// projections, wasm, languages, rebuild, sharding, groups, partitioned, cluster, connectors.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -192,6 +196,10 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "partitioned groups (delivered + committed messages/s), per-message groups and Redis Streams on the same messages:"
         );
         partitioned::run(&dir.join("partitioned"), &args.guests, args.seconds).await?;
+    }
+    if args.wants("connectors") {
+        println!("kafka connectors, against the broker's own produce rate in the same sitting:");
+        connectors::run(&dir.join("connectors"), args.connector_events).await?;
     }
     if args.wants("cluster") {
         println!("three-node cluster on loopback, against one node in the same sitting:");

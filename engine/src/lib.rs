@@ -9,8 +9,9 @@
 //!   projections present the store's built-in indexes (`$ce-`, `$et-`, `$bc-`, `$category-`).
 //! - [`groups`]: consumer groups (persistent subscriptions): at-least-once delivery to competing
 //!   consumers with acks, retries, parking and server-side checkpoints.
-//! - [`processing`]: the Wasm projections, groups and sharders of a node, run on a cluster's
-//!   leader only.
+//! - [`connectors`]: the Kafka sink and source, exactly once each way.
+//! - [`processing`]: the Wasm projections, groups, sharders and connectors of a node, run on a
+//!   cluster's leader only.
 //! - [`subscribe`]: catch-up then live reading of a stream or `$all`, built on store reads and
 //!   the head position.
 //! - [`http`]: the HTTP API (axum on hyper): routes, errors, auth, SSE, OpenAPI, metrics.
@@ -27,6 +28,7 @@
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod connectors;
 pub mod disk;
 pub mod groups;
 pub mod http;

@@ -1,5 +1,5 @@
 //! The one rule for the names users give things: streams, projections, sharders, consumer
-//! groups and their consumers.
+//! groups and their consumers, connectors.
 
 /// What a name names; each kind has its length limit and reserved forms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -9,6 +9,7 @@ pub enum Name {
     Sharder,
     Group,
     Consumer,
+    Connector,
 }
 
 /// Longest stream name, in bytes.
@@ -24,6 +25,7 @@ impl Name {
             Name::Sharder => "sharder",
             Name::Group => "group",
             Name::Consumer => "consumer",
+            Name::Connector => "connector",
         }
     }
 
@@ -34,14 +36,14 @@ impl Name {
         }
     }
 
-    /// Projections and sharders are one path segment, and `$` names are the system's
+    /// Projections, sharders and connectors are one path segment, and `$` names are the system's
     /// projections. (`$` streams are the system's too, but clients read them: writes check.)
     fn is_path_segment(self) -> bool {
-        matches!(self, Name::Projection | Name::Sharder)
+        matches!(self, Name::Projection | Name::Sharder | Name::Connector)
     }
 
     /// Checks `name`: 1 to [`Name::max_bytes`] bytes of UTF-8 without control characters, and
-    /// for projections and sharders no leading `$` and no `/`.
+    /// for projections, sharders and connectors no leading `$` and no `/`.
     pub fn check(self, name: &str) -> Result<(), String> {
         let (noun, max) = (self.noun(), self.max_bytes());
         if name.is_empty() || name.len() > max {

@@ -1,4 +1,5 @@
-//! The stateful processing: Wasm projections, consumer groups, and the sharders they use.
+//! The stateful processing: Wasm projections, consumer groups, the sharders they use, and
+//! connectors.
 //!
 //! Their batches, checkpoints, emits and acks all go through the store, so one node runs them
 //! and every node replicates what they write. On a single node that node runs them all along.
@@ -16,6 +17,7 @@ use openraft::async_runtime::WatchReceiver;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::node::Node;
+use crate::connectors::Connectors;
 use crate::groups::Groups;
 use crate::projections::component::Runtime;
 use crate::projections::{ProjectionReads, Projections};
@@ -28,6 +30,7 @@ pub struct Processing {
     pub projections: Projections,
     pub sharders: Sharders,
     pub groups: Groups,
+    pub connectors: Connectors,
 }
 
 impl Processing {
@@ -46,14 +49,24 @@ impl Processing {
                 return Err(error.context("cannot load the consumer groups"));
             }
         };
+        let connectors = match Connectors::open(store.clone(), sharders.clone()).await {
+            Ok(connectors) => connectors,
+            Err(error) => {
+                groups.shutdown().await;
+                projections.shutdown().await;
+                return Err(error.context("cannot load the connectors"));
+            }
+        };
         Ok(Processing {
             projections,
             sharders,
             groups,
+            connectors,
         })
     }
 
     async fn shutdown(&self) {
+        self.connectors.shutdown().await;
         self.groups.shutdown().await;
         self.projections.shutdown().await;
     }

@@ -3,6 +3,7 @@
 
 pub mod browser;
 pub mod cluster;
+pub mod kafka;
 pub mod proxy;
 
 use std::io::{BufRead, BufReader};

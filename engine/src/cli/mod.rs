@@ -1,6 +1,7 @@
 //! The `refract` command line: the server, client commands for a running server, and benchmarks.
 
 mod cluster;
+mod connectors;
 mod groups;
 mod rebuild;
 mod sharding;
@@ -55,6 +56,9 @@ enum Command {
     /// Consumer groups: create, inspect, replay parked messages, consume.
     #[command(subcommand)]
     Group(groups::GroupCommand),
+    /// Kafka sinks and sources: define, inspect, start, stop, reset, delete.
+    #[command(subcommand)]
+    Connector(connectors::ConnectorCommand),
     /// A cluster's members: status, add a learner, set the voters, remove a node.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -577,6 +581,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Projection(command) => projection(command).await,
         Command::Sharder(command) => sharding::sharder(command).await,
         Command::Group(command) => groups::group(command).await,
+        Command::Connector(command) => connectors::connector(command).await,
         Command::Cluster(command) => cluster::cluster(command).await,
         Command::Bench(args) => bench(args),
     }

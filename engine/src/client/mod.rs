@@ -723,6 +723,47 @@ impl Client {
         Ok(())
     }
 
+    /// Creates (`true`) or replaces a connector from its JSON definition; answers its status.
+    pub async fn put_connector(
+        &self,
+        name: &str,
+        definition: &serde_json::Value,
+    ) -> anyhow::Result<(bool, serde_json::Value)> {
+        let request = self
+            .request(Method::PUT, &["connectors", name])
+            .json(definition);
+        let response = self.send(request).await?;
+        let created = response.status() == StatusCode::CREATED;
+        Ok((created, response.json().await?))
+    }
+
+    /// Every connector with its status.
+    pub async fn connectors(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let request = self.request(Method::GET, &["connectors"]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    pub async fn connector(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        let request = self.request(Method::GET, &["connectors", name]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
+    pub async fn delete_connector(&self, name: &str) -> anyhow::Result<()> {
+        self.send(self.request(Method::DELETE, &["connectors", name]))
+            .await?;
+        Ok(())
+    }
+
+    /// `start`, `stop` or `reset` a connector; answers its status.
+    pub async fn connector_action(
+        &self,
+        name: &str,
+        action: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let request = self.request(Method::POST, &["connectors", name, action]);
+        Ok(self.send(request).await?.json().await?)
+    }
+
     /// Every group with its statistics.
     pub async fn groups(&self) -> anyhow::Result<Vec<GroupInfo>> {
         let request = self.request(Method::GET, &["groups"]);

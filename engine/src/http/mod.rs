@@ -5,6 +5,7 @@
 
 pub mod auth;
 mod cluster;
+mod connectors;
 pub mod error;
 mod forward;
 mod groups;
@@ -111,7 +112,9 @@ fn routes(tokens: &Arc<Tokens>) -> (Router<AppState>, serde_json::Value) {
         .routes(routes!(groups::parked))
         .routes(routes!(operations::info))
         .routes(routes!(operations::metrics))
-        .routes(routes!(cluster::status));
+        .routes(routes!(cluster::status))
+        .routes(routes!(connectors::list))
+        .routes(routes!(connectors::get));
     let writer = OpenApiRouter::new()
         .routes(routes!(streams::append))
         .routes(routes!(streams::put_metadata))
@@ -134,7 +137,11 @@ fn routes(tokens: &Arc<Tokens>) -> (Router<AppState>, serde_json::Value) {
         .routes(routes!(groups::replay_parked))
         .routes(routes!(cluster::add_learner))
         .routes(routes!(cluster::set_voters))
-        .routes(routes!(cluster::remove_member));
+        .routes(routes!(cluster::remove_member))
+        .routes(routes!(connectors::put, connectors::delete))
+        .routes(routes!(connectors::start))
+        .routes(routes!(connectors::stop))
+        .routes(routes!(connectors::reset));
     let (router, document) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(public)
         .merge(auth::guard(reader, Role::Reader, tokens))

@@ -28,6 +28,7 @@ use crate::names::{MAX_NAME_BYTES, MAX_STREAM_NAME_BYTES, Name};
         (name = "projections", description = "System and user projections"),
         (name = "sharders", description = "Sharding functions"),
         (name = "groups", description = "Consumer groups (persistent subscriptions)"),
+        (name = "connectors", description = "Kafka sinks and sources, exactly once"),
         (name = "operations", description = "Health, info, metrics, this document"),
     ),
     components(schemas(super::error::ErrorBody, super::groups::AssignmentJson))
@@ -67,7 +68,7 @@ fn complete(document: &mut OpenApi) {
                 }
             }
             // Every node answers reads of the projections from the data it applied.
-            let on_leader = ["/projections", "/groups", "/sharders"]
+            let on_leader = ["/projections", "/groups", "/sharders", "/connectors"]
                 .iter()
                 .any(|prefix| path.starts_with(prefix))
                 && !(method == "get" && path.starts_with("/projections"));
@@ -92,6 +93,9 @@ fn parameter_schema(
         }
         ("group", true) => name_schema(Name::Group, false),
         ("name", true) if path.starts_with("/sharders/") => name_schema(Name::Sharder, true),
+        ("name", true) if path.starts_with("/connectors/") => {
+            name_schema(Name::Connector, method == "put")
+        }
         ("name", true) if path == "/projections/{name}/config" => {
             json!({"type": "string", "enum": system_projections})
         }
@@ -115,14 +119,16 @@ fn parameter_schema(
 /// What [`Name::check`] accepts: characters other than controls, and for projections and
 /// sharders (and streams clients write to) no leading `$`; projection and sharder names are
 /// one path segment, so no `/` either.
-fn name_schema(kind: Name, reserved: bool) -> Value {
+pub(super) fn name_schema(kind: Name, reserved: bool) -> Value {
     let max = match kind {
         Name::Stream => MAX_STREAM_NAME_BYTES,
         _ => MAX_NAME_BYTES,
     };
     let controls = r"\u0000-\u001f\u007f-\u009f";
     let pattern = match (kind, reserved) {
-        (Name::Projection | Name::Sharder, true) => format!("^[^${controls}/][^{controls}/]*$"),
+        (Name::Projection | Name::Sharder | Name::Connector, true) => {
+            format!("^[^${controls}/][^{controls}/]*$")
+        }
         (_, true) => format!("^[^${controls}][^{controls}]*$"),
         (_, false) => format!("^[^{controls}]+$"),
     };
@@ -361,7 +367,10 @@ pub fn document(mut document: OpenApi) -> Value {
     complete(&mut document);
     let mut json = serde_json::to_value(&document).expect("the document serialises");
     let schemas = &mut json["components"]["schemas"];
-    for (name, schema) in exact_schemas() {
+    for (name, schema) in exact_schemas()
+        .into_iter()
+        .chain(super::connectors::exact_schemas())
+    {
         schemas[name] = schema;
     }
     bound_unsigned(&mut json);

@@ -71,6 +71,9 @@ commands! {
     CommitProjection(super::projection_data::CommitProjection),
     SkipEvent(super::projection_data::SkipEvent),
     BuildProjection(super::projection_data::BuildProjection),
+    SaveConnector(super::connector_data::SaveConnector),
+    RemoveConnector(super::connector_data::RemoveConnector),
+    CommitConnector(super::connector_data::CommitConnector),
     #[cfg(test)]
     WritesThenFails(super::writer::tests::WritesThenFails),
     #[cfg(test)]

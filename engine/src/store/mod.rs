@@ -20,7 +20,9 @@
 //! - `settings`: the indexes' configuration.
 //! - projections' definitions, components, checkpoints, state and rows ([`projection_data`]).
 //! - consumer groups' records and parking reasons ([`group_data`]).
+//! - connectors' definitions and checkpoints ([`connector_data`]).
 
+pub(crate) mod connector_data;
 pub(crate) mod group_data;
 pub(crate) mod indexes;
 mod logged;
@@ -48,6 +50,7 @@ use crate::wal::Wal;
 use group_data::{GROUPS, PARKED_REASONS};
 use projection_data::{COMPONENTS, PROJECTIONS, SHARDERS};
 // The types the `Store` handle's methods take and give.
+pub use connector_data::{CONNECTOR_CHANGED, StoredConnector};
 pub use group_data::Parking;
 pub use indexes::{CategoryPosition, IndexConfig, IndexProgress, SystemIndex};
 pub use projection_data::{
@@ -798,6 +801,69 @@ impl Store {
     /// Links messages from a group's parked stream, with their reasons; durable when answered.
     pub async fn park(&self, parking: Parking) -> Result<(), StoreError> {
         self.submit(group_data::ParkMessages { parking }).await
+    }
+
+    /// Creates or replaces a connector's definition, keeping its checkpoint unless one is given;
+    /// answers the connector's new generation.
+    pub async fn save_connector(
+        &self,
+        name: String,
+        definition: Vec<u8>,
+        checkpoint: Option<Vec<u8>>,
+    ) -> Result<u64, StoreError> {
+        self.submit(connector_data::SaveConnector {
+            name,
+            definition,
+            checkpoint,
+        })
+        .await
+    }
+
+    pub async fn remove_connector(&self, name: String) -> Result<(), StoreError> {
+        self.submit(connector_data::RemoveConnector { name }).await
+    }
+
+    /// Stores a connector's checkpoint with the events it lands, in one commit; refused when
+    /// the connector is no longer in `generation`.
+    pub async fn commit_connector(
+        &self,
+        name: String,
+        generation: u64,
+        checkpoint: Vec<u8>,
+        appends: Vec<(String, Vec<NewEvent>)>,
+    ) -> Result<(), StoreError> {
+        self.submit(connector_data::CommitConnector {
+            name,
+            generation,
+            checkpoint,
+            appends,
+        })
+        .await
+    }
+
+    /// Every stored connector. Blocking.
+    pub fn stored_connectors(&self) -> Result<Vec<StoredConnector>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let definitions = txn.open_table(connector_data::CONNECTORS)?;
+        let checkpoints = txn.open_table(connector_data::CONNECTOR_CHECKPOINTS)?;
+        let mut connectors = Vec::new();
+        for entry in definitions.iter()? {
+            let (name, definition) = entry?;
+            let (generation, checkpoint) = match checkpoints.get(name.value())? {
+                Some(entry) => {
+                    let (generation, checkpoint) = entry.value();
+                    (generation, checkpoint.to_vec())
+                }
+                None => (0, Vec::new()),
+            };
+            connectors.push(StoredConnector {
+                name: name.value().to_owned(),
+                definition: definition.value().to_vec(),
+                generation,
+                checkpoint,
+            });
+        }
+        Ok(connectors)
     }
 
     /// Every stored group: (stream, group, record). Blocking.

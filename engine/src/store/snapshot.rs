@@ -81,6 +81,8 @@ tables! {
     19 => super::projection_data::HELD,
     20 => super::group_data::GROUPS,
     21 => super::group_data::PARKED_REASONS,
+    22 => super::connector_data::CONNECTORS,
+    23 => super::connector_data::CONNECTOR_CHECKPOINTS,
 }
 
 /// Writes the state `txn` sees to `out`.

@@ -38,6 +38,7 @@ use redb::{Database, Durability, ReadableTable, Table, WriteTransaction};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::connector_data::ConnectorTables;
 use super::group_data::GroupTables;
 use super::indexes::{
     CursorTable, IndexConfig, IndexProgress, IndexTables, Indexer, set_index_config,
@@ -293,6 +294,7 @@ pub(super) struct Tables<'t> {
     pub settings: Table<'t, &'static str, &'static [u8]>,
     projections: OnceCell<ProjectionTables<'t>>,
     groups: OnceCell<GroupTables<'t>>,
+    connectors: OnceCell<ConnectorTables<'t>>,
 }
 
 impl<'t> Tables<'t> {
@@ -308,6 +310,7 @@ impl<'t> Tables<'t> {
             settings: txn.open_table(SETTINGS)?,
             projections: OnceCell::new(),
             groups: OnceCell::new(),
+            connectors: OnceCell::new(),
         })
     }
 
@@ -332,6 +335,15 @@ impl<'t> Tables<'t> {
     pub fn groups_mut(&mut self) -> Result<&mut GroupTables<'t>, StoreError> {
         self.groups()?;
         Ok(self.groups.get_mut().expect("opened above"))
+    }
+
+    pub fn connectors(&self) -> Result<&ConnectorTables<'t>, StoreError> {
+        opened(&self.connectors, || ConnectorTables::open(self.txn))
+    }
+
+    pub fn connectors_mut(&mut self) -> Result<&mut ConnectorTables<'t>, StoreError> {
+        self.connectors()?;
+        Ok(self.connectors.get_mut().expect("opened above"))
     }
 
     /// The tables the built-in indexes write links with.
@@ -394,6 +406,7 @@ pub(super) fn initialize(db: &Database, options: &StoreOptions) -> Result<Recove
         // Created here so readers can open them before the first projection or group exists.
         tables.projections_mut()?.claim_earlier_outputs()?;
         tables.groups()?;
+        tables.connectors()?;
         Recovered {
             next_position,
             next_stream_id,

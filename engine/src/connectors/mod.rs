@@ -1,0 +1,470 @@
+//! Connectors: a Kafka sink that sends Refract's events to a topic and a Kafka source that
+//! lands a topic's records in streams, both exactly once, run by the server itself.
+//!
+//! A connector's definition and checkpoint live in the store ([`crate::store::StoredConnector`]),
+//! so they survive restarts and, in a cluster, move with the leader, which runs them with the
+//! rest of the processing. Each running connector is a task that runs sessions: a session
+//! connects, recovers its place from the broker and the checkpoint, and works until it fails
+//! or is stopped. A failure talking to Kafka (a broker down, a topic missing) shows in the
+//! status and the next session starts after a backoff; a failure that retrying cannot fix (a
+//! sharder that is gone or traps, a stream that refuses events) faults the connector until it is
+//! started again.
+
+pub mod definition;
+pub mod kafka;
+mod progress;
+pub mod sink;
+pub mod source;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+
+pub use definition::Definition;
+use progress::Progress;
+pub use progress::State;
+
+use crate::names::Name;
+use crate::sharding::Sharders;
+use crate::store::{NewEvent, Store, StoreError};
+
+/// The first wait after a failed session; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error("no connector is named {0:?}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A connector as the API shows it: its definition and how it is doing.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = ConnectorInfo)]
+pub struct Info {
+    pub name: String,
+    #[serde(flatten)]
+    pub definition: Definition,
+    pub status: State,
+    /// Whether the last session reached the broker and is working.
+    pub connected: bool,
+    /// Sink: the position of the last event it has sent or passed over (`null` before the
+    /// first).
+    pub position: Option<u64>,
+    /// Source: the next offset of each partition.
+    pub offsets: BTreeMap<String, i64>,
+    /// Sink: events in `$all` after `position`. Source: records after the offsets, as of the
+    /// last fetch.
+    pub lag: u64,
+    /// Events sent (sink) or landed (source) since the connector started on this server.
+    pub events: u64,
+    pub events_per_second: f64,
+    /// The last failure, kept after recovering from it.
+    pub last_error: Option<String>,
+}
+
+/// What the store keeps as a connector's definition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    definition: Definition,
+    /// Whether it should run (`stop` clears it).
+    enabled: bool,
+}
+
+struct Entry {
+    stored: Stored,
+    generation: u64,
+    checkpoint: Vec<u8>,
+    progress: Progress,
+    task: Option<Task>,
+}
+
+struct Task {
+    cancel: CancellationToken,
+    /// Answers the checkpoint the task last stored.
+    handle: tokio::task::JoinHandle<Vec<u8>>,
+}
+
+/// The server's connectors.
+#[derive(Clone)]
+pub struct Connectors {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    sharders: Sharders,
+    connectors: Mutex<BTreeMap<String, Entry>>,
+}
+
+impl Connectors {
+    /// Loads the stored connectors and starts those that were running.
+    pub async fn open(store: Store, sharders: Sharders) -> anyhow::Result<Connectors> {
+        let stored = store.blocking(|store| store.stored_connectors()).await?;
+        let connectors = Connectors {
+            inner: Arc::new(Inner {
+                store,
+                sharders,
+                connectors: Mutex::new(BTreeMap::new()),
+            }),
+        };
+        {
+            let mut entries = connectors.inner.connectors.lock().await;
+            for connector in stored {
+                let stored: Stored = match serde_json::from_slice(&connector.definition) {
+                    Ok(stored) => stored,
+                    Err(error) => {
+                        tracing::error!(connector = %connector.name, %error, "cannot read connector");
+                        continue;
+                    }
+                };
+                let mut entry = Entry {
+                    stored,
+                    generation: connector.generation,
+                    checkpoint: connector.checkpoint,
+                    progress: Progress::default(),
+                    task: None,
+                };
+                if entry.stored.enabled {
+                    connectors.spawn(&connector.name, &mut entry);
+                }
+                entries.insert(connector.name, entry);
+            }
+        }
+        Ok(connectors)
+    }
+
+    /// Creates (`true`) or replaces a connector. A new one starts at once; a replaced one keeps
+    /// running or stopped, and keeps its checkpoint while its kind, topic and source stay.
+    pub async fn put(
+        &self,
+        name: &str,
+        definition: Definition,
+    ) -> Result<(bool, Info), ConnectorError> {
+        Name::Connector
+            .check(name)
+            .map_err(ConnectorError::Invalid)?;
+        definition.check().map_err(ConnectorError::Invalid)?;
+        let mut entries = self.inner.connectors.lock().await;
+        let existing = entries.get_mut(name);
+        let created = existing.is_none();
+        let (enabled, keep) = match &existing {
+            Some(entry) => (
+                entry.stored.enabled,
+                entry.stored.definition.same_progress(&definition),
+            ),
+            None => (true, false),
+        };
+        if let Some(entry) = existing {
+            stop_task(entry).await;
+        }
+        let stored = Stored {
+            definition,
+            enabled,
+        };
+        let checkpoint = (!keep).then(Vec::new);
+        let generation = self
+            .inner
+            .store
+            .save_connector(name.to_owned(), to_json(&stored), checkpoint.clone())
+            .await?;
+        let entry = entries.entry(name.to_owned()).or_insert_with(|| Entry {
+            stored: stored.clone(),
+            generation,
+            checkpoint: Vec::new(),
+            progress: Progress::default(),
+            task: None,
+        });
+        entry.stored = stored;
+        entry.generation = generation;
+        if let Some(checkpoint) = checkpoint {
+            entry.checkpoint = checkpoint;
+            entry.progress = Progress::default();
+        }
+        if enabled {
+            self.spawn(name, entry);
+        }
+        Ok((created, info(name, entry)))
+    }
+
+    pub async fn list(&self) -> Vec<Info> {
+        let entries = self.inner.connectors.lock().await;
+        entries
+            .iter()
+            .map(|(name, entry)| info(name, entry))
+            .collect()
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Info, ConnectorError> {
+        let entries = self.inner.connectors.lock().await;
+        let entry = entries
+            .get(name)
+            .ok_or_else(|| ConnectorError::NotFound(name.to_owned()))?;
+        Ok(info(name, entry))
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), ConnectorError> {
+        let mut entries = self.inner.connectors.lock().await;
+        let entry = entries
+            .get_mut(name)
+            .ok_or_else(|| ConnectorError::NotFound(name.to_owned()))?;
+        stop_task(entry).await;
+        self.inner.store.remove_connector(name.to_owned()).await?;
+        entries.remove(name);
+        Ok(())
+    }
+
+    /// Starts a stopped or faulted connector (a running one is left as it is).
+    pub async fn start(&self, name: &str) -> Result<Info, ConnectorError> {
+        self.change(name, |entry| {
+            let running = entry
+                .task
+                .as_ref()
+                .is_some_and(|task| !task.handle.is_finished());
+            (!running).then_some((true, None))
+        })
+        .await
+    }
+
+    pub async fn stop(&self, name: &str) -> Result<Info, ConnectorError> {
+        self.change(name, |_| Some((false, None))).await
+    }
+
+    /// Forgets the checkpoint: the connector begins again from `start_from` (a running one
+    /// restarts at once). A sink still sends only what the topic does not hold.
+    pub async fn reset(&self, name: &str) -> Result<Info, ConnectorError> {
+        self.change(name, |entry| Some((entry.stored.enabled, Some(Vec::new()))))
+            .await
+    }
+
+    /// Applies `decide`'s (enabled, new checkpoint) to a connector, stopping its task first
+    /// and starting it again when enabled; `None` changes nothing.
+    async fn change(
+        &self,
+        name: &str,
+        decide: impl FnOnce(&Entry) -> Option<(bool, Option<Vec<u8>>)>,
+    ) -> Result<Info, ConnectorError> {
+        let mut entries = self.inner.connectors.lock().await;
+        let entry = entries
+            .get_mut(name)
+            .ok_or_else(|| ConnectorError::NotFound(name.to_owned()))?;
+        let Some((enabled, checkpoint)) = decide(entry) else {
+            return Ok(info(name, entry));
+        };
+        stop_task(entry).await;
+        let stored = Stored {
+            definition: entry.stored.definition.clone(),
+            enabled,
+        };
+        entry.generation = self
+            .inner
+            .store
+            .save_connector(name.to_owned(), to_json(&stored), checkpoint.clone())
+            .await?;
+        entry.stored = stored;
+        if let Some(checkpoint) = checkpoint {
+            entry.checkpoint = checkpoint;
+            entry.progress = Progress::default();
+        }
+        if enabled {
+            self.spawn(name, entry);
+        }
+        Ok(info(name, entry))
+    }
+
+    /// Stops every connector (the server is stopping, or this node stopped leading).
+    pub async fn shutdown(&self) {
+        let mut entries = self.inner.connectors.lock().await;
+        for entry in entries.values_mut() {
+            stop_task(entry).await;
+        }
+    }
+
+    fn spawn(&self, name: &str, entry: &mut Entry) {
+        let cancel = CancellationToken::new();
+        let session = Session {
+            name: name.to_owned(),
+            generation: entry.generation,
+            checkpoint: entry.checkpoint.clone(),
+            store: self.inner.store.clone(),
+            sharders: self.inner.sharders.clone(),
+            progress: entry.progress.clone(),
+            cancel: cancel.clone(),
+        };
+        let definition = entry.stored.definition.clone();
+        let handle = tokio::spawn(run(session, definition));
+        entry.task = Some(Task { cancel, handle });
+    }
+}
+
+/// Stops a connector's task and waits for it, keeping what it last stored as the checkpoint.
+async fn stop_task(entry: &mut Entry) {
+    if let Some(task) = entry.task.take() {
+        task.cancel.cancel();
+        if let Ok(checkpoint) = task.handle.await {
+            entry.checkpoint = checkpoint;
+        }
+    }
+}
+
+fn info(name: &str, entry: &Entry) -> Info {
+    let progress = entry.progress.snapshot();
+    let running = entry
+        .task
+        .as_ref()
+        .is_some_and(|task| !task.handle.is_finished());
+    let status = if progress.faulted {
+        State::Faulted
+    } else if running {
+        State::Running
+    } else {
+        State::Stopped
+    };
+    Info {
+        name: name.to_owned(),
+        definition: entry.stored.definition.clone(),
+        status,
+        connected: running && progress.connected,
+        position: progress.position,
+        offsets: progress
+            .offsets
+            .iter()
+            .map(|(partition, offset)| (partition.to_string(), *offset))
+            .collect(),
+        lag: progress.lag,
+        events: progress.events,
+        events_per_second: progress.events_per_second,
+        last_error: progress.last_error,
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("connector records serialise")
+}
+
+/// One connector's work: what its sessions share.
+pub(crate) struct Session {
+    name: String,
+    generation: u64,
+    /// The checkpoint as last stored.
+    checkpoint: Vec<u8>,
+    store: Store,
+    sharders: Sharders,
+    progress: Progress,
+    cancel: CancellationToken,
+}
+
+/// Why a session ended early.
+pub(crate) enum SessionEnd {
+    /// Try again after a backoff.
+    Retry(String),
+    /// Stop until started again.
+    Fault(String),
+    /// The connector was changed or stopped meanwhile: end quietly.
+    Superseded,
+}
+
+impl From<kafka::Failure> for SessionEnd {
+    fn from(failure: kafka::Failure) -> Self {
+        SessionEnd::Retry(failure.0)
+    }
+}
+
+impl Session {
+    /// The stored checkpoint (the default when there is none).
+    fn checkpoint<T: DeserializeOwned + Default>(&self) -> Result<T, SessionEnd> {
+        if self.checkpoint.is_empty() {
+            return Ok(T::default());
+        }
+        serde_json::from_slice(&self.checkpoint)
+            .map_err(|error| SessionEnd::Fault(format!("cannot read the checkpoint: {error}")))
+    }
+
+    /// Stores the checkpoint, with a source's events, in one commit.
+    async fn commit<T: Serialize>(
+        &mut self,
+        checkpoint: &T,
+        appends: Vec<(String, Vec<NewEvent>)>,
+    ) -> Result<(), SessionEnd> {
+        let bytes = to_json(checkpoint);
+        let committed = self
+            .store
+            .commit_connector(self.name.clone(), self.generation, bytes.clone(), appends)
+            .await;
+        match committed {
+            Ok(()) => {
+                self.checkpoint = bytes;
+                Ok(())
+            }
+            Err(StoreError::InvalidRequest(message))
+                if message.ends_with(crate::store::CONNECTOR_CHANGED) =>
+            {
+                Err(SessionEnd::Superseded)
+            }
+            Err(
+                error @ (StoreError::StreamDeleted(_)
+                | StoreError::InvalidRequest(_)
+                | StoreError::WrongExpectedRevision { .. }),
+            ) => Err(SessionEnd::Fault(format!(
+                "cannot land the records: {error}"
+            ))),
+            Err(StoreError::ShuttingDown) | Err(StoreError::NotLeader { .. }) => {
+                Err(SessionEnd::Superseded)
+            }
+            Err(error) => Err(SessionEnd::Retry(format!("cannot store progress: {error}"))),
+        }
+    }
+}
+
+/// A connector's task: sessions until it is stopped or faults. Answers the checkpoint it last
+/// stored.
+async fn run(mut session: Session, definition: Definition) -> Vec<u8> {
+    run_sessions(&mut session, &definition).await;
+    session.checkpoint
+}
+
+async fn run_sessions(session: &mut Session, definition: &Definition) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        session.progress.restart();
+        let events_before = session.progress.snapshot().events;
+        let ended = match &definition {
+            Definition::KafkaSink(sink) => sink::run(session, sink).await,
+            Definition::KafkaSource(source) => source::run(session, source).await,
+        };
+        if session.cancel.is_cancelled() {
+            return;
+        }
+        match ended {
+            Ok(()) | Err(SessionEnd::Superseded) => return,
+            Err(SessionEnd::Fault(error)) => {
+                tracing::error!(connector = %session.name, %error, "connector faulted");
+                session.progress.fault(error);
+                return;
+            }
+            Err(SessionEnd::Retry(error)) => {
+                tracing::warn!(connector = %session.name, %error, retry_in = ?backoff, "connector session failed");
+                session.progress.failed(error);
+            }
+        }
+        // A session that got work done starts the backoff over.
+        if session.progress.snapshot().events > events_before {
+            backoff = FIRST_BACKOFF;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = session.cancel.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}

@@ -1,0 +1,377 @@
+//! The Kafka source: a topic's records landed in Refract's streams, each exactly once.
+//!
+//! Each partition is fetched from its stored offset by a task of its own; the session takes
+//! whatever the fetches brought and appends it in one commit with the partitions' new offsets,
+//! so a record is either landed with its offset or neither is. Event ids derive from topic,
+//! partition and offset (UUID v5), so a record read twice has the same id either way.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rskafka::client::partition::PartitionClient;
+use rskafka::record::RecordAndOffset;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::definition::{
+    EventTypeMapping, SourceDefinition, SourceStart, StreamStrategy, check_event_type,
+    check_target_stream,
+};
+use super::kafka::{self, Failure};
+use super::{Session, SessionEnd};
+use crate::store::NewEvent;
+
+/// How long a fetch waits on the broker for records.
+const FETCH_WAIT_MS: i32 = 250;
+/// Fetched batches waiting for the commit, per partition.
+const FETCHES_AHEAD: usize = 4;
+/// Records landed per commit, at most.
+const COMMIT_RECORDS: usize = 10_000;
+/// Where UUID v5 event ids of Kafka records come from.
+const RECORD_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b61_666b_615f_7265_6661_6374_0000_0001);
+
+/// What a source keeps in the store: the next offset of each partition.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub offsets: BTreeMap<i32, i64>,
+}
+
+/// What a partition's fetch brought.
+struct Fetched {
+    partition: i32,
+    records: Vec<RecordAndOffset>,
+    high_watermark: i64,
+}
+
+pub(super) async fn run(
+    session: &mut Session,
+    source: &SourceDefinition,
+) -> Result<(), SessionEnd> {
+    let mut checkpoint: Checkpoint = session.checkpoint()?;
+    let client = kafka::connect(&source.bootstrap_servers).await?;
+    let partitions = kafka::partitions(&client, &source.topic).await?;
+    // Partitions seen for the first time begin where `start_from` says, and that is stored
+    // before anything else, so a restart does not move a `latest` start.
+    let mut new_partition = false;
+    for partition in &partitions {
+        if let std::collections::btree_map::Entry::Vacant(entry) =
+            checkpoint.offsets.entry(partition.partition())
+        {
+            entry.insert(match source.start_from {
+                SourceStart::Earliest => kafka::earliest(partition).await?,
+                SourceStart::Latest => kafka::high_watermark(partition).await?,
+            });
+            new_partition = true;
+        }
+    }
+    if new_partition {
+        session.commit(&checkpoint, Vec::new()).await?;
+    }
+    session.progress.connected();
+    session.progress.source_at(&checkpoint.offsets);
+    let (sender, mut fetched) = mpsc::channel(FETCHES_AHEAD * partitions.len());
+    let fetchers = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(fetch_all(
+        partitions,
+        checkpoint.offsets.clone(),
+        sender,
+    )));
+    let mapping = Mapping::new(source);
+    loop {
+        let first = tokio::select! {
+            first = fetched.recv() => first,
+            () = session.cancel.cancelled() => return Ok(()),
+        };
+        let Some(first) = first else {
+            // The fetchers ended: one of them failed.
+            return Err(match fetchers.await {
+                Ok(Err(failure)) => failure.into(),
+                _ => SessionEnd::Retry("the fetches stopped".into()),
+            });
+        };
+        let mut batch = vec![first];
+        let mut records = batch[0].records.len();
+        while records < COMMIT_RECORDS {
+            match fetched.try_recv() {
+                Ok(more) => {
+                    records += more.records.len();
+                    batch.push(more);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut appends: Vec<(String, Vec<NewEvent>)> = Vec::new();
+        for fetch in &batch {
+            session
+                .progress
+                .high_watermark(fetch.partition, fetch.high_watermark);
+            for record in &fetch.records {
+                let (stream, event) = mapping.event(fetch.partition, record);
+                match appends.last_mut() {
+                    Some((last, events)) if *last == stream => events.push(event),
+                    _ => appends.push((stream, vec![event])),
+                }
+            }
+            if let Some(last) = fetch.records.last() {
+                checkpoint.offsets.insert(fetch.partition, last.offset + 1);
+            }
+        }
+        if appends.is_empty() {
+            session.progress.source_at(&checkpoint.offsets);
+            continue;
+        }
+        session.commit(&checkpoint, appends).await?;
+        session.progress.handled(records as u64);
+        session.progress.source_at(&checkpoint.offsets);
+    }
+}
+
+/// Fetches every partition from its offset until one fails; the failure is the answer.
+async fn fetch_all(
+    partitions: Vec<Arc<PartitionClient>>,
+    offsets: BTreeMap<i32, i64>,
+    sender: mpsc::Sender<Fetched>,
+) -> Result<(), Failure> {
+    let mut fetchers = tokio::task::JoinSet::new();
+    for partition in partitions {
+        let offset = offsets[&partition.partition()];
+        fetchers.spawn(fetch_partition(partition, offset, sender.clone()));
+    }
+    drop(sender);
+    while let Some(ended) = fetchers.join_next().await {
+        match ended {
+            Ok(Ok(())) => {}
+            Ok(Err(failure)) => return Err(failure),
+            Err(error) => return Err(Failure(format!("a fetch task failed: {error}"))),
+        }
+    }
+    Ok(())
+}
+
+async fn fetch_partition(
+    partition: Arc<PartitionClient>,
+    mut offset: i64,
+    sender: mpsc::Sender<Fetched>,
+) -> Result<(), Failure> {
+    let number = partition.partition();
+    let what = format!("cannot fetch partition {number}");
+    loop {
+        let answer = tokio::time::timeout(
+            kafka::REQUEST_TIMEOUT + Duration::from_millis(FETCH_WAIT_MS as u64),
+            kafka::fetch(&partition, offset, FETCH_WAIT_MS),
+        )
+        .await;
+        let (records, high_watermark) = match answer {
+            Ok(Ok(fetched)) => fetched,
+            Ok(Err(error)) if kafka::is_offset_out_of_range(&error) => {
+                return Err(Failure(format!(
+                    "{what}: offset {offset} is not in the partition (its records were \
+                     deleted?); reset the connector to begin again from start_from"
+                )));
+            }
+            Ok(Err(error)) => return Err(Failure(format!("{what}: {error}"))),
+            Err(_) => {
+                return Err(Failure(format!(
+                    "{what}: no answer from the broker within {}s",
+                    kafka::REQUEST_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        if let Some(last) = records.last() {
+            offset = last.offset + 1;
+        }
+        let fetched = Fetched {
+            partition: number,
+            records,
+            high_watermark,
+        };
+        if sender.send(fetched).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// How a record becomes an event in a stream.
+struct Mapping {
+    topic: String,
+    strategy: StreamStrategy,
+    value: Option<String>,
+    event_type: EventTypeMapping,
+}
+
+impl Mapping {
+    fn new(source: &SourceDefinition) -> Mapping {
+        Mapping {
+            topic: source.topic.clone(),
+            strategy: source.stream.strategy,
+            value: source.stream.value.clone(),
+            event_type: source
+                .event_type
+                .clone()
+                .unwrap_or_else(|| EventTypeMapping::Fixed(source.topic.clone())),
+        }
+    }
+
+    fn event(&self, partition: i32, record: &RecordAndOffset) -> (String, NewEvent) {
+        let header = |name: &str| {
+            record
+                .record
+                .headers
+                .get(name)
+                .and_then(|value| std::str::from_utf8(value).ok())
+        };
+        let chosen = match self.strategy {
+            StreamStrategy::Topic => None,
+            StreamStrategy::Fixed => self.value.clone(),
+            StreamStrategy::Key => record
+                .record
+                .key
+                .as_deref()
+                .and_then(|key| std::str::from_utf8(key).ok())
+                .map(|key| format!("{}{key}", self.value.as_deref().unwrap_or(""))),
+            StreamStrategy::Header => {
+                header(self.value.as_deref().unwrap_or_default()).map(str::to_owned)
+            }
+        };
+        let stream = chosen
+            .filter(|stream| check_target_stream(stream).is_ok())
+            .unwrap_or_else(|| self.topic.clone());
+        let event_type = match &self.event_type {
+            EventTypeMapping::Fixed(event_type) => event_type.clone(),
+            EventTypeMapping::Header(mapping) => header(&mapping.header)
+                .filter(|event_type| check_event_type(event_type).is_ok())
+                .map(str::to_owned)
+                .or_else(|| mapping.default.clone())
+                .unwrap_or_else(|| self.topic.clone()),
+        };
+        let value = record.record.value.clone().unwrap_or_default();
+        let binary =
+            value.is_empty() || serde_json::from_slice::<serde::de::IgnoredAny>(&value).is_err();
+        let id = Uuid::new_v5(
+            &RECORD_ID_NAMESPACE,
+            format!("{}/{partition}/{}", self.topic, record.offset).as_bytes(),
+        );
+        let event = NewEvent {
+            id,
+            event_type,
+            data: value,
+            binary,
+            metadata: self.metadata(partition, record),
+        };
+        (stream, event)
+    }
+
+    /// Where the record came from, as the event's metadata.
+    fn metadata(&self, partition: i32, record: &RecordAndOffset) -> Vec<u8> {
+        let mut kafka = Map::new();
+        kafka.insert("topic".into(), self.topic.clone().into());
+        kafka.insert("partition".into(), partition.into());
+        kafka.insert("offset".into(), record.offset.into());
+        kafka.insert(
+            "timestamp_ms".into(),
+            record.record.timestamp.timestamp_millis().into(),
+        );
+        if let Some(key) = &record.record.key {
+            kafka.insert(
+                "key".into(),
+                String::from_utf8_lossy(key).into_owned().into(),
+            );
+        }
+        if !record.record.headers.is_empty() {
+            let headers = record
+                .record
+                .headers
+                .iter()
+                .map(|(name, value)| {
+                    (
+                        name.clone(),
+                        Value::from(String::from_utf8_lossy(value).into_owned()),
+                    )
+                })
+                .collect::<Map<_, _>>();
+            kafka.insert("headers".into(), Value::Object(headers));
+        }
+        let metadata = Value::Object(Map::from_iter([("kafka".to_owned(), Value::Object(kafka))]));
+        serde_json::to_vec(&metadata).expect("JSON values serialise")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use rskafka::chrono::{TimeZone, Utc};
+    use rskafka::record::Record;
+
+    use super::*;
+    use crate::connectors::definition::{HeaderType, StreamMapping};
+
+    fn definition(strategy: StreamStrategy, value: Option<&str>) -> SourceDefinition {
+        SourceDefinition {
+            bootstrap_servers: "h:1".into(),
+            topic: "orders".into(),
+            stream: StreamMapping {
+                strategy,
+                value: value.map(str::to_owned),
+            },
+            event_type: Some(EventTypeMapping::Header(HeaderType {
+                header: "type".into(),
+                default: Some("Unknown".into()),
+            })),
+            start_from: SourceStart::Earliest,
+        }
+    }
+
+    fn record(key: Option<&str>, value: &[u8], headers: &[(&str, &str)]) -> RecordAndOffset {
+        RecordAndOffset {
+            record: Record {
+                key: key.map(|key| key.as_bytes().to_vec()),
+                value: Some(value.to_vec()),
+                headers: headers
+                    .iter()
+                    .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec()))
+                    .collect::<BTreeMap<_, _>>(),
+                timestamp: Utc.timestamp_millis_opt(1_000).unwrap(),
+            },
+            offset: 7,
+        }
+    }
+
+    #[test]
+    fn records_map_to_streams_types_and_stable_ids() {
+        let by_key = Mapping::new(&definition(StreamStrategy::Key, Some("order-")));
+        let (stream, event) =
+            by_key.event(2, &record(Some("17"), br#"{"a":1}"#, &[("type", "Placed")]));
+        assert_eq!(stream, "order-17");
+        assert_eq!(event.event_type, "Placed");
+        assert!(!event.binary);
+        let (_, again) = by_key.event(2, &record(Some("17"), br#"{"a":1}"#, &[]));
+        assert_eq!(
+            event.id, again.id,
+            "the id comes from topic, partition and offset"
+        );
+        assert_eq!(again.event_type, "Unknown");
+        let (_, other) = by_key.event(3, &record(Some("17"), br#"{"a":1}"#, &[]));
+        assert_ne!(event.id, other.id);
+        let metadata: Value = serde_json::from_slice(&event.metadata).unwrap();
+        assert_eq!(metadata["kafka"]["offset"], 7);
+        assert_eq!(metadata["kafka"]["headers"]["type"], "Placed");
+        // No key, or one that is no stream for clients: the topic's stream.
+        assert_eq!(by_key.event(0, &record(None, b"x", &[])).0, "orders");
+        let by_header = Mapping::new(&definition(StreamStrategy::Header, Some("to")));
+        assert_eq!(
+            by_header.event(0, &record(None, b"x", &[("to", "a-1")])).0,
+            "a-1"
+        );
+        assert_eq!(
+            by_header.event(0, &record(None, b"x", &[("to", "$all")])).0,
+            "orders"
+        );
+        let (_, binary) = by_header.event(0, &record(None, b"\xff not json", &[]));
+        assert!(binary.binary);
+        let fixed = Mapping::new(&definition(StreamStrategy::Fixed, Some("inbox")));
+        assert_eq!(fixed.event(0, &record(Some("k"), b"1", &[])).0, "inbox");
+    }
+}
