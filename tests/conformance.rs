@@ -42,13 +42,12 @@ async fn the_openapi_document_holds_for_every_generated_request() {
         "reader:conformance-reader",
     ]);
     let (_, document) = server.get("/openapi.json").await;
-    // Every operation but the one serving the document, which schemathesis leaves out.
+    // Every operation, the one serving the document included.
     let operations: usize = document["paths"]
         .as_object()
         .unwrap()
-        .iter()
-        .filter(|(path, _)| *path != "/openapi.json")
-        .map(|(_, item)| item.as_object().unwrap().len())
+        .values()
+        .map(|item| item.as_object().unwrap().len())
         .sum();
     let config = workspace.join("tests/schemathesis");
     let output = Command::new(program)

@@ -182,6 +182,35 @@ async fn the_sink_sends_every_event_once_in_order_on_the_sharders_partition() {
     }
     let used: BTreeSet<u64> = partition_of.values().copied().collect();
     assert!(used.len() > 1, "the sharder spread the streams");
+
+    // A sink defined anew on the same topic with `start_from: end` sends only what comes after,
+    // although the topic's last records are older than that.
+    let (status, _) = server.delete("/connectors/to-kafka").await;
+    assert_eq!(status, 204);
+    append_orders(&server, 2400..2450).await;
+    let mut from_end = definition;
+    from_end["start_from"] = json!("end");
+    let (status, info) = server.put("/connectors/from-end", from_end).await;
+    assert_eq!(status, 201, "{info}");
+    append_orders(&server, 2450..2460).await;
+    let (_, head) = server.get("/info").await;
+    let last = head["head_position"].as_u64().unwrap() - 1;
+    wait_for(60, "the new sink caught up", || async {
+        connector(&server, "from-end").await["position"].as_u64() == Some(last)
+    })
+    .await;
+    let sent_before = *seen.last().unwrap();
+    let orders: BTreeSet<String> = broker
+        .consume("orders")
+        .iter()
+        .filter(|record| {
+            let position = record["headers"]["refract-position"].as_str().unwrap();
+            position.parse::<u64>().unwrap() > sent_before
+        })
+        .map(|record| record["key"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: BTreeSet<String> = (2450..2460).map(|order| format!("order-{order}")).collect();
+    assert_eq!(orders, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,24 +375,51 @@ async fn definitions_are_checked_and_connectors_are_managed() {
     let (_, list) = server.get("/connectors").await;
     assert_eq!(list, json!([]));
 
-    // A sink whose sharder does not exist faults, and says so.
-    let (status, _) = server
+    // A sink names a sharder that exists, and keeps it: neither deleted nor given other code
+    // while the sink places records with it.
+    let sharded = json!({"kind": "kafka-sink", "bootstrap_servers": "127.0.0.1:1", "topic": "t",
+                         "partitioning": {"sharder": "by-customer"}});
+    let (status, body) = server.put("/connectors/sharded", sharded.clone()).await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (404, json!("not_found")),
+        "{body}"
+    );
+    let sharder = common::guest("shard-by-customer");
+    let (status, _) = server.deploy_sharder("by-customer", sharder.clone()).await;
+    assert_eq!(status, 201);
+    let (status, _) = server.put("/connectors/sharded", sharded).await;
+    assert_eq!(status, 201);
+    let (status, body) = server.delete("/sharders/by-customer").await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (409, json!("in_use")),
+        "{body}"
+    );
+    let (status, body) = server
+        .deploy_sharder("by-customer", common::guest("event-counter"))
+        .await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (409, json!("in_use")),
+        "{body}"
+    );
+    let (status, _) = server.deploy_sharder("by-customer", sharder).await;
+    assert_eq!(status, 200, "the same code again is no change");
+    let (status, _) = server.delete("/connectors/sharded").await;
+    assert_eq!(status, 204);
+    let (status, _) = server.delete("/sharders/by-customer").await;
+    assert_eq!(status, 204);
+
+    // The topic strategy has no use for a value, and takes one.
+    let (status, body) = server
         .put(
-            "/connectors/sharded",
-            json!({"kind": "kafka-sink", "bootstrap_servers": "127.0.0.1:1", "topic": "t",
-                   "partitioning": {"sharder": "nobody"}}),
+            "/connectors/in",
+            json!({"kind": "kafka-source", "bootstrap_servers": "127.0.0.1:1", "topic": "t",
+                   "stream": {"strategy": "topic", "value": "ignored"}}),
         )
         .await;
-    assert_eq!(status, 201);
-    wait_for(30, "the fault", || async {
-        connector(&server, "sharded").await["status"] == "faulted"
-    })
-    .await;
-    let info = connector(&server, "sharded").await;
-    assert!(
-        info["last_error"].as_str().unwrap().contains("nobody"),
-        "{info}"
-    );
+    assert_eq!(status, 201, "{body}");
 }
 
 /// Runs the `refract` CLI against `server`.

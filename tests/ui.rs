@@ -101,6 +101,15 @@ async fn deploy_fixtures(server: &Server) {
         .deploy("counter", common::guest("event-counter"), "")
         .await;
     assert_eq!(status, 201, "{body}");
+    // No broker answers there: the connector shows as not connected, with the error.
+    let (status, body) = server
+        .put(
+            "/connectors/orders-out",
+            json!({"kind": "kafka-sink", "bootstrap_servers": "127.0.0.1:9", "topic": "orders",
+                   "partitioning": {"sharder": "by-customer"}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
 }
 
 /// Every page, at a desktop and a phone size: no serious accessibility violation, nothing wider
@@ -119,6 +128,7 @@ async fn every_page_passes_axe_at_desktop_and_phone_sizes() {
         ("groups", "/ui/groups"),
         ("group", "/ui/groups/order-0/billing"),
         ("sharders", "/ui/sharders"),
+        ("connectors", "/ui/connectors"),
         ("cluster", "/ui/cluster"),
     ];
     let browser = Browser::start().await;

@@ -211,16 +211,10 @@ impl Definition {
                     source.stream.strategy,
                     StreamStrategy::Fixed | StreamStrategy::Header
                 );
-                match (&source.stream.value, needs_value) {
-                    (None, true) => {
-                        return Err(
-                            "stream.value is required for the fixed and header strategies".into(),
-                        );
-                    }
-                    (Some(_), false) if source.stream.strategy == StreamStrategy::Topic => {
-                        return Err("stream.value does not apply to the topic strategy".into());
-                    }
-                    _ => {}
+                if needs_value && source.stream.value.is_none() {
+                    return Err(
+                        "stream.value is required for the fixed and header strategies".into(),
+                    );
                 }
                 if let (StreamStrategy::Fixed, Some(stream)) =
                     (source.stream.strategy, &source.stream.value)
@@ -242,6 +236,17 @@ impl Definition {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// The sharder a sink places its records with.
+    pub fn sharder(&self) -> Option<&str> {
+        match self {
+            Definition::KafkaSink(SinkDefinition {
+                partitioning: Partitioning::Sharder(name),
+                ..
+            }) => Some(name),
+            _ => None,
         }
     }
 

@@ -71,15 +71,21 @@ pub async fn partitions(client: &Client, topic: &str) -> Result<Vec<Arc<Partitio
     let Some(found) = topics.into_iter().find(|found| found.name == topic) else {
         return Err(Failure(format!("the topic {topic:?} does not exist")));
     };
-    let count = found.partitions.len() as i32;
-    if found.partitions.iter().copied().ne(0..count) {
+    // A set: in order.
+    let numbers = found.partitions;
+    let count = numbers.len() as i32;
+    if count == 0 {
         return Err(Failure(format!(
-            "the topic {topic:?} has partitions {:?}, not 0 to {}",
-            found.partitions,
+            "the broker lists no partitions for the topic {topic:?}"
+        )));
+    }
+    if numbers.iter().copied().ne(0..count) {
+        return Err(Failure(format!(
+            "the topic {topic:?} has partitions {numbers:?}, not 0 to {}",
             count - 1
         )));
     }
-    let mut clients = Vec::with_capacity(found.partitions.len());
+    let mut clients = Vec::with_capacity(numbers.len());
     for partition in 0..count {
         let client = request(
             &format!("cannot reach partition {partition} of {topic:?}"),

@@ -17,9 +17,11 @@ pub mod sink;
 pub mod source;
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -44,6 +46,8 @@ pub enum ConnectorError {
     NotFound(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("no sharder is named {0:?}")]
+    NoSharder(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -84,15 +88,13 @@ struct Stored {
 struct Entry {
     stored: Stored,
     generation: u64,
-    checkpoint: Vec<u8>,
     progress: Progress,
     task: Option<Task>,
 }
 
 struct Task {
     cancel: CancellationToken,
-    /// Answers the checkpoint the task last stored.
-    handle: tokio::task::JoinHandle<Vec<u8>>,
+    handle: tokio::task::JoinHandle<()>,
 }
 
 /// The server's connectors.
@@ -131,7 +133,6 @@ impl Connectors {
                 let mut entry = Entry {
                     stored,
                     generation: connector.generation,
-                    checkpoint: connector.checkpoint,
                     progress: Progress::default(),
                     task: None,
                 };
@@ -155,6 +156,11 @@ impl Connectors {
             .check(name)
             .map_err(ConnectorError::Invalid)?;
         definition.check().map_err(ConnectorError::Invalid)?;
+        if let Some(sharder) = definition.sharder()
+            && self.inner.sharders.get(sharder).is_err()
+        {
+            return Err(ConnectorError::NoSharder(sharder.to_owned()));
+        }
         let mut entries = self.inner.connectors.lock().await;
         let existing = entries.get_mut(name);
         let created = existing.is_none();
@@ -181,14 +187,12 @@ impl Connectors {
         let entry = entries.entry(name.to_owned()).or_insert_with(|| Entry {
             stored: stored.clone(),
             generation,
-            checkpoint: Vec::new(),
             progress: Progress::default(),
             task: None,
         });
         entry.stored = stored;
         entry.generation = generation;
-        if let Some(checkpoint) = checkpoint {
-            entry.checkpoint = checkpoint;
+        if checkpoint.is_some() {
             entry.progress = Progress::default();
         }
         if enabled {
@@ -272,14 +276,23 @@ impl Connectors {
             .save_connector(name.to_owned(), to_json(&stored), checkpoint.clone())
             .await?;
         entry.stored = stored;
-        if let Some(checkpoint) = checkpoint {
-            entry.checkpoint = checkpoint;
+        if checkpoint.is_some() {
             entry.progress = Progress::default();
         }
         if enabled {
             self.spawn(name, entry);
         }
         Ok(info(name, entry))
+    }
+
+    /// The connectors that place their records with the sharder `name`.
+    pub async fn using_sharder(&self, name: &str) -> Vec<String> {
+        let entries = self.inner.connectors.lock().await;
+        entries
+            .iter()
+            .filter(|(_, entry)| entry.stored.definition.sharder() == Some(name))
+            .map(|(connector, _)| connector.clone())
+            .collect()
     }
 
     /// Stops every connector (the server is stopping, or this node stopped leading).
@@ -292,10 +305,12 @@ impl Connectors {
 
     fn spawn(&self, name: &str, entry: &mut Entry) {
         let cancel = CancellationToken::new();
+        // Running from now on: a fault or error from before is history (kept in `last_error`).
+        entry.progress.restart();
         let session = Session {
             name: name.to_owned(),
             generation: entry.generation,
-            checkpoint: entry.checkpoint.clone(),
+            checkpoint: Vec::new(),
             store: self.inner.store.clone(),
             sharders: self.inner.sharders.clone(),
             progress: entry.progress.clone(),
@@ -307,13 +322,12 @@ impl Connectors {
     }
 }
 
-/// Stops a connector's task and waits for it, keeping what it last stored as the checkpoint.
+/// Stops a connector's task and waits for it. Every wait in a task gives way to the
+/// cancellation, so this is quick even while a broker does not answer.
 async fn stop_task(entry: &mut Entry) {
     if let Some(task) = entry.task.take() {
         task.cancel.cancel();
-        if let Ok(checkpoint) = task.handle.await {
-            entry.checkpoint = checkpoint;
-        }
+        let _ = task.handle.await;
     }
 }
 
@@ -323,7 +337,9 @@ fn info(name: &str, entry: &Entry) -> Info {
         .task
         .as_ref()
         .is_some_and(|task| !task.handle.is_finished());
-    let status = if progress.faulted {
+    let status = if !entry.stored.enabled {
+        State::Stopped
+    } else if progress.faulted {
         State::Faulted
     } else if running {
         State::Running
@@ -356,7 +372,7 @@ fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
 pub(crate) struct Session {
     name: String,
     generation: u64,
-    /// The checkpoint as last stored.
+    /// The checkpoint as stored, read again when a session starts.
     checkpoint: Vec<u8>,
     store: Store,
     sharders: Sharders,
@@ -381,7 +397,25 @@ impl From<kafka::Failure> for SessionEnd {
 }
 
 impl Session {
-    /// The stored checkpoint (the default when there is none).
+    /// Reads the stored checkpoint: what the store holds decides, whatever became of the
+    /// commits of earlier sessions.
+    async fn load(&mut self) -> Result<(), SessionEnd> {
+        let name = self.name.clone();
+        let stored = self
+            .store
+            .blocking(move |store| store.connector_checkpoint(&name))
+            .await
+            .map_err(|error| SessionEnd::Retry(format!("cannot read the checkpoint: {error}")))?;
+        match stored {
+            Some((generation, checkpoint)) if generation == self.generation => {
+                self.checkpoint = checkpoint;
+                Ok(())
+            }
+            _ => Err(SessionEnd::Superseded),
+        }
+    }
+
+    /// The checkpoint (the default when there is none).
     fn checkpoint<T: DeserializeOwned + Default>(&self) -> Result<T, SessionEnd> {
         if self.checkpoint.is_empty() {
             return Ok(T::default());
@@ -399,7 +433,13 @@ impl Session {
         let bytes = to_json(checkpoint);
         let committed = self
             .store
-            .commit_connector(self.name.clone(), self.generation, bytes.clone(), appends)
+            .commit_connector(
+                self.name.clone(),
+                self.generation,
+                self.checkpoint.clone(),
+                bytes.clone(),
+                appends,
+            )
             .await;
         match committed {
             Ok(()) => {
@@ -410,6 +450,11 @@ impl Session {
                 if message.ends_with(crate::store::CONNECTOR_CHANGED) =>
             {
                 Err(SessionEnd::Superseded)
+            }
+            Err(StoreError::InvalidRequest(message))
+                if message.ends_with(crate::store::CONNECTOR_MOVED) =>
+            {
+                Err(SessionEnd::Retry(message))
             }
             Err(
                 error @ (StoreError::StreamDeleted(_)
@@ -426,23 +471,40 @@ impl Session {
     }
 }
 
-/// A connector's task: sessions until it is stopped or faults. Answers the checkpoint it last
-/// stored.
-async fn run(mut session: Session, definition: Definition) -> Vec<u8> {
-    run_sessions(&mut session, &definition).await;
-    session.checkpoint
+/// A connector's task: sessions until it is stopped or faults. A panic faults it.
+async fn run(mut session: Session, definition: Definition) {
+    let progress = session.progress.clone();
+    let sessions = AssertUnwindSafe(run_sessions(&mut session, &definition));
+    if let Err(panic) = sessions.catch_unwind().await {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|text| text.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(connector = %session.name, %why, "connector panicked");
+        progress.fault(format!("the connector failed: {why}"));
+    }
 }
 
 async fn run_sessions(session: &mut Session, definition: &Definition) {
     let mut backoff = FIRST_BACKOFF;
+    let cancel = session.cancel.clone();
     loop {
         session.progress.restart();
         let events_before = session.progress.snapshot().events;
-        let ended = match &definition {
-            Definition::KafkaSink(sink) => sink::run(session, sink).await,
-            Definition::KafkaSource(source) => source::run(session, source).await,
+        // Stopping drops a session wherever it waits: the next one reads what the store holds.
+        let work = async {
+            session.load().await?;
+            match &definition {
+                Definition::KafkaSink(sink) => sink::run(session, sink).await,
+                Definition::KafkaSource(source) => source::run(session, source).await,
+            }
         };
-        if session.cancel.is_cancelled() {
+        let ended = tokio::select! {
+            ended = work => ended,
+            () = cancel.cancelled() => return,
+        };
+        if cancel.is_cancelled() {
             return;
         }
         match ended {
@@ -463,7 +525,7 @@ async fn run_sessions(session: &mut Session, definition: &Definition) {
         }
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
-            () = session.cancel.cancelled() => return,
+            () = cancel.cancelled() => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }

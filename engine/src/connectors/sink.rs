@@ -49,10 +49,17 @@ pub struct Checkpoint {
     /// Where a sink created with `start_from: end` began (the head then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub began_at: Option<u64>,
+    /// How events were placed on partitions (the partitioner and the partition count) when
+    /// the partitions' last records were last trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
 }
 
 pub(super) async fn run(session: &mut Session, sink: &SinkDefinition) -> Result<(), SessionEnd> {
     let mut checkpoint: Checkpoint = session.checkpoint()?;
+    session
+        .progress
+        .sink_at(checkpoint.position, session.store.head());
     // A sink created at the head begins there on every start, not at a later head.
     if checkpoint.position.is_none() && checkpoint.began_at.is_none() {
         let began_at = match sink.start_from {
@@ -74,21 +81,38 @@ pub(super) async fn run(session: &mut Session, sink: &SinkDefinition) -> Result<
     };
     let client = kafka::connect(&sink.bootstrap_servers).await?;
     let partitions = kafka::partitions(&client, &sink.topic).await?;
+    let placement = match &sharder {
+        Some(sharder) => format!("sharder {} / {}", sharder.sha256(), partitions.len()),
+        None => format!("stream / {}", partitions.len()),
+    };
     let mut held = Vec::with_capacity(partitions.len());
-    for partition in &partitions {
-        held.push(last_position(partition).await?);
+    if checkpoint
+        .placement
+        .as_ref()
+        .is_none_or(|placed| *placed == placement)
+    {
+        for partition in &partitions {
+            held.push(last_position(partition).await?);
+        }
+    } else {
+        // Events placed differently before: a partition's last record no longer tells which
+        // events it holds, so only the checkpoint does (events after it may be sent again).
+        tracing::warn!(connector = %session.name, was = ?checkpoint.placement, now = %placement,
+            "the sink's placement changed: resuming from its checkpoint");
+        held.resize(partitions.len(), None);
+    }
+    if checkpoint.placement.as_ref() != Some(&placement) {
+        checkpoint.placement = Some(placement);
+        session.commit(&checkpoint, Vec::new()).await?;
     }
     session.progress.connected();
-    let resume_after = held
-        .iter()
-        .copied()
-        .min()
-        .flatten()
-        .max(checkpoint.position);
-    let from = match resume_after {
-        Some(position) => position + 1,
-        None => checkpoint.began_at.unwrap_or(0),
-    };
+    // Events up to the lowest held position are on the topic, whichever partition they
+    // belong to; a partition that holds nothing yet holds nothing of them (`None` is lowest).
+    let lowest_held = held.iter().copied().min().flatten();
+    let from = lowest_held
+        .max(checkpoint.position)
+        .map_or(0, |position| position + 1)
+        .max(checkpoint.began_at.unwrap_or(0));
     let mut reader = Reader::new(session.store.clone(), sink, from).await?;
     let compression = compression(sink.compression);
     let mut saved_at = Instant::now();
@@ -279,8 +303,10 @@ struct Reader {
     store: Store,
     head: tokio::sync::watch::Receiver<u64>,
     source: Source,
-    stream_prefix: Option<String>,
-    type_prefix: Option<String>,
+    /// Events pass whose stream starts with one of these (all when empty).
+    stream_prefixes: Vec<String>,
+    /// Events pass whose type starts with one of these (all when empty).
+    type_prefixes: Vec<String>,
 }
 
 enum Source {
@@ -298,11 +324,13 @@ enum Source {
 
 impl Reader {
     async fn new(store: Store, sink: &SinkDefinition, from: u64) -> Result<Reader, SessionEnd> {
+        let stream_prefixes = prefixes(sink.stream_prefix.as_deref());
+        let type_prefixes = prefixes(sink.type_prefix.as_deref());
         let source = if sink.source == "$all" {
             Source::All {
                 next: from,
                 filter: AllFilter {
-                    stream_prefixes: sink.stream_prefix.iter().cloned().collect(),
+                    stream_prefixes: stream_prefixes.clone(),
                     type_prefixes: Vec::new(),
                     include_system: false,
                 },
@@ -322,8 +350,8 @@ impl Reader {
             head: store.watch_head(),
             store,
             source,
-            stream_prefix: sink.stream_prefix.clone(),
-            type_prefix: sink.type_prefix.clone(),
+            stream_prefixes,
+            type_prefixes,
         })
     }
 
@@ -378,14 +406,12 @@ impl Reader {
                 (events, through)
             }
         };
+        let starts_with_any = |text: &str, prefixes: &[String]| {
+            prefixes.is_empty() || prefixes.iter().any(|prefix| text.starts_with(prefix))
+        };
         let wanted = |event: &RecordedEvent| {
-            self.stream_prefix
-                .as_deref()
-                .is_none_or(|prefix| event.stream.starts_with(prefix))
-                && self
-                    .type_prefix
-                    .as_deref()
-                    .is_none_or(|prefix| event.event_type.starts_with(prefix))
+            starts_with_any(&event.stream, &self.stream_prefixes)
+                && starts_with_any(&event.event_type, &self.type_prefixes)
         };
         let events = events.into_iter().filter(wanted).collect();
         Ok(Some(Batch { events, through }))
@@ -425,6 +451,15 @@ fn first_revision_at(store: &Store, stream: &str, position: u64) -> Result<u64, 
         }
     }
     Ok(low)
+}
+
+/// A filter's comma-separated prefixes, as `$all` reads take them.
+fn prefixes(list: Option<&str>) -> Vec<String> {
+    list.into_iter()
+        .flat_map(|list| list.split(','))
+        .filter(|prefix| !prefix.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn store_failure(error: StoreError) -> SessionEnd {

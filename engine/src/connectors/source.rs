@@ -51,6 +51,7 @@ pub(super) async fn run(
     source: &SourceDefinition,
 ) -> Result<(), SessionEnd> {
     let mut checkpoint: Checkpoint = session.checkpoint()?;
+    session.progress.source_at(&checkpoint.offsets);
     let client = kafka::connect(&source.bootstrap_servers).await?;
     let partitions = kafka::partitions(&client, &source.topic).await?;
     // Partitions seen for the first time begin where `start_from` says, and that is stored
@@ -157,6 +158,7 @@ async fn fetch_partition(
 ) -> Result<(), Failure> {
     let number = partition.partition();
     let what = format!("cannot fetch partition {number}");
+    let mut unreadable = 0;
     loop {
         let answer = tokio::time::timeout(
             kafka::REQUEST_TIMEOUT + Duration::from_millis(FETCH_WAIT_MS as u64),
@@ -179,8 +181,23 @@ async fn fetch_partition(
                 )));
             }
         };
-        if let Some(last) = records.last() {
-            offset = last.offset + 1;
+        match records.last() {
+            Some(last) => {
+                offset = last.offset + 1;
+                unreadable = 0;
+            }
+            // Records below the end that a fetch never brings: transaction markers or aborted
+            // records, which this source does not read past.
+            None if high_watermark > offset => {
+                unreadable += 1;
+                if unreadable == 3 {
+                    return Err(Failure(format!(
+                        "{what}: offset {offset} holds no record the source can read (a \
+                         transaction's? transactional topics are not supported)"
+                    )));
+                }
+            }
+            None => unreadable = 0,
         }
         let fetched = Fetched {
             partition: number,

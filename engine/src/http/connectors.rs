@@ -20,6 +20,7 @@ impl From<ConnectorError> for ApiError {
         match error {
             ConnectorError::NotFound(_) => ApiError::not_found(error.to_string()),
             ConnectorError::Invalid(message) => ApiError::invalid(message),
+            ConnectorError::NoSharder(_) => ApiError::not_found(error.to_string()),
             ConnectorError::Store(error) => error.into(),
         }
     }
@@ -50,7 +51,9 @@ pub async fn get(
     params(("name" = String, Path, description = "Connector name")),
     request_body(content = Definition, content_type = "application/json"),
     responses((status = 201, body = Info), (status = 200, body = Info),
-        (status = 400, body = ErrorBody), (status = 415, body = ErrorBody)))]
+        (status = 400, body = ErrorBody),
+        (status = 404, description = "The sharder it names does not exist", body = ErrorBody),
+        (status = 415, body = ErrorBody)))]
 pub async fn put(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -233,7 +236,7 @@ fn source_properties() -> Map<String, Value> {
             json!({"description": "The stream a record lands in: the topic's (default), the \
                 key's (after the prefix `value`), a header's (named `value`), or `value`",
             "oneOf": [
-                strategy("topic", json!({"type": "null"}), false),
+                strategy("topic", json!({"type": ["string", "null"]}), false),
                 strategy("key", json!({"type": ["string", "null"]}), false),
                 strategy("header", json!({"type": "string"}), true),
                 strategy("fixed", name_schema(Name::Stream, true), true),

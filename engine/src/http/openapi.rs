@@ -31,7 +31,11 @@ use crate::names::{MAX_NAME_BYTES, MAX_STREAM_NAME_BYTES, Name};
         (name = "connectors", description = "Kafka sinks and sources, exactly once"),
         (name = "operations", description = "Health, info, metrics, this document"),
     ),
-    components(schemas(super::error::ErrorBody, super::groups::AssignmentJson))
+    components(schemas(
+        super::error::ErrorBody,
+        super::groups::AssignmentJson,
+        super::streams::Consistency
+    ))
 )]
 pub struct ApiDoc;
 

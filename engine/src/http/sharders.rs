@@ -12,6 +12,7 @@ use super::AppState;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody};
 use super::openapi::{BASE64_PATTERN, Component, exact_schema};
 use super::projections::check_wasm_content_type;
+use crate::connectors::Connectors;
 use crate::sharding::{ShardError, ShardInput};
 
 /// Most events one shard request may carry.
@@ -53,7 +54,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<SharderInfo>
     responses((status = 201, body = SharderInfo), (status = 200, body = SharderInfo),
         (status = 400, body = ErrorBody),
         (status = 409, description = "Other code under the name of a sharder a partitioned \
-            group places its events with", body = ErrorBody),
+            group or a Kafka sink places its events with", body = ErrorBody),
         (status = 415, body = ErrorBody)))]
 pub async fn deploy(
     State(state): State<AppState>,
@@ -62,8 +63,14 @@ pub async fn deploy(
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     check_wasm_content_type(&headers)?;
-    let (created, wasm_sha256) = state
-        .processing()?
+    let processing = state.processing()?;
+    // A sink's topic holds its events where this code put them: other code would move them.
+    if let Ok(current) = processing.sharders.get(&name)
+        && current.sha256() != crate::sandbox::sha256_hex(&body)
+    {
+        refuse_if_sinks_use(&processing.connectors, &name).await?;
+    }
+    let (created, wasm_sha256) = processing
         .groups
         .deploy_sharder(&name, body.to_vec())
         .await?;
@@ -92,7 +99,19 @@ pub async fn download(
         .into_response())
 }
 
-/// Delete a sharder; refused while a consumer group's strategy uses it.
+/// Answers 409 while a connector places records with the sharder `name`.
+async fn refuse_if_sinks_use(connectors: &Connectors, name: &str) -> Result<(), ApiError> {
+    match connectors.using_sharder(name).await.first() {
+        Some(connector) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "in_use",
+            format!("the connector {connector:?} places its records with the sharder {name:?}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Delete a sharder; refused while a consumer group's strategy or a connector uses it.
 #[utoipa::path(delete, path = "/sharders/{name}", tag = "sharders",
     params(("name" = String, Path, description = "Sharder name")),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -100,7 +119,9 @@ pub async fn delete(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.processing()?.groups.delete_sharder(&name).await?;
+    let processing = state.processing()?;
+    refuse_if_sinks_use(&processing.connectors, &name).await?;
+    processing.groups.delete_sharder(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

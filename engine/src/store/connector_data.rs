@@ -19,6 +19,9 @@ pub(crate) const CONNECTOR_CHECKPOINTS: TableDefinition<&str, (u64, &[u8])> =
 
 /// How a commit for a generation that is over is refused.
 pub const CONNECTOR_CHANGED: &str = "was changed, stopped or deleted meanwhile";
+/// The end of the refusal of a commit made from a checkpoint that is no longer the stored one
+/// (an earlier commit whose answer was lost did land): the session reads it again.
+pub const CONNECTOR_MOVED: &str = "moved on meanwhile";
 
 /// A stored connector: its definition, the generation it is in and its checkpoint.
 #[derive(Debug, Clone)]
@@ -105,11 +108,14 @@ impl Operation for RemoveConnector {
 }
 
 /// A connector's progress: its new checkpoint and, for a source, the events it lands, appended
-/// in order (each entry to one stream, any revision) in the same commit.
+/// in order (each entry to one stream, any revision) in the same commit. It applies only on top
+/// of the checkpoint it was made from, so no records land twice even when a commit whose answer
+/// was lost turns out to have landed.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub(super) struct CommitConnector {
     pub name: String,
     pub generation: u64,
+    pub previous: Vec<u8>,
     pub checkpoint: Vec<u8>,
     pub appends: Vec<(String, Vec<NewEvent>)>,
 }
@@ -119,7 +125,14 @@ impl Operation for CommitConnector {
 
     fn apply(&self, txn: &mut Txn<'_, '_>) -> Result<(), StoreError> {
         match txn.tables().connectors()?.checkpoint(&self.name)? {
-            Some((generation, _)) if generation == self.generation => {}
+            Some((generation, stored)) if generation == self.generation => {
+                if stored != self.previous {
+                    return Err(StoreError::InvalidRequest(format!(
+                        "connector {:?} {CONNECTOR_MOVED}",
+                        self.name
+                    )));
+                }
+            }
             _ => {
                 return Err(StoreError::InvalidRequest(format!(
                     "connector {:?} {CONNECTOR_CHANGED}",

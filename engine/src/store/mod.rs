@@ -50,7 +50,7 @@ use crate::wal::Wal;
 use group_data::{GROUPS, PARKED_REASONS};
 use projection_data::{COMPONENTS, PROJECTIONS, SHARDERS};
 // The types the `Store` handle's methods take and give.
-pub use connector_data::{CONNECTOR_CHANGED, StoredConnector};
+pub use connector_data::{CONNECTOR_CHANGED, CONNECTOR_MOVED, StoredConnector};
 pub use group_data::Parking;
 pub use indexes::{CategoryPosition, IndexConfig, IndexProgress, SystemIndex};
 pub use projection_data::{
@@ -824,21 +824,33 @@ impl Store {
     }
 
     /// Stores a connector's checkpoint with the events it lands, in one commit; refused when
-    /// the connector is no longer in `generation`.
+    /// the connector is no longer in `generation` or its checkpoint is no longer `previous`.
     pub async fn commit_connector(
         &self,
         name: String,
         generation: u64,
+        previous: Vec<u8>,
         checkpoint: Vec<u8>,
         appends: Vec<(String, Vec<NewEvent>)>,
     ) -> Result<(), StoreError> {
         self.submit(connector_data::CommitConnector {
             name,
             generation,
+            previous,
             checkpoint,
             appends,
         })
         .await
+    }
+
+    /// A connector's generation and checkpoint, if it exists. Blocking.
+    pub fn connector_checkpoint(&self, name: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let checkpoints = txn.open_table(connector_data::CONNECTOR_CHECKPOINTS)?;
+        Ok(checkpoints.get(name)?.map(|entry| {
+            let (generation, checkpoint) = entry.value();
+            (generation, checkpoint.to_vec())
+        }))
     }
 
     /// Every stored connector. Blocking.

@@ -7,6 +7,7 @@
 //! cookie. A page offers only the actions the token's role may take.
 
 mod cluster;
+mod connectors;
 mod dashboard;
 mod groups;
 mod projections;
@@ -87,6 +88,7 @@ pub fn routes(api: Router, state: AppState, tokens: Arc<Tokens>) -> Router {
         .route("/ui/groups", get(groups::list))
         .route("/ui/groups/{stream}/{group}", get(groups::detail))
         .route("/ui/sharders", get(sharders::show))
+        .route("/ui/connectors", get(connectors::show))
         .route("/ui/cluster", get(cluster::show))
         .layer(axum::middleware::from_fn(protect))
         .layer(axum::middleware::from_fn_with_state(
@@ -467,15 +469,17 @@ pub enum Nav {
     Projections,
     Groups,
     Sharders,
+    Connectors,
     Cluster,
 }
 
-const NAVIGATION: [(Nav, &str, &str); 6] = [
+const NAVIGATION: [(Nav, &str, &str); 7] = [
     (Nav::Dashboard, "/ui", "Dashboard"),
     (Nav::Streams, "/ui/streams", "Streams"),
     (Nav::Projections, "/ui/projections", "Projections"),
     (Nav::Groups, "/ui/groups", "Groups"),
     (Nav::Sharders, "/ui/sharders", "Sharders"),
+    (Nav::Connectors, "/ui/connectors", "Connectors"),
     (Nav::Cluster, "/ui/cluster", "Cluster"),
 ];
 
