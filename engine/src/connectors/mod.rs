@@ -174,11 +174,11 @@ impl Connectors {
         if let Some(entry) = existing {
             stop_task(entry).await;
         }
+        let checkpoint = (!keep).then(|| self.first_checkpoint(&definition, &[]));
         let stored = Stored {
             definition,
             enabled,
         };
-        let checkpoint = (!keep).then(Vec::new);
         let generation = self
             .inner
             .store
@@ -247,8 +247,32 @@ impl Connectors {
     /// Forgets the checkpoint: the connector begins again from `start_from` (a running one
     /// restarts at once). A sink still sends only what the topic does not hold.
     pub async fn reset(&self, name: &str) -> Result<Info, ConnectorError> {
-        self.change(name, |entry| Some((entry.stored.enabled, Some(Vec::new()))))
-            .await
+        let name_owned = name.to_owned();
+        let stored = self
+            .inner
+            .store
+            .blocking(move |store| store.connector_checkpoint(&name_owned))
+            .await?
+            .map(|(_, checkpoint)| checkpoint)
+            .unwrap_or_default();
+        self.change(name, |entry| {
+            let checkpoint = self.first_checkpoint(&entry.stored.definition, &stored);
+            Some((entry.stored.enabled, Some(checkpoint)))
+        })
+        .await
+    }
+
+    /// The checkpoint a connector (re)starts from: for a sink, where `start_from` says as of
+    /// now (and, after a reset, how the topic's records were placed, from `stored`).
+    fn first_checkpoint(&self, definition: &Definition, stored: &[u8]) -> Vec<u8> {
+        match definition {
+            Definition::KafkaSink(sink) => to_json(&sink::reset_checkpoint(
+                sink,
+                self.inner.store.head(),
+                stored,
+            )),
+            Definition::KafkaSource(_) => Vec::new(),
+        }
     }
 
     /// Applies `decide`'s (enabled, new checkpoint) to a connector, stopping its task first

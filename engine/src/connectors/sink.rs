@@ -49,10 +49,37 @@ pub struct Checkpoint {
     /// Where a sink created with `start_from: end` began (the head then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub began_at: Option<u64>,
-    /// How events were placed on partitions (the partitioner and the partition count) when
-    /// the partitions' last records were last trusted.
+    /// How events are placed on partitions: the partitioner and the partition count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<String>,
+    /// The highest position the topic held when the placement last changed: records at or
+    /// below it were placed another way, so they tell nothing about what a partition holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placed_before_through: Option<u64>,
+}
+
+/// The checkpoint a sink begins with: `start_from`, with `end` the head as of now.
+pub(super) fn first_checkpoint(sink: &SinkDefinition, head: u64) -> Checkpoint {
+    let began_at = match sink.start_from {
+        SinkStart::Named(StartName::Start) => 0,
+        SinkStart::Named(StartName::End) => head,
+        SinkStart::Position(position) => position,
+    };
+    Checkpoint {
+        began_at: Some(began_at),
+        ..Checkpoint::default()
+    }
+}
+
+/// The checkpoint of a reset sink: it begins again at `start_from` and remembers how the
+/// topic's records were placed, so they keep telling (or not) what each partition holds.
+pub(super) fn reset_checkpoint(sink: &SinkDefinition, head: u64, stored: &[u8]) -> Checkpoint {
+    let stored: Checkpoint = serde_json::from_slice(stored).unwrap_or_default();
+    Checkpoint {
+        placement: stored.placement,
+        placed_before_through: stored.placed_before_through,
+        ..first_checkpoint(sink, head)
+    }
 }
 
 pub(super) async fn run(session: &mut Session, sink: &SinkDefinition) -> Result<(), SessionEnd> {
@@ -60,14 +87,9 @@ pub(super) async fn run(session: &mut Session, sink: &SinkDefinition) -> Result<
     session
         .progress
         .sink_at(checkpoint.position, session.store.head());
-    // A sink created at the head begins there on every start, not at a later head.
+    // Created or reset with its first checkpoint; one stored without is given it now.
     if checkpoint.position.is_none() && checkpoint.began_at.is_none() {
-        let began_at = match sink.start_from {
-            SinkStart::Named(StartName::Start) => 0,
-            SinkStart::Named(StartName::End) => session.store.head(),
-            SinkStart::Position(position) => position,
-        };
-        checkpoint.began_at = Some(began_at);
+        checkpoint = first_checkpoint(sink, session.store.head());
         session.commit(&checkpoint, Vec::new()).await?;
     }
     let sharder = match &sink.partitioning {
@@ -86,23 +108,18 @@ pub(super) async fn run(session: &mut Session, sink: &SinkDefinition) -> Result<
         None => format!("stream / {}", partitions.len()),
     };
     let mut held = Vec::with_capacity(partitions.len());
-    if checkpoint
+    for partition in &partitions {
+        held.push(last_position(partition).await?);
+    }
+    if let Some(was) = checkpoint
         .placement
         .as_ref()
-        .is_none_or(|placed| *placed == placement)
+        .filter(|was| **was != placement)
     {
-        for partition in &partitions {
-            held.push(last_position(partition).await?);
-        }
-    } else {
-        // Events placed differently before: a partition's last record no longer tells which
-        // events it holds, so only the checkpoint does (events after it may be sent again).
-        tracing::warn!(connector = %session.name, was = ?checkpoint.placement, now = %placement,
+        tracing::warn!(connector = %session.name, %was, now = %placement,
             "the sink's placement changed: resuming from its checkpoint");
-        held.resize(partitions.len(), None);
     }
-    if checkpoint.placement.as_ref() != Some(&placement) {
-        checkpoint.placement = Some(placement);
+    if trust_held(&mut checkpoint, placement, &mut held) {
         session.commit(&checkpoint, Vec::new()).await?;
     }
     session.progress.connected();
@@ -161,6 +178,9 @@ pub(super) async fn run(session: &mut Session, sink: &SinkDefinition) -> Result<
             *held = (*held).max(Some(event.position));
         }
         checkpoint.position = checkpoint.position.max(batch.through);
+        if checkpoint.placed_before_through <= checkpoint.position {
+            checkpoint.placed_before_through = None;
+        }
         session.progress.handled(sent);
         session
             .progress
@@ -171,6 +191,28 @@ pub(super) async fn run(session: &mut Session, sink: &SinkDefinition) -> Result<
             saved_at = Instant::now();
         }
     }
+}
+
+/// Keeps of the partitions' last positions those that say what their partition holds under
+/// `placement`, and records it in the checkpoint; answers whether the checkpoint changed.
+///
+/// After a change of placement, what the topic holds so far tells nothing of the new one, so
+/// the checkpoint alone says what was sent (events after it may be sent again, none is
+/// skipped) until the sink has sent past the records placed the old way.
+fn trust_held(checkpoint: &mut Checkpoint, placement: String, held: &mut [Option<u64>]) -> bool {
+    let changed = checkpoint.placement.as_ref() != Some(&placement);
+    if changed {
+        if checkpoint.placement.is_some() {
+            let through = held.iter().copied().max().flatten();
+            checkpoint.placed_before_through = checkpoint.placed_before_through.max(through);
+        }
+        checkpoint.placement = Some(placement);
+    }
+    let placed_before_through = checkpoint.placed_before_through;
+    for position in held {
+        *position = position.filter(|position| placed_before_through < Some(*position));
+    }
+    changed
 }
 
 /// The partition of each event: the sharder's choice, or Kafka's default for the stream name.
@@ -464,4 +506,30 @@ fn prefixes(list: Option<&str>) -> Vec<String> {
 
 fn store_failure(error: StoreError) -> SessionEnd {
     SessionEnd::Retry(format!("cannot read the store: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_placed_another_way_are_not_trusted_until_sent_past() {
+        // First placement: the partitions' last records are trusted as they are.
+        let mut checkpoint = Checkpoint::default();
+        let mut held = [Some(1000), Some(600)];
+        assert!(trust_held(&mut checkpoint, "stream / 2".into(), &mut held));
+        assert_eq!(held, [Some(1000), Some(600)]);
+        checkpoint.position = Some(500);
+
+        // Partitions added: nothing held so far says what the new placement sent.
+        let mut held = [Some(1000), Some(600), None];
+        assert!(trust_held(&mut checkpoint, "stream / 3".into(), &mut held));
+        assert_eq!(held, [None, None, None]);
+        assert_eq!(checkpoint.placed_before_through, Some(1000));
+
+        // A later session still distrusts them, but trusts what the new placement sent.
+        let mut held = [Some(1000), Some(1200), None];
+        assert!(!trust_held(&mut checkpoint, "stream / 3".into(), &mut held));
+        assert_eq!(held, [None, Some(1200), None]);
+    }
 }

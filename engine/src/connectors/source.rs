@@ -158,7 +158,6 @@ async fn fetch_partition(
 ) -> Result<(), Failure> {
     let number = partition.partition();
     let what = format!("cannot fetch partition {number}");
-    let mut unreadable = 0;
     loop {
         let answer = tokio::time::timeout(
             kafka::REQUEST_TIMEOUT + Duration::from_millis(FETCH_WAIT_MS as u64),
@@ -182,22 +181,14 @@ async fn fetch_partition(
             }
         };
         match records.last() {
-            Some(last) => {
-                offset = last.offset + 1;
-                unreadable = 0;
-            }
-            // Records below the end that a fetch never brings: transaction markers or aborted
-            // records, which this source does not read past.
+            Some(last) => offset = last.offset + 1,
+            // Below the end but nothing to read: a transaction's marker at the partition's
+            // end, or records of a transaction still open. The broker answers such fetches
+            // at once, so wait as it would have.
             None if high_watermark > offset => {
-                unreadable += 1;
-                if unreadable == 3 {
-                    return Err(Failure(format!(
-                        "{what}: offset {offset} holds no record the source can read (a \
-                         transaction's? transactional topics are not supported)"
-                    )));
-                }
+                tokio::time::sleep(Duration::from_millis(FETCH_WAIT_MS as u64)).await;
             }
-            None => unreadable = 0,
+            None => {}
         }
         let fetched = Fetched {
             partition: number,
