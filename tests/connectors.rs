@@ -422,6 +422,68 @@ async fn definitions_are_checked_and_connectors_are_managed() {
     assert_eq!(status, 201, "{body}");
 }
 
+/// A projection's partition key names each record's stream: the guest code that partitions
+/// the `order-…` streams by customer also files the order records that come from Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_names_the_stream_each_record_lands_in() {
+    let broker = Broker::start();
+    broker.create_topic("orders", 2);
+    let records: Vec<Value> = (0..30u64)
+        .map(|n| {
+            json!({"key": format!("o{n}"),
+                   "value": json!({"customer_id": format!("c{}", n % 3), "n": n}).to_string()})
+        })
+        .chain([json!({"value": "not an order"})])
+        .collect();
+    broker.produce("orders", &records);
+    let server = Server::start();
+    let definition = json!({
+        "kind": "kafka-source", "bootstrap_servers": broker.bootstrap, "topic": "orders",
+        "stream": {"strategy": "projection", "value": "customer-orders"},
+        "event_type": "OrderPlaced",
+    });
+    let (status, body) = server
+        .put("/connectors/orders-in", definition.clone())
+        .await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (404, json!("not_found")),
+        "{body}"
+    );
+    let (status, body) = server
+        .deploy("customer-orders", guest("customer-orders"), "")
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, info) = server.put("/connectors/orders-in", definition).await;
+    assert_eq!(status, 201, "{info}");
+    wait_for(60, "every record landed", || async {
+        let info = connector(&server, "orders-in").await;
+        let landed = info["offsets"].as_object().map(|offsets| {
+            offsets
+                .values()
+                .map(|offset| offset.as_i64().unwrap())
+                .sum::<i64>()
+        });
+        landed == Some(31)
+    })
+    .await;
+    for customer in 0..3 {
+        let events = server
+            .read_everything(&format!("customer-c{customer}"))
+            .await;
+        let orders: BTreeSet<u64> = events
+            .iter()
+            .map(|event| event["data"]["n"].as_u64().unwrap())
+            .collect();
+        let expected: BTreeSet<u64> = (0..30).filter(|n| n % 3 == customer).collect();
+        assert_eq!(orders, expected, "customer-c{customer}");
+        assert!(events.iter().all(|event| event["type"] == "OrderPlaced"));
+    }
+    // A record the projection gives no key lands in the topic's stream.
+    let rest = server.read_everything("orders").await;
+    assert_eq!(rest.len(), 1, "{rest:?}");
+}
+
 /// Runs the `refract` CLI against `server`.
 fn cli(server: &Server, args: &[&str], stdin: &str) -> std::process::Output {
     let mut command = std::process::Command::new(common::BINARY);

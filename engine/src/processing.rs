@@ -49,14 +49,15 @@ impl Processing {
                 return Err(error.context("cannot load the consumer groups"));
             }
         };
-        let connectors = match Connectors::open(store.clone(), sharders.clone()).await {
-            Ok(connectors) => connectors,
-            Err(error) => {
-                groups.shutdown().await;
-                projections.shutdown().await;
-                return Err(error.context("cannot load the connectors"));
-            }
-        };
+        let connectors =
+            match Connectors::open(store.clone(), sharders.clone(), runtime.clone()).await {
+                Ok(connectors) => connectors,
+                Err(error) => {
+                    groups.shutdown().await;
+                    projections.shutdown().await;
+                    return Err(error.context("cannot load the connectors"));
+                }
+            };
         Ok(Processing {
             projections,
             sharders,

@@ -291,10 +291,11 @@ pub fn guest(package: &str) -> Vec<u8> {
     std::fs::read(&file).unwrap_or_else(|error| panic!("{}: {error}", file.display()))
 }
 
-const GUESTS: [&str; 8] = [
+const GUESTS: [&str; 9] = [
     "order-summary",
     "event-counter",
     "shard-by-customer",
+    "customer-orders",
     "fixture-trap",
     "fixture-spin",
     "fixture-balloon",

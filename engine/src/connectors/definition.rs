@@ -116,14 +116,15 @@ pub struct SourceDefinition {
 pub struct StreamMapping {
     pub strategy: StreamStrategy,
     /// `fixed`: the stream's name; `header`: the header's name; `key`: a prefix put before
-    /// the key (optional).
+    /// the key (optional); `projection`: the deployed projection's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
 }
 
 /// `topic`: the stream named after the topic; `key`: the record's key (UTF-8); `header`: a
-/// header's value; `fixed`: one stream. A record without a usable key or header lands in the
-/// topic's stream.
+/// header's value; `fixed`: one stream; `projection`: the partition key a deployed projection
+/// gives the record, seen as an event of the topic's stream (its `partition_by` function). A
+/// record without a usable key, header or partition key lands in the topic's stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StreamStrategy {
@@ -132,6 +133,7 @@ pub enum StreamStrategy {
     Key,
     Header,
     Fixed,
+    Projection,
 }
 
 /// A fixed event type, or one read from a header (with a default for records without it).
@@ -209,12 +211,20 @@ impl Definition {
                 check_kafka(&source.bootstrap_servers, &source.topic)?;
                 let needs_value = matches!(
                     source.stream.strategy,
-                    StreamStrategy::Fixed | StreamStrategy::Header
+                    StreamStrategy::Fixed | StreamStrategy::Header | StreamStrategy::Projection
                 );
                 if needs_value && source.stream.value.is_none() {
                     return Err(
-                        "stream.value is required for the fixed and header strategies".into(),
+                        "stream.value is required for the fixed, header and projection strategies"
+                            .into(),
                     );
+                }
+                if let (StreamStrategy::Projection, Some(projection)) =
+                    (source.stream.strategy, &source.stream.value)
+                {
+                    Name::Projection
+                        .check(projection)
+                        .map_err(|error| format!("stream.value: {error}"))?;
                 }
                 if let (StreamStrategy::Fixed, Some(stream)) =
                     (source.stream.strategy, &source.stream.value)
@@ -236,6 +246,21 @@ impl Definition {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// The projection a source maps its records to streams with.
+    pub fn mapping_projection(&self) -> Option<&str> {
+        match self {
+            Definition::KafkaSource(SourceDefinition {
+                stream:
+                    StreamMapping {
+                        strategy: StreamStrategy::Projection,
+                        value,
+                    },
+                ..
+            }) => value.as_deref(),
+            _ => None,
         }
     }
 

@@ -33,6 +33,7 @@ use progress::Progress;
 pub use progress::State;
 
 use crate::names::Name;
+use crate::projections::component::Runtime;
 use crate::sharding::Sharders;
 use crate::store::{NewEvent, Store, StoreError};
 
@@ -48,6 +49,8 @@ pub enum ConnectorError {
     Invalid(String),
     #[error("no sharder is named {0:?}")]
     NoSharder(String),
+    #[error("no projection is named {0:?}")]
+    NoProjection(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -106,17 +109,23 @@ pub struct Connectors {
 struct Inner {
     store: Store,
     sharders: Sharders,
+    runtime: Runtime,
     connectors: Mutex<BTreeMap<String, Entry>>,
 }
 
 impl Connectors {
     /// Loads the stored connectors and starts those that were running.
-    pub async fn open(store: Store, sharders: Sharders) -> anyhow::Result<Connectors> {
+    pub async fn open(
+        store: Store,
+        sharders: Sharders,
+        runtime: Runtime,
+    ) -> anyhow::Result<Connectors> {
         let stored = store.blocking(|store| store.stored_connectors()).await?;
         let connectors = Connectors {
             inner: Arc::new(Inner {
                 store,
                 sharders,
+                runtime,
                 connectors: Mutex::new(BTreeMap::new()),
             }),
         };
@@ -160,6 +169,17 @@ impl Connectors {
             && self.inner.sharders.get(sharder).is_err()
         {
             return Err(ConnectorError::NoSharder(sharder.to_owned()));
+        }
+        if let Some(projection) = definition.mapping_projection() {
+            let wanted = projection.to_owned();
+            let stored = self
+                .inner
+                .store
+                .blocking(move |store| store.stored_projection_component(&wanted))
+                .await?;
+            if stored.is_none() {
+                return Err(ConnectorError::NoProjection(projection.to_owned()));
+            }
         }
         let mut entries = self.inner.connectors.lock().await;
         let existing = entries.get_mut(name);
@@ -337,6 +357,7 @@ impl Connectors {
             checkpoint: Vec::new(),
             store: self.inner.store.clone(),
             sharders: self.inner.sharders.clone(),
+            runtime: self.inner.runtime.clone(),
             progress: entry.progress.clone(),
             cancel: cancel.clone(),
         };
@@ -400,6 +421,7 @@ pub(crate) struct Session {
     checkpoint: Vec<u8>,
     store: Store,
     sharders: Sharders,
+    runtime: Runtime,
     progress: Progress,
     cancel: CancellationToken,
 }

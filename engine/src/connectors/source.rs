@@ -22,6 +22,7 @@ use super::definition::{
 };
 use super::kafka::{self, Failure};
 use super::{Session, SessionEnd};
+use crate::projections::component::{Event as GuestEvent, Instance, InstanceSetup};
 use crate::store::NewEvent;
 
 /// How long a fetch waits on the broker for records.
@@ -79,7 +80,10 @@ pub(super) async fn run(
         checkpoint.offsets.clone(),
         sender,
     )));
-    let mapping = Mapping::new(source);
+    let mut mapping = Mapping::new(source);
+    if let Some(projection) = &mapping.projection {
+        mapping.mapper = Some(mapper(session, projection).await?);
+    }
     loop {
         let first = tokio::select! {
             first = fetched.recv() => first,
@@ -109,7 +113,9 @@ pub(super) async fn run(
                 .progress
                 .high_watermark(fetch.partition, fetch.high_watermark);
             for record in &fetch.records {
-                let (stream, event) = mapping.event(fetch.partition, record);
+                let (stream, event) = mapping
+                    .event(fetch.partition, record)
+                    .map_err(SessionEnd::Fault)?;
                 match appends.last_mut() {
                     Some((last, events)) if *last == stream => events.push(event),
                     _ => appends.push((stream, vec![event])),
@@ -207,10 +213,48 @@ struct Mapping {
     strategy: StreamStrategy,
     value: Option<String>,
     event_type: EventTypeMapping,
+    /// The projection whose partition key names a record's stream, and an instance of it.
+    projection: Option<String>,
+    mapper: Option<Instance>,
+}
+
+/// An instance of the projection `name`, to ask partition keys of.
+async fn mapper(session: &Session, name: &str) -> Result<Instance, SessionEnd> {
+    let (store, runtime, name) = (
+        session.store.clone(),
+        session.runtime.clone(),
+        name.to_owned(),
+    );
+    let loaded = tokio::task::spawn_blocking(move || {
+        let component = store
+            .stored_projection_component(&name)
+            .map_err(|error| SessionEnd::Retry(format!("cannot read the projection: {error}")))?
+            .ok_or_else(|| SessionEnd::Fault(format!("no projection is named {name:?}")))?;
+        let setup = InstanceSetup {
+            projection: name.clone(),
+            ..InstanceSetup::default()
+        };
+        runtime
+            .compile(&component)
+            .and_then(|compiled| Instance::new(&runtime, compiled.pre(), setup))
+            .map_err(|error| {
+                SessionEnd::Fault(format!("cannot run the projection {name:?}: {error:#}"))
+            })
+    })
+    .await;
+    loaded.unwrap_or_else(|error| {
+        Err(SessionEnd::Retry(format!(
+            "loading the projection failed: {error}"
+        )))
+    })
 }
 
 impl Mapping {
     fn new(source: &SourceDefinition) -> Mapping {
+        let projection = match source.stream.strategy {
+            StreamStrategy::Projection => source.stream.value.clone(),
+            _ => None,
+        };
         Mapping {
             topic: source.topic.clone(),
             strategy: source.stream.strategy,
@@ -219,10 +263,17 @@ impl Mapping {
                 .event_type
                 .clone()
                 .unwrap_or_else(|| EventTypeMapping::Fixed(source.topic.clone())),
+            projection,
+            mapper: None,
         }
     }
 
-    fn event(&self, partition: i32, record: &RecordAndOffset) -> (String, NewEvent) {
+    /// The record as an event and its stream; a projection that fails to map it says why.
+    fn event(
+        &mut self,
+        partition: i32,
+        record: &RecordAndOffset,
+    ) -> Result<(String, NewEvent), String> {
         let header = |name: &str| {
             record
                 .record
@@ -230,22 +281,6 @@ impl Mapping {
                 .get(name)
                 .and_then(|value| std::str::from_utf8(value).ok())
         };
-        let chosen = match self.strategy {
-            StreamStrategy::Topic => None,
-            StreamStrategy::Fixed => self.value.clone(),
-            StreamStrategy::Key => record
-                .record
-                .key
-                .as_deref()
-                .and_then(|key| std::str::from_utf8(key).ok())
-                .map(|key| format!("{}{key}", self.value.as_deref().unwrap_or(""))),
-            StreamStrategy::Header => {
-                header(self.value.as_deref().unwrap_or_default()).map(str::to_owned)
-            }
-        };
-        let stream = chosen
-            .filter(|stream| check_target_stream(stream).is_ok())
-            .unwrap_or_else(|| self.topic.clone());
         let event_type = match &self.event_type {
             EventTypeMapping::Fixed(event_type) => event_type.clone(),
             EventTypeMapping::Header(mapping) => header(&mapping.header)
@@ -268,7 +303,55 @@ impl Mapping {
             binary,
             metadata: self.metadata(partition, record),
         };
-        (stream, event)
+        let chosen = match self.strategy {
+            StreamStrategy::Topic => None,
+            StreamStrategy::Fixed => self.value.clone(),
+            StreamStrategy::Key => record
+                .record
+                .key
+                .as_deref()
+                .and_then(|key| std::str::from_utf8(key).ok())
+                .map(|key| format!("{}{key}", self.value.as_deref().unwrap_or(""))),
+            StreamStrategy::Header => {
+                header(self.value.as_deref().unwrap_or_default()).map(str::to_owned)
+            }
+            StreamStrategy::Projection => self.partition_key(partition, record, &event)?,
+        };
+        let stream = chosen
+            .filter(|stream| check_target_stream(stream).is_ok())
+            .unwrap_or_else(|| self.topic.clone());
+        Ok((stream, event))
+    }
+
+    /// The projection's partition key of the record, seen as an event of the topic's stream at
+    /// the record's offset.
+    fn partition_key(
+        &mut self,
+        partition: i32,
+        record: &RecordAndOffset,
+        event: &NewEvent,
+    ) -> Result<Option<String>, String> {
+        let Some(mapper) = &mut self.mapper else {
+            return Ok(None);
+        };
+        let offset = u64::try_from(record.offset).unwrap_or_default();
+        let guest_event = GuestEvent {
+            stream: self.topic.clone(),
+            revision: offset,
+            position: offset,
+            id: event.id.hyphenated().to_string(),
+            event_type: event.event_type.clone(),
+            data: event.data.clone(),
+            metadata: event.metadata.clone(),
+            created_ms: record.record.timestamp.timestamp_millis(),
+        };
+        mapper.partition_key(&guest_event).map_err(|error| {
+            format!(
+                "the projection {:?} failed on offset {} of partition {partition}: {error:#}",
+                self.projection.as_deref().unwrap_or_default(),
+                record.offset
+            )
+        })
     }
 
     /// Where the record came from, as the event's metadata.
@@ -349,37 +432,56 @@ mod tests {
 
     #[test]
     fn records_map_to_streams_types_and_stable_ids() {
-        let by_key = Mapping::new(&definition(StreamStrategy::Key, Some("order-")));
-        let (stream, event) =
-            by_key.event(2, &record(Some("17"), br#"{"a":1}"#, &[("type", "Placed")]));
+        let mut by_key = Mapping::new(&definition(StreamStrategy::Key, Some("order-")));
+        let (stream, event) = by_key
+            .event(2, &record(Some("17"), br#"{"a":1}"#, &[("type", "Placed")]))
+            .unwrap();
         assert_eq!(stream, "order-17");
         assert_eq!(event.event_type, "Placed");
         assert!(!event.binary);
-        let (_, again) = by_key.event(2, &record(Some("17"), br#"{"a":1}"#, &[]));
+        let (_, again) = by_key
+            .event(2, &record(Some("17"), br#"{"a":1}"#, &[]))
+            .unwrap();
         assert_eq!(
             event.id, again.id,
             "the id comes from topic, partition and offset"
         );
         assert_eq!(again.event_type, "Unknown");
-        let (_, other) = by_key.event(3, &record(Some("17"), br#"{"a":1}"#, &[]));
+        let (_, other) = by_key
+            .event(3, &record(Some("17"), br#"{"a":1}"#, &[]))
+            .unwrap();
         assert_ne!(event.id, other.id);
         let metadata: Value = serde_json::from_slice(&event.metadata).unwrap();
         assert_eq!(metadata["kafka"]["offset"], 7);
         assert_eq!(metadata["kafka"]["headers"]["type"], "Placed");
         // No key, or one that is no stream for clients: the topic's stream.
-        assert_eq!(by_key.event(0, &record(None, b"x", &[])).0, "orders");
-        let by_header = Mapping::new(&definition(StreamStrategy::Header, Some("to")));
         assert_eq!(
-            by_header.event(0, &record(None, b"x", &[("to", "a-1")])).0,
+            by_key.event(0, &record(None, b"x", &[])).unwrap().0,
+            "orders"
+        );
+        let mut by_header = Mapping::new(&definition(StreamStrategy::Header, Some("to")));
+        assert_eq!(
+            by_header
+                .event(0, &record(None, b"x", &[("to", "a-1")]))
+                .unwrap()
+                .0,
             "a-1"
         );
         assert_eq!(
-            by_header.event(0, &record(None, b"x", &[("to", "$all")])).0,
+            by_header
+                .event(0, &record(None, b"x", &[("to", "$all")]))
+                .unwrap()
+                .0,
             "orders"
         );
-        let (_, binary) = by_header.event(0, &record(None, b"\xff not json", &[]));
+        let (_, binary) = by_header
+            .event(0, &record(None, b"\xff not json", &[]))
+            .unwrap();
         assert!(binary.binary);
-        let fixed = Mapping::new(&definition(StreamStrategy::Fixed, Some("inbox")));
-        assert_eq!(fixed.event(0, &record(Some("k"), b"1", &[])).0, "inbox");
+        let mut fixed = Mapping::new(&definition(StreamStrategy::Fixed, Some("inbox")));
+        assert_eq!(
+            fixed.event(0, &record(Some("k"), b"1", &[])).unwrap().0,
+            "inbox"
+        );
     }
 }

@@ -20,7 +20,9 @@ impl From<ConnectorError> for ApiError {
         match error {
             ConnectorError::NotFound(_) => ApiError::not_found(error.to_string()),
             ConnectorError::Invalid(message) => ApiError::invalid(message),
-            ConnectorError::NoSharder(_) => ApiError::not_found(error.to_string()),
+            ConnectorError::NoSharder(_) | ConnectorError::NoProjection(_) => {
+                ApiError::not_found(error.to_string())
+            }
             ConnectorError::Store(error) => error.into(),
         }
     }
@@ -52,7 +54,8 @@ pub async fn get(
     request_body(content = Definition, content_type = "application/json"),
     responses((status = 201, body = Info), (status = 200, body = Info),
         (status = 400, body = ErrorBody),
-        (status = 404, description = "The sharder it names does not exist", body = ErrorBody),
+        (status = 404, description = "The sharder or projection it names does not exist",
+            body = ErrorBody),
         (status = 415, body = ErrorBody)))]
 pub async fn put(
     State(state): State<AppState>,
@@ -234,12 +237,14 @@ fn source_properties() -> Map<String, Value> {
         (
             "stream".into(),
             json!({"description": "The stream a record lands in: the topic's (default), the \
-                key's (after the prefix `value`), a header's (named `value`), or `value`",
+                key's (after the prefix `value`), a header's (named `value`), `value`, or the \
+                partition key the projection `value` gives the record",
             "oneOf": [
                 strategy("topic", json!({"type": ["string", "null"]}), false),
                 strategy("key", json!({"type": ["string", "null"]}), false),
                 strategy("header", json!({"type": "string"}), true),
                 strategy("fixed", name_schema(Name::Stream, true), true),
+                strategy("projection", name_schema(Name::Projection, true), true),
             ]}),
         ),
         (

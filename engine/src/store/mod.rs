@@ -918,6 +918,20 @@ impl Store {
         Ok(projections)
     }
 
+    /// The component of the projection `name` (its live version), if it exists. Blocking.
+    pub fn stored_projection_component(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let stored = {
+            let txn = self.inner.db.begin_read()?;
+            let table = txn.open_table(PROJECTIONS)?;
+            match table.get(name)? {
+                Some(json) => serde_json::from_slice::<StoredProjection>(json.value())
+                    .map_err(StoreError::storage)?,
+                None => return Ok(None),
+            }
+        };
+        self.component(&stored.component)
+    }
+
     /// A stored component's bytes. Blocking.
     pub fn component(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self.inner.db.begin_read()?;
