@@ -454,6 +454,17 @@ async fn a_projection_names_the_stream_each_record_lands_in() {
         .deploy("customer-orders", guest("customer-orders"), "")
         .await;
     assert_eq!(status, 201, "{body}");
+    // A projection without a key of its own names no streams.
+    let (status, body) = server.deploy("summary", guest("order-summary"), "").await;
+    assert_eq!(status, 201, "{body}");
+    let mut by_stream = definition.clone();
+    by_stream["stream"]["value"] = json!("summary");
+    let (status, body) = server.put("/connectors/orders-in", by_stream).await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (400, json!("invalid_request")),
+        "{body}"
+    );
     let (status, info) = server.put("/connectors/orders-in", definition).await;
     assert_eq!(status, 201, "{info}");
     wait_for(60, "every record landed", || async {
@@ -482,6 +493,17 @@ async fn a_projection_names_the_stream_each_record_lands_in() {
     // A record the projection gives no key lands in the topic's stream.
     let rest = server.read_everything("orders").await;
     assert_eq!(rest.len(), 1, "{rest:?}");
+    // The projection stays while the source uses it.
+    let (status, body) = server.delete("/projections/customer-orders").await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (409, json!("in_use")),
+        "{body}"
+    );
+    let (status, _) = server.delete("/connectors/orders-in").await;
+    assert_eq!(status, 204);
+    let (status, _) = server.delete("/projections/customer-orders").await;
+    assert_eq!(status, 204);
 }
 
 /// Runs the `refract` CLI against `server`.

@@ -33,7 +33,7 @@ use progress::Progress;
 pub use progress::State;
 
 use crate::names::Name;
-use crate::projections::component::Runtime;
+use crate::projections::component::{Partitioning, Runtime};
 use crate::sharding::Sharders;
 use crate::store::{NewEvent, Store, StoreError};
 
@@ -171,30 +171,33 @@ impl Connectors {
             return Err(ConnectorError::NoSharder(sharder.to_owned()));
         }
         if let Some(projection) = definition.mapping_projection() {
-            let wanted = projection.to_owned();
-            let stored = self
-                .inner
-                .store
-                .blocking(move |store| store.stored_projection_component(&wanted))
-                .await?;
-            if stored.is_none() {
-                return Err(ConnectorError::NoProjection(projection.to_owned()));
-            }
+            self.check_mapping_projection(projection).await?;
         }
         let mut entries = self.inner.connectors.lock().await;
         let existing = entries.get_mut(name);
         let created = existing.is_none();
-        let (enabled, keep) = match &existing {
+        let (enabled, keep, same_topic) = match &existing {
             Some(entry) => (
                 entry.stored.enabled,
                 entry.stored.definition.same_progress(&definition),
+                entry.stored.definition.topic() == definition.topic(),
             ),
-            None => (true, false),
+            None => (true, false, false),
         };
         if let Some(entry) = existing {
             stop_task(entry).await;
         }
-        let checkpoint = (!keep).then(|| self.first_checkpoint(&definition, &[]));
+        let checkpoint = if keep {
+            None
+        } else {
+            // A sink on the same topic goes on knowing how the topic's records were placed.
+            let stored = if same_topic {
+                self.stored_checkpoint(name).await?
+            } else {
+                Vec::new()
+            };
+            Some(self.first_checkpoint(&definition, &stored))
+        };
         let stored = Stored {
             definition,
             enabled,
@@ -255,31 +258,57 @@ impl Connectors {
                 .task
                 .as_ref()
                 .is_some_and(|task| !task.handle.is_finished());
-            (!running).then_some((true, None))
+            (!running).then_some((true, false))
         })
         .await
     }
 
     pub async fn stop(&self, name: &str) -> Result<Info, ConnectorError> {
-        self.change(name, |_| Some((false, None))).await
+        self.change(name, |_| Some((false, false))).await
     }
 
     /// Forgets the checkpoint: the connector begins again from `start_from` (a running one
     /// restarts at once). A sink still sends only what the topic does not hold.
     pub async fn reset(&self, name: &str) -> Result<Info, ConnectorError> {
-        let name_owned = name.to_owned();
+        self.change(name, |entry| Some((entry.stored.enabled, true)))
+            .await
+    }
+
+    /// The checkpoint stored for `name` (empty when there is none).
+    async fn stored_checkpoint(&self, name: &str) -> Result<Vec<u8>, ConnectorError> {
+        let name = name.to_owned();
         let stored = self
             .inner
             .store
-            .blocking(move |store| store.connector_checkpoint(&name_owned))
-            .await?
-            .map(|(_, checkpoint)| checkpoint)
-            .unwrap_or_default();
-        self.change(name, |entry| {
-            let checkpoint = self.first_checkpoint(&entry.stored.definition, &stored);
-            Some((entry.stored.enabled, Some(checkpoint)))
-        })
-        .await
+            .blocking(move |store| store.connector_checkpoint(&name))
+            .await?;
+        Ok(stored.map(|(_, checkpoint)| checkpoint).unwrap_or_default())
+    }
+
+    /// A source maps records with a deployed projection that partitions by a key of its own.
+    async fn check_mapping_projection(&self, name: &str) -> Result<(), ConnectorError> {
+        let (wanted, runtime) = (name.to_owned(), self.inner.runtime.clone());
+        let partitioning = self
+            .inner
+            .store
+            .blocking(move |store| {
+                let Some(component) = store.stored_projection_component(&wanted)? else {
+                    return Ok(None);
+                };
+                let compiled = runtime
+                    .compile(&component)
+                    .map_err(|error| StoreError::InvalidRequest(format!("{error:#}")))?;
+                Ok(Some(compiled.info.partitioning))
+            })
+            .await?;
+        match partitioning {
+            None => Err(ConnectorError::NoProjection(name.to_owned())),
+            Some(Partitioning::Custom) => Ok(()),
+            Some(_) => Err(ConnectorError::Invalid(format!(
+                "the projection {name:?} has no partition key of its own (partition_by) to name \
+                 streams with"
+            ))),
+        }
     }
 
     /// The checkpoint a connector (re)starts from: for a sink, where `start_from` says as of
@@ -295,21 +324,28 @@ impl Connectors {
         }
     }
 
-    /// Applies `decide`'s (enabled, new checkpoint) to a connector, stopping its task first
-    /// and starting it again when enabled; `None` changes nothing.
+    /// Applies `decide`'s (enabled, reset) to a connector, stopping its task first and
+    /// starting it again when enabled; `None` changes nothing.
     async fn change(
         &self,
         name: &str,
-        decide: impl FnOnce(&Entry) -> Option<(bool, Option<Vec<u8>>)>,
+        decide: impl FnOnce(&Entry) -> Option<(bool, bool)>,
     ) -> Result<Info, ConnectorError> {
         let mut entries = self.inner.connectors.lock().await;
         let entry = entries
             .get_mut(name)
             .ok_or_else(|| ConnectorError::NotFound(name.to_owned()))?;
-        let Some((enabled, checkpoint)) = decide(entry) else {
+        let Some((enabled, reset)) = decide(entry) else {
             return Ok(info(name, entry));
         };
         stop_task(entry).await;
+        // Read once the task stopped: what it stored last is what the reset builds on.
+        let checkpoint = if reset {
+            let stored = self.stored_checkpoint(name).await?;
+            Some(self.first_checkpoint(&entry.stored.definition, &stored))
+        } else {
+            None
+        };
         let stored = Stored {
             definition: entry.stored.definition.clone(),
             enabled,
@@ -327,6 +363,16 @@ impl Connectors {
             self.spawn(name, entry);
         }
         Ok(info(name, entry))
+    }
+
+    /// The connectors that map records with the projection `name`.
+    pub async fn using_projection(&self, name: &str) -> Vec<String> {
+        let entries = self.inner.connectors.lock().await;
+        entries
+            .iter()
+            .filter(|(_, entry)| entry.stored.definition.mapping_projection() == Some(name))
+            .map(|(connector, _)| connector.clone())
+            .collect()
     }
 
     /// The connectors that place their records with the sharder `name`.

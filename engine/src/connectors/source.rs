@@ -23,6 +23,7 @@ use super::definition::{
 use super::kafka::{self, Failure};
 use super::{Session, SessionEnd};
 use crate::projections::component::{Event as GuestEvent, Instance, InstanceSetup};
+use crate::sandbox::{GuestKind, GuestLog};
 use crate::store::NewEvent;
 
 /// How long a fetch waits on the broker for records.
@@ -107,24 +108,28 @@ pub(super) async fn run(
                 Err(_) => break,
             }
         }
-        let mut appends: Vec<(String, Vec<NewEvent>)> = Vec::new();
         for fetch in &batch {
             session
                 .progress
                 .high_watermark(fetch.partition, fetch.high_watermark);
-            for record in &fetch.records {
-                let (stream, event) = mapping
-                    .event(fetch.partition, record)
-                    .map_err(SessionEnd::Fault)?;
-                match appends.last_mut() {
-                    Some((last, events)) if *last == stream => events.push(event),
-                    _ => appends.push((stream, vec![event])),
-                }
-            }
             if let Some(last) = fetch.records.last() {
                 checkpoint.offsets.insert(fetch.partition, last.offset + 1);
             }
         }
+        let mapped = if mapping.mapper.is_some() {
+            // Guest code runs off the async threads, so stopping never waits on it.
+            let (returned, mapped) = tokio::task::spawn_blocking(move || {
+                let mapped = mapping.appends(&batch);
+                (mapping, mapped)
+            })
+            .await
+            .map_err(|error| SessionEnd::Fault(format!("the mapping failed: {error}")))?;
+            mapping = returned;
+            mapped
+        } else {
+            mapping.appends(&batch)
+        };
+        let appends = mapped.map_err(SessionEnd::Fault)?;
         if appends.is_empty() {
             session.progress.source_at(&checkpoint.offsets);
             continue;
@@ -232,6 +237,7 @@ async fn mapper(session: &Session, name: &str) -> Result<Instance, SessionEnd> {
             .ok_or_else(|| SessionEnd::Fault(format!("no projection is named {name:?}")))?;
         let setup = InstanceSetup {
             projection: name.clone(),
+            log: GuestLog::new(GuestKind::Projection, &name),
             ..InstanceSetup::default()
         };
         runtime
@@ -250,6 +256,21 @@ async fn mapper(session: &Session, name: &str) -> Result<Instance, SessionEnd> {
 }
 
 impl Mapping {
+    /// The fetched records as appends, in order, a run of records of one stream in one append.
+    fn appends(&mut self, batch: &[Fetched]) -> Result<Vec<(String, Vec<NewEvent>)>, String> {
+        let mut appends: Vec<(String, Vec<NewEvent>)> = Vec::new();
+        for fetch in batch {
+            for record in &fetch.records {
+                let (stream, event) = self.event(fetch.partition, record)?;
+                match appends.last_mut() {
+                    Some((last, events)) if *last == stream => events.push(event),
+                    _ => appends.push((stream, vec![event])),
+                }
+            }
+        }
+        Ok(appends)
+    }
+
     fn new(source: &SourceDefinition) -> Mapping {
         let projection = match source.stream.strategy {
             StreamStrategy::Projection => source.stream.value.clone(),
@@ -323,8 +344,8 @@ impl Mapping {
         Ok((stream, event))
     }
 
-    /// The projection's partition key of the record, seen as an event of the topic's stream at
-    /// the record's offset.
+    /// The projection's partition key of the record, seen as a new event of the topic's stream
+    /// (no revision or position yet, as a sharder sees one).
     fn partition_key(
         &mut self,
         partition: i32,
@@ -334,11 +355,10 @@ impl Mapping {
         let Some(mapper) = &mut self.mapper else {
             return Ok(None);
         };
-        let offset = u64::try_from(record.offset).unwrap_or_default();
         let guest_event = GuestEvent {
             stream: self.topic.clone(),
-            revision: offset,
-            position: offset,
+            revision: 0,
+            position: 0,
             id: event.id.hyphenated().to_string(),
             event_type: event.event_type.clone(),
             data: event.data.clone(),

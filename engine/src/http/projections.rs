@@ -434,14 +434,22 @@ pub struct DeleteQuery {
 #[utoipa::path(delete, path = "/projections/{name}", tag = "projections",
     params(("name" = String, Path, description = "Projection name"), DeleteQuery),
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 409, description = "A system projection: stop it instead", body = ErrorBody)))]
+        (status = 409, description = "A system projection (stop it instead), or one a Kafka \
+            source names its streams with", body = ErrorBody)))]
 pub async fn delete(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
     ApiQuery(query): ApiQuery<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
-    state
-        .processing()?
+    let processing = state.processing()?;
+    if let Some(connector) = processing.connectors.using_projection(&name).await.first() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "in_use",
+            format!("the connector {connector:?} names its streams with the projection {name:?}"),
+        ));
+    }
+    processing
         .projections
         .delete(&name, query.delete_emitted.unwrap_or(false))
         .await?;
