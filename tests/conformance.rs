@@ -5,36 +5,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::Server;
 
-/// The virtualenv's `schemathesis`, created from the pinned requirements if needed.
-fn schemathesis(workspace: &Path) -> PathBuf {
-    let venv = workspace.join("target").join("schemathesis");
-    let program = venv.join("bin").join("schemathesis");
-    if !program.exists() {
-        let status = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 runs: install Python 3 with venv (.ci/run does)");
-        assert!(status.success(), "cannot create {}", venv.display());
-        let status = Command::new(venv.join("bin").join("pip"))
-            .args(["install", "--quiet", "--requirement"])
-            .arg(workspace.join("tests/schemathesis/requirements.txt"))
-            .status()
-            .expect("pip runs");
-        assert!(status.success(), "cannot install schemathesis");
-    }
-    program
-}
-
 #[tokio::test]
 async fn the_openapi_document_holds_for_every_generated_request() {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let program = schemathesis(&workspace);
+    let program = common::virtualenv("schemathesis", "tests/schemathesis/requirements.txt")
+        .join("schemathesis");
     let server = Server::start_with(&[
         "--token",
         "admin:conformance-admin",

@@ -162,26 +162,7 @@ pub fn python() -> PathBuf {
 }
 
 fn install_python() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let venv = workspace.join("target").join("kafka-client");
-    let python = venv.join("bin").join("python");
-    let marker = venv.join(".installed");
-    if !marker.exists() {
-        let status = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 runs: install Python 3 with venv (.ci/run does)");
-        assert!(status.success(), "cannot create {}", venv.display());
-        let status = Command::new(venv.join("bin").join("pip"))
-            .args(["install", "--quiet", "--requirement"])
-            .arg(workspace.join("tests/kafka/requirements.txt"))
-            .status()
-            .expect("pip runs");
-        assert!(status.success(), "cannot install confluent-kafka");
-        std::fs::write(&marker, b"").expect("mark the virtualenv installed");
-    }
-    python
+    super::virtualenv("kafka-client", "tests/kafka/requirements.txt").join("python")
 }
 
 /// Runs `tests/kafka/client.py` with `args` and `input` on stdin; answers its stdout.

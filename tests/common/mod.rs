@@ -265,6 +265,30 @@ pub async fn next_message(stream: &mut (impl Stream<Item = Sse> + Unpin)) -> Sse
         .expect("the subscription stays open")
 }
 
+/// A virtualenv in `target/<name>` with the pinned `requirements` (a path in the workspace),
+/// created when missing (`.ci/run` creates the suite's first); answers its `bin` folder.
+pub fn virtualenv(name: &str, requirements: &str) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = workspace.join("target").join(name);
+    let marker = venv.join(".installed");
+    if !marker.exists() {
+        let status = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 runs: install Python 3 with venv (.ci/run does)");
+        assert!(status.success(), "cannot create {}", venv.display());
+        let status = Command::new(venv.join("bin").join("pip"))
+            .args(["install", "--quiet", "--requirement"])
+            .arg(workspace.join(requirements))
+            .status()
+            .expect("pip runs");
+        assert!(status.success(), "cannot install {requirements}");
+        std::fs::write(&marker, b"").expect("mark the virtualenv installed");
+    }
+    venv.join("bin")
+}
+
 /// The guest components of `projections/`, built for `wasm32-wasip2` once per test binary
 /// (cargo makes the later builds no-ops). A separate target directory keeps this build from
 /// waiting on the lock of the one running the tests.
