@@ -287,21 +287,10 @@ impl Connectors {
 
     /// A source maps records with a deployed projection that partitions by a key of its own.
     async fn check_mapping_projection(&self, name: &str) -> Result<(), ConnectorError> {
-        let (wanted, runtime) = (name.to_owned(), self.inner.runtime.clone());
-        let partitioning = self
-            .inner
-            .store
-            .blocking(move |store| {
-                let Some(component) = store.stored_projection_component(&wanted)? else {
-                    return Ok(None);
-                };
-                let compiled = runtime
-                    .compile(&component)
-                    .map_err(|error| StoreError::InvalidRequest(format!("{error:#}")))?;
-                Ok(Some(compiled.info.partitioning))
-            })
-            .await?;
-        match partitioning {
+        let (store, runtime) = (self.inner.store.clone(), self.inner.runtime.clone());
+        let loaded = source::load_projection(store, runtime, name.to_owned()).await?;
+        let compiled = loaded.map_err(|error| ConnectorError::Invalid(format!("{error:#}")))?;
+        match compiled.map(|compiled| compiled.info.partitioning) {
             None => Err(ConnectorError::NoProjection(name.to_owned())),
             Some(Partitioning::Custom) => Ok(()),
             Some(_) => Err(ConnectorError::Invalid(format!(
@@ -367,20 +356,21 @@ impl Connectors {
 
     /// The connectors that map records with the projection `name`.
     pub async fn using_projection(&self, name: &str) -> Vec<String> {
-        let entries = self.inner.connectors.lock().await;
-        entries
-            .iter()
-            .filter(|(_, entry)| entry.stored.definition.mapping_projection() == Some(name))
-            .map(|(connector, _)| connector.clone())
-            .collect()
+        self.users(|definition| definition.mapping_projection() == Some(name))
+            .await
     }
 
     /// The connectors that place their records with the sharder `name`.
     pub async fn using_sharder(&self, name: &str) -> Vec<String> {
+        self.users(|definition| definition.sharder() == Some(name))
+            .await
+    }
+
+    async fn users(&self, uses: impl Fn(&Definition) -> bool) -> Vec<String> {
         let entries = self.inner.connectors.lock().await;
         entries
             .iter()
-            .filter(|(_, entry)| entry.stored.definition.sharder() == Some(name))
+            .filter(|(_, entry)| uses(&entry.stored.definition))
             .map(|(connector, _)| connector.clone())
             .collect()
     }

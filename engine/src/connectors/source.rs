@@ -22,9 +22,11 @@ use super::definition::{
 };
 use super::kafka::{self, Failure};
 use super::{Session, SessionEnd};
-use crate::projections::component::{Event as GuestEvent, Instance, InstanceSetup};
+use crate::projections::component::{
+    Compiled, Event as GuestEvent, Instance, InstanceSetup, Runtime,
+};
 use crate::sandbox::{GuestKind, GuestLog};
-use crate::store::NewEvent;
+use crate::store::{NewEvent, Store, StoreError};
 
 /// How long a fetch waits on the broker for records.
 const FETCH_WAIT_MS: i32 = 250;
@@ -223,36 +225,43 @@ struct Mapping {
     mapper: Option<Instance>,
 }
 
+/// The deployed projection `name`, compiled (`None` when there is none); the outer error is
+/// the store's, the inner one says why the component does not run.
+pub(super) async fn load_projection(
+    store: Store,
+    runtime: Runtime,
+    name: String,
+) -> Result<anyhow::Result<Option<Compiled>>, StoreError> {
+    store
+        .blocking(move |store| {
+            let component = store.stored_projection_component(&name)?;
+            Ok(component.map(|bytes| runtime.compile(&bytes)).transpose())
+        })
+        .await
+}
+
 /// An instance of the projection `name`, to ask partition keys of.
 async fn mapper(session: &Session, name: &str) -> Result<Instance, SessionEnd> {
-    let (store, runtime, name) = (
-        session.store.clone(),
-        session.runtime.clone(),
-        name.to_owned(),
-    );
-    let loaded = tokio::task::spawn_blocking(move || {
-        let component = store
-            .stored_projection_component(&name)
-            .map_err(|error| SessionEnd::Retry(format!("cannot read the projection: {error}")))?
-            .ok_or_else(|| SessionEnd::Fault(format!("no projection is named {name:?}")))?;
-        let setup = InstanceSetup {
-            projection: name.clone(),
-            log: GuestLog::new(GuestKind::Projection, &name),
-            ..InstanceSetup::default()
-        };
-        runtime
-            .compile(&component)
-            .and_then(|compiled| Instance::new(&runtime, compiled.pre(), setup))
-            .map_err(|error| {
-                SessionEnd::Fault(format!("cannot run the projection {name:?}: {error:#}"))
-            })
-    })
-    .await;
-    loaded.unwrap_or_else(|error| {
-        Err(SessionEnd::Retry(format!(
-            "loading the projection failed: {error}"
-        )))
-    })
+    let runtime = session.runtime.clone();
+    let loaded = load_projection(session.store.clone(), runtime.clone(), name.to_owned())
+        .await
+        .map_err(|error| SessionEnd::Retry(format!("cannot read the projection: {error}")))?;
+    let cannot_run = |error: anyhow::Error| {
+        SessionEnd::Fault(format!("cannot run the projection {name:?}: {error:#}"))
+    };
+    let compiled = loaded
+        .map_err(cannot_run)?
+        .ok_or_else(|| SessionEnd::Fault(format!("no projection is named {name:?}")))?;
+    let setup = InstanceSetup {
+        projection: name.to_owned(),
+        log: GuestLog::new(GuestKind::Projection, name),
+        ..InstanceSetup::default()
+    };
+    // Instantiating runs the guest's start: off the async threads too.
+    tokio::task::spawn_blocking(move || Instance::new(&runtime, compiled.pre(), setup))
+        .await
+        .map_err(|error| SessionEnd::Retry(format!("loading the projection failed: {error}")))?
+        .map_err(cannot_run)
 }
 
 impl Mapping {
