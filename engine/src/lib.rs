@@ -31,6 +31,7 @@ pub mod cluster;
 pub mod connectors;
 pub mod disk;
 pub mod groups;
+pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod metrics;

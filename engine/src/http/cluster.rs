@@ -61,7 +61,7 @@ pub async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiEr
 }
 
 /// The cluster as `node` sees it.
-pub(super) fn node_status(node: &Node) -> Status {
+pub fn node_status(node: &Node) -> Status {
     let metrics = node.raft.metrics().borrow_watched().clone();
     let membership = metrics.membership_config.membership();
     let voters: Vec<u64> = membership.voter_ids().collect();

@@ -43,6 +43,7 @@ use crate::projections::component::Runtime;
 use crate::sandbox::Sandbox;
 use crate::store::{Store, StoreOptions};
 pub use auth::{Role, Tokens};
+pub use cluster::node_status;
 
 /// Largest request body; [`error::read_whole_body`] enforces it.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
@@ -192,6 +193,13 @@ pub fn app(
         node,
         openapi,
     }));
+    let grpc = crate::grpc::routes(crate::grpc::Context {
+        store: state.store.clone(),
+        processing: state.processing.clone(),
+        shutdown: state.shutdown.clone(),
+        node: state.node.clone(),
+        tokens: tokens.clone(),
+    });
     let tokens_for_ui = tokens.clone();
     let api = router
         .fallback(error::no_route)
@@ -214,9 +222,11 @@ pub fn app(
         .layer(tower::util::option_layer(cors))
         .with_state(state)
         .merge(ui);
-    // Added after the layers, which then leave them alone: Raft's messages are checked by
+    // Added after the layers, which then leave them alone: EventStoreDB's gRPC calls stream
+    // (the layers buffer bodies) and check callers themselves; Raft's messages are checked by
     // their own (the cluster's secret), and an append or a snapshot may exceed a request's
     // size limit.
+    let app = app.merge(grpc);
     match raft_routes {
         Some(raft_routes) => app.merge(raft_routes),
         None => app,

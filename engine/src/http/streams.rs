@@ -18,7 +18,7 @@ use crate::names::Name;
 use crate::sharding::{MAX_SHARDS, ShardError};
 use crate::store::{
     AllFilter, AppendOutcome, Direction, ExpectedRevision, MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES,
-    NewEvent, RecordedEvent, Slice, StreamMetadata,
+    NewEvent, RecordedEvent, Slice, StreamMetadata, check_event_type,
 };
 use crate::subscribe::ShardFilter;
 
@@ -372,17 +372,7 @@ fn new_event(index: usize, body: EventBody) -> Result<NewEvent, ApiError> {
         None => Uuid::new_v4(),
     };
     let event_type = body.event_type.unwrap_or_default();
-    if event_type.is_empty() {
-        return Err(invalid("type is required and must not be empty".into()));
-    }
-    if event_type.len() > MAX_EVENT_TYPE_BYTES {
-        return Err(invalid(format!(
-            "type is longer than {MAX_EVENT_TYPE_BYTES} bytes"
-        )));
-    }
-    if event_type.chars().any(char::is_control) {
-        return Err(invalid("type must not contain control characters".into()));
-    }
+    check_event_type(&event_type).map_err(invalid)?;
     let content_type = body.content_type.as_deref();
     let (data, binary) = match (body.data, body.data_base64) {
         (Some(_), Some(_)) => {

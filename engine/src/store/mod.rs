@@ -131,6 +131,21 @@ impl std::str::FromStr for ExpectedRevision {
     }
 }
 
+/// Why `event_type` cannot be stored, if it cannot: it must be 1 to 1024 bytes without control
+/// characters.
+pub fn check_event_type(event_type: &str) -> Result<(), String> {
+    if event_type.is_empty() {
+        return Err("type is required and must not be empty".into());
+    }
+    if event_type.len() > MAX_EVENT_TYPE_BYTES {
+        return Err(format!("type is longer than {MAX_EVENT_TYPE_BYTES} bytes"));
+    }
+    if event_type.chars().any(char::is_control) {
+        return Err("type must not contain control characters".into());
+    }
+    Ok(())
+}
+
 /// A revision or position in text: 1 to 19 ASCII digits (every real one fits), nothing else.
 pub fn parse_revision(text: &str) -> Option<u64> {
     let digits = (1..=19).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_digit());
