@@ -630,3 +630,91 @@ fn the_python_client_from_pypi() {
     );
     assert_eq!(page["events"][1]["data"], json!({"sku": "a", "n": 1}));
 }
+
+/// A certificate authority, and a certificate it signed for 127.0.0.1: (CA, chain, key) files.
+fn certificates(dir: &std::path::Path) -> (String, String, String) {
+    let mut authority = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    authority.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let authority =
+        rcgen::CertifiedIssuer::self_signed(authority, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let certificate = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &authority)
+        .unwrap();
+    let write = |name: &str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    (
+        write("ca.pem", authority.pem()),
+        write("server.pem", certificate.pem()),
+        write("server.key", key.serialize_pem()),
+    )
+}
+
+#[tokio::test]
+async fn grpc_and_http_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (authority, certificate, key) = certificates(dir.path());
+    let server = Server::start_with(&["--tls-cert", &certificate, "--tls-key", &key]);
+    assert!(
+        server.base.starts_with("https://127.0.0.1:"),
+        "{}",
+        server.base
+    );
+    let port = port(&server);
+
+    let url = format!("esdb://127.0.0.1:{port}?tls=true&tlsCAFile={authority}");
+    let client = Client::new(url.parse::<ClientSettings>().unwrap()).unwrap();
+    client
+        .append_to_stream("secure-1", &Default::default(), vec![order(0)])
+        .await
+        .unwrap();
+    assert_eq!(
+        read_all_of(&client, "secure-1", &Default::default())
+            .await
+            .len(),
+        1
+    );
+
+    // Without TLS nothing gets through.
+    let plain = client_for(&server, "esdb");
+    let refused = plain
+        .append_to_stream("secure-1", &Default::default(), vec![order(1)])
+        .await;
+    assert!(refused.is_err(), "a plain connection was served");
+
+    // HTTP/1.1 over the same TLS port.
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    let pem = std::fs::read(&authority).unwrap();
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    for certificate in tokio_rustls::rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(
+        b"GET /streams/secure-1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut response = String::new();
+    tls.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("\"stream\":\"secure-1\""), "{response}");
+}

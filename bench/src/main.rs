@@ -6,6 +6,7 @@
 
 mod cluster;
 mod connectors;
+mod esdb;
 mod footprint;
 mod groups;
 mod languages;
@@ -79,7 +80,8 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     cluster_events: u64,
     /// Run only these scenarios (comma-separated): single, batch, footprint, read, streams,
-    /// projections, wasm, languages, rebuild, sharding, groups, partitioned, cluster, connectors.
+    /// projections, wasm, languages, rebuild, sharding, groups, partitioned, cluster, connectors,
+    /// esdb.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -201,6 +203,10 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("kafka connectors, against the broker's own produce rate in the same sitting:");
         connectors::run(&dir.join("connectors"), args.connector_events).await?;
     }
+    if args.wants("esdb") {
+        println!("EventStoreDB's gRPC API (its Rust client) against the HTTP API, same server:");
+        esdb::run(&dir.join("esdb"), args.seconds).await?;
+    }
     if args.wants("cluster") {
         println!("three-node cluster on loopback, against one node in the same sitting:");
         cluster::run(&dir.join("cluster"), args.seconds, args.cluster_events).await?;
@@ -268,6 +274,7 @@ impl BenchServer {
             partition_workers: refract::cli::default_partition_workers(),
             cors_origins: Vec::new(),
             cluster: None,
+            tls: None,
         }
     }
 

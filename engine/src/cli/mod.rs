@@ -21,6 +21,7 @@ use crate::client::{
     self, AppendResult, Client, DeployOptions, Emitted, Event, Mode, NewEvent, OnError,
     ReadOptions, RowsQuery, ShardSelector, SubscribeFrom, SubscriptionMessage,
 };
+use crate::http::tls::TlsFiles;
 use crate::http::{ServeConfig, Tokens};
 use crate::sandbox::Sandbox;
 use crate::store::{CategoryPosition, IndexConfig};
@@ -128,6 +129,18 @@ struct ServeArgs {
     /// CORS on every route, Server-Sent Events included; repeatable. None by default.
     #[arg(long = "cors-origin", value_name = "ORIGIN", value_parser = parse_origin)]
     cors_origins: Vec<HeaderValue>,
+    /// Serve HTTPS, and EventStoreDB's gRPC API over TLS, with this certificate chain (PEM);
+    /// needs --tls-key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        conflicts_with = "node_id"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -640,6 +653,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .projection_workers
             .unwrap_or_else(default_partition_workers),
         cors_origins: args.cors_origins,
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(certificate), Some(key)) => Some(TlsFiles { certificate, key }),
+            _ => None,
+        },
         cluster: match args.node_id {
             None => None,
             Some(node_id) => {

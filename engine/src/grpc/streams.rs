@@ -31,7 +31,7 @@ use crate::store::{
 use crate::subscribe::{Item, Source, Start, Subscription};
 
 /// Events read from the store per page of a read.
-const PAGE: usize = 512;
+const PAGE: usize = 2048;
 /// Responses queued for a slow reader before the read waits for it.
 const QUEUE: usize = 256;
 

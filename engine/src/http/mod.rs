@@ -16,6 +16,7 @@ pub mod raft;
 mod sharders;
 mod streams;
 mod subscriptions;
+pub mod tls;
 mod ui;
 
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -292,6 +294,8 @@ pub struct ServeConfig {
     pub cors_origins: Vec<HeaderValue>,
     /// Run as a node of a cluster; `None`: a single node.
     pub cluster: Option<ClusterOptions>,
+    /// Serve HTTPS (and gRPC over TLS) with this certificate; `None`: plain HTTP and h2c.
+    pub tls: Option<tls::TlsFiles>,
 }
 
 /// A node's place in a cluster.
@@ -318,8 +322,13 @@ pub struct ClusterOptions {
 /// Runs the server until SIGTERM or Ctrl-C, then drains requests and closes the store.
 /// Prints `refract listening on http://ADDRESS` on stdout once it accepts connections.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     serve_until(config, shutdown_signal(), |address| {
-        println!("refract listening on http://{address}");
+        println!("refract listening on {scheme}://{address}");
     })
     .await
 }
@@ -336,6 +345,11 @@ pub async fn serve_until(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let address = listener.local_addr()?;
+    let tls = config
+        .tls
+        .as_ref()
+        .map(tls::TlsFiles::server_config)
+        .transpose()?;
     let cannot_open = || format!("cannot open the store in {}", config.data_dir.display());
     let (store, node) = match &config.cluster {
         None => {
@@ -418,8 +432,11 @@ pub async fn serve_until(
         tokio::spawn(join_cluster(join, node.id, node.url.clone()));
     }
     let stopping = shutdown.clone();
+    // Tapping each connection (with nothing) gives a listener of our own the connect info
+    // that axum gives a bare TcpListener.
+    let incoming = tls::Incoming::new(listener, tls)?.tap_io(|_| {});
     let server = axum::serve(
-        listener,
+        incoming,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
