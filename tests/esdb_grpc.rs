@@ -514,6 +514,13 @@ async fn persistent_subscriptions_through_the_rust_client() {
         "$persistentsubscription-job-1::workers-parked"
     );
     subscription.ack(&replayed).await.unwrap();
+    // Every ack and nack reached the group: nothing is in flight, and the checkpoint can pass
+    // every message (the client sends acks in batches, so this waits).
+    common::wait_until(|| async {
+        let (_, info) = server.get("/groups/job-1/workers").await;
+        info["in_flight"] == 0 && info["parked"] == 0
+    })
+    .await;
 
     // `$all`, filtered by a prefix of event types.
     client
@@ -717,4 +724,100 @@ async fn grpc_and_http_over_tls() {
     tls.read_to_string(&mut response).await.unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains("\"stream\":\"secure-1\""), "{response}");
+}
+
+#[tokio::test]
+async fn gossip_checkpoints_updates_and_what_refract_does_its_own_way() {
+    let server = Server::start();
+    let port = port(&server);
+    // Two seeds put the client in cluster mode: it asks Gossip for the leader and connects there.
+    let url = format!("esdb://127.0.0.1:{port},127.0.0.1:{port}?tls=false");
+    let client = Client::new(url.parse::<ClientSettings>().unwrap()).unwrap();
+    client
+        .append_to_stream(
+            "gossip-1",
+            &Default::default(),
+            vec![order(0), order(1), order(2)],
+        )
+        .await
+        .unwrap();
+
+    // A Wasm projection sees what gRPC wrote.
+    let (code, status) = server
+        .deploy("counter", common::guest("event-counter"), "")
+        .await;
+    assert_eq!(code, 201, "{status}");
+    server.caught_up("counter").await;
+    let (_, counts) = server.get("/projections/counter/state").await;
+    assert_eq!(counts["by_type"]["OrderPlaced"], 3, "{counts}");
+
+    // A filter that matches nothing still moves the subscriber on, by checkpoints.
+    let events: Vec<EventData> = (3..40).map(order).collect();
+    client
+        .append_to_stream("gossip-1", &Default::default(), events)
+        .await
+        .unwrap();
+    let mut nothing = client
+        .subscribe_to_all(
+            &SubscribeToAllOptions::default()
+                .position(StreamPosition::Start)
+                .filter(
+                    SubscriptionFilter::on_event_type()
+                        .add_prefix("Never")
+                        .max(10),
+                ),
+        )
+        .await;
+    let mut checkpoints = Vec::new();
+    while checkpoints.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(10), nothing.next_subscription_event())
+            .await
+            .expect("checkpoints within 10 s")
+            .unwrap()
+        {
+            SubscriptionEvent::Checkpoint(position) => checkpoints.push(position.commit),
+            SubscriptionEvent::EventAppeared(event) => panic!("filtered out: {event:?}"),
+            _ => {}
+        }
+    }
+    assert!(
+        checkpoints.windows(2).all(|pair| pair[0] < pair[1]),
+        "{checkpoints:?}"
+    );
+
+    // Updating a group changes its settings and keeps its place.
+    client
+        .create_persistent_subscription("gossip-1", "readers", &Default::default())
+        .await
+        .unwrap();
+    client
+        .update_persistent_subscription(
+            "gossip-1",
+            "readers",
+            &PersistentSubscriptionOptions::default()
+                .max_retry_count(7)
+                .start_from(StreamPosition::Start),
+        )
+        .await
+        .unwrap();
+    let (_, group) = server.get("/groups/gossip-1/readers").await;
+    assert_eq!(group["settings"]["max_retry_count"], 7, "{group}");
+    let missing = client
+        .update_persistent_subscription("gossip-1", "nobody", &Default::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, Error::ResourceNotFound), "{missing:?}");
+
+    // EventStoreDB's JavaScript projections are not Refract's: the call says so.
+    let projections = kurrentdb::ProjectionClient::new(
+        format!("esdb://127.0.0.1:{port}?tls=false")
+            .parse()
+            .unwrap(),
+    )
+    .unwrap();
+    let refused = projections
+        .create("totals", "fromAll()".into(), &Default::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, Error::UnsupportedFeature), "{refused:?}");
 }
