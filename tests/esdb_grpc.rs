@@ -256,6 +256,36 @@ async fn appends_and_reads_through_the_rust_client() {
     assert!(category[0].is_resolved());
     assert_eq!(category[0].event.as_ref().unwrap().stream_id(), "order-1");
     assert_eq!(category[0].link.as_ref().unwrap().stream_id(), "$ce-order");
+    // Not resolved, a link reads as EventStoreDB's: type `$>`, its target as text.
+    let links = read_all_of(
+        &client,
+        "$ce-order",
+        &ReadStreamOptions::default().max_count(1),
+    )
+    .await;
+    let link = links[0].get_original_event();
+    assert_eq!(link.event_type, "$>");
+    assert_eq!(&link.data[..], b"0@order-1");
+    assert_eq!(link.id, category[0].link.as_ref().unwrap().id);
+    // Position 0 of `$all` is where clients start from: the first event is delivered.
+    let mut from_zero = client
+        .subscribe_to_all(
+            &SubscribeToAllOptions::default().position(StreamPosition::Position(
+                kurrentdb::Position {
+                    commit: 0,
+                    prepare: 0,
+                },
+            )),
+        )
+        .await;
+    assert_eq!(
+        next_event(&mut from_zero)
+            .await
+            .get_original_event()
+            .position
+            .commit,
+        0
+    );
     let (_, by_correlation) = server.get("/streams/$bc-c-1").await;
     assert_eq!(by_correlation["events"][0]["stream"], "order-1");
 

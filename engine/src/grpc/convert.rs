@@ -9,8 +9,8 @@ use super::proto::event_store::client::{self as shared, StreamIdentifier};
 use crate::names::Name;
 use crate::store::{ExpectedRevision, NewEvent, RecordedEvent, StoreError, check_event_type};
 
-/// `created` in an event's metadata: .NET ticks (100 ns) since the Unix epoch.
-const TICKS_PER_MILLISECOND: i64 = 10_000;
+/// .NET ticks (100 ns), EventStoreDB's unit of time, per millisecond.
+pub const TICKS_PER_MILLISECOND: i64 = 10_000;
 /// The event type EventStoreDB gives links.
 const LINK_TYPE: &str = "$>";
 
@@ -61,6 +61,12 @@ pub fn stream_name(identifier: Option<&StreamIdentifier>) -> Result<String, Stat
 /// A stream a client may write to or delete: `$`-streams belong to the system.
 pub fn writable_stream(identifier: Option<&StreamIdentifier>) -> Result<String, Status> {
     let name = stream_name(identifier)?;
+    if let Some(stream) = name.strip_prefix("$$") {
+        return Err(Status::invalid_argument(format!(
+            "stream metadata is not kept in a stream here: set it with PUT \
+             /streams/{stream}/metadata (max_count, max_age_seconds, truncate_before, custom)"
+        )));
+    }
     if name.starts_with('$') {
         return Err(Status::invalid_argument(format!(
             "stream names starting with '$' are reserved for the system: {name:?}"
@@ -123,6 +129,22 @@ pub fn event_fields(event: &RecordedEvent, structured: bool) -> (EventFields, Op
     } else {
         "application/json"
     };
+    // A link read as itself (links not resolved) reads as EventStoreDB's: its own id and its
+    // target as bare text, as when it comes beside the event it points at.
+    if event.event_type == LINK_TYPE && event.link.is_none() {
+        let target = serde_json::from_slice::<String>(&event.data)
+            .map_or_else(|_| event.data.clone(), String::into_bytes);
+        let fields = EventFields {
+            id: uuid_message(link_id(&event.stream, event.revision), structured),
+            stream_identifier: identifier(&event.stream),
+            stream_revision: event.revision,
+            position: event.position,
+            metadata: system_metadata(LINK_TYPE, "application/octet-stream", event.created_ms),
+            custom_metadata: event.metadata.clone().into(),
+            data: target.into(),
+        };
+        return (fields, None);
+    }
     let fields = EventFields {
         id: uuid_message(event.id, structured),
         stream_identifier: identifier(&event.stream),
@@ -195,25 +217,6 @@ macro_rules! recorded_event {
     }};
 }
 pub(crate) use recorded_event;
-
-/// The expected revision of an append or delete, as the `oneof`s of each message spell it.
-pub enum Expected {
-    Revision(u64),
-    NoStream,
-    Any,
-    StreamExists,
-}
-
-impl From<Expected> for ExpectedRevision {
-    fn from(expected: Expected) -> Self {
-        match expected {
-            Expected::Revision(revision) => ExpectedRevision::Exact(revision),
-            Expected::NoStream => ExpectedRevision::NoStream,
-            Expected::Any => ExpectedRevision::Any,
-            Expected::StreamExists => ExpectedRevision::StreamExists,
-        }
-    }
-}
 
 /// EventStoreDB's number for an expected version: -2 any, -1 no stream, -4 stream exists.
 pub fn version_number(expected: ExpectedRevision) -> i64 {

@@ -3,16 +3,19 @@
 //! included (the Python client excludes system events with a negative look-ahead), so they are
 //! matched with `fancy-regex`.
 
-use fancy_regex::Regex;
+use fancy_regex::{Regex, RegexBuilder};
 use tonic::Status;
 
 use super::proto::event_store::client::streams::read_req::options::{
     FilterOptions, filter_options,
 };
-use crate::store::RecordedEvent;
+use crate::store::{AllFilter, RecordedEvent};
 
 /// Longest expression a filter may have.
 const MAX_REGEX_BYTES: usize = 4096;
+/// Backtracking steps one match may take: a subscriber's expression runs for every event of the
+/// log, so one that backtracks without end would take the server's threads.
+const BACKTRACK_LIMIT: usize = 10_000;
 
 pub struct EventFilter {
     /// Match event types (otherwise stream names).
@@ -47,12 +50,15 @@ impl EventFilter {
                     "a filter's expression may be at most {MAX_REGEX_BYTES} bytes"
                 )));
             }
-            let regex = Regex::new(&expression.regex).map_err(|error| {
-                Status::invalid_argument(format!(
-                    "{:?} is not a regular expression: {error}",
-                    expression.regex
-                ))
-            })?;
+            let regex = RegexBuilder::new(&expression.regex)
+                .backtrack_limit(BACKTRACK_LIMIT)
+                .build()
+                .map_err(|error| {
+                    Status::invalid_argument(format!(
+                        "{:?} is not a regular expression: {error}",
+                        expression.regex
+                    ))
+                })?;
             Matcher::Regex(Box::new(regex))
         };
         let window = match options.window {
@@ -84,6 +90,24 @@ impl EventFilter {
 
     pub fn checkpoint_interval(&self) -> u64 {
         self.checkpoint_interval
+    }
+
+    /// What the store can filter by as it scans `$all` (prefixes), every record else.
+    pub fn store_filter(&self) -> AllFilter {
+        let prefixes = match &self.matcher {
+            Matcher::Prefixes(prefixes) => prefixes.clone(),
+            Matcher::Regex(_) => Vec::new(),
+        };
+        let (stream_prefixes, type_prefixes) = if self.on_type {
+            (Vec::new(), prefixes)
+        } else {
+            (prefixes, Vec::new())
+        };
+        AllFilter {
+            stream_prefixes,
+            type_prefixes,
+            include_system: true,
+        }
     }
 }
 

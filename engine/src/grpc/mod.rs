@@ -18,10 +18,13 @@ mod server;
 mod streams;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::extract::ConnectInfo;
 use base64::Engine as _;
+use futures::Stream;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -95,6 +98,24 @@ impl Context {
         Ok(())
     }
 
+    /// EventStoreDB's `requires-leader: true` (its clients send it unless told to prefer
+    /// followers): a follower of a cluster answers with where the leader is, as for writes.
+    fn check_leader<T>(&self, request: &tonic::Request<T>) -> Result<(), Status> {
+        let required = request
+            .metadata()
+            .get("requires-leader")
+            .is_some_and(|value| value == "true");
+        match &self.node {
+            Some(node) if required && !node.is_leader() => Err(convert::store_status(
+                crate::store::StoreError::NotLeader {
+                    leader_url: node.leader_url(),
+                },
+                "$all",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn processing(&self) -> Result<Processing, Status> {
         self.processing
             .get()
@@ -114,6 +135,32 @@ fn presented_token(header: &str) -> Option<String> {
     let text = String::from_utf8(decoded).ok()?;
     text.split_once(':')
         .map(|(_, password)| password.to_owned())
+}
+
+/// The answers a task sends to a streaming call, as tonic takes them.
+fn channel_stream<T: Send + 'static>(
+    receiver: mpsc::Receiver<Result<T, Status>>,
+) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>> {
+    Box::pin(futures::stream::unfold(
+        receiver,
+        |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) },
+    ))
+}
+
+/// Sends `item` to the client; false when the client left, or the server is stopping (which
+/// the client is told) while it waited for a slow client.
+async fn send_or_stop<T>(
+    sender: &mpsc::Sender<Result<T, Status>>,
+    item: Result<T, Status>,
+    shutdown: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        sent = sender.send(item) => sent.is_ok(),
+        () = shutdown.cancelled() => {
+            let _ = sender.try_send(Err(convert::shutting_down()));
+            false
+        }
+    }
 }
 
 /// The gRPC services as routes to merge into the server's router.

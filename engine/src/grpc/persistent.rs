@@ -2,7 +2,7 @@
 //! groups: a subscription group is a group, a connection is a push consumer, and acks and nacks
 //! name the events delivered on that connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -10,20 +10,22 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::Context;
-use super::convert::{self, event_fields, original_id, recorded_event};
+use super::convert::{self, TICKS_PER_MILLISECOND, event_fields, original_id, recorded_event};
 use super::proto::event_store::client::Empty;
 use super::proto::event_store::client::StreamIdentifier;
 use super::proto::event_store::client::persistent_subscriptions::{
     self as ps, persistent_subscriptions_server, read_req, read_resp,
 };
+use super::{Context, channel_stream};
 use crate::groups::settings::{Settings, StartFrom, StartName, Strategy};
 use crate::groups::{ALL, GroupError, Groups, Info, MAX_PULL, NackAction};
 use crate::http::Role;
 
 /// Messages a connection holds unacked when the client asks for none.
 const DEFAULT_BUFFER: usize = 10;
-const TICKS_PER_MILLISECOND: i64 = 10_000;
+/// Deliveries a connection remembers for acks, per message it may hold unacked: one it gave up
+/// on (timed out and delivered to another consumer) is forgotten in time.
+const REMEMBERED_PER_BUFFERED: usize = 8;
 
 pub struct PersistentSubscriptions {
     context: Arc<Context>,
@@ -70,12 +72,12 @@ fn does_not_exist(stream: &str, group: &str) -> Status {
     )
 }
 
-/// The stream a request names, or `$all`.
-fn source(identifier: Option<&StreamIdentifier>, all: bool) -> Result<String, Status> {
-    if all {
-        return Ok(ALL.to_owned());
+/// The stream a request names, or `$all` when it names none.
+fn source(identifier: Option<&StreamIdentifier>) -> Result<String, Status> {
+    match identifier {
+        Some(identifier) => convert::stream_name(Some(identifier)),
+        None => Ok(ALL.to_owned()),
     }
-    convert::stream_name(identifier)
 }
 
 fn group_name(name: &str) -> Result<String, Status> {
@@ -439,8 +441,15 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
             current.settings.stream_prefix.clone(),
             current.settings.type_prefix.clone(),
         );
-        let settings = settings_fields!(settings, update_req, update_strategy)
+        let mut settings = settings_fields!(settings, update_req, update_strategy)
             .into_settings(start_from, prefixes)?;
+        // The message's strategy is an enum of three; a group with another keeps it.
+        if !matches!(
+            current.settings.strategy,
+            Strategy::RoundRobin | Strategy::DispatchToSingle | Strategy::Pinned
+        ) {
+            settings.strategy = current.settings.strategy.clone();
+        }
         groups
             .put(&stream, &group, settings)
             .await
@@ -457,7 +466,7 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
         let options = request.into_inner().options.unwrap_or_default();
         let group = group_name(&options.group_name)?;
         let stream = match &options.stream_option {
-            Some(StreamOption::StreamIdentifier(identifier)) => source(Some(identifier), false)?,
+            Some(StreamOption::StreamIdentifier(identifier)) => source(Some(identifier))?,
             Some(StreamOption::All(_)) => ALL.to_owned(),
             None => return Err(Status::invalid_argument("name a stream or $all")),
         };
@@ -502,7 +511,7 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
         };
         let group = group_name(&options.group_name)?;
         let stream = match &options.stream_option {
-            Some(StreamOption::StreamIdentifier(identifier)) => source(Some(identifier), false)?,
+            Some(StreamOption::StreamIdentifier(identifier)) => source(Some(identifier))?,
             Some(StreamOption::All(_)) => ALL.to_owned(),
             None => return Err(Status::invalid_argument("name a stream or $all")),
         };
@@ -530,6 +539,7 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
             .map_err(fail)?;
         let (sender, receiver) = mpsc::channel(buffer + 1);
         let connection = Connection {
+            remembered: buffer * REMEMBERED_PER_BUFFERED,
             groups,
             stream,
             group,
@@ -538,10 +548,7 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
             sender,
         };
         tokio::spawn(connection.run(deliveries, inbound));
-        Ok(Response::new(Box::pin(futures::stream::unfold(
-            receiver,
-            |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) },
-        ))))
+        Ok(Response::new(channel_stream(receiver)))
     }
 
     async fn get_info(
@@ -553,7 +560,7 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
         let options = request.into_inner().options.unwrap_or_default();
         let group = group_name(&options.group_name)?;
         let stream = match &options.stream_option {
-            Some(StreamOption::StreamIdentifier(identifier)) => source(Some(identifier), false)?,
+            Some(StreamOption::StreamIdentifier(identifier)) => source(Some(identifier))?,
             Some(StreamOption::All(_)) => ALL.to_owned(),
             None => return Err(Status::invalid_argument("name a stream or $all")),
         };
@@ -576,7 +583,7 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
         let options = request.into_inner().options.unwrap_or_default();
         let group = group_name(&options.group_name)?;
         let stream = match &options.stream_option {
-            Some(StreamOption::StreamIdentifier(identifier)) => source(Some(identifier), false)?,
+            Some(StreamOption::StreamIdentifier(identifier)) => source(Some(identifier))?,
             Some(StreamOption::All(_)) => ALL.to_owned(),
             None => return Err(Status::invalid_argument("name a stream or $all")),
         };
@@ -600,7 +607,7 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
         let options = request.into_inner().options.unwrap_or_default();
         let only = match options.list_option {
             Some(ListOption::ListForStream(stream)) => match stream.stream_option {
-                Some(StreamOption::Stream(identifier)) => Some(source(Some(&identifier), false)?),
+                Some(StreamOption::Stream(identifier)) => Some(source(Some(&identifier))?),
                 Some(StreamOption::All(_)) => Some(ALL.to_owned()),
                 None => None,
             },
@@ -626,6 +633,8 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
 
 /// One client connection to a group: deliveries out, acks and nacks in.
 struct Connection {
+    /// Most deliveries remembered for acks.
+    remembered: usize,
     groups: Groups,
     stream: String,
     group: String,
@@ -654,8 +663,10 @@ impl Connection {
         {
             return;
         }
-        // What the client acks by (the event's id, or its link's) and the group's ack id.
+        // What the client acks by (the event's id, or its link's) and the group's ack id, with
+        // the order they were delivered in, to forget the oldest.
         let mut delivered: HashMap<uuid::Uuid, String> = HashMap::new();
+        let mut order: VecDeque<uuid::Uuid> = VecDeque::new();
         loop {
             tokio::select! {
                 delivery = deliveries.recv() => {
@@ -664,14 +675,34 @@ impl Connection {
                         let _ = self.sender.send(Err(ended)).await;
                         return;
                     };
-                    delivered.insert(original_id(&delivery.event), delivery.ack_id.clone());
+                    let id = original_id(&delivery.event);
+                    delivered.insert(id, delivery.ack_id.clone());
+                    order.push_back(id);
+                    while order.len() > self.remembered {
+                        if let Some(oldest) = order.pop_front()
+                            && !order.contains(&oldest)
+                        {
+                            delivered.remove(&oldest);
+                        }
+                    }
                     if self.sender.send(Ok(self.message(&delivery))).await.is_err() {
                         return;
                     }
                 }
                 message = inbound.message() => {
-                    let Ok(Some(message)) = message else {
-                        return;
+                    // A stream that ends cleanly is taken by EventStoreDB's clients for a
+                    // protocol error, so the subscription always ends with a status.
+                    let message = match message {
+                        Ok(Some(message)) => message,
+                        Ok(None) => {
+                            let ended = Status::cancelled("the client ended the subscription");
+                            let _ = self.sender.try_send(Err(ended));
+                            return;
+                        }
+                        Err(status) => {
+                            let _ = self.sender.try_send(Err(status));
+                            return;
+                        }
                     };
                     if let Err(status) = self.answer(message, &mut delivered).await {
                         let _ = self.sender.send(Err(status)).await;

@@ -21,6 +21,8 @@ use crate::http::Role;
 /// The EventStoreDB version whose client protocol is served: clients pick features by it.
 const PROTOCOL_VERSION: &str = "24.10.0";
 
+/// Answers anyone, as EventStoreDB does: clients ask before they authenticate, and the answer
+/// tells nothing of the data.
 pub struct Features;
 
 #[tonic::async_trait]
@@ -143,6 +145,7 @@ fn operation_differs<T>(what: &str) -> Result<T, Status> {
     )))
 }
 
+/// Refusals only, to anyone: nothing is done or told.
 pub struct Operations;
 
 #[tonic::async_trait]
@@ -182,6 +185,7 @@ impl operations_server::Operations for Operations {
     }
 }
 
+/// Refusals only, to anyone: nothing is done or told.
 pub struct Projections;
 
 type Statistics = Pin<Box<dyn Stream<Item = Result<proj::StatisticsResp, Status>> + Send>>;

@@ -2,7 +2,7 @@
 //! delete and tombstone, over Refract's store. Positions in `$all` are Refract's positions, as
 //! both the commit and the prepare position.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{
-    self, Expected, event_fields, identifier, recorded_event, store_status, writable_stream,
+    self, event_fields, identifier, recorded_event, store_status, writable_stream,
 };
 use super::filter::EventFilter;
 use super::proto::event_store::client::streams::{
@@ -23,7 +23,7 @@ use super::proto::event_store::client::streams::{
 };
 use super::proto::event_store::client::{self as shared, AllStreamPosition};
 use super::proto::google::rpc;
-use super::{Context, MAX_APPEND_BYTES};
+use super::{Context, MAX_APPEND_BYTES, channel_stream, send_or_stop};
 use crate::http::Role;
 use crate::store::{
     AllFilter, AppendOutcome, Direction, ExpectedRevision, NewEvent, RecordedEvent, StoreError,
@@ -34,6 +34,20 @@ use crate::subscribe::{Item, Source, Start, Subscription};
 const PAGE: usize = 2048;
 /// Responses queued for a slow reader before the read waits for it.
 const QUEUE: usize = 256;
+/// Batches one `BatchAppend` call may have open at once (the clients send one at a time).
+const MAX_OPEN_BATCHES: usize = 16;
+
+/// The expected revision of a request, from the `oneof` each message declares anew.
+macro_rules! expected_revision {
+    ($option:expr, $($oneof:ident)::+, $revision:ident) => {
+        match $option {
+            Some($($oneof)::+::$revision(revision)) => ExpectedRevision::Exact(revision),
+            Some($($oneof)::+::NoStream(_)) => ExpectedRevision::NoStream,
+            Some($($oneof)::+::StreamExists(_)) => ExpectedRevision::StreamExists,
+            Some($($oneof)::+::Any(_)) | None => ExpectedRevision::Any,
+        }
+    };
+}
 
 pub struct Streams(pub Arc<Context>);
 
@@ -171,14 +185,23 @@ async fn read(
         },
         (From::At(at), _, _) => Some(at),
     };
-    while remaining > 0 {
-        let page = remaining.min(PAGE as u64) as usize;
+    // Prefixes are applied by the store as it scans; expressions here, on whole pages.
+    let log_filter = plan
+        .filter
+        .as_ref()
+        .map_or_else(whole_log, EventFilter::store_filter);
+    while remaining > 0 && !sender.is_closed() {
+        let page = match plan.filter {
+            Some(_) => PAGE,
+            None => remaining.min(PAGE as u64) as usize,
+        };
         let stream = plan.stream.clone();
         let (direction, resolve_links) = (plan.direction, plan.resolve_links);
+        let log_filter = log_filter.clone();
         let slice = store
             .blocking(move |store| match &stream {
                 Some(name) => store.read_stream(name, from, direction, page, resolve_links),
-                None => store.read_all(from, direction, page, &whole_log()),
+                None => store.read_all(from, direction, page, &log_filter),
             })
             .await;
         let slice = match slice {
@@ -229,11 +252,13 @@ async fn subscribe(
     plan: ReadPlan,
     sender: mpsc::Sender<Result<ReadResp, Status>>,
 ) {
-    // Subscriptions start after the revision or position they are given.
-    let start = match plan.from {
-        From::Start => Start::Beginning,
-        From::End => Start::End,
-        From::At(at) => Start::At(at.saturating_add(1)),
+    // Subscriptions start after the revision or position they are given. Position 0 of `$all`
+    // is where EventStoreDB's log begins (no event sits there) and what clients send for "from
+    // the start", while Refract's first event is there: it is delivered, not skipped.
+    let start = match (plan.from, &plan.stream) {
+        (From::Start, _) | (From::At(0), None) => Start::Beginning,
+        (From::End, _) => Start::End,
+        (From::At(at), _) => Start::At(at.saturating_add(1)),
     };
     let source = match &plan.stream {
         Some(name) => Source::Stream {
@@ -254,13 +279,10 @@ async fn subscribe(
     let confirmation = read_resp::Content::Confirmation(read_resp::SubscriptionConfirmation {
         subscription_id: uuid::Uuid::new_v4().to_string(),
     });
-    if sender
-        .send(Ok(ReadResp {
-            content: Some(confirmation),
-        }))
-        .await
-        .is_err()
-    {
+    let confirmation = Ok(ReadResp {
+        content: Some(confirmation),
+    });
+    if !send_or_stop(&sender, confirmation, &context.shutdown).await {
         return;
     }
     let checkpoint_every = plan.filter.as_ref().map(EventFilter::checkpoint_interval);
@@ -303,7 +325,7 @@ async fn subscribe(
                 Item::CaughtUp => {
                     if checkpoint_every.is_some()
                         && let Some(position) = last_position
-                        && sender.send(Ok(checkpoint(position))).await.is_err()
+                        && !send_or_stop(&sender, Ok(checkpoint(position)), &context.shutdown).await
                     {
                         return;
                     }
@@ -311,7 +333,7 @@ async fn subscribe(
                 }
             };
             if let Some(response) = response
-                && sender.send(Ok(response)).await.is_err()
+                && !send_or_stop(&sender, Ok(response), &context.shutdown).await
             {
                 return;
             }
@@ -349,22 +371,24 @@ fn now() -> prost_types::Timestamp {
     prost_types::Timestamp::from(std::time::SystemTime::now())
 }
 
-fn channel_stream<T: Send + 'static>(
-    receiver: mpsc::Receiver<Result<T, Status>>,
-) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>> {
-    Box::pin(futures::stream::unfold(
-        receiver,
-        |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) },
-    ))
+/// What an append did.
+enum Appended {
+    Written(AppendOutcome),
+    /// No events: the expected revision held, and the stream is at `current`.
+    Nothing {
+        current: Option<u64>,
+    },
 }
 
-fn append_expected(option: Option<append_req::options::ExpectedStreamRevision>) -> Expected {
-    use append_req::options::ExpectedStreamRevision as E;
-    match option {
-        Some(E::Revision(revision)) => Expected::Revision(revision),
-        Some(E::NoStream(_)) => Expected::NoStream,
-        Some(E::StreamExists(_)) => Expected::StreamExists,
-        Some(E::Any(_)) | None => Expected::Any,
+impl Appended {
+    /// The stream's revision and the position of its last event written, if any.
+    fn revision_and_position(&self) -> (Option<u64>, Option<u64>) {
+        match self {
+            Appended::Written(outcome) => {
+                (Some(outcome.last_revision), Some(outcome.last_position))
+            }
+            Appended::Nothing { current } => (*current, None),
+        }
     }
 }
 
@@ -374,41 +398,26 @@ async fn append_events(
     stream: &str,
     expected: ExpectedRevision,
     events: Vec<NewEvent>,
-) -> Result<Option<AppendOutcome>, StoreError> {
+) -> Result<Appended, StoreError> {
     if events.is_empty() {
         let name = stream.to_owned();
         let current = context
             .store
             .blocking(move |store| store.last_revision(&name))
             .await?;
-        let admitted = match expected {
-            ExpectedRevision::Any => true,
-            ExpectedRevision::NoStream => current.is_none(),
-            ExpectedRevision::StreamExists => current.is_some(),
-            ExpectedRevision::Exact(revision) => current == Some(revision),
-        };
-        if !admitted {
+        if !expected.admits(current) {
             return Err(StoreError::WrongExpectedRevision {
                 expected,
                 actual: current,
             });
         }
-        return Ok(None);
+        return Ok(Appended::Nothing { current });
     }
-    context
+    let outcome = context
         .store
         .append(stream.to_owned(), expected, events)
-        .await
-        .map(Some)
-}
-
-/// The stream's revision after an empty append (which wrote nothing).
-async fn current_revision(context: &Context, stream: &str) -> Result<Option<u64>, StoreError> {
-    let name = stream.to_owned();
-    context
-        .store
-        .blocking(move |store| store.last_revision(&name))
-        .await
+        .await?;
+    Ok(Appended::Written(outcome))
 }
 
 fn wrong_expected_version(
@@ -472,18 +481,104 @@ struct PendingBatch {
     correlation_id: Option<shared::Uuid>,
     options: Option<batch_append_req::Options>,
     events: Vec<NewEvent>,
+}
+
+/// What one `BatchAppend` message leads to.
+enum Step {
+    /// The batch goes on in a later message.
+    Wait,
+    /// The batch was refused before it was complete; its answer.
+    Refused(BatchAppendResp),
+    Complete(PendingBatch),
+}
+
+/// The batches of a `BatchAppend` call not complete yet, bounded in number and bytes.
+#[derive(Default)]
+struct OpenBatches {
+    open: HashMap<uuid::Uuid, PendingBatch>,
+    /// Batches refused before their final message: the rest of them is dropped.
+    refused: HashSet<uuid::Uuid>,
     bytes: usize,
 }
 
-async fn batch_append(context: Arc<Context>, batch: PendingBatch) -> BatchAppendResp {
+impl OpenBatches {
+    /// Takes a message of the call; an error ends the call.
+    fn take(&mut self, message: BatchAppendReq) -> Result<Step, Status> {
+        let key = convert::uuid_of(message.correlation_id.as_ref())
+            .map_err(|_| Status::invalid_argument("each batch needs a correlation id"))?;
+        if self.refused.contains(&key) {
+            if message.is_final {
+                self.refused.remove(&key);
+            }
+            return Ok(Step::Wait);
+        }
+        if !self.open.contains_key(&key) && self.open.len() + self.refused.len() >= MAX_OPEN_BATCHES
+        {
+            return Err(Status::resource_exhausted(format!(
+                "a BatchAppend call may have at most {MAX_OPEN_BATCHES} batches open at once"
+            )));
+        }
+        let batch = self.open.entry(key).or_insert_with(|| PendingBatch {
+            correlation_id: message.correlation_id.clone(),
+            options: None,
+            events: Vec::new(),
+        });
+        if message.options.is_some() {
+            batch.options = message.options;
+        }
+        let mut refusal = None;
+        for proposed in &message.proposed_messages {
+            let event = convert::new_event(
+                proposed.id.as_ref(),
+                &proposed.metadata,
+                &proposed.custom_metadata,
+                &proposed.data,
+            )
+            .and_then(|event| count_bytes(&mut self.bytes, &event).map(|()| event));
+            match event {
+                Ok(event) => batch.events.push(event),
+                Err(status) => {
+                    refusal = Some(status);
+                    break;
+                }
+            }
+        }
+        if let Some(status) = refusal {
+            let batch = self.remove(&key);
+            if !message.is_final {
+                self.refused.insert(key);
+            }
+            return Ok(Step::Refused(BatchAppendResp {
+                correlation_id: batch.correlation_id,
+                result: Some(batch_error(
+                    status.code(),
+                    status.message().to_owned(),
+                    None,
+                )),
+                stream_identifier: batch.options.and_then(|options| options.stream_identifier),
+                expected_stream_position: None,
+            }));
+        }
+        if message.is_final {
+            return Ok(Step::Complete(self.remove(&key)));
+        }
+        Ok(Step::Wait)
+    }
+
+    fn remove(&mut self, key: &uuid::Uuid) -> PendingBatch {
+        let batch = self.open.remove(key).expect("an open batch");
+        let bytes: usize = batch.events.iter().map(NewEvent::size).sum();
+        self.bytes = self.bytes.saturating_sub(bytes);
+        batch
+    }
+}
+
+/// Appends a complete batch. What the batch could not do is its answer; what the server cannot
+/// do now (not the leader, stopping, unavailable) ends the call with EventStoreDB's status, so
+/// that clients reconnect where they should.
+async fn batch_append(context: &Context, batch: PendingBatch) -> Result<BatchAppendResp, Status> {
     use batch_append_req::options::ExpectedStreamPosition as P;
     let options = batch.options.unwrap_or_default();
-    let expected = match options.expected_stream_position {
-        Some(P::StreamPosition(revision)) => Expected::Revision(revision),
-        Some(P::NoStream(_)) => Expected::NoStream,
-        Some(P::StreamExists(_)) => Expected::StreamExists,
-        Some(P::Any(_)) | None => Expected::Any,
-    };
     let echoed_expected = options
         .expected_stream_position
         .map(|position| match position {
@@ -496,26 +591,29 @@ async fn batch_append(context: Arc<Context>, batch: PendingBatch) -> BatchAppend
                 batch_append_resp::ExpectedStreamPosition::StreamExists(empty)
             }
         });
-    let expected = ExpectedRevision::from(expected);
+    let expected = expected_revision!(options.expected_stream_position, P, StreamPosition);
     let result = match writable_stream(options.stream_identifier.as_ref()) {
         Err(status) => batch_error(status.code(), status.message().to_owned(), None),
-        Ok(stream) => match append_events(&context, &stream, expected, batch.events).await {
-            Ok(Some(outcome)) => {
-                batch_success(Some(outcome.last_revision), Some(outcome.last_position))
+        Ok(stream) => match append_events(context, &stream, expected, batch.events).await {
+            Ok(appended) => {
+                let (revision, position) = appended.revision_and_position();
+                batch_success(revision, position)
             }
-            Ok(None) => match current_revision(&context, &stream).await {
-                Ok(current) => batch_success(current, None),
-                Err(error) => batch_store_error(error, &stream),
-            },
+            Err(
+                error @ (StoreError::NotLeader { .. }
+                | StoreError::ShuttingDown
+                | StoreError::Unavailable(_)
+                | StoreError::Storage(_)),
+            ) => return Err(store_status(error, &stream)),
             Err(error) => batch_store_error(error, &stream),
         },
     };
-    BatchAppendResp {
+    Ok(BatchAppendResp {
         correlation_id: batch.correlation_id,
         result: Some(result),
         stream_identifier: options.stream_identifier,
         expected_stream_position: echoed_expected,
-    }
+    })
 }
 
 fn batch_success(revision: Option<u64>, position: Option<u64>) -> batch_append_resp::Result {
@@ -590,6 +688,7 @@ impl streams_server::Streams for Streams {
 
     async fn read(&self, request: Request<ReadReq>) -> Result<Response<Responses>, Status> {
         self.0.authorize(&request, Role::Reader)?;
+        self.0.check_leader(&request)?;
         let options = request
             .into_inner()
             .options
@@ -621,7 +720,8 @@ impl streams_server::Streams for Streams {
             }
         };
         let stream = writable_stream(options.stream_identifier.as_ref())?;
-        let expected = ExpectedRevision::from(append_expected(options.expected_stream_revision));
+        use append_req::options::ExpectedStreamRevision as E;
+        let expected = expected_revision!(options.expected_stream_revision, E, Revision);
         let (mut events, mut bytes) = (Vec::new(), 0);
         while let Some(message) = messages.message().await? {
             let Some(append_req::Content::ProposedMessage(proposed)) = message.content else {
@@ -655,15 +755,12 @@ impl streams_server::Streams for Streams {
             }),
         };
         let result = match append_events(&self.0, &stream, expected, events).await {
-            Ok(Some(outcome)) => append_resp::Result::Success(success(
-                Some(outcome.last_revision),
-                Some((outcome.last_position, outcome.last_position)),
-            )),
-            Ok(None) => {
-                let current = current_revision(&self.0, &stream)
-                    .await
-                    .map_err(|error| store_status(error, &stream))?;
-                append_resp::Result::Success(success(current, None))
+            Ok(appended) => {
+                let (revision, position) = appended.revision_and_position();
+                append_resp::Result::Success(success(
+                    revision,
+                    position.map(|position| (position, position)),
+                ))
             }
             Err(StoreError::WrongExpectedRevision { expected, actual }) => {
                 append_resp::Result::WrongExpectedVersion(wrong_expected_version(expected, actual))
@@ -686,77 +783,29 @@ impl streams_server::Streams for Streams {
         let (sender, receiver) = mpsc::channel(QUEUE);
         let context = self.0.clone();
         tokio::spawn(async move {
-            let mut pending: HashMap<uuid::Uuid, PendingBatch> = HashMap::new();
+            let mut batches = OpenBatches::default();
             loop {
                 let message = tokio::select! {
                     message = messages.message() => message,
                     () = sender.closed() => return,
+                    () = context.shutdown.cancelled() => {
+                        let _ = sender.send(Err(convert::shutting_down())).await;
+                        return;
+                    }
                 };
-                let message = match message {
-                    Ok(Some(message)) => message,
+                let step = match message {
+                    Ok(Some(message)) => batches.take(message),
                     Ok(None) => return,
-                    Err(status) => {
-                        let _ = sender.send(Err(status)).await;
-                        return;
-                    }
+                    Err(status) => Err(status),
                 };
-                let key = match convert::uuid_of(message.correlation_id.as_ref()) {
-                    Ok(key) => key,
-                    Err(_) => {
-                        let refusal = Status::invalid_argument("each batch needs a correlation id");
-                        let _ = sender.send(Err(refusal)).await;
-                        return;
-                    }
+                let answer = match step {
+                    Ok(Step::Wait) => continue,
+                    Ok(Step::Refused(answer)) => Ok(answer),
+                    Ok(Step::Complete(batch)) => batch_append(&context, batch).await,
+                    Err(status) => Err(status),
                 };
-                let batch = pending.entry(key).or_insert_with(|| PendingBatch {
-                    correlation_id: message.correlation_id.clone(),
-                    options: None,
-                    events: Vec::new(),
-                    bytes: 0,
-                });
-                if message.options.is_some() {
-                    batch.options = message.options;
-                }
-                let mut refused = None;
-                for proposed in &message.proposed_messages {
-                    let event = convert::new_event(
-                        proposed.id.as_ref(),
-                        &proposed.metadata,
-                        &proposed.custom_metadata,
-                        &proposed.data,
-                    )
-                    .and_then(|event| count_bytes(&mut batch.bytes, &event).map(|()| event));
-                    match event {
-                        Ok(event) => batch.events.push(event),
-                        Err(status) => {
-                            refused = Some(status);
-                            break;
-                        }
-                    }
-                }
-                let response = match refused {
-                    Some(status) => {
-                        let batch = pending.remove(&key).expect("pending");
-                        BatchAppendResp {
-                            correlation_id: batch.correlation_id,
-                            result: Some(batch_error(
-                                status.code(),
-                                status.message().to_owned(),
-                                None,
-                            )),
-                            stream_identifier: batch
-                                .options
-                                .and_then(|options| options.stream_identifier),
-                            expected_stream_position: None,
-                        }
-                    }
-                    None if message.is_final => {
-                        let batch = pending.remove(&key).expect("pending");
-                        batch_append(context.clone(), batch).await
-                    }
-                    None => continue,
-                };
-                if sender.send(Ok(response)).await.is_err() {
+                let ends = answer.is_err();
+                if !send_or_stop(&sender, answer, &context.shutdown).await || ends {
                     return;
                 }
             }
@@ -768,14 +817,9 @@ impl streams_server::Streams for Streams {
         self.0.authorize(&request, Role::Admin)?;
         let options = request.into_inner().options.unwrap_or_default();
         use delete_req::options::ExpectedStreamRevision as E;
-        let expected = match options.expected_stream_revision {
-            Some(E::Revision(revision)) => Expected::Revision(revision),
-            Some(E::NoStream(_)) => Expected::NoStream,
-            Some(E::StreamExists(_)) => Expected::StreamExists,
-            Some(E::Any(_)) | None => Expected::Any,
-        };
+        let expected = expected_revision!(options.expected_stream_revision, E, Revision);
         let stream = writable_stream(options.stream_identifier.as_ref())?;
-        delete(&self.0, &stream, expected.into(), false).await?;
+        delete(&self.0, &stream, expected, false).await?;
         Ok(Response::new(DeleteResp {
             position_option: Some(delete_resp::PositionOption::NoPosition(shared::Empty {})),
         }))
@@ -788,14 +832,9 @@ impl streams_server::Streams for Streams {
         self.0.authorize(&request, Role::Admin)?;
         let options = request.into_inner().options.unwrap_or_default();
         use tombstone_req::options::ExpectedStreamRevision as E;
-        let expected = match options.expected_stream_revision {
-            Some(E::Revision(revision)) => Expected::Revision(revision),
-            Some(E::NoStream(_)) => Expected::NoStream,
-            Some(E::StreamExists(_)) => Expected::StreamExists,
-            Some(E::Any(_)) | None => Expected::Any,
-        };
+        let expected = expected_revision!(options.expected_stream_revision, E, Revision);
         let stream = writable_stream(options.stream_identifier.as_ref())?;
-        delete(&self.0, &stream, expected.into(), true).await?;
+        delete(&self.0, &stream, expected, true).await?;
         Ok(Response::new(TombstoneResp {
             position_option: Some(tombstone_resp::PositionOption::NoPosition(shared::Empty {})),
         }))
@@ -823,5 +862,90 @@ async fn delete(
             Err(refused)
         }
         Err(error) => Err(store_status(error, stream)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(
+        correlation: uuid::Uuid,
+        events: usize,
+        is_final: bool,
+        bad: bool,
+    ) -> BatchAppendReq {
+        let proposed = (0..events)
+            .map(|_| batch_append_req::ProposedMessage {
+                id: Some(convert::uuid_message(uuid::Uuid::new_v4(), false)),
+                metadata: HashMap::from([
+                    (
+                        "type".to_owned(),
+                        if bad {
+                            String::new()
+                        } else {
+                            "Placed".to_owned()
+                        },
+                    ),
+                    ("content-type".to_owned(), "application/json".to_owned()),
+                ]),
+                custom_metadata: Default::default(),
+                data: bytes::Bytes::from_static(b"{}"),
+            })
+            .collect();
+        BatchAppendReq {
+            correlation_id: Some(convert::uuid_message(correlation, false)),
+            options: Some(batch_append_req::Options {
+                stream_identifier: Some(identifier("order-1")),
+                ..Default::default()
+            }),
+            proposed_messages: proposed,
+            is_final,
+        }
+    }
+
+    #[test]
+    fn batches_are_bounded_and_answered_once() {
+        let mut batches = OpenBatches::default();
+        // A batch in two messages completes with both parts.
+        let one = uuid::Uuid::new_v4();
+        assert!(matches!(
+            batches.take(message(one, 2, false, false)),
+            Ok(Step::Wait)
+        ));
+        let Ok(Step::Complete(batch)) = batches.take(message(one, 1, true, false)) else {
+            panic!("complete")
+        };
+        assert_eq!(batch.events.len(), 3);
+        assert_eq!(batches.bytes, 0);
+
+        // A refused batch is answered once; what else comes of it is dropped.
+        let refused = uuid::Uuid::new_v4();
+        assert!(matches!(
+            batches.take(message(refused, 1, false, true)),
+            Ok(Step::Refused(_))
+        ));
+        assert!(matches!(
+            batches.take(message(refused, 1, false, false)),
+            Ok(Step::Wait)
+        ));
+        assert!(matches!(
+            batches.take(message(refused, 1, true, false)),
+            Ok(Step::Wait)
+        ));
+        assert!(batches.refused.is_empty());
+
+        // Open batches are bounded.
+        for _ in 0..MAX_OPEN_BATCHES {
+            assert!(matches!(
+                batches.take(message(uuid::Uuid::new_v4(), 1, false, false)),
+                Ok(Step::Wait)
+            ));
+        }
+        let refusal = batches.take(message(uuid::Uuid::new_v4(), 1, false, false));
+        assert_eq!(
+            refusal.err().unwrap().code(),
+            tonic::Code::ResourceExhausted
+        );
     }
 }

@@ -26,6 +26,8 @@ use tokio_util::task::AbortOnDropHandle;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections past their handshake waiting for the server to take them.
 const HANDSHAKEN_QUEUE: usize = 128;
+/// Handshakes in progress at once; past it, accepting waits for one to finish.
+const MAX_HANDSHAKES: usize = 512;
 
 /// A certificate chain and its private key, PEM files.
 #[derive(Debug, Clone)]
@@ -93,11 +95,16 @@ async fn accept_tls(
     acceptor: TlsAcceptor,
     handshaken: mpsc::Sender<(TlsStream<Connection>, SocketAddr)>,
 ) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
+        let Ok(permit) = handshakes.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, peer) = axum::serve::Listener::accept(&mut listener).await;
         let stream = Connection::new(stream);
         let (acceptor, handshaken) = (acceptor.clone(), handshaken.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => {
                     let _ = handshaken.send((stream, peer)).await;

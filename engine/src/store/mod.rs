@@ -104,7 +104,7 @@ pub enum ExpectedRevision {
 }
 
 impl ExpectedRevision {
-    fn admits(self, current: Option<u64>) -> bool {
+    pub fn admits(self, current: Option<u64>) -> bool {
         match self {
             ExpectedRevision::Any => true,
             ExpectedRevision::NoStream => current.is_none(),
