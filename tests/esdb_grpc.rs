@@ -851,3 +851,41 @@ async fn gossip_checkpoints_updates_and_what_refract_does_its_own_way() {
         .unwrap_err();
     assert!(matches!(refused, Error::UnsupportedFeature), "{refused:?}");
 }
+
+#[tokio::test]
+async fn a_cluster_through_gossip_and_where_the_leader_is() {
+    let cluster = common::cluster::Cluster::start();
+    let leader = cluster.leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let port_of = |id: u64| port(cluster.node(id));
+
+    // All three as seeds: the client asks Gossip for the members and connects to the leader.
+    let seeds: Vec<String> = (1..=3)
+        .map(|id| format!("127.0.0.1:{}", port_of(id)))
+        .collect();
+    let url = format!("esdb://{}?tls=false", seeds.join(","));
+    let client = Client::new(url.parse::<ClientSettings>().unwrap()).unwrap();
+    client
+        .append_to_stream("ha-1", &Default::default(), vec![order(0)])
+        .await
+        .unwrap();
+
+    // Straight to a follower: the first call learns where the leader is, the next goes there.
+    let url = format!("esdb://127.0.0.1:{}?tls=false", port_of(follower));
+    let direct = Client::new(url.parse::<ClientSettings>().unwrap()).unwrap();
+    match direct
+        .append_to_stream("ha-1", &Default::default(), vec![order(1)])
+        .await
+    {
+        Err(Error::NotLeaderException(endpoint)) => {
+            assert_eq!(endpoint.port, u32::from(port_of(leader)));
+            direct
+                .append_to_stream("ha-1", &Default::default(), vec![order(1)])
+                .await
+                .unwrap();
+        }
+        other => panic!("a follower took a write: {other:?}"),
+    }
+    let on_leader = read_all_of(&direct, "ha-1", &Default::default()).await;
+    assert_eq!(on_leader.len(), 2);
+}
