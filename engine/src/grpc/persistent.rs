@@ -12,7 +12,6 @@ use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::convert::{self, TICKS_PER_MILLISECOND, event_fields, original_id, recorded_event};
 use super::proto::event_store::client::Empty;
-use super::proto::event_store::client::StreamIdentifier;
 use super::proto::event_store::client::persistent_subscriptions::{
     self as ps, persistent_subscriptions_server, read_req, read_resp,
 };
@@ -72,12 +71,29 @@ fn does_not_exist(stream: &str, group: &str) -> Status {
     )
 }
 
-/// The stream a request names, or `$all` when it names none.
-fn source(identifier: Option<&StreamIdentifier>) -> Result<String, Status> {
-    match identifier {
-        Some(identifier) => convert::stream_name(Some(identifier)),
-        None => Ok(ALL.to_owned()),
-    }
+/// The stream a request's `stream_option` names, or `$all`; each message declares its own.
+macro_rules! named_source {
+    ($option:expr, $($oneof:ident)::+) => {
+        match $option {
+            Some($($oneof)::+::StreamIdentifier(identifier)) => {
+                convert::stream_name(Some(identifier))
+            }
+            Some($($oneof)::+::All(_)) => Ok(ALL.to_owned()),
+            None => Err(Status::invalid_argument("name a stream or $all")),
+        }
+    };
+}
+
+/// Where a group begins, from a `oneof` of a revision (or position), start and end; each
+/// message declares its own. `$at` takes the revision or position out of its variant.
+macro_rules! start_from {
+    ($option:expr, $($oneof:ident)::+, $variant:ident, $at:expr) => {
+        match $option {
+            Some($($oneof)::+::$variant(at)) => StartFrom::At(($at)(at)),
+            Some($($oneof)::+::Start(_)) => StartFrom::Named(StartName::Start),
+            Some($($oneof)::+::End(_)) | None => StartFrom::Named(StartName::End),
+        }
+    };
 }
 
 fn group_name(name: &str) -> Result<String, Status> {
@@ -334,33 +350,29 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
         &self,
         request: Request<ps::CreateReq>,
     ) -> Result<Response<ps::CreateResp>, Status> {
-        use ps::create_req::{all_options::AllOption, options::StreamOption, stream_options};
+        use ps::create_req::{
+            Position, all_options::AllOption, options::StreamOption, stream_options,
+        };
         self.context.authorize(&request, Role::Admin)?;
         let options = request.into_inner().options.unwrap_or_default();
         let group = group_name(&options.group_name)?;
         let settings = options.settings.unwrap_or_default();
         let (stream, start_from, prefixes) = match options.stream_option {
             Some(StreamOption::Stream(stream)) => {
-                let start = match stream.revision_option {
-                    Some(stream_options::RevisionOption::Revision(revision)) => {
-                        StartFrom::At(revision)
-                    }
-                    Some(stream_options::RevisionOption::Start(_)) => {
-                        StartFrom::Named(StartName::Start)
-                    }
-                    Some(stream_options::RevisionOption::End(_)) | None => {
-                        StartFrom::Named(StartName::End)
-                    }
-                };
+                let start = start_from!(
+                    stream.revision_option,
+                    stream_options::RevisionOption,
+                    Revision,
+                    |revision| revision
+                );
                 let name = convert::stream_name(stream.stream_identifier.as_ref())?;
                 (name, start, (None, None))
             }
             Some(StreamOption::All(all)) => {
-                let start = match all.all_option {
-                    Some(AllOption::Position(position)) => StartFrom::At(position.commit_position),
-                    Some(AllOption::Start(_)) => StartFrom::Named(StartName::Start),
-                    Some(AllOption::End(_)) | None => StartFrom::Named(StartName::End),
-                };
+                let start =
+                    start_from!(all.all_option, AllOption, Position, |position: Position| {
+                        position.commit_position
+                    });
                 let filter = match all.filter_option {
                     Some(ps::create_req::all_options::FilterOption::Filter(filter)) => Some(filter),
                     _ => None,
@@ -395,35 +407,31 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
         &self,
         request: Request<ps::UpdateReq>,
     ) -> Result<Response<ps::UpdateResp>, Status> {
-        use ps::update_req::{all_options::AllOption, options::StreamOption, stream_options};
+        use ps::update_req::{
+            Position, all_options::AllOption, options::StreamOption, stream_options,
+        };
         self.context.authorize(&request, Role::Admin)?;
         let options = request.into_inner().options.unwrap_or_default();
         let group = group_name(&options.group_name)?;
         let settings = options.settings.unwrap_or_default();
         let (stream, start_from) = match options.stream_option {
             Some(StreamOption::Stream(stream)) => {
-                let start = match stream.revision_option {
-                    Some(stream_options::RevisionOption::Revision(revision)) => {
-                        StartFrom::At(revision)
-                    }
-                    Some(stream_options::RevisionOption::Start(_)) => {
-                        StartFrom::Named(StartName::Start)
-                    }
-                    Some(stream_options::RevisionOption::End(_)) | None => {
-                        StartFrom::Named(StartName::End)
-                    }
-                };
+                let start = start_from!(
+                    stream.revision_option,
+                    stream_options::RevisionOption,
+                    Revision,
+                    |revision| revision
+                );
                 (
                     convert::stream_name(stream.stream_identifier.as_ref())?,
                     start,
                 )
             }
             Some(StreamOption::All(all)) => {
-                let start = match all.all_option {
-                    Some(AllOption::Position(position)) => StartFrom::At(position.commit_position),
-                    Some(AllOption::Start(_)) => StartFrom::Named(StartName::Start),
-                    Some(AllOption::End(_)) | None => StartFrom::Named(StartName::End),
-                };
+                let start =
+                    start_from!(all.all_option, AllOption, Position, |position: Position| {
+                        position.commit_position
+                    });
                 (ALL.to_owned(), start)
             }
             None => (
@@ -465,11 +473,7 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
         self.context.authorize(&request, Role::Admin)?;
         let options = request.into_inner().options.unwrap_or_default();
         let group = group_name(&options.group_name)?;
-        let stream = match &options.stream_option {
-            Some(StreamOption::StreamIdentifier(identifier)) => source(Some(identifier))?,
-            Some(StreamOption::All(_)) => ALL.to_owned(),
-            None => return Err(Status::invalid_argument("name a stream or $all")),
-        };
+        let stream = named_source!(&options.stream_option, StreamOption)?;
         self.groups()?
             .delete(&stream, &group)
             .await
@@ -510,11 +514,7 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
             }
         };
         let group = group_name(&options.group_name)?;
-        let stream = match &options.stream_option {
-            Some(StreamOption::StreamIdentifier(identifier)) => source(Some(identifier))?,
-            Some(StreamOption::All(_)) => ALL.to_owned(),
-            None => return Err(Status::invalid_argument("name a stream or $all")),
-        };
+        let stream = named_source!(&options.stream_option, StreamOption)?;
         let buffer = usize::try_from(options.buffer_size)
             .ok()
             .filter(|size| *size > 0)
@@ -559,11 +559,7 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
         self.context.authorize(&request, Role::Reader)?;
         let options = request.into_inner().options.unwrap_or_default();
         let group = group_name(&options.group_name)?;
-        let stream = match &options.stream_option {
-            Some(StreamOption::StreamIdentifier(identifier)) => source(Some(identifier))?,
-            Some(StreamOption::All(_)) => ALL.to_owned(),
-            None => return Err(Status::invalid_argument("name a stream or $all")),
-        };
+        let stream = named_source!(&options.stream_option, StreamOption)?;
         let info = self
             .groups()?
             .info(&stream, &group)
@@ -582,11 +578,7 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
         self.context.authorize(&request, Role::Admin)?;
         let options = request.into_inner().options.unwrap_or_default();
         let group = group_name(&options.group_name)?;
-        let stream = match &options.stream_option {
-            Some(StreamOption::StreamIdentifier(identifier)) => source(Some(identifier))?,
-            Some(StreamOption::All(_)) => ALL.to_owned(),
-            None => return Err(Status::invalid_argument("name a stream or $all")),
-        };
+        let stream = named_source!(&options.stream_option, StreamOption)?;
         let stop_at = match options.stop_at_option {
             Some(StopAtOption::StopAt(stop_at)) => Some(
                 u64::try_from(stop_at)
@@ -607,7 +599,9 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
         let options = request.into_inner().options.unwrap_or_default();
         let only = match options.list_option {
             Some(ListOption::ListForStream(stream)) => match stream.stream_option {
-                Some(StreamOption::Stream(identifier)) => Some(source(Some(&identifier))?),
+                Some(StreamOption::Stream(identifier)) => {
+                    Some(convert::stream_name(Some(&identifier))?)
+                }
                 Some(StreamOption::All(_)) => Some(ALL.to_owned()),
                 None => None,
             },
