@@ -52,6 +52,9 @@ pub enum GroupError {
     /// A sharder is still used by a group.
     #[error("{0}")]
     InUse(String),
+    /// A create found the group there already.
+    #[error("the group {group:?} on {stream:?} exists already")]
+    Exists { stream: String, group: String },
     #[error("no sharder is named {0:?}")]
     NoSharder(String),
     /// A commit made in a generation that is over.
@@ -407,6 +410,27 @@ impl Groups {
         group: &str,
         settings: Settings,
     ) -> Result<(bool, Info), GroupError> {
+        self.put_or_create(stream, group, settings, false).await
+    }
+
+    /// Creates a group; [`GroupError::Exists`] when it is there already.
+    pub async fn create(
+        &self,
+        stream: &str,
+        group: &str,
+        settings: Settings,
+    ) -> Result<Info, GroupError> {
+        let (_, info) = self.put_or_create(stream, group, settings, true).await?;
+        Ok(info)
+    }
+
+    async fn put_or_create(
+        &self,
+        stream: &str,
+        group: &str,
+        settings: Settings,
+        only_create: bool,
+    ) -> Result<(bool, Info), GroupError> {
         validate_names(stream, group)?;
         settings
             .validate(stream == ALL)
@@ -415,6 +439,12 @@ impl Groups {
         let sharder = self.sharder_for(&settings)?;
         let partitioned = matches!(settings.strategy, Strategy::Partitioned { .. });
         let created = match self.handle(stream, group) {
+            Ok(_) if only_create => {
+                return Err(GroupError::Exists {
+                    stream: stream.to_owned(),
+                    group: group.to_owned(),
+                });
+            }
             Ok(Handle::PerMessage(_)) if partitioned => {
                 return Err(kind_change(stream, group));
             }

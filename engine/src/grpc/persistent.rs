@@ -46,6 +46,11 @@ type Deliveries = Pin<Box<dyn Stream<Item = Result<ps::ReadResp, Status>> + Send
 fn group_status(error: GroupError, stream: &str, group: &str) -> Status {
     match error {
         GroupError::NotFound { .. } => does_not_exist(stream, group),
+        GroupError::Exists { .. } => convert::persistent_status(
+            Code::AlreadyExists,
+            format!("Subscription group '{group}' on stream '{stream}' already exists."),
+            "persistent-subscription-exists",
+        ),
         GroupError::Full(_) => convert::persistent_status(
             Code::FailedPrecondition,
             "Maximum subscriptions reached.".into(),
@@ -387,16 +392,8 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
         };
         let settings = settings_fields!(settings, create_req, create_strategy)
             .into_settings(start_from, prefixes)?;
-        let groups = self.groups()?;
-        if groups.info(&stream, &group).await.is_ok() {
-            return Err(convert::persistent_status(
-                Code::AlreadyExists,
-                format!("Subscription group '{group}' on stream '{stream}' already exists."),
-                "persistent-subscription-exists",
-            ));
-        }
-        groups
-            .put(&stream, &group, settings)
+        self.groups()?
+            .create(&stream, &group, settings)
             .await
             .map_err(|error| group_status(error, &stream, &group))?;
         Ok(Response::new(ps::CreateResp {}))

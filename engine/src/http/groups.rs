@@ -41,6 +41,7 @@ impl From<GroupError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "max_subscribers_reached", message)
             }
             GroupError::InUse(_) => ApiError::new(StatusCode::CONFLICT, "in_use", message),
+            GroupError::Exists { .. } => ApiError::new(StatusCode::CONFLICT, "exists", message),
             GroupError::NoSharder(_) => ApiError::not_found(message),
             GroupError::StaleGeneration(_) => {
                 ApiError::new(StatusCode::CONFLICT, "stale_generation", message)
