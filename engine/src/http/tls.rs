@@ -106,7 +106,10 @@ async fn accept_tls(
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => {
+                Ok(Ok(mut stream)) => {
+                    // The handshake's bytes said nothing of the protocol; ALPN does.
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    stream.get_mut().0.quick_ack = Some(h2);
                     let _ = handshaken.send((stream, peer)).await;
                 }
                 Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
@@ -116,19 +119,30 @@ async fn accept_tls(
     }
 }
 
+/// What an HTTP/2 client sends first, without TLS.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// An accepted TCP connection, set up for requests answered at once. Its small writes go out
-/// at once (no Nagle: an HTTP/2 answer is several frames written one after the other), and it
-/// acknowledges what it reads at once: a client that writes a request's headers and body
-/// separately with Nagle's algorithm on (EventStoreDB's Rust client does) holds the body until
-/// its headers are acknowledged, which a delayed ack would put off by 40 ms.
-pub struct Connection(TcpStream);
+/// at once (no Nagle: an HTTP/2 answer is several frames written one after the other), and an
+/// HTTP/2 one acknowledges what it reads at once: a client that writes a request's headers and
+/// body separately with Nagle's algorithm on (EventStoreDB's Rust client does) holds the body
+/// until its headers are acknowledged, which a delayed ack would put off by 40 ms. HTTP/1.1
+/// connections keep delayed acks, which cost them nothing and save packets.
+pub struct Connection {
+    stream: TcpStream,
+    /// Acknowledge reads at once; `None` until the first bytes say whether this is HTTP/2.
+    quick_ack: Option<bool>,
+}
 
 impl Connection {
     fn new(stream: TcpStream) -> Self {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
-        Connection(stream)
+        Connection {
+            stream,
+            quick_ack: None,
+        }
     }
 }
 
@@ -139,14 +153,22 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let filled = buf.filled().len();
-        let poll = Pin::new(&mut self.0).poll_read(cx, buf);
+        let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let read = &buf.filled()[filled..];
+        if read.is_empty() {
+            return poll;
+        }
+        let quick_ack = *self.quick_ack.get_or_insert_with(|| {
+            let compared = read.len().min(H2_PREFACE.len());
+            read[..compared] == H2_PREFACE[..compared]
+        });
         // Linux leaves quick-ack mode on its own, so it is asked for again after each read.
         #[cfg(target_os = "linux")]
-        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > filled {
-            let _ = socket2::SockRef::from(&self.0).set_tcp_quickack(true);
+        if quick_ack {
+            let _ = socket2::SockRef::from(&self.stream).set_tcp_quickack(true);
         }
         #[cfg(not(target_os = "linux"))]
-        let _ = filled;
+        let _ = quick_ack;
         poll
     }
 }
@@ -157,7 +179,7 @@ impl AsyncWrite for Connection {
         cx: &mut TaskContext<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -165,19 +187,19 @@ impl AsyncWrite for Connection {
         cx: &mut TaskContext<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
