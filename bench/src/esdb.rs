@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use kurrentdb::{EventData, ReadAllOptions, ReadStreamOptions};
 
-use crate::{BenchServer, Latencies, appends, report, sample_event};
+use crate::{BenchServer, Latencies, appends, gather, report, sample_event};
 use refract::client::{NewEvent, ReadOptions};
 use refract::store::ExpectedRevision;
 
@@ -67,13 +67,7 @@ async fn grpc_appends(server: &BenchServer, clients: usize, seconds: u64) -> any
             anyhow::Ok((sent, latencies))
         }));
     }
-    let mut events = 0;
-    let mut latencies = Latencies::default();
-    for task in tasks {
-        let (sent, samples) = task.await??;
-        events += sent;
-        latencies.0.extend(samples);
-    }
+    let (events, mut latencies) = gather(tasks).await?;
     let label = format!("gRPC append 1 event/call, {clients} clients");
     report(&label, events, started.elapsed(), &mut latencies, None);
     Ok(())

@@ -463,6 +463,18 @@ async fn appends(
             anyhow::Ok((sent, latencies))
         }));
     }
+    let (events, mut latencies) = gather(tasks).await?;
+    let elapsed = started.elapsed();
+    let disk = server.disk_bytes().saturating_sub(disk_before);
+    report(label, events, elapsed, &mut latencies, Some(disk));
+    Ok(events as f64 / elapsed.as_secs_f64())
+}
+
+/// A load client's task: the events it sent and each request's latency in microseconds.
+type LoadClient = tokio::task::JoinHandle<anyhow::Result<(u64, Vec<u64>)>>;
+
+/// The events the load clients sent, and their latencies together.
+async fn gather(tasks: Vec<LoadClient>) -> anyhow::Result<(u64, Latencies)> {
     let mut events = 0;
     let mut latencies = Latencies::default();
     for task in tasks {
@@ -470,10 +482,7 @@ async fn appends(
         events += sent;
         latencies.0.extend(samples);
     }
-    let elapsed = started.elapsed();
-    let disk = server.disk_bytes().saturating_sub(disk_before);
-    report(label, events, elapsed, &mut latencies, Some(disk));
-    Ok(events as f64 / elapsed.as_secs_f64())
+    Ok((events, latencies))
 }
 
 /// The stream the read scenarios read: 50,000 events.

@@ -69,6 +69,17 @@ impl Name {
     }
 }
 
+/// A stream a client may write to or delete: a valid name, not one of the system's (`$…`).
+pub fn check_writable_stream(name: &str) -> Result<(), String> {
+    Name::Stream.check(name)?;
+    if name.starts_with('$') {
+        return Err(format!(
+            "stream names starting with '$' are reserved for the system: {name:?}"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

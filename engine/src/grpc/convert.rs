@@ -6,7 +6,7 @@ use tonic::{Code, Status};
 use uuid::Uuid;
 
 use super::proto::event_store::client::{self as shared, StreamIdentifier};
-use crate::names::Name;
+use crate::names::{Name, check_writable_stream};
 use crate::store::{ExpectedRevision, NewEvent, RecordedEvent, StoreError, check_event_type};
 
 /// .NET ticks (100 ns), EventStoreDB's unit of time, per millisecond.
@@ -67,11 +67,7 @@ pub fn writable_stream(identifier: Option<&StreamIdentifier>) -> Result<String, 
              /streams/{stream}/metadata (max_count, max_age_seconds, truncate_before, custom)"
         )));
     }
-    if name.starts_with('$') {
-        return Err(Status::invalid_argument(format!(
-            "stream names starting with '$' are reserved for the system: {name:?}"
-        )));
-    }
+    check_writable_stream(&name).map_err(Status::invalid_argument)?;
     Ok(name)
 }
 
@@ -123,7 +119,7 @@ pub struct EventFields {
 
 /// The event as read and, when it was reached through a link, the link: EventStoreDB's clients
 /// ack and resume by the link's id and revision.
-pub fn event_fields(event: &RecordedEvent, structured: bool) -> (EventFields, Option<EventFields>) {
+pub fn event_fields(event: RecordedEvent, structured: bool) -> (EventFields, Option<EventFields>) {
     let content_type = if event.binary {
         "application/octet-stream"
     } else {
@@ -132,15 +128,17 @@ pub fn event_fields(event: &RecordedEvent, structured: bool) -> (EventFields, Op
     // A link read as itself (links not resolved) reads as EventStoreDB's: its own id and its
     // target as bare text, as when it comes beside the event it points at.
     if event.event_type == LINK_TYPE && event.link.is_none() {
-        let target = serde_json::from_slice::<String>(&event.data)
-            .map_or_else(|_| event.data.clone(), String::into_bytes);
+        let target = match serde_json::from_slice::<String>(&event.data) {
+            Ok(target) => target.into_bytes(),
+            Err(_) => event.data,
+        };
         let fields = EventFields {
             id: uuid_message(link_id(&event.stream, event.revision), structured),
             stream_identifier: identifier(&event.stream),
             stream_revision: event.revision,
             position: event.position,
             metadata: system_metadata(LINK_TYPE, "application/octet-stream", event.created_ms),
-            custom_metadata: event.metadata.clone().into(),
+            custom_metadata: event.metadata.into(),
             data: target.into(),
         };
         return (fields, None);
@@ -151,8 +149,8 @@ pub fn event_fields(event: &RecordedEvent, structured: bool) -> (EventFields, Op
         stream_revision: event.revision,
         position: event.position,
         metadata: system_metadata(&event.event_type, content_type, event.created_ms),
-        custom_metadata: event.metadata.clone().into(),
-        data: event.data.clone().into(),
+        custom_metadata: event.metadata.into(),
+        data: event.data.into(),
     };
     let link = event.link.as_ref().map(|link| EventFields {
         id: uuid_message(link_id(&link.stream, link.revision), structured),

@@ -17,18 +17,20 @@ const MAX_REGEX_BYTES: usize = 4096;
 /// log, so one that backtracks without end would take the server's threads.
 const BACKTRACK_LIMIT: usize = 10_000;
 
+/// A filter: prefixes, which the store applies as it scans (`AllFilter`, the HTTP API's), or a
+/// regular expression, applied here.
 pub struct EventFilter {
-    /// Match event types (otherwise stream names).
-    on_type: bool,
-    matcher: Matcher,
+    /// The prefixes; with an expression, every record.
+    prefixes: AllFilter,
+    expression: Option<Expression>,
     /// A filtered subscription sends a checkpoint after scanning this many events.
     checkpoint_interval: u64,
 }
 
-enum Matcher {
-    /// Matches when one of them begins the name (no prefixes: everything).
-    Prefixes(Vec<String>),
-    Regex(Box<Regex>),
+struct Expression {
+    /// Match event types (otherwise stream names).
+    on_type: bool,
+    regex: Box<Regex>,
 }
 
 impl EventFilter {
@@ -42,8 +44,17 @@ impl EventFilter {
                 ));
             }
         };
-        let matcher = if !expression.prefix.is_empty() || expression.regex.is_empty() {
-            Matcher::Prefixes(expression.prefix)
+        let mut prefixes = AllFilter {
+            include_system: true,
+            ..AllFilter::default()
+        };
+        let regex = if !expression.prefix.is_empty() || expression.regex.is_empty() {
+            if on_type {
+                prefixes.type_prefixes = expression.prefix;
+            } else {
+                prefixes.stream_prefixes = expression.prefix;
+            }
+            None
         } else {
             if expression.regex.len() > MAX_REGEX_BYTES {
                 return Err(Status::invalid_argument(format!(
@@ -59,7 +70,10 @@ impl EventFilter {
                         expression.regex
                     ))
                 })?;
-            Matcher::Regex(Box::new(regex))
+            Some(Expression {
+                on_type,
+                regex: Box::new(regex),
+            })
         };
         let window = match options.window {
             Some(filter_options::Window::Max(max)) => max.max(1),
@@ -67,47 +81,39 @@ impl EventFilter {
         };
         let multiplier = options.checkpoint_interval_multiplier.max(1);
         Ok(EventFilter {
-            on_type,
-            matcher,
+            prefixes,
+            expression: regex,
             checkpoint_interval: u64::from(window) * u64::from(multiplier),
         })
     }
 
+    /// Whether `event` passes, prefixes and expression.
     pub fn matches(&self, event: &RecordedEvent) -> bool {
-        let subject = if self.on_type {
+        self.prefixes.matches(&event.stream, &event.event_type) && self.matches_expression(event)
+    }
+
+    /// Whether `event` passes the expression, for records the store has already filtered by
+    /// [`EventFilter::store_filter`].
+    pub fn matches_expression(&self, event: &RecordedEvent) -> bool {
+        let Some(expression) = &self.expression else {
+            return true;
+        };
+        let subject = if expression.on_type {
             &event.event_type
         } else {
             &event.stream
         };
-        match &self.matcher {
-            Matcher::Prefixes(prefixes) => {
-                prefixes.is_empty() || prefixes.iter().any(|prefix| subject.starts_with(prefix))
-            }
-            // An expression too costly to evaluate (backtracking limit) matches nothing.
-            Matcher::Regex(regex) => regex.is_match(subject).unwrap_or(false),
-        }
+        // An expression too costly to evaluate (backtracking limit) matches nothing.
+        expression.regex.is_match(subject).unwrap_or(false)
     }
 
     pub fn checkpoint_interval(&self) -> u64 {
         self.checkpoint_interval
     }
 
-    /// What the store can filter by as it scans `$all` (prefixes), every record else.
-    pub fn store_filter(&self) -> AllFilter {
-        let prefixes = match &self.matcher {
-            Matcher::Prefixes(prefixes) => prefixes.clone(),
-            Matcher::Regex(_) => Vec::new(),
-        };
-        let (stream_prefixes, type_prefixes) = if self.on_type {
-            (Vec::new(), prefixes)
-        } else {
-            (prefixes, Vec::new())
-        };
-        AllFilter {
-            stream_prefixes,
-            type_prefixes,
-            include_system: true,
-        }
+    /// What the store applies as it scans `$all`: the prefixes (every record when there are none).
+    pub fn store_filter(&self) -> &AllFilter {
+        &self.prefixes
     }
 }
 

@@ -622,6 +622,50 @@ impl persistent_subscriptions_server::PersistentSubscriptions for PersistentSubs
     }
 }
 
+/// What a connection delivered and not yet heard back about: the id the client acks by (the
+/// event's, or its link's) and the group's ack id, the oldest forgotten past `capacity`.
+struct Delivered {
+    ack_ids: HashMap<uuid::Uuid, (u64, String)>,
+    /// Ids in the order delivered, each with its delivery's number: a later delivery of the
+    /// same id is not forgotten with an earlier one.
+    order: VecDeque<(uuid::Uuid, u64)>,
+    next: u64,
+    capacity: usize,
+}
+
+impl Delivered {
+    fn new(capacity: usize) -> Self {
+        Delivered {
+            ack_ids: HashMap::new(),
+            order: VecDeque::new(),
+            next: 0,
+            capacity,
+        }
+    }
+
+    fn remember(&mut self, id: uuid::Uuid, ack_id: String) {
+        self.ack_ids.insert(id, (self.next, ack_id));
+        self.order.push_back((id, self.next));
+        self.next += 1;
+        while self.order.len() > self.capacity {
+            let Some((oldest, number)) = self.order.pop_front() else {
+                break;
+            };
+            if self
+                .ack_ids
+                .get(&oldest)
+                .is_some_and(|(at, _)| *at == number)
+            {
+                self.ack_ids.remove(&oldest);
+            }
+        }
+    }
+
+    fn take(&mut self, id: uuid::Uuid) -> Option<String> {
+        self.ack_ids.remove(&id).map(|(_, ack_id)| ack_id)
+    }
+}
+
 /// One client connection to a group: deliveries out, acks and nacks in.
 struct Connection {
     /// Most deliveries remembered for acks.
@@ -654,10 +698,7 @@ impl Connection {
         {
             return;
         }
-        // What the client acks by (the event's id, or its link's) and the group's ack id, with
-        // the order they were delivered in, to forget the oldest.
-        let mut delivered: HashMap<uuid::Uuid, String> = HashMap::new();
-        let mut order: VecDeque<uuid::Uuid> = VecDeque::new();
+        let mut delivered = Delivered::new(self.remembered);
         loop {
             tokio::select! {
                 delivery = deliveries.recv() => {
@@ -666,17 +707,8 @@ impl Connection {
                         let _ = self.sender.send(Err(ended)).await;
                         return;
                     };
-                    let id = original_id(&delivery.event);
-                    delivered.insert(id, delivery.ack_id.clone());
-                    order.push_back(id);
-                    while order.len() > self.remembered {
-                        if let Some(oldest) = order.pop_front()
-                            && !order.contains(&oldest)
-                        {
-                            delivered.remove(&oldest);
-                        }
-                    }
-                    if self.sender.send(Ok(self.message(&delivery))).await.is_err() {
+                    delivered.remember(original_id(&delivery.event), delivery.ack_id.clone());
+                    if self.sender.send(Ok(self.message(delivery))).await.is_err() {
                         return;
                     }
                 }
@@ -709,14 +741,15 @@ impl Connection {
         }
     }
 
-    fn message(&self, delivery: &crate::groups::Delivery) -> ps::ReadResp {
+    fn message(&self, delivery: crate::groups::Delivery) -> ps::ReadResp {
         use read_resp::read_event::{Count, Position, RecordedEvent};
-        let (fields, link) = event_fields(&delivery.event, self.structured);
+        let (fields, link) = event_fields(Arc::unwrap_or_clone(delivery.event), self.structured);
+        let position = fields.position;
         ps::ReadResp {
             content: Some(read_resp::Content::Event(read_resp::ReadEvent {
                 event: Some(recorded_event!(RecordedEvent, fields)),
                 link: link.map(|link| recorded_event!(RecordedEvent, link)),
-                position: Some(Position::CommitPosition(delivery.event.position)),
+                position: Some(Position::CommitPosition(position)),
                 count: Some(Count::RetryCount(saturate(delivery.retry_count))),
             })),
         }
@@ -724,15 +757,11 @@ impl Connection {
 
     /// Acks or nacks what the client names; ids this connection did not deliver (acked
     /// already, or given to another) are ignored, as EventStoreDB does.
-    async fn answer(
-        &self,
-        message: ps::ReadReq,
-        delivered: &mut HashMap<uuid::Uuid, String>,
-    ) -> Result<(), Status> {
+    async fn answer(&self, message: ps::ReadReq, delivered: &mut Delivered) -> Result<(), Status> {
         let mut ack_ids = |ids: &[super::proto::event_store::client::Uuid]| {
             ids.iter()
                 .filter_map(|id| convert::uuid_of(Some(id)).ok())
-                .filter_map(|id| delivered.remove(&id))
+                .filter_map(|id| delivered.take(id))
                 .collect::<Vec<_>>()
         };
         let result = match message.content {

@@ -8,7 +8,7 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use super::Context;
-use super::convert::{host_and_port, uuid_message};
+use super::convert::{TICKS_PER_MILLISECOND, host_and_port, uuid_message};
 use super::proto::event_store::client::Empty;
 use super::proto::event_store::client::gossip::{self, gossip_server, member_info::VNodeState};
 use super::proto::event_store::client::operations::{self as ops, operations_server};
@@ -77,7 +77,9 @@ impl gossip_server::Gossip for Gossip {
         self.0.authorize(&request, Role::Reader)?;
         let time_stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_millis() as i64 * 10_000);
+            .map_or(0, |elapsed| {
+                elapsed.as_millis() as i64 * TICKS_PER_MILLISECOND
+            });
         let member = |id: u64, state: VNodeState, host: String, port: u16| gossip::MemberInfo {
             instance_id: Some(uuid_message(uuid::Uuid::from_u64_pair(0, id), false)),
             time_stamp,

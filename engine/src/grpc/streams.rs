@@ -139,14 +139,15 @@ impl ReadPlan {
         })
     }
 
-    fn event(&self, event: &RecordedEvent) -> ReadResp {
+    fn event(&self, event: RecordedEvent) -> ReadResp {
         use read_resp::read_event::{Position, RecordedEvent as Recorded};
         let (fields, link) = event_fields(event, self.structured);
+        let position = fields.position;
         ReadResp {
             content: Some(read_resp::Content::Event(read_resp::ReadEvent {
                 event: Some(recorded_event!(Recorded, fields)),
                 link: link.map(|link| recorded_event!(Recorded, link)),
-                position: Some(Position::CommitPosition(event.position)),
+                position: Some(Position::CommitPosition(position)),
             })),
         }
     }
@@ -189,7 +190,7 @@ async fn read(
     let log_filter = plan
         .filter
         .as_ref()
-        .map_or_else(whole_log, EventFilter::store_filter);
+        .map_or_else(whole_log, |filter| filter.store_filter().clone());
     while remaining > 0 && !sender.is_closed() {
         let page = match plan.filter {
             Some(_) => PAGE,
@@ -222,11 +223,11 @@ async fn read(
                 return;
             }
         };
-        for event in &slice.events {
+        for event in slice.events {
             if plan
                 .filter
                 .as_ref()
-                .is_some_and(|filter| !filter.matches(event))
+                .is_some_and(|filter| !filter.matches_expression(&event))
             {
                 continue;
             }
@@ -314,7 +315,7 @@ async fn subscribe(
                         .as_ref()
                         .is_none_or(|filter| filter.matches(&event));
                     if matches {
-                        Some(plan.event(&event))
+                        Some(plan.event(*event))
                     } else if checkpoint_every.is_some_and(|every| scanned >= every) {
                         scanned = 0;
                         Some(checkpoint(event.position))

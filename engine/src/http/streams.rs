@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::{ApiError, ApiPath, ApiQuery, ErrorBody, LimitedBody, check_media_type};
 use super::openapi::{AnyJson, BASE64_PATTERN, exact_schema};
-use crate::names::Name;
+use crate::names::{Name, check_writable_stream};
 use crate::sharding::{MAX_SHARDS, ShardError};
 use crate::store::{
     AllFilter, AppendOutcome, Direction, ExpectedRevision, MAX_EVENT_BYTES, MAX_EVENT_TYPE_BYTES,
@@ -321,13 +321,7 @@ fn direction(param: Option<DirectionParam>) -> Direction {
 
 /// A name a client may write to: valid, and not reserved for the system.
 fn writable_stream(name: &str) -> Result<(), ApiError> {
-    Name::Stream.check(name).map_err(ApiError::invalid)?;
-    if name.starts_with('$') {
-        return Err(ApiError::invalid(format!(
-            "stream names starting with '$' are reserved for the system: {name:?}"
-        )));
-    }
-    Ok(())
+    check_writable_stream(name).map_err(ApiError::invalid)
 }
 
 pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
